@@ -84,7 +84,9 @@ def _tools() -> list[Tool]:
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser for all subcommands."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="count", default=0, help="More output (repeatable); shows tracebacks.")
+    common.add_argument(
+        "-v", "--verbose", action="count", default=0, help="More output (repeatable); shows tracebacks."
+    )
     common.add_argument("-q", "--quiet", action="count", default=0, help="Less output (repeatable).")
     parser = argparse.ArgumentParser(
         prog="onnx-sparse",
@@ -119,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         status = EXIT_FAILED
     except Exception as exc:  # an internal bug: say so, show the traceback only with -v
         logger.error(
-            "internal error: %s: %s (rerun with -v for the traceback)", type(exc).__name__, exc, exc_info=verbosity > 0
+            "internal error: %s: %s (rerun with -v for the traceback)",
+            type(exc).__name__,
+            exc,
+            exc_info=verbosity > 0,
         )
         status = EXIT_INTERNAL_ERROR
     runtime = time.perf_counter() - start

@@ -127,9 +127,7 @@ def apply_keep(w: Array, keep: Array, zero: Array | float | int = 0) -> Array:
     return np.where(keep | (w == z), w, z).astype(w.dtype, copy=False)
 
 
-def prune_2_4(
-    w: Array, axis: int, scores: Array | None = None, zero: Array | float | int = 0
-) -> Array:
+def prune_2_4(w: Array, axis: int, scores: Array | None = None, zero: Array | float | int = 0) -> Array:
     """Prune ``w`` to 2:4 along ``axis``: keep the 2 best ``scores`` (default ``|w - zero|``) per group.
 
     Entries that are already zero never count as kept at the cost of a non-zero one, so a

@@ -1,0 +1,462 @@
+"""Running calibration statistics for one-shot pruning (numpy only: no graph, I/O or logging).
+
+Conventions shared with :mod:`onnx_sparse.prune`:
+
+* A fully-connected or convolution weight is handled as a matrix ``W[rows, cols]`` with
+  ``rows = out_features`` and ``cols = in_features``; groups of 4 run along ``cols``
+  (axis 1), which is the reduction axis.
+* Activations are rows ``X[n, cols]``; the layer computes ``Y = X @ W.T``.
+* A convolution becomes a matrix product through :func:`im2col`, whose columns are ordered
+  ``kernel_position * C_per_group + c`` (channel fastest). :func:`conv_weight_to_matrix` uses
+  the same order, so 4 consecutive matrix columns are 4 input channels at one kernel
+  position: the TensorRT 2:4 rule for convolutions.
+
+Memory: the im2col matrix of a large feature map can be much larger than the map itself.
+:func:`iter_im2col` yields it in chunks of at most ``chunk_rows`` rows, and the accumulators
+accept ``max_rows``: an update with more rows than that keeps a uniform random subset
+(seeded, reproducible) and scales its sums by ``rows seen / rows kept``, so every sum stays
+an unbiased estimate of the sum over all rows and ``n`` still counts every row seen.
+
+Accumulators of disjoint data add up (``a + b``), so a caller that wants K-fold
+cross-validation keeps one accumulator per fold and sums the ones it trains on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "RunningStats",
+    "PairedStats",
+    "im2col",
+    "iter_im2col",
+    "conv_output_shape",
+    "conv_weight_to_matrix",
+    "matrix_to_conv_weight",
+]
+
+Array = npt.NDArray
+
+
+def _as_rows(x: npt.ArrayLike, cols: int, name: str = "x") -> Array:
+    """View ``x`` (any shape whose last axis is ``cols``) as float64 rows ``[n, cols]``."""
+    a = np.asarray(x)
+    if a.ndim == 0 or a.shape[-1] != cols:
+        raise ValueError(f"{name} has shape {a.shape}; expected a last axis of length {cols}")
+    return a.reshape(-1, cols).astype(np.float64, copy=False)
+
+
+def _sample_rows(rng: np.random.Generator, n: int, max_rows: int | None) -> tuple[Array | None, float]:
+    """Indices of a uniform subset of ``n`` rows (None: keep all) and the scale ``n / kept``."""
+    if max_rows is None or n <= max_rows:
+        return None, 1.0
+    idx = np.sort(rng.choice(n, size=max_rows, replace=False))
+    return idx, n / max_rows
+
+
+def _check_max_rows(max_rows: int | None) -> None:
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows must be positive or None, got {max_rows}")
+
+
+class RunningStats:
+    """Per-column statistics of activation rows ``X[n, cols]``, accumulated batch by batch.
+
+    Inputs may be any float dtype; everything is accumulated in float64.
+
+    Attributes:
+        cols: Number of columns (input features of the layer).
+        n: Number of rows seen (including rows dropped by ``max_rows`` sampling).
+        sum: Per-column sum of ``x`` (``[cols]``).
+        sq: Per-column sum of ``x**2`` (``[cols]``), the squared Wanda norm.
+        xtx: ``X^T X`` (``[cols, cols]``), only when ``track_xtx`` (it is quadratic in cols).
+    """
+
+    def __init__(
+        self, cols: int, *, track_xtx: bool = False, max_rows: int | None = None, seed: int = 0
+    ) -> None:
+        """Start empty.
+
+        Args:
+            cols: Number of columns of every update.
+            track_xtx: Also accumulate ``X^T X`` (needed by SparseGPT, not by Wanda).
+            max_rows: Per-update row budget; larger updates are subsampled uniformly
+                (see the module docstring). None keeps every row.
+            seed: Seed of the sampling RNG (used only with ``max_rows``).
+        """
+        if cols < 1:
+            raise ValueError(f"cols must be positive, got {cols}")
+        _check_max_rows(max_rows)
+        self.cols = cols
+        self.max_rows = max_rows
+        self.n = 0
+        self.sum = np.zeros(cols, dtype=np.float64)
+        self.sq = np.zeros(cols, dtype=np.float64)
+        self.xtx: Array | None = np.zeros((cols, cols), dtype=np.float64) if track_xtx else None
+        self._rng = np.random.default_rng(seed)
+
+    @property
+    def track_xtx(self) -> bool:
+        """Whether ``X^T X`` is accumulated."""
+        return self.xtx is not None
+
+    def update(self, x: npt.ArrayLike) -> None:
+        """Add rows: ``x`` of shape ``[..., cols]`` (leading axes are flattened into rows)."""
+        rows = _as_rows(x, self.cols)
+        n = rows.shape[0]
+        if n == 0:
+            return
+        idx, scale = _sample_rows(self._rng, n, self.max_rows)
+        if idx is not None:
+            rows = rows[idx]
+        self.n += n
+        self.sum += scale * rows.sum(axis=0)
+        self.sq += scale * np.einsum("ij,ij->j", rows, rows)
+        if self.xtx is not None:
+            self.xtx += scale * (rows.T @ rows)
+
+    def update_chunks(self, chunks: Iterable[npt.ArrayLike]) -> None:
+        """Call :meth:`update` on each chunk (e.g. one group's output of :func:`iter_im2col`)."""
+        for chunk in chunks:
+            self.update(chunk)
+
+    def __add__(self, other: RunningStats) -> RunningStats:
+        """Statistics of both (disjoint) data sets; the result keeps ``self``'s settings."""
+        if not isinstance(other, RunningStats):
+            return NotImplemented
+        if other.cols != self.cols:
+            raise ValueError(f"cannot add statistics of {self.cols} and {other.cols} columns")
+        out = RunningStats(self.cols, track_xtx=False, max_rows=self.max_rows)
+        out.n = self.n + other.n
+        out.sum = self.sum + other.sum
+        out.sq = self.sq + other.sq
+        if self.xtx is not None and other.xtx is not None:
+            out.xtx = self.xtx + other.xtx
+        return out
+
+    def copy(self) -> RunningStats:
+        """An independent copy (the sampling RNG restarts from seed 0)."""
+        out = RunningStats(self.cols, max_rows=self.max_rows)
+        out.n = self.n
+        out.sum = self.sum.copy()
+        out.sq = self.sq.copy()
+        out.xtx = None if self.xtx is None else self.xtx.copy()
+        return out
+
+    @staticmethod
+    def total(parts: Sequence[RunningStats]) -> RunningStats:
+        """Sum of several accumulators (e.g. all folds but one); never one of the inputs itself."""
+        if not parts:
+            raise ValueError("no statistics to add")
+        out = parts[0].copy()
+        for p in parts[1:]:
+            out = out + p
+        return out
+
+    @property
+    def mean(self) -> Array:
+        """``E[x]`` per column (zeros before any update)."""
+        return self.sum / self.n if self.n else np.zeros(self.cols)
+
+    @property
+    def col_norm(self) -> Array:
+        """``||X_j||_2`` per column: the Wanda activation norm."""
+        return np.sqrt(self.sq)
+
+    @property
+    def dead(self) -> Array:
+        """Boolean mask of columns that were exactly zero on every row seen."""
+        return self.sq == 0
+
+    def hessian(self, damp: float = 0.01) -> Array:
+        """SparseGPT's layer Hessian ``H = 2/n X^T X``, made positive definite.
+
+        Dead columns (zero diagonal, see :attr:`dead`) get 1 on the diagonal, then
+        ``lambda = damp * mean(diag(H))`` is added to the whole diagonal (SparseGPT's order).
+
+        Args:
+            damp: Relative damping; 0 adds nothing (dead columns are still set to 1).
+
+        Returns:
+            A new ``[cols, cols]`` float64 matrix.
+
+        Raises:
+            ValueError: When ``X^T X`` is not tracked or no rows were seen.
+        """
+        if self.xtx is None:
+            raise ValueError("X^T X is not tracked: create RunningStats(..., track_xtx=True)")
+        if self.n == 0:
+            raise ValueError("no rows seen: cannot form a Hessian")
+        h = self.xtx * (2.0 / self.n)
+        idx = np.arange(self.cols)
+        diag = h[idx, idx]
+        diag[diag == 0] = 1.0
+        h[idx, idx] = diag + damp * float(np.mean(diag))
+        return h
+
+
+class PairedStats:
+    """Gram matrices of paired activations for asymmetric reconstruction.
+
+    Each row pairs ``x_pruned`` (what the layer sees in the partly pruned model) with
+    ``x_dense`` (what it sees in the dense model, for the same calibration sample and
+    position). Accumulated in float64:
+
+    * ``pp = Xp^T Xp`` (``[cols, cols]``),
+    * ``pd = Xp^T Xd`` (``[cols, cols]``),
+    * ``dd = Xd^T Xd`` only when ``track_dense`` (needed only for absolute errors),
+    * ``n``, the number of rows seen.
+
+    ``max_rows`` sampling picks the same rows of both inputs.
+    """
+
+    def __init__(
+        self, cols: int, *, track_dense: bool = False, max_rows: int | None = None, seed: int = 0
+    ) -> None:
+        """Start empty; the arguments are as for :class:`RunningStats`."""
+        if cols < 1:
+            raise ValueError(f"cols must be positive, got {cols}")
+        _check_max_rows(max_rows)
+        self.cols = cols
+        self.max_rows = max_rows
+        self.n = 0
+        self.pp = np.zeros((cols, cols), dtype=np.float64)
+        self.pd = np.zeros((cols, cols), dtype=np.float64)
+        self.dd: Array | None = np.zeros((cols, cols), dtype=np.float64) if track_dense else None
+        self._rng = np.random.default_rng(seed)
+
+    def update(self, x_pruned: npt.ArrayLike, x_dense: npt.ArrayLike) -> None:
+        """Add paired rows ``[..., cols]`` (equal shapes; row ``i`` of each forms a pair)."""
+        xp = _as_rows(x_pruned, self.cols, "x_pruned")
+        xd = _as_rows(x_dense, self.cols, "x_dense")
+        if xp.shape != xd.shape:
+            raise ValueError(f"x_pruned has {xp.shape[0]} rows but x_dense has {xd.shape[0]}")
+        n = xp.shape[0]
+        if n == 0:
+            return
+        idx, scale = _sample_rows(self._rng, n, self.max_rows)
+        if idx is not None:
+            xp, xd = xp[idx], xd[idx]
+        self.n += n
+        self.pp += scale * (xp.T @ xp)
+        self.pd += scale * (xp.T @ xd)
+        if self.dd is not None:
+            self.dd += scale * (xd.T @ xd)
+
+    def __add__(self, other: PairedStats) -> PairedStats:
+        """Statistics of both (disjoint) data sets; the result keeps ``self``'s settings."""
+        if not isinstance(other, PairedStats):
+            return NotImplemented
+        if other.cols != self.cols:
+            raise ValueError(f"cannot add statistics of {self.cols} and {other.cols} columns")
+        out = PairedStats(self.cols, max_rows=self.max_rows)
+        out.n = self.n + other.n
+        out.pp = self.pp + other.pp
+        out.pd = self.pd + other.pd
+        if self.dd is not None and other.dd is not None:
+            out.dd = self.dd + other.dd
+        return out
+
+    @staticmethod
+    def total(parts: Sequence[PairedStats]) -> PairedStats:
+        """Sum of several accumulators (e.g. all folds but one); never one of the inputs itself."""
+        if not parts:
+            raise ValueError("no statistics to add")
+        out = parts[0].copy()
+        for p in parts[1:]:
+            out = out + p
+        return out
+
+    def copy(self) -> PairedStats:
+        """An independent copy (the sampling RNG restarts from seed 0)."""
+        out = PairedStats(self.cols, max_rows=self.max_rows)
+        out.n = self.n
+        out.pp = self.pp.copy()
+        out.pd = self.pd.copy()
+        out.dd = None if self.dd is None else self.dd.copy()
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# Convolution as a matrix product
+# --------------------------------------------------------------------------------------
+
+
+def _conv_params(
+    spatial: int,
+    kernel_shape: Sequence[int],
+    strides: Sequence[int] | None,
+    pads: Sequence[int] | None,
+    dilations: Sequence[int] | None,
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    k = tuple(int(v) for v in kernel_shape)
+    s = tuple(int(v) for v in strides) if strides is not None else (1,) * spatial
+    p = tuple(int(v) for v in pads) if pads is not None else (0,) * (2 * spatial)
+    d = tuple(int(v) for v in dilations) if dilations is not None else (1,) * spatial
+    if len(k) != spatial or len(s) != spatial or len(d) != spatial or len(p) != 2 * spatial:
+        raise ValueError(
+            f"{spatial} spatial axes need kernel_shape/strides/dilations of length {spatial} and pads of "
+            f"length {2 * spatial}; got kernel_shape={k}, strides={s}, pads={p}, dilations={d}"
+        )
+    if min(k + s + d) < 1 or min(p) < 0:
+        raise ValueError(f"invalid conv parameters: kernel_shape={k}, strides={s}, pads={p}, dilations={d}")
+    return k, s, p, d
+
+
+def conv_output_shape(
+    input_spatial: Sequence[int],
+    kernel_shape: Sequence[int],
+    strides: Sequence[int] | None = None,
+    pads: Sequence[int] | None = None,
+    dilations: Sequence[int] | None = None,
+) -> tuple[int, ...]:
+    """Spatial output shape of an ONNX Conv (explicit pads, ``[x1_begin, x2_begin, ..., x1_end, ...]``)."""
+    spatial = len(input_spatial)
+    k, s, p, d = _conv_params(spatial, kernel_shape, strides, pads, dilations)
+    out = []
+    for i in range(spatial):
+        span = d[i] * (k[i] - 1) + 1
+        padded = int(input_spatial[i]) + p[i] + p[i + spatial]
+        if padded < span:
+            raise ValueError(f"spatial axis {i}: padded size {padded} is smaller than the kernel span {span}")
+        out.append((padded - span) // s[i] + 1)
+    return tuple(out)
+
+
+def _check_group(channels: int, group: int, what: str) -> int:
+    if group < 1 or channels % group:
+        raise ValueError(f"{what} {channels} is not divisible by group={group}")
+    return channels // group
+
+
+def iter_im2col(
+    x: npt.ArrayLike,
+    kernel_shape: Sequence[int],
+    strides: Sequence[int] | None = None,
+    pads: Sequence[int] | None = None,
+    dilations: Sequence[int] | None = None,
+    group: int = 1,
+    chunk_rows: int | None = None,
+) -> Iterator[list[Array]]:
+    """Yield :func:`im2col` in chunks of output positions, each chunk a list per group.
+
+    Rows come in the order of :func:`im2col` (batch, then output positions row-major). A
+    chunk covers one batch item and a slab of the first output spatial axis, sized so that
+    it has at most ``chunk_rows`` rows (at least one output line, so a chunk can exceed
+    ``chunk_rows`` when a single line of positions does). None yields one chunk per item.
+
+    Args:
+        x: Input ``[N, C, *spatial]`` (1-D NCW, 2-D NCHW or 3-D NCDHW).
+        kernel_shape: Kernel spatial shape.
+        strides: Per spatial axis (default 1).
+        pads: ONNX order ``[x1_begin, x2_begin, ..., x1_end, x2_end, ...]`` (default 0).
+        dilations: Per spatial axis (default 1).
+        group: Number of convolution groups; ``C % group == 0``.
+        chunk_rows: Row budget of a chunk.
+
+    Yields:
+        A list of ``group`` arrays ``[rows, prod(kernel) * C/group]`` (dtype of ``x``).
+    """
+    a = np.asarray(x)
+    if a.ndim < 3:
+        raise ValueError(f"im2col needs an input [N, C, *spatial] (1 to 3 spatial axes), got {a.shape}")
+    spatial = a.ndim - 2
+    k, s, p, d = _conv_params(spatial, kernel_shape, strides, pads, dilations)
+    n_batch, channels = a.shape[:2]
+    cg = _check_group(channels, group, "input channels")
+    out_shape = conv_output_shape(a.shape[2:], k, s, p, d)
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be positive or None, got {chunk_rows}")
+    line = math.prod(out_shape[1:])  # rows per position on the first spatial axis
+    step = out_shape[0] if chunk_rows is None else max(1, chunk_rows // max(line, 1))
+    width = [(0, 0), (0, 0)] + [(p[i], p[i + spatial]) for i in range(spatial)]
+    offsets = list(itertools.product(*(range(v) for v in k)))  # row-major kernel positions
+    for b in range(n_batch):
+        xp = np.pad(a[b : b + 1], width) if any(p) else a[b : b + 1]
+        for o0 in range(0, out_shape[0], step):
+            o1 = min(o0 + step, out_shape[0])
+            lengths = (o1 - o0,) + out_shape[1:]
+            patches = []
+            for off in offsets:
+                index = [slice(None), slice(None)]
+                for i in range(spatial):
+                    start = off[i] * d[i] + (o0 * s[i] if i == 0 else 0)
+                    index.append(slice(start, start + s[i] * (lengths[i] - 1) + 1, s[i]))
+                patches.append(xp[tuple(index)])  # [1, C, *lengths]
+            # [kpos, 1, C, *lengths] -> [1, *lengths, kpos, C]
+            stack = np.stack(patches)
+            stack = np.moveaxis(stack, (0, 2), (-2, -1))
+            rows = stack.reshape(-1, len(offsets), channels)
+            width_g = len(offsets) * cg
+            yield [rows[:, :, g * cg : (g + 1) * cg].reshape(rows.shape[0], width_g) for g in range(group)]
+
+
+def im2col(
+    x: npt.ArrayLike,
+    kernel_shape: Sequence[int],
+    strides: Sequence[int] | None = None,
+    pads: Sequence[int] | None = None,
+    dilations: Sequence[int] | None = None,
+    group: int = 1,
+) -> list[Array]:
+    """Unfold a convolution input into rows, one matrix per group.
+
+    Row ``(b, o)`` holds the receptive field of batch item ``b`` at output position ``o``
+    (row-major over output positions); column ``kpos * C_per_group + c`` holds channel ``c``
+    of the group at kernel position ``kpos`` (row-major over the kernel). Then for every
+    group ``g``, ``im2col(x)[g] @ conv_weight_to_matrix(w, group)[g].T`` is the conv output
+    ``[N * prod(out), K/group]`` of that group (bias excluded).
+
+    Args:
+        x: Input ``[N, C, *spatial]`` (1-D NCW, 2-D NCHW or 3-D NCDHW).
+        kernel_shape: Kernel spatial shape.
+        strides: Per spatial axis (default 1).
+        pads: ONNX order ``[x1_begin, x2_begin, ..., x1_end, x2_end, ...]`` (default 0).
+        dilations: Per spatial axis (default 1).
+        group: Number of convolution groups.
+
+    Returns:
+        ``group`` arrays ``[N * prod(out_spatial), prod(kernel) * C/group]``. For large inputs
+        use :func:`iter_im2col`, which bounds the memory.
+    """
+    chunks = list(iter_im2col(x, kernel_shape, strides, pads, dilations, group))
+    return [np.concatenate([c[g] for c in chunks]) for g in range(group)]
+
+
+def conv_weight_to_matrix(w: npt.ArrayLike, group: int = 1) -> list[Array]:
+    """Conv weight ``[K, C/group, *kernel]`` to one matrix ``[K/group, prod(kernel) * C/group]`` per group.
+
+    Columns follow :func:`im2col`: ``kpos * C_per_group + c``, so groups of 4 columns are 4
+    input channels at one kernel position. Returns new arrays.
+    """
+    a = np.asarray(w)
+    if a.ndim < 3:
+        raise ValueError(f"conv weight needs shape [K, C/group, *kernel], got {a.shape}")
+    kg = _check_group(a.shape[0], group, "output channels")
+    moved = np.moveaxis(a, 1, -1)  # [K, *kernel, C/g]
+    flat = moved.reshape(a.shape[0], -1)
+    return [flat[g * kg : (g + 1) * kg].copy() for g in range(group)]
+
+
+def matrix_to_conv_weight(
+    matrices: Sequence[npt.ArrayLike], kernel_shape: Sequence[int], channels_per_group: int
+) -> Array:
+    """Inverse of :func:`conv_weight_to_matrix`: per-group matrices back to ``[K, C/group, *kernel]``."""
+    k = tuple(int(v) for v in kernel_shape)
+    width = math.prod(k) * channels_per_group
+    mats = [np.asarray(m) for m in matrices]
+    if not mats:
+        raise ValueError("no matrices given")
+    for m in mats:
+        if m.ndim != 2 or m.shape[1] != width:
+            raise ValueError(
+                f"matrix of shape {m.shape} does not match kernel {k} with {channels_per_group} channels "
+                f"per group (expected {width} columns)"
+            )
+    flat = np.concatenate(mats, axis=0)
+    return np.moveaxis(flat.reshape((flat.shape[0],) + k + (channels_per_group,)), -1, 1).copy()

@@ -1,0 +1,61 @@
+"""Read and write a site's stored weight through its real source.
+
+The stored tensor is whatever :func:`~onnx_sparse.graph.locate.find_weight_sites` traced
+(an initializer, an outer-scope initializer or a ``Constant`` node's value), in its stored
+dtype (float32/float16/bfloat16, int8/fp8 behind DequantizeLinear). The "zero" of a
+quantized tensor is its zero point: the value a pruned entry must hold to dequantize to 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from onnx_sparse.core import nm
+from onnx_sparse.graph.locate import WeightSite
+from onnx_sparse.io import read_tensor, write_tensor
+
+__all__ = ["WeightStats", "zero_value", "read_weight", "write_weight", "weight_stats"]
+
+
+@dataclass(frozen=True)
+class WeightStats:
+    """The 2:4 state of a stored weight."""
+
+    sparse_2of4: bool
+    violating_fraction: float
+    zero_fraction: float
+
+
+def zero_value(site: WeightSite) -> np.ndarray | float:
+    """The stored value that dequantizes to 0: the zero point for a direct DequantizeLinear, else 0."""
+    q = site.quant
+    if q is not None and q.direct and q.zero_point is not None and q.zero_point.size == 1:
+        return q.zero_point.reshape(())
+    return 0
+
+
+def read_weight(site: WeightSite, base_dir: Path | None, mmap: bool = True) -> np.ndarray:
+    """The stored weight of ``site`` (read-only; memory-mapped when external)."""
+    assert site.tensor is not None, f"{site.node}: no stored weight"
+    return read_tensor(site.tensor, base_dir, mmap=mmap)
+
+
+def write_weight(site: WeightSite, value: np.ndarray) -> None:
+    """Replace the stored weight of ``site`` in place in its model."""
+    assert site.tensor is not None, f"{site.node}: no stored weight"
+    write_tensor(site.tensor, value)
+
+
+def weight_stats(site: WeightSite, base_dir: Path | None) -> WeightStats | None:
+    """2:4 statistics along the site's axis, or None when the axis cannot hold groups of 4."""
+    if site.tensor is None or site.axis is None or not site.shape or site.shape[site.axis] % nm.GROUP_SIZE:
+        return None
+    w = read_weight(site, base_dir)
+    zero = zero_value(site)
+    counts = nm.nonzero_per_group(w, site.axis, zero)
+    violating = float(np.mean(counts > nm.KEEP)) if counts.size else 0.0
+    zeros = 1.0 - float(counts.sum(dtype=np.int64)) / max(w.size, 1)
+    return WeightStats(sparse_2of4=violating == 0.0, violating_fraction=violating, zero_fraction=zeros)

@@ -1,0 +1,112 @@
+"""Passes: callable objects that take a model and return a :class:`PassResult`.
+
+A pass declares whether it changes its input (``in_place``) or works on a copy; the base
+class holds it to that. :class:`Sequential` composes passes and names the one that failed.
+Passes work on :class:`onnx_sparse.io.ModelFile` (a ModelProto plus where its external
+data lives); :func:`as_model_file` also accepts a ModelProto or an onnx-graphsurgeon graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+
+from onnx_sparse.errors import OnnxSparseError
+from onnx_sparse.io import ModelFile
+
+__all__ = ["PassResult", "Pass", "Sequential", "as_model_file", "copy_model_file"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: the model, whether it changed, and per-layer records for the report."""
+
+    model: ModelFile
+    modified: bool
+    records: list[Any] = field(default_factory=list)
+
+
+def copy_model_file(mf: ModelFile) -> ModelFile:
+    """A deep copy of the ModelProto (external data is shared: it is only read)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(mf.model)
+    return ModelFile(model=model, base_dir=mf.base_dir, path=mf.path)
+
+
+def as_model_file(model: Any) -> ModelFile:
+    """Accept a ModelFile, a ModelProto or an onnx-graphsurgeon Graph."""
+    if isinstance(model, ModelFile):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        return ModelFile(model=model)
+    try:
+        import onnx_graphsurgeon as gs
+    except ImportError:  # pragma: no cover - a hard dependency
+        gs = None
+    if gs is not None and isinstance(model, gs.Graph):
+        return ModelFile(model=gs.export_onnx(model))
+    raise OnnxSparseError(
+        f"expected an ONNX ModelProto, an onnx-graphsurgeon Graph or a ModelFile, got {type(model)}"
+    )
+
+
+class Pass:
+    """Base class. Subclasses implement :meth:`call`; ``in_place`` says whether they mutate."""
+
+    in_place: bool = False
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def requires(self, mf: ModelFile) -> None:
+        """Preconditions (raise OnnxSparseError)."""
+
+    def ensures(self, result: PassResult) -> None:
+        """Postconditions (raise OnnxSparseError or AssertionError)."""
+
+    def call(self, mf: ModelFile) -> PassResult:
+        raise NotImplementedError
+
+    def __call__(self, model: Any) -> PassResult:
+        mf = as_model_file(model)
+        self.requires(mf)
+        before = mf.model.SerializeToString(deterministic=True) if not self.in_place and _small(mf) else None
+        result = self.call(mf if self.in_place else copy_model_file(mf))
+        if before is not None:
+            assert mf.model.SerializeToString(deterministic=True) == before, f"{self.name} changed its input"
+        self.ensures(result)
+        return result
+
+
+def _small(mf: ModelFile) -> bool:
+    return mf.model.ByteSize() < (64 << 20)
+
+
+class Sequential(Pass):
+    """Run passes one after another; ``modified`` is true if any pass changed the model."""
+
+    in_place = True  # each member keeps its own promise; Sequential adds no copy
+
+    def __init__(self, passes: Sequence[Pass]) -> None:
+        self.passes = list(passes)
+
+    def call(self, mf: ModelFile) -> PassResult:
+        modified = False
+        records: list[Any] = []
+        for i, p in enumerate(self.passes):
+            try:
+                result = p(mf)
+            except OnnxSparseError as exc:
+                done = ", ".join(q.name for q in self.passes[:i]) or "none"
+                raise OnnxSparseError(f"{p.name} failed (after: {done}): {exc.message}", exc.hint) from exc
+            mf = result.model
+            modified |= result.modified
+            records.extend(result.records)
+        return PassResult(mf, modified, records)

@@ -1,0 +1,444 @@
+"""SparseGPT 2:4 pruning (Frantar & Alistarh, 2023) and asymmetric reconstruction, in numpy.
+
+Conventions: a weight is a matrix ``W[rows, cols]`` (``rows`` outputs, ``cols`` inputs,
+groups of 4 along ``cols``, the reduction axis); activations are rows ``X[n, cols]`` and the
+layer computes ``Y = X @ W.T``. ``H`` is ``[cols, cols]``, normally ``2/n X^T X``
+(:meth:`onnx_sparse.core.hessian.RunningStats.hessian`); any positive multiple gives the
+same result, since the damping is relative to ``mean(diag(H))``.
+
+SparseGPT (optimal brain surgeon, one column at a time):
+
+* Minimise ``tr(dW H dW^T)``, i.e. ``||X W^T - X W'^T||^2``, subject to the 2:4 mask.
+* Let ``U`` be the upper Cholesky factor of ``H^{-1}`` (``H^{-1} = U^T U``). Walking the
+  columns left to right, when column ``j`` is fixed to ``q_j`` (kept value or 0), the
+  optimal update of the columns still free is ``W[:, j:] -= e U[j, j:]`` with
+  ``e = (w_j - q_j) / U[j, j]``; the squared output error grows by ``e^2 / 2`` in units of ``H``.
+* At the first column of every group of 4, each row prunes the 2 of the next 4 weights
+  (as updated so far) with the smallest ``w^2 / U[j, j]^2``.
+* Updates are lazy: inside a block of ``blocksize`` columns they are applied column by
+  column, and the block's accumulated errors reach the later columns in one product.
+
+Asymmetric reconstruction: when the layer's input in the partly pruned model
+(``Xp``) differs from its input in the dense model (``Xd``), first refit the dense weights
+to reproduce the dense output from the pruned input (:func:`asymmetric_refit`), then run
+SparseGPT on the refit weights with ``H ~ Xp^T Xp`` (:func:`asymmetric_sparsegpt_2_4`). The
+ridge damping of the refit can be chosen by K-fold cross-validation over per-fold
+:class:`~onnx_sparse.core.hessian.PairedStats` (:func:`choose_refit_damp`,
+:func:`asymmetric_cv_2_4`).
+
+All functions are pure: inputs are never modified; everything is computed in float64.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from onnx_sparse.core import nm
+from onnx_sparse.core.hessian import PairedStats
+
+__all__ = [
+    "SparseGPTStats",
+    "RefitCV",
+    "DEFAULT_REFIT_GRID",
+    "upper_cholesky_inverse",
+    "sparsegpt_2_4",
+    "asymmetric_refit",
+    "asymmetric_sparsegpt_2_4",
+    "refit_error",
+    "choose_refit_damp",
+    "asymmetric_cv_2_4",
+]
+
+logger = logging.getLogger(__name__)
+
+Array = npt.NDArray
+
+#: Relative ridge dampings tried by :func:`choose_refit_damp`; ``inf`` means "no refit".
+DEFAULT_REFIT_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, math.inf)
+
+_DAMP_GROWTH = 10.0
+_MAX_RETRIES = 6
+
+
+@dataclass(frozen=True)
+class SparseGPTStats:
+    """What :func:`sparsegpt_2_4` did.
+
+    Attributes:
+        loss: Sum over pruned weights of ``e^2 / 2`` (``e = (w - q) / U[j, j]``): the OBS
+            estimate of the added ``tr(dW H dW^T) / 2``; with ``H = 2/n X^T X`` that is the mean
+            over rows of ``||(W - W') x||^2`` (damping aside). 0 after the magnitude fallback.
+        damp: Relative damping that was finally used (``lambda = damp * mean(diag(H))``).
+        retries: How many times the damping was raised because Cholesky failed.
+        fallback: True when every damping failed and plain magnitude pruning was used.
+        dead_columns: Columns with a zero Hessian diagonal, whose weights were set to 0.
+    """
+
+    loss: float
+    damp: float
+    retries: int
+    fallback: bool
+    dead_columns: int
+
+
+@dataclass(frozen=True)
+class RefitCV:
+    """Outcome of :func:`choose_refit_damp`.
+
+    Attributes:
+        damp: The chosen relative ridge damping (``inf``: no refit).
+        grid: The candidates, in the order tried.
+        scores: Held-out squared output error per candidate, summed over folds and divided
+            by the number of held-out rows. Without ``dd`` (``PairedStats(track_dense=False)``)
+            the constant ``tr(W Xd^T Xd W^T)`` is left out, so only differences are meaningful.
+    """
+
+    damp: float
+    grid: tuple[float, ...]
+    scores: tuple[float, ...]
+
+
+def _check_weight(w: Array) -> None:
+    if w.ndim != 2:
+        raise ValueError(f"expected a weight matrix [rows, cols], got shape {w.shape}")
+    if w.dtype.kind in "biuO":
+        raise ValueError(f"expected a floating-point weight, got dtype {w.dtype}")
+    nm.check_axis(w.shape, 1)
+
+
+def _check_square(h: Array, cols: int, name: str) -> None:
+    if h.shape != (cols, cols):
+        raise ValueError(f"{name} has shape {h.shape}; a weight with {cols} columns needs ({cols}, {cols})")
+
+
+def upper_cholesky_inverse(h: npt.ArrayLike) -> Array:
+    """Upper-triangular ``U`` with ``U^T U = H^{-1}`` (positive diagonal), from one Cholesky.
+
+    With ``J`` the reversal permutation and ``J H J = L L^T`` (lower ``L``),
+    ``H^{-1} = (J L^{-T} J)(J L^{-1} J)`` and ``J L^{-1} J`` is upper triangular with a
+    positive diagonal, hence the Cholesky factor sought.
+
+    Raises:
+        numpy.linalg.LinAlgError: When ``H`` is not (numerically) positive definite.
+    """
+    a = np.asarray(h, dtype=np.float64)
+    lower = np.linalg.cholesky(a[::-1, ::-1])
+    inv = np.linalg.solve(lower, np.eye(a.shape[0]))
+    u = np.triu(inv[::-1, ::-1])
+    if not np.all(np.isfinite(u)) or not np.all(np.diag(u) > 0):
+        raise np.linalg.LinAlgError("inverse Cholesky factor is not finite")
+    return u
+
+
+def _damped(h: Array, rel: float) -> Array:
+    out = h.copy()
+    idx = np.arange(h.shape[0])
+    out[idx, idx] += rel * float(np.mean(np.diag(h)))
+    return out
+
+
+def _obs_prune(wt: Array, u: Array, blocksize: int) -> tuple[Array, float]:
+    """SparseGPT's column walk on the transposed weight ``wt[cols, rows]`` (modified in place).
+
+    Returns the pruned transposed weight and the OBS loss.
+    """
+    cols = wt.shape[0]
+    out = np.empty_like(wt)
+    loss = 0.0
+    for b0 in range(0, cols, blocksize):
+        b1 = min(b0 + blocksize, cols)
+        w1 = wt[b0:b1]  # a view: updates land in wt
+        u1 = u[b0:b1, b0:b1]
+        d = np.diag(u1)
+        err = np.empty_like(w1)
+        prune = np.empty((nm.GROUP_SIZE, wt.shape[1]), dtype=bool)
+        for i in range(b1 - b0):
+            if i % nm.GROUP_SIZE == 0:
+                scores = (w1[i : i + nm.GROUP_SIZE] / d[i : i + nm.GROUP_SIZE, None]) ** 2
+                prune = ~nm.keep_top2(scores.T, 1).T
+            q = np.where(prune[i % nm.GROUP_SIZE], 0.0, w1[i])
+            e = (w1[i] - q) / d[i]
+            loss += 0.5 * float(e @ e)
+            w1[i + 1 :] -= u1[i, i + 1 :, None] * e[None, :]
+            out[b0 + i] = q
+            err[i] = e
+        if b1 < cols:
+            wt[b1:] -= u[b0:b1, b1:].T @ err
+    return out, loss
+
+
+def sparsegpt_2_4(
+    w: Array,
+    h: npt.ArrayLike,
+    blocksize: int = 128,
+    damp: float = 0.01,
+    dead: npt.ArrayLike | None = None,
+) -> tuple[Array, SparseGPTStats]:
+    """Prune ``w`` to 2:4 along ``cols`` with SparseGPT, updating the kept weights.
+
+    Steps (float64): columns that are dead (zero diagonal of ``H``, or flagged in ``dead``)
+    get weight 0 and diagonal 1; ``lambda = damp * mean(diag(H))`` is added to the diagonal;
+    ``U`` is the upper Cholesky factor of ``H^{-1}``; then the column walk of the module
+    docstring. If Cholesky fails, the damping is multiplied by 10 (up to 6 times, each with a
+    warning); if it still fails, the weights are pruned by magnitude (warning).
+
+    Args:
+        w: Weight matrix ``[rows, cols]``, floating point, ``cols % 4 == 0``; not modified.
+        h: ``[cols, cols]`` Hessian, e.g. ``RunningStats.hessian(damp=0.0)`` (damping is
+            applied here; passing an already damped H just damps it more).
+        blocksize: Columns per lazy-update block; a positive multiple of 4.
+        damp: Relative damping.
+        dead: Optional boolean ``[cols]`` mask of columns known to be dead (e.g.
+            ``RunningStats.dead``, needed when ``H`` already has 1 on their diagonal).
+
+    Returns:
+        ``(new weight, stats)``: same shape and dtype as ``w``, exact zeros at pruned
+        positions, 2:4 along axis 1.
+    """
+    _check_weight(w)
+    rows, cols = w.shape
+    hm = np.array(h, dtype=np.float64)
+    _check_square(hm, cols, "H")
+    if blocksize < 1 or blocksize % nm.GROUP_SIZE:
+        raise ValueError(f"blocksize must be a positive multiple of {nm.GROUP_SIZE}, got {blocksize}")
+    if not damp >= 0:
+        raise ValueError(f"damp must be non-negative, got {damp}")
+    w64 = w.astype(np.float64)
+    if not np.all(np.isfinite(w64)):
+        raise ValueError("the weight holds NaN or infinite values")
+
+    diag = np.diag(hm).copy()
+    dead_mask = diag == 0
+    if dead is not None:
+        dead_mask |= np.asarray(dead, dtype=bool).reshape(cols)
+    idx = np.flatnonzero(dead_mask)
+    hm[idx, :] = 0.0
+    hm[:, idx] = 0.0
+    hm[idx, idx] = 1.0
+    w64[:, dead_mask] = 0.0
+
+    rel = float(damp)
+    u = None
+    retries = 0
+    while True:
+        try:
+            if not np.all(np.isfinite(hm)):
+                raise np.linalg.LinAlgError("H holds NaN or infinite values")
+            u = upper_cholesky_inverse(_damped(hm, rel))
+            break
+        except np.linalg.LinAlgError as exc:
+            if retries == _MAX_RETRIES:
+                logger.warning(
+                    "SparseGPT: Cholesky failed for a [%d, %d] weight up to damping %g (%s); "
+                    "falling back to magnitude pruning",
+                    rows,
+                    cols,
+                    rel,
+                    exc,
+                )
+                break
+            new_rel = max(rel * _DAMP_GROWTH, 1e-4)
+            logger.warning(
+                "SparseGPT: Cholesky failed for a [%d, %d] weight with damping %g (%s); retrying with %g",
+                rows,
+                cols,
+                rel,
+                exc,
+                new_rel,
+            )
+            rel = new_rel
+            retries += 1
+
+    if u is None:
+        out = nm.prune_2_4(w64, 1)
+        loss = 0.0
+    else:
+        pruned_t, loss = _obs_prune(np.ascontiguousarray(w64.T), u, blocksize)
+        out = pruned_t.T
+        out[:, dead_mask] = 0.0  # exact zeros where rounding left crumbs
+    stats = SparseGPTStats(
+        loss=loss, damp=rel, retries=retries, fallback=u is None, dead_columns=int(dead_mask.sum())
+    )
+    return out.astype(w.dtype), stats
+
+
+# --------------------------------------------------------------------------------------
+# Asymmetric reconstruction
+# --------------------------------------------------------------------------------------
+
+
+def asymmetric_refit(w: Array, pp: npt.ArrayLike, pd: npt.ArrayLike, damp: float = 0.01) -> Array:
+    """Dense weights that map the pruned-model input to the dense-model output.
+
+    Solves, with ``Xp``/``Xd`` the layer's inputs in the pruned/dense model (paired rows)::
+
+        W' = argmin ||Xd W^T - Xp W'^T||_F^2 + lambda ||W' - W||_F^2
+           = W (pd^T + lambda I) (pp + lambda I)^{-1}
+
+    where ``pp = Xp^T Xp``, ``pd = Xp^T Xd`` and ``lambda = damp * mean(diag(pp))``. The ridge
+    pulls towards the dense ``W``, not towards 0: ``damp = inf`` returns ``W`` itself and a
+    dead input column keeps its weight. ``damp = 0`` gives the least-squares solution closest
+    to ``W`` (pseudo-inverse), well defined even when ``pp`` is singular.
+
+    Args:
+        w: Dense weight ``[rows, cols]``; not modified.
+        pp: ``Xp^T Xp`` (``[cols, cols]``, e.g. ``PairedStats.pp``); any common scale of
+            ``pp`` and ``pd`` gives the same result.
+        pd: ``Xp^T Xd`` (``[cols, cols]``, e.g. ``PairedStats.pd``).
+        damp: Relative ridge damping, ``>= 0`` (``inf`` allowed).
+
+    Returns:
+        The refit weight, float64 ``[rows, cols]`` (dense: prune it afterwards).
+    """
+    if w.ndim != 2:
+        raise ValueError(f"expected a weight matrix [rows, cols], got shape {w.shape}")
+    cols = w.shape[1]
+    g = np.asarray(pp, dtype=np.float64)
+    c = np.asarray(pd, dtype=np.float64)
+    _check_square(g, cols, "pp")
+    _check_square(c, cols, "pd")
+    if not damp >= 0:
+        raise ValueError(f"damp must be non-negative, got {damp}")
+    w64 = w.astype(np.float64)
+    scale = float(np.mean(np.diag(g)))
+    if math.isinf(damp) or scale <= 0:
+        return w64
+    # W'^T = W^T + (pp + lambda I)^{-1} (pd - pp) W^T: the same solution, written as a
+    # correction of W so that damp = 0 can use the minimum-norm correction.
+    rhs = (c - g) @ w64.T
+    if damp == 0:
+        delta = np.linalg.lstsq(g, rhs, rcond=None)[0]
+    else:
+        a = g.copy()
+        idx = np.arange(cols)
+        a[idx, idx] += damp * scale
+        delta = np.linalg.solve(a, rhs)
+    return w64 + delta.T
+
+
+def asymmetric_sparsegpt_2_4(
+    w: Array,
+    pp: npt.ArrayLike,
+    pd: npt.ArrayLike,
+    refit_damp: float = 0.01,
+    blocksize: int = 128,
+    damp: float = 0.01,
+) -> tuple[Array, SparseGPTStats]:
+    """Refit ``w`` to the dense output (:func:`asymmetric_refit`), then prune it with SparseGPT.
+
+    Why two steps: with ``W'`` the least-squares refit, ``Xp^T (Xd W^T - Xp W'^T) = 0``, so
+    for any ``W''`` ::
+
+        ||Xd W^T - Xp W''^T||^2 = ||Xd W^T - Xp W'^T||^2 + ||Xp (W' - W'')^T||^2
+
+    and the second term is what SparseGPT minimises with ``H ~ Xp^T Xp = pp`` (the ridge
+    makes this approximate). Dead columns of ``pp`` are zeroed by SparseGPT.
+
+    Args:
+        w: Dense weight ``[rows, cols]``; not modified.
+        pp: ``Xp^T Xp``.
+        pd: ``Xp^T Xd``.
+        refit_damp: Relative ridge damping of the refit (``inf``: plain SparseGPT on ``pp``).
+        blocksize: SparseGPT block size.
+        damp: SparseGPT relative damping.
+
+    Returns:
+        ``(new weight, stats)`` as :func:`sparsegpt_2_4`, in ``w``'s dtype.
+    """
+    refit = asymmetric_refit(w, pp, pd, refit_damp)
+    out, stats = sparsegpt_2_4(refit, pp, blocksize=blocksize, damp=damp)
+    return out.astype(w.dtype), stats
+
+
+def refit_error(w_target: Array, w_candidate: Array, stats: PairedStats) -> float:
+    """``sum ||W x_dense - W' x_pruned||^2`` over the rows of ``stats``, from its Gram matrices.
+
+    ``= tr(W dd W^T) - 2 tr(W' pd W^T) + tr(W' pp W'^T)``; without ``dd`` (``track_dense=False``)
+    the first term, which does not depend on ``W'``, is left out.
+    """
+    a = np.asarray(w_target, dtype=np.float64)
+    b = np.asarray(w_candidate, dtype=np.float64)
+    err = float(np.einsum("ij,ij->", b @ stats.pp, b)) - 2.0 * float(np.einsum("ij,ij->", b @ stats.pd, a))
+    if stats.dd is not None:
+        err += float(np.einsum("ij,ij->", a @ stats.dd, a))
+    return err
+
+
+def choose_refit_damp(
+    w: Array,
+    folds: Sequence[PairedStats],
+    grid: Sequence[float] = DEFAULT_REFIT_GRID,
+    prune: bool = True,
+    blocksize: int = 128,
+    damp: float = 0.01,
+) -> RefitCV:
+    """Choose the refit ridge damping by K-fold cross-validation.
+
+    For each candidate and each fold ``f``, fit on the sum of the other folds (refit, then
+    SparseGPT when ``prune``) and measure :func:`refit_error` on fold ``f``. The candidate
+    with the smallest total held-out error per row wins; ties go to the larger damping.
+
+    Folds should split by calibration sample (an image, a sentence), not by row: rows of one
+    sample (pixels, tokens) are correlated and would leak between folds. Folds with no rows
+    are ignored.
+
+    Args:
+        w: Dense weight ``[rows, cols]``.
+        folds: One :class:`PairedStats` per fold, at least 2 with rows.
+        grid: Candidate relative dampings (``inf`` = no refit).
+        prune: Score the pruned weights (what is deployed) rather than the dense refit.
+        blocksize: SparseGPT block size (with ``prune``).
+        damp: SparseGPT relative damping (with ``prune``).
+
+    Returns:
+        The chosen damping with every candidate's score.
+    """
+    used = [f for f in folds if f.n > 0]
+    if len(used) < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds with rows, got {len(used)}")
+    if not grid:
+        raise ValueError("the damping grid is empty")
+    rows_total = sum(f.n for f in used)
+    trains = [PairedStats.total([g for j, g in enumerate(used) if j != i]) for i in range(len(used))]
+    scores = []
+    for lam in grid:
+        total = 0.0
+        for held, train in zip(used, trains, strict=True):
+            if prune:
+                cand, _ = asymmetric_sparsegpt_2_4(w, train.pp, train.pd, lam, blocksize, damp)
+            else:
+                cand = asymmetric_refit(w, train.pp, train.pd, lam)
+            total += refit_error(w, cand, held)
+        scores.append(total / rows_total)
+    best = min(range(len(grid)), key=lambda i: (scores[i], -float(grid[i])))
+    logger.debug(
+        "refit damping by %d-fold CV: %s -> %g", len(used), dict(zip(grid, scores, strict=True)), grid[best]
+    )
+    return RefitCV(damp=float(grid[best]), grid=tuple(float(g) for g in grid), scores=tuple(scores))
+
+
+def asymmetric_cv_2_4(
+    w: Array,
+    folds: Sequence[PairedStats],
+    grid: Sequence[float] = DEFAULT_REFIT_GRID,
+    prune_in_cv: bool = True,
+    blocksize: int = 128,
+    damp: float = 0.01,
+) -> tuple[Array, SparseGPTStats, RefitCV]:
+    """Asymmetric SparseGPT with the refit damping chosen by :func:`choose_refit_damp`.
+
+    After the choice, the final weights are fit on all folds together.
+
+    Returns:
+        ``(new weight in w's dtype, SparseGPT stats, cross-validation outcome)``.
+    """
+    cv = choose_refit_damp(w, folds, grid, prune=prune_in_cv, blocksize=blocksize, damp=damp)
+    every = PairedStats.total([f for f in folds if f.n > 0])
+    out, stats = asymmetric_sparsegpt_2_4(w, every.pp, every.pd, cv.damp, blocksize, damp)
+    return out, stats, cv
