@@ -116,11 +116,7 @@ def tensor_dtype(t: TensorProto) -> np.dtype:
     try:
         return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
     except (KeyError, ValueError, TypeError) as exc:
-        name = (
-            TensorProto.DataType.Name(t.data_type)
-            if t.data_type in TensorProto.DataType.values()
-            else t.data_type
-        )
+        name = TensorProto.DataType.Name(t.data_type) if t.data_type in TensorProto.DataType.values() else t.data_type
         raise OnnxSparseError(f"tensor {t.name!r}: unsupported data type {name}") from exc
 
 
@@ -149,8 +145,7 @@ def _external_range(t: TensorProto, base_dir: Path | None) -> tuple[Path, int, i
     size = file.stat().st_size
     if offset + length > size or length < nbytes:
         raise OnnxSparseError(
-            f"tensor {t.name!r}: external data file {file} is too short "
-            f"(needs {offset + nbytes} bytes, has {size})",
+            f"tensor {t.name!r}: external data file {file} is too short (needs {offset + nbytes} bytes, has {size})",
             hint="the data file may be truncated",
         )
     return file, offset, nbytes

@@ -28,9 +28,7 @@ def fmt_share(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def format_table(
-    rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], max_width: int = 60
-) -> str:
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], max_width: int = 60) -> str:
     """A plain text table; ``columns`` are (key, header) pairs; long cells are cut at ``max_width``."""
 
     def cell(v: Any) -> str:

@@ -40,9 +40,7 @@ class CheckTool(Tool):
                 ("axis", "axis"),
                 ("violating", "groups > 2 of 4"),
             ]
-            logger.error(
-                "%d of %d eligible layers are not 2:4:\n%s", len(bad), len(records), format_table(rows, cols)
-            )
+            logger.error("%d of %d eligible layers are not 2:4:\n%s", len(bad), len(records), format_table(rows, cols))
             return 1
         logger.info("all %d eligible layers are 2:4", len(records))
         return 0

@@ -45,8 +45,7 @@ def table_rows(records):
                 "violating": None if r["violating_fraction"] is None else fmt_share(r["violating_fraction"]),
                 "params_s": fmt_count(r["params"]),
                 "macs_s": fmt_count(r["macs"]),
-                "notes": ",".join(f"{k}={v}" for k, v in sorted(r["annotations"].items()) if k != "reason")
-                or None,
+                "notes": ",".join(f"{k}={v}" for k, v in sorted(r["annotations"].items()) if k != "reason") or None,
             }
         )
     return rows

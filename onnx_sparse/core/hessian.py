@@ -77,9 +77,7 @@ class RunningStats:
         xtx: ``X^T X`` (``[cols, cols]``), only when ``track_xtx`` (it is quadratic in cols).
     """
 
-    def __init__(
-        self, cols: int, *, track_xtx: bool = False, max_rows: int | None = None, seed: int = 0
-    ) -> None:
+    def __init__(self, cols: int, *, track_xtx: bool = False, max_rows: int | None = None, seed: int = 0) -> None:
         """Start empty.
 
         Args:
@@ -215,9 +213,7 @@ class PairedStats:
     ``max_rows`` sampling picks the same rows of both inputs.
     """
 
-    def __init__(
-        self, cols: int, *, track_dense: bool = False, max_rows: int | None = None, seed: int = 0
-    ) -> None:
+    def __init__(self, cols: int, *, track_dense: bool = False, max_rows: int | None = None, seed: int = 0) -> None:
         """Start empty; the arguments are as for :class:`RunningStats`."""
         if cols < 1:
             raise ValueError(f"cols must be positive, got {cols}")

@@ -484,11 +484,7 @@ def _site_fields(scope: _Scope, node: onnx.NodeProto, shapes) -> dict[str, Any]:
         if b_tr.failure and not a_tr.failure:
             widx = 0
     wname = node.input[widx] if len(node.input) > widx else ""
-    bias = (
-        node.input[2]
-        if len(node.input) > 2 and node.input[2] and op in ("Conv", "Gemm", "ConvTranspose")
-        else None
-    )
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] and op in ("Conv", "Gemm", "ConvTranspose") else None
     activation = node.input[1 - widx] if len(node.input) > 1 else ""
     tr = _trace(scope, wname) if wname else _Trace(chain=[], failure="node has no weight input")
     consumer_axis = rules.reduction_axis(op, widx, attrs)

@@ -51,9 +51,7 @@ def as_model_file(model: Any) -> ModelFile:
         gs = None
     if gs is not None and isinstance(model, gs.Graph):
         return ModelFile(model=gs.export_onnx(model))
-    raise OnnxSparseError(
-        f"expected an ONNX ModelProto, an onnx-graphsurgeon Graph or a ModelFile, got {type(model)}"
-    )
+    raise OnnxSparseError(f"expected an ONNX ModelProto, an onnx-graphsurgeon Graph or a ModelFile, got {type(model)}")
 
 
 class Pass:

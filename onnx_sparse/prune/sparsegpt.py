@@ -262,9 +262,7 @@ def sparsegpt_2_4(
         pruned_t, loss = _obs_prune(np.ascontiguousarray(w64.T), u, blocksize)
         out = pruned_t.T
         out[:, dead_mask] = 0.0  # exact zeros where rounding left crumbs
-    stats = SparseGPTStats(
-        loss=loss, damp=rel, retries=retries, fallback=u is None, dead_columns=int(dead_mask.sum())
-    )
+    stats = SparseGPTStats(loss=loss, damp=rel, retries=retries, fallback=u is None, dead_columns=int(dead_mask.sum()))
     return out.astype(w.dtype), stats
 
 
@@ -417,9 +415,7 @@ def choose_refit_damp(
             total += refit_error(w, cand, held)
         scores.append(total / rows_total)
     best = min(range(len(grid)), key=lambda i: (scores[i], -float(grid[i])))
-    logger.debug(
-        "refit damping by %d-fold CV: %s -> %g", len(used), dict(zip(grid, scores, strict=True)), grid[best]
-    )
+    logger.debug("refit damping by %d-fold CV: %s -> %g", len(used), dict(zip(grid, scores, strict=True)), grid[best])
     return RefitCV(damp=float(grid[best]), grid=tuple(float(g) for g in grid), scores=tuple(scores))
 
 
