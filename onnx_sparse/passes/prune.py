@@ -1,0 +1,197 @@
+"""The 2:4 pruning pass: write each selected eligible weight back in the 2:4 pattern.
+
+The pass finds the eligible sites (:mod:`onnx_sparse.graph.locate`), picks those the
+caller selected, and for each stored tensor (once, however many nodes share it) asks a
+*weight pruner* for the new values, then writes them through the real source: the
+initializer, the ``Constant`` node, the int8/fp8 tensor behind DequantizeLinear (a pruned
+entry holds the zero point, so it dequantizes to exactly 0), the fp16/bf16 tensor behind a
+Cast, the tensor behind a Transpose. Tensors that already follow 2:4 are left untouched,
+so pruning twice gives the same bytes. Everything else in the model stays as it was.
+
+The default pruner is magnitude (keep the 2 largest ``|w - zero|`` per group of 4);
+calibrated methods plug in their own pruner with the same signature.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from onnx_sparse.analysis import select_sites
+from onnx_sparse.core import nm
+from onnx_sparse.errors import OnnxSparseError
+from onnx_sparse.graph.locate import WeightSite, find_weight_sites
+from onnx_sparse.graph.weights import read_weight, write_weight, zero_value
+from onnx_sparse.io import ModelFile
+from onnx_sparse.passes.base import Pass, PassResult
+
+__all__ = ["SiteRecord", "WeightPruner", "magnitude_pruner", "PrunePass", "apply_site", "totals"]
+
+logger = logging.getLogger(__name__)
+
+# (site, stored weight, zero value) -> new stored weight, 2:4 along site.axis, same dtype.
+WeightPruner = Callable[[WeightSite, np.ndarray, Any], np.ndarray]
+
+
+def magnitude_pruner(site: WeightSite, w: np.ndarray, zero: Any) -> np.ndarray:
+    """Keep the two largest magnitudes in each group of 4 (ties: lower index)."""
+    assert site.axis is not None
+    return nm.prune_2_4(w, site.axis, zero=zero)
+
+
+@dataclass(frozen=True)
+class SiteRecord:
+    """What pruning did to one stored weight (shared by ``nodes``)."""
+
+    nodes: tuple[str, ...]
+    weight: str
+    op: str
+    method: str
+    axis: int
+    shape: tuple[int, ...]
+    dtype: str
+    params: int
+    groups: int
+    groups_changed: int
+    already_sparse: bool
+    retained_magnitude: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def apply_site(
+    site: WeightSite,
+    sharers: Sequence[WeightSite],
+    mf: ModelFile,
+    new: np.ndarray,
+    method: str,
+    original: np.ndarray | None = None,
+) -> SiteRecord:
+    """Write ``new`` as the stored weight of ``site`` (if it differs) and describe the change."""
+    assert site.axis is not None
+    w = read_weight(site, mf.base_dir) if original is None else original
+    zero = zero_value(site)
+    if new.shape != w.shape or new.dtype != w.dtype:
+        raise AssertionError(f"{site.node}: pruner returned {new.dtype}{new.shape}, expected {w.dtype}{w.shape}")
+    if not nm.is_2_4(new, site.axis, zero):
+        raise AssertionError(f"{site.node}: pruner returned a weight that is not 2:4 along axis {site.axis}")
+    bits = np.dtype(f"u{w.dtype.itemsize}")
+    differs = np.ascontiguousarray(new).view(bits) != np.ascontiguousarray(w).view(bits)
+    changed_groups = int(nm.grouped(differs, site.axis).any(axis=site.axis + 1).sum())
+    groups = w.size // nm.GROUP_SIZE
+    before_nz = nm.nonzero_per_group(w, site.axis, zero)
+    already = bool(np.all(before_nz <= nm.KEEP))
+    if changed_groups:
+        write_weight(site, new)
+    return SiteRecord(
+        nodes=tuple(s.node for s in sharers),
+        weight=site.weight,
+        op=site.op,
+        method=method,
+        axis=site.axis,
+        shape=tuple(w.shape),
+        dtype=str(w.dtype),
+        params=int(w.size),
+        groups=groups,
+        groups_changed=changed_groups,
+        already_sparse=already,
+        retained_magnitude=nm.retained_magnitude(w, new, zero),
+    )
+
+
+def group_by_tensor(sites: Sequence[WeightSite]) -> list[list[WeightSite]]:
+    """Sites that share one stored tensor, in graph order (a shared weight is pruned once)."""
+    groups: dict[int, list[WeightSite]] = {}
+    for s in sites:
+        groups.setdefault(id(s.tensor), []).append(s)
+    return list(groups.values())
+
+
+def totals(records: Sequence[SiteRecord]) -> dict[str, Any]:
+    """Totals over the records: parameters, groups changed, retained magnitude (weighted)."""
+    params = sum(r.params for r in records)
+    return {
+        "tensors": len(records),
+        "layers": sum(len(r.nodes) for r in records),
+        "params": params,
+        "groups": sum(r.groups for r in records),
+        "groups_changed": sum(r.groups_changed for r in records),
+        "retained_magnitude": (sum(r.retained_magnitude * r.params for r in records) / params) if params else 1.0,
+    }
+
+
+class PrunePass(Pass):
+    """Prune every selected eligible weight to 2:4 (functional: the input model is not changed).
+
+    Args:
+        pruner: the weight pruner (default: magnitude).
+        method: the name recorded in the report.
+        include/exclude: regular expressions on node names; ops: op types; min_channels:
+            skip layers whose input or output channels are fewer (see
+            :func:`onnx_sparse.analysis.select_sites`).
+
+    Cases: eligible weight not 2:4 -> pruned; already 2:4 -> untouched (modified False);
+    shared by several nodes -> pruned once; not eligible or not selected -> untouched.
+    """
+
+    in_place = False
+
+    def __init__(
+        self,
+        pruner: WeightPruner = magnitude_pruner,
+        method: str = "magnitude",
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        ops: Sequence[str] = (),
+        min_channels: int = 0,
+    ) -> None:
+        self.pruner = pruner
+        self.method = method
+        self.selection = dict(include=include, exclude=exclude, ops=ops, min_channels=min_channels)
+
+    def selected_sites(self, mf: ModelFile) -> list[WeightSite]:
+        sites = find_weight_sites(mf.model)
+        chosen = {id(s) for s in select_sites(sites, **self.selection) if s.eligible}
+        # A shared tensor is pruned only if every node that uses it was selected.
+        out = []
+        for group in group_by_tensor([s for s in sites if s.eligible]):
+            if all(id(s) in chosen for s in group):
+                out.extend(group)
+            elif any(id(s) in chosen for s in group):
+                logger.warning(
+                    "skipped %s: its weight %s is shared with unselected nodes %s",
+                    ", ".join(s.node for s in group if id(s) in chosen),
+                    group[0].weight,
+                    ", ".join(s.node for s in group if id(s) not in chosen),
+                )
+        return out
+
+    def call(self, mf: ModelFile) -> PassResult:
+        records = []
+        for group in group_by_tensor(self.selected_sites(mf)):
+            site = group[0]
+            w = read_weight(site, mf.base_dir, mmap=False)
+            try:
+                new = self.pruner(site, w, zero_value(site))
+            except OnnxSparseError:
+                raise
+            records.append(apply_site(site, group, mf, new, self.method, original=w))
+            del w, new
+        modified = any(r.groups_changed for r in records)
+        t = totals(records)
+        logger.info(
+            "pruned %d tensors (%d layers, %d parameters): %d of %d groups changed, retained magnitude %.4f",
+            t["tensors"], t["layers"], t["params"], t["groups_changed"], t["groups"], t["retained_magnitude"],
+        )  # fmt: skip
+        return PassResult(mf, modified, records)
+
+    def ensures(self, result: PassResult) -> None:
+        for site in self.selected_sites(result.model):
+            w = read_weight(site, result.model.base_dir)
+            if not nm.is_2_4(w, site.axis, zero_value(site)):
+                raise AssertionError(f"{site.node}: weight {site.weight} is not 2:4 after pruning")
