@@ -425,7 +425,7 @@ def find_weight_sites(model: onnx.ModelProto) -> list[WeightSite]:
             if found:
                 outputs.add((id(found[2]), o))
         for node in scope.nodes:
-            for idx, name in enumerate(_all_inputs(node)):
+            for idx, name in enumerate(node.input):
                 found = scope.resolve(name) if name else None
                 if found:
                     uses.setdefault((id(found[2]), name), []).append((scope, node, idx))
@@ -450,27 +450,6 @@ def find_weight_sites(model: onnx.ModelProto) -> list[WeightSite]:
         f["likely_sparse_kernel"] = f["eligible"] and f["likely_sparse_kernel"]
         sites.append(WeightSite(**f))
     return sites
-
-
-def _all_inputs(node: onnx.NodeProto) -> list[str]:
-    """Node inputs plus names a subgraph reads from the enclosing scope (implicit inputs)."""
-    names = list(node.input)
-    for a in node.attribute:
-        subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-        for g in subs:
-            names.extend(_implicit_inputs(g))
-    return names
-
-
-def _implicit_inputs(g: onnx.GraphProto) -> list[str]:
-    defined = {t.name for t in g.initializer} | {i.name for i in g.input}
-    defined |= {o for n in g.node for o in n.output}
-    out = []
-    for n in g.node:
-        for name in _all_inputs(n):
-            if name and name not in defined:
-                out.append(name)
-    return out
 
 
 def _site_fields(scope: _Scope, node: onnx.NodeProto, shapes) -> dict[str, Any]:
