@@ -1,0 +1,1 @@
+"""Developer scripts (not installed): fixtures, real-model fetching, benchmark models."""
