@@ -213,9 +213,9 @@ def gemm_const_a() -> onnx.ModelProto:
     """Gemm whose constant is input A (transA=1) while B is the graph input."""
     rng = _rng(4)
     doc = (
-        "Expect: gemm_a not eligible (the constant is Gemm input A; Polygraphy and trtexec treat only a "
-        "constant B as the weight; unverified on TensorRT), stored gemm_a.weight [12,8] with transA=1, "
-        "reduction axis 0 (K=12) if it were a weight."
+        "Expect: gemm_a eligible (a constant Gemm A is a fully-connected weight whose reduction axis is "
+        "0 with transA=1, else 1; Polygraphy and trtexec only prune a constant B, so this is unverified on "
+        "TensorRT), stored gemm_a.weight [12,8], axis 0 (K=12)."
     )
     nodes = [helper.make_node("Gemm", ["gemm_a.weight", "x"], ["y"], name="gemm_a", transA=1)]
     graph = _graph(
