@@ -68,7 +68,7 @@ def layer_records(mf: ModelFile, sites: Sequence[WeightSite] | None = None) -> l
     notes = read_annotations(mf.model)
     records = []
     for s in sites:
-        stats = weight_stats(s, mf.base_dir) if s.tensor is not None else None
+        stats = weight_stats(s, mf) if s.tensor is not None else None
         records.append(
             {
                 "node": s.node,

@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,11 +48,39 @@ _COPY_CHUNK = 64 << 20
 
 @dataclass
 class ModelFile:
-    """A model and the folder its external data paths are relative to (None: all inline)."""
+    """A model and the folder its external data paths are relative to (None: all inline).
+
+    New values for external tensors are kept aside (``pending``) until :func:`save_model`
+    streams them into the output's data file, so a large model's weights are never copied
+    into the protobuf.
+    """
 
     model: onnx.ModelProto
     base_dir: Path | None = None
     path: Path | None = None
+    pending: dict[int, tuple[TensorProto, np.ndarray]] = field(default_factory=dict, repr=False)
+
+    def read(self, t: TensorProto, mmap: bool = True) -> np.ndarray:
+        """The current value of ``t`` (a pending new value, or what is stored)."""
+        if id(t) in self.pending:
+            return self.pending[id(t)][1]
+        return read_tensor(t, self.base_dir, mmap=mmap)
+
+    def write(self, t: TensorProto, value: np.ndarray) -> None:
+        """Replace the value of ``t``: inline tensors at once, external ones at save time."""
+        _check_value(t, value)
+        if t.data_location == TensorProto.EXTERNAL:
+            value = np.ascontiguousarray(value)
+            value.flags.writeable = False
+            self.pending[id(t)] = (t, value)
+        else:
+            write_tensor(t, value)
+
+    def flush_pending(self) -> None:
+        """Move pending values into the protobuf (as inline data marked "was external")."""
+        for t, value in self.pending.values():
+            write_tensor(t, value)
+        self.pending.clear()
 
 
 def load_model(path: str | os.PathLike[str]) -> ModelFile:
@@ -184,16 +212,19 @@ def write_tensor(t: TensorProto, value: np.ndarray) -> None:
     :func:`save_model` writes it to the new data file; :func:`finalize_inline` turns it
     into a plain inline tensor for in-memory use.
     """
-    dtype = tensor_dtype(t)
-    if value.shape != _shape(t):
-        raise ValueError(f"tensor {t.name!r}: new value has shape {value.shape}, expected {_shape(t)}")
-    if value.dtype != dtype:
-        raise ValueError(f"tensor {t.name!r}: new value has dtype {value.dtype}, expected {dtype}")
-    for field in _TYPED_FIELDS:
-        t.ClearField(field)
+    _check_value(t, value)
+    for name in _TYPED_FIELDS:
+        t.ClearField(name)
     t.raw_data = np.ascontiguousarray(value).astype(value.dtype.newbyteorder("<"), copy=False).tobytes()
     if t.data_location == TensorProto.EXTERNAL:
         t.data_location = TensorProto.DEFAULT
+
+
+def _check_value(t: TensorProto, value: np.ndarray) -> None:
+    if value.shape != _shape(t):
+        raise ValueError(f"tensor {t.name!r}: new value has shape {value.shape}, expected {_shape(t)}")
+    if value.dtype != tensor_dtype(t):
+        raise ValueError(f"tensor {t.name!r}: new value has dtype {value.dtype}, expected {tensor_dtype(t)}")
 
 
 def _is_pending_external(t: TensorProto) -> bool:
@@ -241,21 +272,23 @@ def _write_external(mf: ModelFile, folder: Path, data_name: str, externalize_all
             if pos % _ALIGN:
                 out.write(b"\0" * (_ALIGN - pos % _ALIGN))
                 pos = out.tell()
-            if t.data_location == TensorProto.EXTERNAL:
+            if id(t) in mf.pending:
+                value = mf.pending[id(t)][1]
+                out.write(value.view(np.uint8).reshape(-1).data)
+                _set_external(t, data_name, pos, value.nbytes)
+            elif t.data_location == TensorProto.EXTERNAL:
                 src, offset, nbytes = _external_range(t, mf.base_dir)
                 _copy_range(src, offset, nbytes, out)
                 _set_external(t, data_name, pos, nbytes)
             elif _is_pending_external(t) or (externalize_all and len(t.raw_data) >= 1024):
                 if not t.raw_data:
                     t.raw_data = read_tensor(t).tobytes()
-                    for field in _TYPED_FIELDS:
-                        t.ClearField(field)
+                    for name in _TYPED_FIELDS:
+                        t.ClearField(name)
                 data = t.raw_data
                 out.write(data)
                 t.ClearField("raw_data")
                 _set_external(t, data_name, pos, len(data))
-        out.flush()
-        os.fsync(out.fileno())
 
 
 def save_model(
@@ -291,15 +324,15 @@ def save_model(
     try:
         if external:
             _write_external(mf, tmp, data_name, externalize_all=not _uses_external(mf.model))
+            mf.pending.clear()
         else:
+            mf.flush_pending()
             for t in iter_tensors(mf.model):
                 if t.data_location == TensorProto.EXTERNAL:
                     write_tensor(t, np.array(read_tensor(t, mf.base_dir, mmap=False)))
             finalize_inline(mf.model)
         with open(tmp / out.name, "wb") as f:
             f.write(mf.model.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
         if external:
             mf.base_dir = folder  # entries now name data_name, which lands in folder
         if verify:
@@ -350,6 +383,8 @@ def _ort_open_error(path: str | os.PathLike[str]) -> str | None:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
+    # Opening is the check; packing weights for fast kernels would only cost time and memory.
+    opts.add_session_config_entry("session.disable_prepacking", "1")
     try:
         ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises several unrelated types

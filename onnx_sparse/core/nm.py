@@ -89,10 +89,9 @@ def magnitude_scores(w: Array, zero: Array | float | int = 0) -> Array:
     if np.issubdtype(w.dtype, np.integer):
         return np.abs(w.astype(np.int32) - np.asarray(zero, dtype=np.int32)).astype(np.float32)
     out_dtype = np.float64 if w.dtype == np.float64 else np.float32
-    x = w.astype(out_dtype)
     if np.any(np.asarray(zero) != 0):
-        x = x - np.asarray(zero).astype(out_dtype)
-    return np.abs(x)
+        return np.abs(w.astype(out_dtype) - np.asarray(zero).astype(out_dtype))
+    return np.abs(w).astype(out_dtype, copy=False)
 
 
 def _zero_like(w: Array, zero: Array | float | int) -> Array:
@@ -121,10 +120,18 @@ def apply_keep(w: Array, keep: Array, zero: Array | float | int = 0) -> Array:
     """New array: ``w`` where ``keep`` (or where ``w`` already equals ``zero``), else ``zero``.
 
     Entries already equal to zero are copied as they are (``-0.0`` stays ``-0.0``), so
-    applying a mask to an already pruned tensor reproduces it bit for bit.
+    applying a mask to an already pruned tensor reproduces it bit for bit. Works on the
+    bit patterns (an AND with an all-ones/all-zeros mask), which is several times faster
+    than ``np.where`` on large tensors and exact for every dtype.
     """
     z = _zero_like(w, zero)
-    return np.where(keep | (w == z), w, z).astype(w.dtype, copy=False)
+    bits = np.dtype(f"u{w.dtype.itemsize}")
+    m = (keep | (w == z)).astype(bits)
+    np.negative(m, out=m)  # 1 -> all ones, 0 -> 0
+    out = np.ascontiguousarray(w).view(bits) & m
+    if np.any(z.view(bits) != 0):
+        out |= np.broadcast_to(z, w.shape).view(bits) & ~m
+    return out.view(w.dtype)
 
 
 def prune_2_4(w: Array, axis: int, scores: Array | None = None, zero: Array | float | int = 0) -> Array:

@@ -373,10 +373,34 @@ def _quant(tr: _Trace) -> tuple[Quant | None, str]:
 # --------------------------------------------------------------------------- shapes / MACs
 
 
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose large main-graph initializers carry dims but no data.
+
+    Shape inference needs shapes, not weights; serializing hundreds of MB of weights
+    for it would dominate the run time of ``inspect`` and ``prune`` on large models.
+    """
+    skel = onnx.ModelProto(ir_version=model.ir_version)
+    skel.opset_import.extend(model.opset_import)
+    skel.functions.extend(model.functions)
+    g, src = skel.graph, model.graph
+    g.name = src.name
+    for part in ("node", "input", "output", "value_info"):
+        getattr(g, part).extend(getattr(src, part))
+    inits = src.initializer
+    small = [t for t in inits if t.data_location != TensorProto.EXTERNAL and len(t.raw_data) < 4096]
+    big = [t for t in inits if not (t.data_location != TensorProto.EXTERNAL and len(t.raw_data) < 4096)]
+    g.initializer.extend(small)
+    for t in big:
+        stub = g.initializer.add()
+        stub.name, stub.data_type = t.name, t.data_type
+        stub.dims.extend(t.dims)
+    return skel
+
+
 def _value_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     """Per-sample static shapes of main-graph values (symbolic dims count as 1)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(_skeleton(model), strict_mode=False)
     except Exception as exc:  # shape inference is best effort
         logger.debug("shape inference failed: %s", exc)
         inferred = model
@@ -407,13 +431,14 @@ def _macs(op: str, node: onnx.NodeProto, consumer_shape, out_shape, axis_len: in
 # --------------------------------------------------------------------------- main entry
 
 
-def find_weight_sites(model: onnx.ModelProto) -> list[WeightSite]:
+def find_weight_sites(model: onnx.ModelProto, macs: bool = True) -> list[WeightSite]:
     """Every Conv/ConvTranspose/Gemm/MatMul weight in ``model`` with its axis and verdict.
 
     Pure analysis: reads tensor shapes and small constants (zero points, reshape targets),
-    never the weights themselves, and changes nothing.
+    never the weights themselves, and changes nothing. ``macs=False`` skips shape
+    inference (``WeightSite.macs`` is then None).
     """
-    shapes = _value_shapes(model)
+    shapes = _value_shapes(model) if macs else {}
     pending: list[dict[str, Any]] = []
     # who uses each stored tensor / chain value: (owner scope id, name) -> [(scope, node, idx)]
     uses: dict[tuple[int, str], list[tuple[_Scope, onnx.NodeProto, int]]] = {}

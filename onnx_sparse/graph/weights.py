@@ -9,13 +9,11 @@ quantized tensor is its zero point: the value a pruned entry must hold to dequan
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 
 from onnx_sparse.core import nm
 from onnx_sparse.graph.locate import WeightSite
-from onnx_sparse.io import read_tensor, write_tensor
+from onnx_sparse.io import ModelFile
 
 __all__ = ["WeightStats", "zero_value", "read_weight", "write_weight", "weight_stats"]
 
@@ -37,23 +35,23 @@ def zero_value(site: WeightSite) -> np.ndarray | float:
     return 0
 
 
-def read_weight(site: WeightSite, base_dir: Path | None, mmap: bool = True) -> np.ndarray:
+def read_weight(site: WeightSite, mf: ModelFile, mmap: bool = True) -> np.ndarray:
     """The stored weight of ``site`` (read-only; memory-mapped when external)."""
     assert site.tensor is not None, f"{site.node}: no stored weight"
-    return read_tensor(site.tensor, base_dir, mmap=mmap)
+    return mf.read(site.tensor, mmap=mmap)
 
 
-def write_weight(site: WeightSite, value: np.ndarray) -> None:
-    """Replace the stored weight of ``site`` in place in its model."""
+def write_weight(site: WeightSite, mf: ModelFile, value: np.ndarray) -> None:
+    """Replace the stored weight of ``site`` in its model ``mf``."""
     assert site.tensor is not None, f"{site.node}: no stored weight"
-    write_tensor(site.tensor, value)
+    mf.write(site.tensor, value)
 
 
-def weight_stats(site: WeightSite, base_dir: Path | None) -> WeightStats | None:
+def weight_stats(site: WeightSite, mf: ModelFile) -> WeightStats | None:
     """2:4 statistics along the site's axis, or None when the axis cannot hold groups of 4."""
     if site.tensor is None or site.axis is None or not site.shape or site.shape[site.axis] % nm.GROUP_SIZE:
         return None
-    w = read_weight(site, base_dir)
+    w = read_weight(site, mf)
     zero = zero_value(site)
     counts = nm.nonzero_per_group(w, site.axis, zero)
     violating = float(np.mean(counts > nm.KEEP)) if counts.size else 0.0

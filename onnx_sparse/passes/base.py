@@ -34,6 +34,7 @@ class PassResult:
 
 def copy_model_file(mf: ModelFile) -> ModelFile:
     """A deep copy of the ModelProto (external data is shared: it is only read)."""
+    mf.flush_pending()
     model = onnx.ModelProto()
     model.CopyFrom(mf.model)
     return ModelFile(model=model, base_dir=mf.base_dir, path=mf.path)

@@ -15,7 +15,9 @@ calibrated methods plug in their own pruner with the same signature.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -74,7 +76,7 @@ def apply_site(
 ) -> SiteRecord:
     """Write ``new`` as the stored weight of ``site`` (if it differs) and describe the change."""
     assert site.axis is not None
-    w = read_weight(site, mf.base_dir) if original is None else original
+    w = read_weight(site, mf) if original is None else original
     zero = zero_value(site)
     if new.shape != w.shape or new.dtype != w.dtype:
         raise AssertionError(f"{site.node}: pruner returned {new.dtype}{new.shape}, expected {w.dtype}{w.shape}")
@@ -87,7 +89,7 @@ def apply_site(
     before_nz = nm.nonzero_per_group(w, site.axis, zero)
     already = bool(np.all(before_nz <= nm.KEEP))
     if changed_groups:
-        write_weight(site, new)
+        write_weight(site, mf, new)
     return SiteRecord(
         nodes=tuple(s.node for s in sharers),
         weight=site.weight,
@@ -134,6 +136,8 @@ class PrunePass(Pass):
         include/exclude: regular expressions on node names; ops: op types; min_channels:
             skip layers whose input or output channels are fewer (see
             :func:`onnx_sparse.analysis.select_sites`).
+        workers: how many tensors to prune at once (default: CPU count). The pruner
+            must then be thread-safe (magnitude is).
 
     Cases: eligible weight not 2:4 -> pruned; already 2:4 -> untouched (modified False);
     shared by several nodes -> pruned once; not eligible or not selected -> untouched.
@@ -149,13 +153,15 @@ class PrunePass(Pass):
         exclude: Sequence[str] = (),
         ops: Sequence[str] = (),
         min_channels: int = 0,
+        workers: int | None = None,
     ) -> None:
         self.pruner = pruner
+        self.workers = workers or os.cpu_count() or 1
         self.method = method
         self.selection = dict(include=include, exclude=exclude, ops=ops, min_channels=min_channels)
 
     def selected_sites(self, mf: ModelFile) -> list[WeightSite]:
-        sites = find_weight_sites(mf.model)
+        sites = find_weight_sites(mf.model, macs=False)
         chosen = {id(s) for s in select_sites(sites, **self.selection) if s.eligible}
         # A shared tensor is pruned only if every node that uses it was selected.
         out = []
@@ -172,16 +178,22 @@ class PrunePass(Pass):
         return out
 
     def call(self, mf: ModelFile) -> PassResult:
-        records = []
-        for group in group_by_tensor(self.selected_sites(mf)):
+        groups = group_by_tensor(self.selected_sites(mf))
+
+        def one(group: list[WeightSite]) -> SiteRecord:
             site = group[0]
-            w = read_weight(site, mf.base_dir, mmap=False)
-            try:
-                new = self.pruner(site, w, zero_value(site))
-            except OnnxSparseError:
-                raise
-            records.append(apply_site(site, group, mf, new, self.method, original=w))
-            del w, new
+            w = read_weight(site, mf, mmap=False)
+            new = self.pruner(site, w, zero_value(site))
+            return apply_site(site, group, mf, new, self.method, original=w)
+
+        # Tensors are independent and numpy releases the GIL: prune them on all cores.
+        # (At most `workers` weights are in flight, so memory stays bounded.)
+        workers = min(self.workers, len(groups)) or 1
+        if workers > 1:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                records = list(pool.map(one, groups))
+        else:
+            records = [one(g) for g in groups]
         modified = any(r.groups_changed for r in records)
         t = totals(records)
         logger.info(
@@ -192,6 +204,6 @@ class PrunePass(Pass):
 
     def ensures(self, result: PassResult) -> None:
         for site in self.selected_sites(result.model):
-            w = read_weight(site, result.model.base_dir)
+            w = read_weight(site, result.model)
             if not nm.is_2_4(w, site.axis, zero_value(site)):
                 raise AssertionError(f"{site.node}: weight {site.weight} is not 2:4 after pruning")
