@@ -9,6 +9,7 @@ quantized tensor is its zero point: the value a pruned entry must hold to dequan
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 
 from onnx_sparse.core import nm

@@ -25,7 +25,6 @@ import numpy as np
 
 from onnx_sparse.analysis import select_sites
 from onnx_sparse.core import nm
-from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.graph.locate import WeightSite, find_weight_sites
 from onnx_sparse.graph.weights import read_weight, write_weight, zero_value
 from onnx_sparse.io import ModelFile
