@@ -530,12 +530,16 @@ def _site_fields(scope: _Scope, node: onnx.NodeProto, shapes) -> dict[str, Any]:
         except (KeyError, ValueError, TypeError):
             f["dtype"] = onnx.TensorProto.DataType.Name(tr.tensor.data_type).lower()
         axis, consumer_shape, why = _map_axis(tr, consumer_axis if consumer_axis is not None else 0)
+        if op == "MatMul" and len(consumer_shape) > 2 and not why:
+            # A batched weight [..., K, N] reduces along its second-to-last axis, not the batch axis.
+            f["consumer_axis"] = len(consumer_shape) - 2
+            axis, consumer_shape, why = _map_axis(tr, f["consumer_axis"])
         f["consumer_shape"] = consumer_shape
         if why:
             return reason or why
         f["axis"] = axis
         out_shape = shapes.get(node.output[0]) if not scope.prefix else None
-        axis_len = consumer_shape[consumer_axis] if consumer_axis is not None else 0
+        axis_len = consumer_shape[f["consumer_axis"]] if f["consumer_axis"] is not None else 0
         f["macs"] = _macs(op, node, consumer_shape, out_shape, axis_len)
         if reason:
             return reason
