@@ -72,13 +72,18 @@ def run_pipeline(pipeline: Sequential, mf: ModelFile) -> PassResult:
     return PassResult(mf, modified, records)
 
 
-def prune(model: onnx.ModelProto | str | os.PathLike[str] | Any, **options: Any) -> onnx.ModelProto:
+def prune(model: onnx.ModelProto | str | os.PathLike[str] | Any, **options: Any) -> Any:
     """Prune every eligible weight of ``model`` to 2:4 and return a new ModelProto.
 
-    ``model`` may be a ModelProto, an onnx-graphsurgeon Graph, or a path (external data is
-    then loaded into memory; for large models use :func:`prune_file`). Options are those of
-    :func:`build_prune_passes`. The input is not modified.
+    ``model`` may be a ModelProto, an onnx-graphsurgeon Graph (a Graph is returned then), or
+    a path (external data is then loaded into memory; for large models use
+    :func:`prune_file`). Options are those of :func:`build_prune_passes`. The input is not
+    modified.
     """
+    if _is_gs_graph(model):
+        import onnx_graphsurgeon as gs
+
+        return gs.import_onnx(prune(gs.export_onnx(model), **options))
     if isinstance(model, (str, os.PathLike)):
         mf = load_model(model)
         for t in iter_tensors(mf.model):
@@ -89,6 +94,14 @@ def prune(model: onnx.ModelProto | str | os.PathLike[str] | Any, **options: Any)
         mf = as_model_file(model)
     result = run_pipeline(build_prune_passes(**options), mf)
     return finalize_inline(result.model.model)
+
+
+def _is_gs_graph(model: Any) -> bool:
+    try:
+        import onnx_graphsurgeon as gs
+    except ImportError:  # pragma: no cover - a hard dependency
+        return False
+    return isinstance(model, gs.Graph)
 
 
 def prune_file(
