@@ -16,7 +16,7 @@ from typing import Any
 import onnx
 
 from onnx_sparse.errors import OnnxSparseError
-from onnx_sparse.io import ModelFile
+from onnx_sparse.io import ModelFile, iter_tensors
 
 __all__ = ["PassResult", "Pass", "Sequential", "as_model_file", "copy_model_file"]
 
@@ -33,11 +33,16 @@ class PassResult:
 
 
 def copy_model_file(mf: ModelFile) -> ModelFile:
-    """A deep copy of the ModelProto (external data is shared: it is only read)."""
-    mf.flush_pending()
+    """A deep copy of the ModelProto; external data and pending new values (read-only) are shared."""
     model = onnx.ModelProto()
     model.CopyFrom(mf.model)
-    return ModelFile(model=model, base_dir=mf.base_dir, path=mf.path)
+    copy = ModelFile(model=model, base_dir=mf.base_dir, path=mf.path)
+    if mf.pending:
+        # The copy has the same tensors in the same order: carry the pending values across.
+        for old, new in zip(iter_tensors(mf.model), iter_tensors(model), strict=True):
+            if id(old) in mf.pending:
+                copy.pending[id(new)] = (new, mf.pending[id(old)][1])
+    return copy
 
 
 def as_model_file(model: Any) -> ModelFile:

@@ -44,7 +44,7 @@ from onnx import TensorProto
 
 from onnx_sparse.analysis import layout
 from onnx_sparse.graph.locate import WeightSite, find_weight_sites
-from onnx_sparse.io import ModelFile, read_tensor, write_tensor
+from onnx_sparse.io import ModelFile
 from onnx_sparse.passes.base import Pass, PassResult
 
 __all__ = ["LayoutRecord", "FcLayoutPass"]
@@ -379,10 +379,10 @@ class FcLayoutPass(Pass):
         assert t is not None
         old = tuple(int(d) for d in t.dims)
         new_shape = (old[1], old[0])
-        value = np.ascontiguousarray(read_tensor(t, mf.base_dir).T)
+        value = np.ascontiguousarray(mf.read(t).T)
         del t.dims[:]
-        t.dims.extend(new_shape)  # write_tensor checks the value against the new dims
-        write_tensor(t, value)
+        t.dims.extend(new_shape)  # mf.write checks the value against the new dims
+        mf.write(t, value)
         del value
 
         changes: list[str] = []
