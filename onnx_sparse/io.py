@@ -152,6 +152,17 @@ def _shape(t: TensorProto) -> tuple[int, ...]:
     return tuple(int(d) for d in t.dims)
 
 
+# 4-bit types are stored two elements per byte; numpy (ml_dtypes) holds one per byte.
+_PACKED_4BIT = frozenset(
+    getattr(TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(TensorProto, name)
+)
+
+
+def _nbytes(t: TensorProto) -> int:
+    count = int(np.prod(_shape(t), dtype=np.int64))
+    return (count + 1) // 2 if t.data_type in _PACKED_4BIT else count * tensor_dtype(t).itemsize
+
+
 def _external_range(t: TensorProto, base_dir: Path | None) -> tuple[Path, int, int]:
     info = {e.key: e.value for e in t.external_data}
     if "location" not in info:
@@ -163,7 +174,7 @@ def _external_range(t: TensorProto, base_dir: Path | None) -> tuple[Path, int, i
         )
     file = base_dir / info["location"]
     offset = int(info.get("offset", 0))
-    nbytes = int(np.prod(_shape(t), dtype=np.int64)) * tensor_dtype(t).itemsize
+    nbytes = _nbytes(t)
     length = int(info.get("length", nbytes))
     if not file.is_file():
         raise OnnxSparseError(
@@ -183,9 +194,12 @@ def read_tensor(t: TensorProto, base_dir: Path | None = None, mmap: bool = True)
     """The value of ``t`` as a read-only numpy array (memory-mapped when external and ``mmap``)."""
     dtype = tensor_dtype(t)
     shape = _shape(t)
+    if t.data_type in _PACKED_4BIT:
+        return _read_packed(t, base_dir)
     if t.data_location == TensorProto.EXTERNAL:
         file, offset, nbytes = _external_range(t, base_dir)
         count = nbytes // dtype.itemsize
+        arr: np.ndarray
         if mmap and count:
             arr = np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=(count,))
         else:
@@ -193,11 +207,25 @@ def read_tensor(t: TensorProto, base_dir: Path | None = None, mmap: bool = True)
             arr.flags.writeable = False
         return arr.reshape(shape)
     if t.raw_data:
-        arr = np.frombuffer(t.raw_data, dtype=dtype)
-        return arr.reshape(shape)
+        return np.frombuffer(t.raw_data, dtype=dtype).reshape(shape)
     arr = numpy_helper.to_array(t)
     if arr.dtype != dtype:
         arr = arr.astype(dtype)
+    arr.flags.writeable = False
+    return arr
+
+
+def _read_packed(t: TensorProto, base_dir: Path | None) -> np.ndarray:
+    """A 4-bit tensor, unpacked by onnx (one element per byte)."""
+    if t.data_location == TensorProto.EXTERNAL:
+        file, offset, nbytes = _external_range(t, base_dir)
+        inline = TensorProto()
+        inline.CopyFrom(t)
+        inline.ClearField("external_data")
+        inline.data_location = TensorProto.DEFAULT
+        inline.raw_data = np.fromfile(file, dtype=np.uint8, count=nbytes, offset=offset).tobytes()
+        t = inline
+    arr = numpy_helper.to_array(t)
     arr.flags.writeable = False
     return arr
 
@@ -215,7 +243,10 @@ def write_tensor(t: TensorProto, value: np.ndarray) -> None:
     _check_value(t, value)
     for name in _TYPED_FIELDS:
         t.ClearField(name)
-    t.raw_data = np.ascontiguousarray(value).astype(value.dtype.newbyteorder("<"), copy=False).tobytes()
+    if t.data_type in _PACKED_4BIT:
+        t.raw_data = numpy_helper.from_array(np.ascontiguousarray(value)).raw_data  # packs two per byte
+    else:
+        t.raw_data = np.ascontiguousarray(value).astype(value.dtype.newbyteorder("<"), copy=False).tobytes()
     if t.data_location == TensorProto.EXTERNAL:
         t.data_location = TensorProto.DEFAULT
 

@@ -273,12 +273,12 @@ def _reshape_target(node: onnx.NodeProto, scope: _Scope, in_shape: tuple[int, ..
         else:
             return "Unsqueeze without axes"
         if op == "Squeeze":
-            axes = {a % len(in_shape) for a in axes}
-            return tuple(d for i, d in enumerate(in_shape) if i not in axes)
+            dropped = {a % len(in_shape) for a in axes}
+            return tuple(d for i, d in enumerate(in_shape) if i not in dropped)
         rank = len(in_shape) + len(axes)
-        axes = {a % rank for a in axes}
+        inserted = {a % rank for a in axes}
         it = iter(in_shape)
-        return tuple(1 if i in axes else next(it) for i in range(rank))
+        return tuple(1 if i in inserted else next(it) for i in range(rank))
     # Reshape
     t = _const_tensor(scope, node.input[1]) if len(node.input) > 1 else None
     if t is None:
@@ -526,7 +526,9 @@ def _site_fields(scope: _Scope, node: onnx.NodeProto, shapes) -> dict[str, Any]:
             return reason or tr.failure
         assert tr.tensor is not None
         try:
-            f["dtype"] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tr.tensor.data_type)).name
+            dt = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tr.tensor.data_type))
+            # numpy holds strings as "object": name them as ONNX does.
+            f["dtype"] = onnx.TensorProto.DataType.Name(tr.tensor.data_type).lower() if dt.kind == "O" else dt.name
         except (KeyError, ValueError, TypeError):
             f["dtype"] = onnx.TensorProto.DataType.Name(tr.tensor.data_type).lower()
         axis, consumer_shape, why = _map_axis(tr, consumer_axis if consumer_axis is not None else 0)
@@ -566,7 +568,9 @@ def _site_fields(scope: _Scope, node: onnx.NodeProto, shapes) -> dict[str, Any]:
             out_feat = consumer_shape[0]
         else:
             in_feat = axis_len
-            out_feat = consumer_shape[1 - consumer_axis] if len(consumer_shape) == 2 else 0
+            out_feat = (
+                consumer_shape[1 - consumer_axis] if len(consumer_shape) == 2 and consumer_axis is not None else 0
+            )
         f["likely_sparse_kernel"] = rules.likely_sparse_kernel(in_feat, out_feat)
         return ""
 
