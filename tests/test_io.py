@@ -1,0 +1,318 @@
+"""Tests for onnx_sparse.io: clear load errors, external data, atomic verified saves."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+from conftest import case_path, error_lines, sha256
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_sparse import io
+from onnx_sparse.errors import OnnxSparseError
+from onnx_sparse.graph.locate import find_weight_sites
+
+# --------------------------------------------------------------------------- load errors
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(OnnxSparseError, match="no such file") as err:
+        io.load_model(tmp_path / "nope.onnx")
+    assert "nope.onnx" in err.value.message and err.value.hint
+
+
+def test_folder(tmp_path: Path) -> None:
+    with pytest.raises(OnnxSparseError, match="not a file") as err:
+        io.load_model(tmp_path)
+    assert "folder" in err.value.hint
+
+
+def test_random_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "noise.onnx"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(OnnxSparseError, match="not a valid ONNX model"):
+        io.load_model(path)
+
+
+def test_text_file(tmp_path: Path) -> None:
+    path = tmp_path / "notes.onnx"
+    path.write_text("this is not a model\n")
+    with pytest.raises(OnnxSparseError, match="not a valid ONNX model"):
+        io.load_model(path)
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty.onnx"
+    path.write_bytes(b"")
+    with pytest.raises(OnnxSparseError, match="not a valid ONNX model"):
+        io.load_model(path)
+
+
+def test_truncated_file(tmp_path: Path) -> None:
+    data = case_path("conv_bn_folded.onnx").read_bytes()
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(OnnxSparseError, match="not a valid ONNX model") as err:
+        io.load_model(path)
+    assert "truncated" in err.value.hint
+    assert "\n" not in str(err.value)  # one line
+
+
+def _save_external(src: Path, dst: Path, location: str = "weights.bin", threshold: int = 1024) -> onnx.ModelProto:
+    model = onnx.load(src)
+    onnx.save(
+        onnx.load(src),  # onnx.save moves the data out of the proto it is given
+        dst,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location,
+        size_threshold=threshold,
+    )
+    return model
+
+
+def test_missing_external_data(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    _save_external(case_path("conv_bn_folded.onnx"), path)
+    (tmp_path / "weights.bin").unlink()
+    with pytest.raises(OnnxSparseError, match="is missing") as err:
+        io.load_model(path)
+    assert "weights.bin" in err.value.message and ".data" in err.value.hint
+
+
+def test_short_external_data(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    _save_external(case_path("conv_bn_folded.onnx"), path)
+    data = tmp_path / "weights.bin"
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(OnnxSparseError, match="too short") as err:
+        io.load_model(path)
+    assert "truncated" in err.value.hint
+
+
+def test_read_external_without_a_base_folder_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    _save_external(case_path("conv_bn_folded.onnx"), path)
+    model = onnx.load(path, load_external_data=False)
+    t = next(t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL)
+    with pytest.raises(OnnxSparseError, match="not loaded from a file"):
+        io.read_tensor(t, None)
+
+
+# --------------------------------------------------------------------------- external data
+
+
+def test_external_data_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    original = _save_external(case_path("conv_bn_folded.onnx"), path)
+    mf = io.load_model(path)
+    assert mf.base_dir == tmp_path.resolve()
+    external = {t.name for t in mf.model.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+    assert external == {"conv1.weight", "conv2.weight"}  # conv1.bias (128 bytes) stays inline
+    for t in mf.model.graph.initializer:
+        want = numpy_helper.to_array(next(o for o in original.graph.initializer if o.name == t.name))
+        got = io.read_tensor(t, mf.base_dir)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+        assert not got.flags.writeable  # read-only: nobody writes into the mmap
+        np.testing.assert_array_equal(io.read_tensor(t, mf.base_dir, mmap=False), want)
+
+
+def test_save_keeps_external_external_and_inline_inline(tmp_path: Path) -> None:
+    src = tmp_path / "in" / "m.onnx"
+    src.parent.mkdir()
+    _save_external(case_path("conv_bn_folded.onnx"), src)
+    before = sha256(src.parent / "weights.bin")
+    mf = io.load_model(src)
+    out = tmp_path / "out" / "sparse.onnx"
+    out.parent.mkdir()
+    io.save_model(mf, out)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["sparse.onnx", "sparse.onnx.data"]
+    saved = onnx.load(out, load_external_data=False)
+    locations = {t.name: t.data_location for t in saved.graph.initializer}
+    assert locations == {
+        "conv1.weight": TensorProto.EXTERNAL,
+        "conv1.bias": TensorProto.DEFAULT,
+        "conv2.weight": TensorProto.EXTERNAL,
+    }
+    for t in saved.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            assert {e.key: e.value for e in t.external_data}["location"] == "sparse.onnx.data"
+    full = onnx.load(out)
+    ref = onnx.load(case_path("conv_bn_folded.onnx"))
+    for a, b in zip(full.graph.initializer, ref.graph.initializer, strict=True):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+    assert sha256(src.parent / "weights.bin") == before  # the input's data file is untouched
+
+
+def test_write_tensor_on_external_data_is_saved_into_the_new_file(tmp_path: Path) -> None:
+    src = tmp_path / "m.onnx"
+    _save_external(case_path("conv_bn_folded.onnx"), src)
+    mf = io.load_model(src)
+    t = next(t for t in mf.model.graph.initializer if t.name == "conv2.weight")
+    new = np.zeros((64, 32, 1, 1), np.float32)
+    mf.write(t, new)
+    np.testing.assert_array_equal(mf.read(t), new)
+    out = tmp_path / "o.onnx"
+    io.save_model(mf, out)
+    saved = onnx.load(out)
+    got = numpy_helper.to_array(next(t for t in saved.graph.initializer if t.name == "conv2.weight"))
+    np.testing.assert_array_equal(got, new)
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(onnx.load(src).graph.initializer[0]),
+        numpy_helper.to_array(onnx.load(case_path("conv_bn_folded.onnx")).graph.initializer[0]),
+    )
+
+
+def test_write_tensor_checks_shape_and_dtype() -> None:
+    t = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    with pytest.raises(ValueError, match="shape"):
+        io.write_tensor(t, np.ones((4, 2), np.float32))
+    with pytest.raises(ValueError, match="dtype"):
+        io.write_tensor(t, np.ones((4, 4), np.float16))
+    io.write_tensor(t, np.full((4, 4), 2.0, np.float32))
+    np.testing.assert_array_equal(io.read_tensor(t), np.full((4, 4), 2.0))
+
+
+def test_read_tensor_typed_fields_and_bfloat16() -> None:
+    t = helper.make_tensor("w", TensorProto.FLOAT, [2, 2], [1.0, 2.0, 3.0, 4.0])  # float_data, no raw_data
+    np.testing.assert_array_equal(io.read_tensor(t), [[1, 2], [3, 4]])
+    b = numpy_helper.from_array(np.array([1.5, -2.0], dtype=ml_dtypes.bfloat16), "b")
+    got = io.read_tensor(b)
+    assert got.dtype == ml_dtypes.bfloat16 and got.tolist() == [1.5, -2.0]
+
+
+# --------------------------------------------------------------------------- atomic save
+
+
+def test_save_is_atomic_when_verification_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(path, reference=None):
+        raise OnnxSparseError("output does not pass onnx.checker: injected")
+
+    monkeypatch.setattr(io, "verify_model", refuse)
+    for external in (False, True):
+        mf = io.load_model(case_path("conv_bn_folded.onnx"))
+        with pytest.raises(OnnxSparseError, match="injected"):
+            io.save_model(mf, tmp_path / "out.onnx", external=external)
+        assert list(tmp_path.iterdir()) == [], f"left behind (external={external})"
+
+
+def test_save_keeps_an_existing_output_when_verification_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"previous")
+    monkeypatch.setattr(io, "verify_model", lambda path, reference=None: (_ for _ in ()).throw(OnnxSparseError("no")))
+    with pytest.raises(OnnxSparseError):
+        io.save_model(io.load_model(case_path("mlp.onnx")), out)
+    assert out.read_bytes() == b"previous" and [p.name for p in tmp_path.iterdir()] == ["out.onnx"]
+
+
+def test_save_into_a_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(OnnxSparseError, match="output folder does not exist"):
+        io.save_model(io.load_model(case_path("mlp.onnx")), tmp_path / "no" / "out.onnx")
+
+
+def test_save_verifies_the_output(tmp_path: Path) -> None:
+    mf = io.load_model(case_path("mlp.onnx"))
+    mf.model.graph.node[0].op_type = "NoSuchOp"
+    with pytest.raises(OnnxSparseError, match="onnx.checker|onnxruntime"):
+        io.save_model(mf, tmp_path / "bad.onnx")
+    assert list(tmp_path.iterdir()) == []
+    io.save_model(io.load_model(case_path("mlp.onnx")), tmp_path / "good.onnx")  # no-op case
+    assert (tmp_path / "good.onnx").read_bytes() == case_path("mlp.onnx").read_bytes()
+
+
+def test_save_inline_model_round_trips_bytes(tmp_path: Path) -> None:
+    for name in ("custom_domain.onnx", "if_subgraph.onnx", "constant_nodes.onnx"):
+        out = tmp_path / name
+        io.save_model(io.load_model(case_path(name)), out)
+        assert out.read_bytes() == case_path(name).read_bytes(), name
+
+
+# --------------------------------------------------------------------------- unsupported dtypes
+
+
+def _weight_model(tensor: onnx.TensorProto, dequantize: bool) -> onnx.ModelProto:
+    nodes, name = [], tensor.name
+    inits = [tensor]
+    if dequantize:
+        inits.append(numpy_helper.from_array(np.array(0.1, np.float32), "s"))
+        nodes.append(helper.make_node("DequantizeLinear", [tensor.name, "s"], ["wd"], name="dq"))
+        name = "wd"
+    nodes.append(helper.make_node("MatMul", ["x", name], ["y"], name="mm"))
+    k = tensor.dims[0]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+def _int4_model() -> onnx.ModelProto:
+    w = np.random.default_rng(0).integers(-7, 8, size=(16, 8)).astype(ml_dtypes.int4)
+    return _weight_model(numpy_helper.from_array(w, "w4"), dequantize=True)
+
+
+def test_int4_weight_has_a_clear_reason() -> None:
+    (s,) = find_weight_sites(_int4_model())
+    assert not s.eligible and "int4" in s.reason and "not supported" in s.reason
+
+
+def test_int4_weight_is_read_unpacked(tmp_path: Path) -> None:
+    model = _int4_model()
+    want = numpy_helper.to_array(model.graph.initializer[0])
+    got = io.read_tensor(model.graph.initializer[0])
+    assert got.shape == (16, 8)
+    np.testing.assert_array_equal(got.astype(np.int8), want.astype(np.int8))
+    # External: the packed bytes are half the element count.
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path, save_as_external_data=True, location="m.data", size_threshold=0)
+    mf = io.load_model(path)
+    t = next(t for t in mf.model.graph.initializer if t.name == "w4")
+    np.testing.assert_array_equal(io.read_tensor(t, mf.base_dir).astype(np.int8), want.astype(np.int8))
+
+
+def test_inspect_reports_an_int4_weight(tmp_path: Path, run_cli) -> None:
+    path = tmp_path / "int4.onnx"
+    onnx.save(_int4_model(), path)
+    rc, out = run_cli(["inspect", path])
+    assert rc == 0, out
+    assert "int4" in out and "not supported" in out
+
+
+def test_string_weight_has_a_clear_reason(tmp_path: Path, run_cli) -> None:
+    t = helper.make_tensor("ws", TensorProto.STRING, [4, 4], [b"a"] * 16)
+    model = _weight_model(t, dequantize=False)
+    (s,) = find_weight_sites(model)
+    assert not s.eligible and "string" in s.reason and "not supported" in s.reason
+    path = tmp_path / "str.onnx"
+    onnx.save(model, path)
+    rc, out = run_cli(["inspect", path])
+    assert rc == 0 and not error_lines(out), out
+
+
+def test_unknown_data_type_is_an_onnx_sparse_error() -> None:
+    t = TensorProto(name="odd", data_type=999, dims=[4])
+    with pytest.raises(OnnxSparseError, match="unsupported data type"):
+        io.tensor_dtype(t)
+
+
+def test_finalize_inline_drops_external_markers(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    _save_external(case_path("conv_bn_folded.onnx"), path)
+    mf = io.load_model(path)
+    for t in io.iter_tensors(mf.model):
+        if t.data_location == TensorProto.EXTERNAL:
+            io.write_tensor(t, np.array(io.read_tensor(t, mf.base_dir)))
+    io.finalize_inline(mf.model)
+    assert all(len(t.external_data) == 0 for t in io.iter_tensors(mf.model))
+    shutil.rmtree(tmp_path)
+    onnx.checker.check_model(mf.model, full_check=True)
