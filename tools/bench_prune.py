@@ -1,0 +1,314 @@
+"""Benchmark ``onnx-sparse prune`` against ``polygraphy surgeon prune`` on the big MatMul model.
+
+Ours runs end to end as the CLI does (load, prune, check, save, verify); the anchor is
+``polygraphy surgeon prune MODEL -o OUT --save-external-data model.onnx.data`` (the flag makes it
+write weights as external data beside OUT, as our output is; without it a 537 MB model is saved
+inline, and only a model over protobuf's 2 GB limit is switched to external data automatically).
+Runs are interleaved (ours, anchor, ours, ...). Reports median wall time, the ratio anchor / ours
+(target: >= 100x), each one's peak RSS and ours' peak RSS over the model's weight bytes (target:
+<= 2x). Both outputs are then validated with ``onnx-sparse check`` and their weights compared.
+
+``--big`` first writes the > 2 GB model (``tools/make_big_model.py --dim 8192 --layers 9``, or
+``--big-dim``/``--big-layers``) and benchmarks that instead; its files are deleted at the end
+unless ``--keep``.
+
+Usage::
+
+    python tools/bench_prune.py --runs 5 --anchor-runs 1 [--json PATH]
+    python tools/bench_prune.py --big --runs 1 --anchor-runs 0
+    python tools/bench_prune.py --runs 1 --anchor-runs 0 --profile   # + cProfile of one prune
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `tools` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tools.bench_common import (  # noqa: E402
+    REPO,
+    RunResult,
+    fmt_bytes,
+    loadavg,
+    machine_info,
+    print_table,
+    reported_runtime,
+    run_measured,
+    schedule,
+    summarize,
+    venv_tool,
+    weight_bytes,
+    write_json,
+)
+
+DEFAULT_MODEL = REPO / ".cache" / "big" / "matmul_8x4096" / "model.onnx"
+WORKDIR = REPO / ".cache" / "bench" / "prune"
+TARGET_SPEEDUP = 100.0
+TARGET_RSS_OVER_WEIGHTS = 2.0
+
+
+def _fresh(path: Path) -> Path:
+    """Empty directory ``path`` (so every run writes its output from scratch)."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def _files(directory: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(directory.iterdir())} if directory.exists() else {}
+
+
+def _compare_weights(a: Path, b: Path) -> dict:
+    """Per initializer of ``a``: is ``b``'s the same array? (both loaded with their external data)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    left = {t.name: t for t in onnx.load(str(a)).graph.initializer}
+    right = {t.name: t for t in onnx.load(str(b)).graph.initializer}
+    identical, differing, zero_mask_equal = [], [], []
+    for name, tensor in left.items():
+        if name not in right:
+            differing.append(f"{name} (missing in {b.name})")
+            continue
+        x, y = numpy_helper.to_array(tensor), numpy_helper.to_array(right[name])
+        if x.shape == y.shape and np.array_equal(x, y):
+            identical.append(name)
+        else:
+            differing.append(name)
+            if x.shape == y.shape:
+                zero_mask_equal.append(bool(np.array_equal(x == 0, y == 0)))
+    return {
+        "identical": len(identical),
+        "differing": differing,
+        "differing_with_equal_zero_mask": sum(zero_mask_equal),
+    }
+
+
+def _profile(model: Path, workdir: Path, top: int) -> str:
+    """One ``python -m cProfile -m onnx_sparse prune`` run; the ``top`` lines by cumulative time."""
+    import io
+    import pstats
+    import subprocess
+
+    out = _fresh(workdir / "profile") / "model.onnx"
+    stats_path = workdir / "prune.prof"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cProfile",
+            "-o",
+            str(stats_path),
+            "-m",
+            "onnx_sparse",
+            "prune",
+            str(model),
+            "-o",
+            str(out),
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    buffer = io.StringIO()
+    pstats.Stats(str(stats_path), stream=buffer).sort_stats("cumulative").print_stats(top)
+    shutil.rmtree(out.parent, ignore_errors=True)
+    return buffer.getvalue()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model to prune (ignored with --big)")
+    parser.add_argument("--runs", type=int, default=5, help="runs of onnx-sparse prune (median taken)")
+    parser.add_argument("--anchor-runs", type=int, default=1, help="runs of polygraphy surgeon prune")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured runs of ours first (page cache)")
+    parser.add_argument("--big", action="store_true", help="generate the > 2 GB model and benchmark that")
+    parser.add_argument("--big-dim", type=int, default=8192)
+    parser.add_argument("--big-layers", type=int, default=9)
+    parser.add_argument("--keep", action="store_true", help="keep generated models and outputs")
+    parser.add_argument("--profile", action="store_true", help="also cProfile one run of ours")
+    parser.add_argument("--workdir", type=Path, default=WORKDIR)
+    parser.add_argument("--json", type=Path, help="default: .cache/bench/prune.json (prune_big.json with --big)")
+    args = parser.parse_args(argv)
+    workdir = args.workdir.resolve()
+    json_path = args.json or REPO / ".cache" / "bench" / ("prune_big.json" if args.big else "prune.json")
+
+    info = machine_info()
+    load_start = loadavg()
+    started = time.time()
+    generate = None
+    if args.big:
+        source_dir = _fresh(workdir / f"big_src_{args.big_layers}x{args.big_dim}")
+        generate = run_measured(
+            "generate",
+            [
+                sys.executable,
+                str(REPO / "tools" / "make_big_model.py"),
+                "--dim",
+                str(args.big_dim),
+                "--layers",
+                str(args.big_layers),
+                "--out",
+                str(source_dir),
+                "--no-check",
+            ],
+        )
+        print(f"generated big model in {generate.wall_s:.1f}s (rc={generate.rc})", flush=True)
+        if generate.rc != 0:
+            print(generate.output_tail, file=sys.stderr)
+            return 2
+        model = source_dir / "model.onnx"
+    else:
+        model = args.model.resolve()
+        if not model.exists():
+            print(f"error: {model} not found; run python tools/make_big_model.py first", file=sys.stderr)
+            return 2
+    wbytes = weight_bytes(model)
+    out_dirs = {"ours": workdir / "ours", "anchor": workdir / "anchor"}
+    outputs = {who: d / "model.onnx" for who, d in out_dirs.items()}
+    commands = {
+        "ours": [venv_tool("onnx-sparse"), "prune", str(model), "-o", str(outputs["ours"])],
+        "anchor": [
+            venv_tool("polygraphy"),
+            "surgeon",
+            "prune",
+            str(model),
+            "-o",
+            str(outputs["anchor"]),
+            "--save-external-data",
+            "model.onnx.data",
+        ],
+    }
+    print(
+        f"model {model} ({fmt_bytes(wbytes)} of weights); {info['cpu_count']} CPUs; load average {load_start}",
+        flush=True,
+    )
+
+    for _ in range(args.warmup):
+        _fresh(out_dirs["ours"])
+        run_measured("ours-warmup", commands["ours"])
+    results: dict[str, list[RunResult]] = {"ours": [], "anchor": []}
+    for n, who in enumerate(schedule(args.runs, args.anchor_runs), 1):
+        _fresh(out_dirs[who])
+        result = run_measured(who, commands[who])
+        results[who].append(result)
+        status = "ok" if result.rc == 0 else f"rc={result.rc}"
+        print(
+            f"  [{n}] {who:6s} {result.wall_s:8.2f}s  peak RSS {fmt_bytes(result.peak_rss_bytes):>9s}  "
+            f"load {result.loadavg_before[0]:.2f}  {status}",
+            flush=True,
+        )
+        if result.rc != 0:
+            print(result.output_tail[-2000:], file=sys.stderr)
+    load_end = loadavg()
+
+    # Validate the last output of each with our checker; compare the two outputs' weights.
+    validation: dict[str, dict] = {}
+    for who in ("ours", "anchor"):
+        if not results[who] or results[who][-1].rc != 0:
+            continue
+        check = run_measured(f"check-{who}", [venv_tool("onnx-sparse"), "check", str(outputs[who])])
+        validation[who] = {
+            "files": _files(out_dirs[who]),
+            "check_rc": check.rc,
+            "check_passes": check.rc == 0,
+            "check_wall_s": check.wall_s,
+            "check_output_tail": check.output_tail[-600:],
+        }
+    if "ours" in validation and "anchor" in validation:
+        validation["ours_vs_anchor_weights"] = _compare_weights(outputs["ours"], outputs["anchor"])
+
+    ours, anchor = summarize(results["ours"]), summarize(results["anchor"])
+    if ours is not None:
+        internal = [t for t in map(reported_runtime, results["ours"]) if t is not None]
+        ours["cli_reported_runtime_median_s"] = statistics.median(internal) if internal else None
+        ours["peak_rss_over_weight_bytes"] = ours["peak_rss_max_bytes"] / wbytes
+    if anchor is not None:
+        anchor["peak_rss_over_weight_bytes"] = anchor["peak_rss_max_bytes"] / wbytes
+    speedup = anchor["wall_median_s"] / ours["wall_median_s"] if ours and anchor else None
+    profile = _profile(model, workdir, 40) if args.profile else None
+
+    print()
+    rows = []
+    for who, summary in (("ours: onnx-sparse prune", ours), ("anchor: polygraphy surgeon prune", anchor)):
+        check = validation.get(who.split(":")[0], {})
+        passes = {True: "passes", False: "FAILS"}.get(check.get("check_passes"), "-")
+        if summary is None:
+            rows.append([who, 0, "-", "-", "-", "-", passes])
+            continue
+        rows.append(
+            [
+                who,
+                summary["runs"],
+                f"{summary['wall_median_s']:.2f}s",
+                f"{summary['wall_min_s']:.2f}-{summary['wall_max_s']:.2f}s",
+                fmt_bytes(summary["peak_rss_max_bytes"]),
+                f"{summary['peak_rss_over_weight_bytes']:.2f}x",
+                passes,
+            ]
+        )
+    print_table(["command", "runs", "median", "range", "peak RSS", "RSS/weights", "onnx-sparse check"], rows)
+    if generate is not None:
+        print(f"big model: {args.big_layers}x[{args.big_dim},{args.big_dim}], generated in {generate.wall_s:.1f}s")
+    if speedup is not None:
+        verdict = "meets" if speedup >= TARGET_SPEEDUP else "MISSES"
+        print(f"speedup anchor/ours (median wall): {speedup:.1f}x ({verdict} the >= {TARGET_SPEEDUP:.0f}x target)")
+    if ours is not None:
+        ratio = ours["peak_rss_over_weight_bytes"]
+        verdict = "meets" if ratio <= TARGET_RSS_OVER_WEIGHTS else "MISSES"
+        print(
+            f"ours peak RSS / weight bytes: {fmt_bytes(ours['peak_rss_max_bytes'])} / {fmt_bytes(wbytes)} = "
+            f"{ratio:.2f}x ({verdict} the <= {TARGET_RSS_OVER_WEIGHTS:.0f}x target)"
+        )
+    if "ours_vs_anchor_weights" in validation:
+        cmp = validation["ours_vs_anchor_weights"]
+        print(
+            f"weights ours vs anchor: {cmp['identical']} identical, {len(cmp['differing'])} differ "
+            f"({cmp['differing_with_equal_zero_mask']} of those with equal zero masks)"
+        )
+    print(f"load average: start {load_start}, end {load_end}; took {time.time() - started:.0f}s")
+    if profile:
+        print(profile)
+
+    payload = {
+        "benchmark": "prune-big" if args.big else "prune",
+        "model": str(model),
+        "weight_bytes": wbytes,
+        "commands": commands,
+        "machine": info,
+        "loadavg_start": load_start,
+        "loadavg_end": load_end,
+        "generate": generate.to_json() if generate else None,
+        "ours": ours,
+        "anchor": anchor,
+        "speedup_anchor_over_ours": speedup,
+        "target_speedup": TARGET_SPEEDUP,
+        "meets_speed_target": None if speedup is None else speedup >= TARGET_SPEEDUP,
+        "target_rss_over_weight_bytes": TARGET_RSS_OVER_WEIGHTS,
+        "meets_memory_target": None if ours is None else ours["peak_rss_over_weight_bytes"] <= TARGET_RSS_OVER_WEIGHTS,
+        "validation": validation,
+        "profile_top": profile,
+        "runs": {who: [r.to_json() for r in rs] for who, rs in results.items()},
+    }
+    write_json(json_path, payload)
+
+    if not args.keep:
+        for directory in out_dirs.values():
+            shutil.rmtree(directory, ignore_errors=True)
+        if args.big:
+            shutil.rmtree(model.parent, ignore_errors=True)
+    failed = any(r.rc != 0 for rs in results.values() for r in rs)
+    failed = failed or validation.get("ours", {}).get("check_passes") is False
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
