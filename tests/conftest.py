@@ -9,6 +9,7 @@ axis of the STORED tensor along which groups of 4 run.
 from __future__ import annotations
 
 import hashlib
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -162,7 +163,7 @@ def tensor_map(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 
 def stored_weight(model: onnx.ModelProto, weight: str) -> np.ndarray:
     """The value of the stored tensor named ``weight`` (its key without the scope prefix)."""
-    hits = [t for key, t in named_tensors(model) if key.rsplit("/", 1)[-1] == weight]
+    hits = [t for key, t in named_tensors(model) if key == weight or key.endswith("/" + weight)]
     assert len(hits) == 1, f"{weight}: {len(hits)} tensors"
     return onnx.numpy_helper.to_array(hits[0])
 
@@ -177,7 +178,13 @@ def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[[list[str]], tuple[i
 
     def run(argv: list[str]) -> tuple[int, str]:
         capsys.readouterr()
-        rc = main([str(a) for a in argv])
+        logger = logging.getLogger("onnx_sparse")
+        saved = (list(logger.handlers), logger.level, logger.propagate)
+        try:
+            rc = main([str(a) for a in argv])
+        finally:
+            # main() installs a handler on the captured stdout; do not leave it behind.
+            logger.handlers[:], logger.level, logger.propagate = saved
         out = capsys.readouterr()
         return rc, out.out + out.err
 

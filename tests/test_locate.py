@@ -110,6 +110,21 @@ def test_transpose_maps_the_axis_through_perm(node: str, perm: list[int]) -> Non
         assert s.shape[perm.index(s.consumer_axis)] != 16
 
 
+def test_polygraphy_maps_transposed_axes_differently() -> None:
+    """Polygraphy's own tracing (perm.index) picks another stored axis for the non-self-inverse perms."""
+    sparse_tool = pytest.importorskip("polygraphy.tools.sparse")
+    model = onnx.load(case_path("transpose_120.onnx"))
+    pruner = sparse_tool.SparsityPruner(model)
+    if not hasattr(pruner, "_walk_nodes"):
+        pytest.skip("Polygraphy's SparsityPruner changed")
+    pruner._walk_nodes()
+    theirs = {name: info.axis for name, info in pruner.prune_infos.items()}
+    ours = {s.weight: s.axis for s in find_weight_sites(model)}
+    assert ours == {"conva.weight": 0, "convb.weight": 2, "fc.weight": 1}
+    assert theirs["conva.weight"] != ours["conva.weight"] and theirs["convb.weight"] != ours["convb.weight"]
+    assert theirs["fc.weight"] == ours["fc.weight"]  # [1, 0] is its own inverse
+
+
 def test_rank3_matmul_weight_is_not_eligible() -> None:
     s = _sites(onnx.load(case_path("mlp.onnx")))["bmm"]
     assert not s.eligible and "rank 3" in s.reason
