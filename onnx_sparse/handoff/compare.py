@@ -1,0 +1,556 @@
+"""Run the dense and the sparse model on the same inputs and say how far apart their outputs are.
+
+Both models run through Polygraphy's ``Comparator.run`` (ONNX-Runtime by default, TensorRT
+engines from :mod:`onnx_sparse.handoff.trt` on request), so they see the same feed dicts; the
+inputs come from Polygraphy's conventions (saved JSON inputs, a data loader script, or its
+seeded ``DataLoader``). The verdict has two parts:
+
+* Polygraphy's own accuracy check, ``Comparator.compare_accuracy`` with a
+  ``SimpleCompareFunc`` (what ``CompareFunc.simple`` returns; that alias is deprecated in
+  Polygraphy 0.53): ``atol``/``rtol``/``check_error_stat``, per output where given as a dict
+  (key ``""`` is the default). The sparse output is compared against the dense one, so the
+  relative error is relative to the dense output.
+* task-agnostic figures per output: cosine similarity, relative L2 error
+  ``||s - d|| / ||d||``, max abs error, and top-1 agreement where the output looks like class
+  scores (float, last dim > 1). Integer and bool outputs must match exactly. ``min_cosine``
+  (one value, or per output) fails an output whose worst-iteration cosine is lower.
+
+Saved outputs use Polygraphy's ``RunResults`` JSON, so ``polygraphy run --save-outputs`` files
+load here and ours load in ``polygraphy run --load-outputs``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnx_sparse.errors import OnnxSparseError
+from onnx_sparse.handoff.trt import capture_polygraphy_log
+
+__all__ = [
+    "DataSpec",
+    "OutputFigures",
+    "CompareReport",
+    "make_data_loader",
+    "run_models",
+    "load_run_results",
+    "compare_results",
+    "compare_models",
+    "output_figures",
+    "BACKENDS",
+]
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("onnxrt", "trt")
+_ROLES = ("dense", "sparse")
+
+
+# --------------------------------------------------------------------------- figures (pure numpy)
+
+
+def _is_exact_dtype(dtype: np.dtype) -> bool:
+    return dtype.kind in "biuUSO"
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    na = float(np.linalg.norm(a))
+    nb = float(np.linalg.norm(b))
+    if na == 0.0 and nb == 0.0:
+        return 1.0
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+def output_figures(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> dict[str, Any]:
+    """Figures for one output over all iterations (pure; no thresholds).
+
+    Args:
+        reference: the dense model's arrays, one per iteration.
+        candidate: the sparse model's arrays for the same iterations.
+
+    Returns:
+        ``kind`` ("float" or "exact"), ``cosine`` (lowest over iterations), ``rel_l2``
+        (highest), ``max_abs`` (highest), ``top1`` (share of positions whose argmax over the
+        last axis agrees, pooled; None unless float with last dim > 1), ``mismatches``
+        (differing elements, exact kind only) and ``shape_mismatch``.
+    """
+    out: dict[str, Any] = dict(kind="float", cosine=None, rel_l2=None, max_abs=None, top1=None, mismatches=None)
+    out["shape_mismatch"] = any(np.shape(r) != np.shape(c) for r, c in zip(reference, candidate, strict=True))
+    if not reference:
+        return out
+    dtype = np.asarray(reference[0]).dtype
+    if _is_exact_dtype(dtype):
+        out["kind"] = "exact"
+    if out["shape_mismatch"]:
+        return out
+    if out["kind"] == "exact":
+        out["mismatches"] = int(
+            sum(
+                int(np.count_nonzero(np.asarray(r) != np.asarray(c))) for r, c in zip(reference, candidate, strict=True)
+            )
+        )
+        out["max_abs"] = max(
+            (float(np.max(np.abs(np.asarray(r, np.float64) - np.asarray(c, np.float64)), initial=0.0))
+             for r, c in zip(reference, candidate, strict=True) if dtype.kind in "biu"),
+            default=None,
+        )  # fmt: skip
+        return out
+    cosines, rels, maxes = [], [], []
+    agree = total = 0
+    for r, c in zip(reference, candidate, strict=True):
+        a = np.asarray(r, dtype=np.float64).ravel()
+        b = np.asarray(c, dtype=np.float64).ravel()
+        cosines.append(_cosine(a, b))
+        diff = b - a
+        ref_norm = float(np.linalg.norm(a))
+        err = float(np.linalg.norm(diff))
+        rels.append(err / ref_norm if ref_norm else (0.0 if err == 0.0 else float("inf")))
+        maxes.append(float(np.max(np.abs(diff), initial=0.0)))
+        shape = np.shape(r)
+        if len(shape) >= 1 and shape[-1] > 1:
+            ra = np.argmax(np.asarray(r), axis=-1)
+            ca = np.argmax(np.asarray(c), axis=-1)
+            agree += int(np.count_nonzero(ra == ca))
+            total += int(ra.size)
+    out["cosine"] = float(min(cosines))
+    out["rel_l2"] = float(max(rels))
+    out["max_abs"] = float(max(maxes))
+    out["top1"] = agree / total if total else None
+    return out
+
+
+@dataclass(frozen=True)
+class OutputFigures:
+    """How one output of the sparse model compares with the dense one.
+
+    Attributes:
+        name, dtype, shape: the output (shape of the dense model's first iteration).
+        kind: "float" (figures below) or "exact" (integer/bool: must match exactly).
+        cosine: lowest cosine similarity over iterations; rel_l2: highest ``||s-d||/||d||``;
+        max_abs: highest max abs error; top1: pooled argmax agreement (class-score-like outputs).
+        mismatches: differing elements (exact outputs).
+        polygraphy_passed: Polygraphy's verdict (every iteration within atol/rtol).
+        passed: Polygraphy's verdict and ours (exactness, ``min_cosine``).
+        reasons: why it failed, one line each.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    kind: str
+    cosine: float | None
+    rel_l2: float | None
+    max_abs: float | None
+    top1: float | None
+    mismatches: int | None
+    polygraphy_passed: bool
+    passed: bool
+    reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CompareReport:
+    """The result of comparing two runs (dense = reference, sparse = candidate).
+
+    ``passed`` is true when every output of the dense run passed. ``log`` holds Polygraphy's
+    accuracy report as it would have printed it.
+    """
+
+    dense: str
+    sparse: str
+    iterations: int
+    outputs: tuple[OutputFigures, ...]
+    passed: bool
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    log: str = field(default="", repr=False)
+
+    def output(self, name: str) -> OutputFigures:
+        """The figures of one output by name."""
+        for o in self.outputs:
+            if o.name == name:
+                return o
+        raise KeyError(name)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain data for a JSON report (no log)."""
+        return {
+            "dense": self.dense,
+            "sparse": self.sparse,
+            "iterations": self.iterations,
+            "passed": self.passed,
+            "settings": dict(self.settings),
+            "outputs": [asdict(o) for o in self.outputs],
+        }
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where inference inputs come from, with Polygraphy's options and precedence.
+
+    Attributes:
+        load_inputs: JSON files (or per-iteration folders) saved by ``--save-inputs``.
+        data_loader_script: ``script.py`` or ``script.py:func`` (default ``load_data``), a
+            no-argument function returning an iterable of feed dicts.
+        seed, val_range, input_shapes, iterations: Polygraphy's ``DataLoader`` settings (used
+            only without the two above); ``val_range`` is ``(lo, hi)`` or a dict with per-input
+            ranges (key ``""`` for the rest); ``input_shapes`` maps input name to shape.
+    """
+
+    load_inputs: tuple[str, ...] = ()
+    data_loader_script: str | None = None
+    seed: int | None = None
+    val_range: Any = None
+    input_shapes: Mapping[str, Sequence[int | str]] | None = None
+    iterations: int | None = None
+
+
+def make_data_loader(spec: DataSpec | None = None) -> Any:
+    """A Polygraphy data loader (an iterable of feed dicts) for ``spec``."""
+    from polygraphy import mod
+    from polygraphy.comparator import DataLoader
+    from polygraphy.tools.args import util as args_util
+
+    spec = spec or DataSpec()
+    if spec.load_inputs and spec.data_loader_script:
+        raise OnnxSparseError("both saved inputs and a data loader script were given", hint="pass only one of them")
+    if spec.load_inputs or spec.data_loader_script:
+        ignored = [n for n in ("seed", "val_range", "input_shapes", "iterations") if getattr(spec, n) is not None]
+        if ignored:
+            logger.warning("ignoring %s: a custom data loader was given", ", ".join(ignored))
+    if spec.load_inputs:
+        from polygraphy.comparator import StreamingDataLoader
+
+        for p in spec.load_inputs:
+            if not Path(p).exists():
+                raise OnnxSparseError(f"{p}: no such file or folder", hint="check the --load-inputs path")
+        return StreamingDataLoader(list(spec.load_inputs), allow_dirs=True)
+    if spec.data_loader_script:
+        script, func = args_util.parse_script_and_func_name(spec.data_loader_script, default_func_name="load_data")
+        if not Path(script).is_file():
+            raise OnnxSparseError(f"{script}: no such data loader script")
+        loader = mod.import_from_script(script, func)
+        if loader is None:
+            raise OnnxSparseError(f"{script} has no function {func!r}")
+        return loader()
+    meta = None
+    if spec.input_shapes:
+        from polygraphy.common import TensorMetadata
+
+        meta = TensorMetadata()
+        for name, shape in spec.input_shapes.items():
+            meta.add(name, dtype=None, shape=tuple(shape))
+    return DataLoader(seed=spec.seed, iterations=spec.iterations, input_metadata=meta, val_range=spec.val_range)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _runner(role: str, path: Path, backend: str, fp16: bool, workdir: str, providers: Sequence[str] | None) -> Any:
+    name = f"{backend}-{role}"
+    if backend == "onnxrt":
+        from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+        return OnnxrtRunner(SessionFromOnnx(str(path), providers=list(providers) if providers else None), name=name)
+    if backend == "trt":
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+        from onnx_sparse.handoff.trt import build_engine, plan_precision
+
+        plan = plan_precision(path, fp16, workdir)
+        logger.info("%s: %s", role, plan.note)
+        built = build_engine(plan.path, sparse=(role == "sparse"), fp16=plan.fp16, int8=plan.int8)
+        return TrtRunner(EngineFromBytes(built.engine), name=name)
+    raise OnnxSparseError(f"unknown backend {backend!r}", hint=f"one of {', '.join(BACKENDS)}")
+
+
+def run_models(
+    models: Sequence[tuple[str, str | os.PathLike[str]]],
+    *,
+    backend: str = "onnxrt",
+    data_loader: Any = None,
+    save_inputs: str | os.PathLike[str] | None = None,
+    fp16: bool = False,
+    providers: Sequence[str] | None = None,
+) -> Any:
+    """Run ``(role, model path)`` pairs on the same inputs with ``Comparator.run``.
+
+    Runner names are ``<backend>-<role>``. ``fp16`` applies to the ``trt`` backend (flag or
+    conversion, see :func:`onnx_sparse.handoff.trt.plan_precision`).
+
+    Returns:
+        Polygraphy ``RunResults``, one entry per model, in order.
+    """
+    from polygraphy.comparator import Comparator
+    from polygraphy.exception import PolygraphyException
+
+    paths = []
+    for role, p in models:
+        path = Path(p)
+        if not path.is_file():
+            raise OnnxSparseError(f"{path}: no such file", hint=f"check the {role} model path")
+        paths.append((role, path))
+    with tempfile.TemporaryDirectory(prefix="onnx-sparse-") as workdir:
+        runners = [_runner(role, path, backend, fp16, workdir, providers) for role, path in paths]
+        with capture_polygraphy_log(forward_level=logging.INFO, severity=_pg_info(), to=logger):
+            try:
+                return Comparator.run(
+                    runners,
+                    data_loader=data_loader,
+                    save_inputs_path=None if save_inputs is None else str(save_inputs),
+                )
+            except PolygraphyException as exc:
+                raise OnnxSparseError(
+                    f"inference failed: {_first_line(exc)}", hint="rerun with -v for Polygraphy's log"
+                ) from exc
+
+
+def _pg_info() -> int:
+    from polygraphy.logger import G_LOGGER
+
+    return G_LOGGER.INFO
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_run_results(path: str | os.PathLike[str]) -> Any:
+    """Polygraphy ``RunResults`` from a JSON file or a per-iteration folder (``--save-outputs``)."""
+    from polygraphy.comparator import RunResults
+    from polygraphy.exception import PolygraphyException
+
+    p = Path(path)
+    if not p.exists():
+        raise OnnxSparseError(f"{p}: no such file or folder", hint="check the --load-outputs path")
+    try:
+        with capture_polygraphy_log(forward_level=logging.WARNING, severity=_pg_info(), to=logger):
+            if hasattr(RunResults, "load_streaming"):
+                return RunResults.concat(RunResults.load_streaming(str(p), allow_dirs=True))
+            return RunResults.load(str(p))
+    except PolygraphyException as exc:
+        raise OnnxSparseError(
+            f"{p}: not Polygraphy RunResults: {_first_line(exc)}",
+            hint="save with `polygraphy run --save-outputs` or `onnx-sparse compare --save-outputs`",
+        ) from exc
+
+
+# --------------------------------------------------------------------------- comparing
+
+
+def _per_output(value: Any, name: str, default: Any = None) -> Any:
+    if isinstance(value, Mapping):
+        return value.get(name, value.get("", default))
+    return default if value is None else value
+
+
+def _array(x: Any) -> np.ndarray:
+    return np.asarray(x.load() if hasattr(x, "load") else x)
+
+
+def compare_results(
+    results: Any,
+    *,
+    reference: int = 0,
+    candidate: int = 1,
+    atol: float | Mapping[str, float] | None = None,
+    rtol: float | Mapping[str, float] | None = None,
+    check_error_stat: str | Mapping[str, str] | None = None,
+    min_cosine: float | Mapping[str, float] | None = None,
+) -> CompareReport:
+    """Compare two runs of a ``RunResults`` (by position): Polygraphy's check plus our figures.
+
+    Args:
+        results: Polygraphy ``RunResults``.
+        reference, candidate: positions of the dense and the sparse run.
+        atol, rtol, check_error_stat: Polygraphy's ``SimpleCompareFunc`` settings (value, or dict
+            of per-output values with ``""`` as the default key); Polygraphy's defaults when None.
+        min_cosine: lowest acceptable cosine similarity for float outputs (value or per output).
+    """
+    from polygraphy.comparator import Comparator, RunResults
+    from polygraphy.comparator.compare import SimpleCompareFunc
+    from polygraphy.exception import PolygraphyException
+
+    runs = list(results.items())
+    for idx in (reference, candidate):
+        if not 0 <= idx < len(runs):
+            raise OnnxSparseError(f"no run at position {idx}: the results hold {len(runs)}")
+    ref_name, ref_iters = runs[reference]
+    cand_name, cand_iters = runs[candidate]
+    if cand_name == ref_name:
+        cand_name = f"{cand_name} (2)"
+    n = min(len(ref_iters), len(cand_iters))
+    if len(ref_iters) != len(cand_iters):
+        logger.warning(
+            "%s has %d iterations and %s %d: comparing the first %d",
+            ref_name,
+            len(ref_iters),
+            cand_name,
+            len(cand_iters),
+            n,
+        )
+    if n == 0:
+        raise OnnxSparseError("nothing to compare: a run has no iterations", hint="check the data loader")
+    pair = RunResults()
+    pair.append((ref_name, list(ref_iters[:n])))
+    pair.append((cand_name, list(cand_iters[:n])))
+    func = SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat=check_error_stat)
+    with capture_polygraphy_log(forward_level=logging.INFO, severity=_pg_info(), to=logger) as lines:
+        try:
+            accuracy = Comparator.compare_accuracy(pair, comparisons=[(1, 0)], compare_func=func)
+        except PolygraphyException as exc:
+            raise OnnxSparseError(f"comparison failed: {_first_line(exc)}") from exc
+    matches = accuracy[0][(cand_name, ref_name)] if len(accuracy) else []
+
+    outputs = []
+    for name in ref_iters[0].keys():
+        refs = [_array(it[name]) for it in ref_iters[:n]]
+        missing = [i for i, it in enumerate(cand_iters[:n]) if name not in it]
+        reasons: list[str] = []
+        if missing:
+            cands: list[np.ndarray] = []
+            reasons.append(f"the sparse run has no output {name!r}")
+            figs = output_figures([], [])
+        else:
+            cands = [_array(it[name]) for it in cand_iters[:n]]
+            figs = output_figures(refs, cands)
+        verdicts = [m[name] for m in matches if name in m]
+        pg_passed = bool(verdicts) and all(bool(v) for v in verdicts) and not missing
+        if not missing and not verdicts:
+            reasons.append("Polygraphy did not compare this output")
+        elif not pg_passed and not missing:
+            stat = _per_output(check_error_stat, name, "elemwise")
+            reasons.append(
+                f"Polygraphy: difference exceeds atol={_per_output(atol, name, 1e-5)}, "
+                f"rtol={_per_output(rtol, name, 1e-5)} ({stat})"
+            )
+        if figs["shape_mismatch"]:
+            reasons.append(f"shapes differ: {refs[0].shape} vs {cands[0].shape if cands else '?'}")
+        if figs["kind"] == "exact" and figs["mismatches"]:
+            reasons.append(f"{figs['mismatches']} elements differ (integer/bool outputs must match exactly)")
+        threshold = _per_output(min_cosine, name)
+        if threshold is not None and figs["kind"] == "float" and figs["cosine"] is not None:
+            if not figs["cosine"] >= float(threshold):
+                reasons.append(f"cosine {figs['cosine']:.6f} < min-cosine {float(threshold)}")
+        outputs.append(
+            OutputFigures(
+                name=name,
+                dtype=str(refs[0].dtype),
+                shape=tuple(int(d) for d in refs[0].shape),
+                kind=figs["kind"],
+                cosine=figs["cosine"],
+                rel_l2=figs["rel_l2"],
+                max_abs=figs["max_abs"],
+                top1=figs["top1"],
+                mismatches=figs["mismatches"],
+                polygraphy_passed=pg_passed,
+                passed=not reasons,
+                reasons=tuple(reasons),
+            )
+        )
+    settings = {"atol": atol, "rtol": rtol, "check_error_stat": check_error_stat, "min_cosine": min_cosine}
+    return CompareReport(
+        dense=ref_name,
+        sparse=cand_name,
+        iterations=n,
+        outputs=tuple(outputs),
+        passed=all(o.passed for o in outputs),
+        settings={k: (dict(v) if isinstance(v, Mapping) else v) for k, v in settings.items()},
+        log="\n".join(line.text for line in lines),
+    )
+
+
+def compare_models(
+    dense: str | os.PathLike[str] | None,
+    sparse: str | os.PathLike[str] | None,
+    *,
+    backend: str = "onnxrt",
+    data: DataSpec | None = None,
+    atol: float | Mapping[str, float] | None = None,
+    rtol: float | Mapping[str, float] | None = None,
+    check_error_stat: str | Mapping[str, str] | None = None,
+    min_cosine: float | Mapping[str, float] | None = None,
+    load_outputs: Sequence[str | os.PathLike[str]] = (),
+    save_outputs: str | os.PathLike[str] | None = None,
+    save_inputs: str | os.PathLike[str] | None = None,
+    fp16: bool = False,
+    providers: Sequence[str] | None = None,
+) -> CompareReport:
+    """Run (or load) the dense and the sparse model's outputs and compare them.
+
+    The runs to compare are the ones in ``load_outputs`` (Polygraphy ``RunResults`` files, in
+    order) followed by the live runs of ``dense`` and ``sparse`` (either may be None); there must
+    be exactly two: the first is the reference (dense), the second the candidate (sparse). So
+    ``compare_models(None, "s.onnx", load_outputs=["d.json"])`` compares a live sparse run with
+    saved dense outputs (e.g. from ``polygraphy run d.onnx --onnxrt --save-outputs d.json``;
+    Polygraphy's default data loader is seeded, so the inputs agree unless changed).
+
+    Args:
+        dense, sparse: ONNX model paths to run live.
+        backend: "onnxrt" (CPU) or "trt" (TensorRT engines; sparse one with SPARSE_WEIGHTS).
+        data: input settings (default: Polygraphy's seeded DataLoader).
+        atol, rtol, check_error_stat, min_cosine: see :func:`compare_results`.
+        save_outputs: write both runs as Polygraphy RunResults JSON.
+        save_inputs: write the inputs used as Polygraphy JSON (``--load-inputs`` reads them).
+        fp16: TensorRT only: build fp16 engines (flag on TensorRT < 11, conversion on 11).
+        providers: ONNX-Runtime execution providers (default CPU).
+    """
+    from polygraphy.comparator import RunResults
+    from polygraphy.exception import PolygraphyException
+
+    if backend not in BACKENDS:
+        raise OnnxSparseError(f"unknown backend {backend!r}", hint=f"one of {', '.join(BACKENDS)}")
+    merged = RunResults()
+    for p in load_outputs:
+        for name, iters in load_run_results(p).items():
+            if name in merged:
+                name = f"{name} ({Path(p).name})"
+            merged.append((name, list(iters)))
+    live = [p for p in (dense, sparse) if p is not None]
+    total = len(merged) + len(live)
+    if total != 2:
+        raise OnnxSparseError(
+            f"need exactly two runs to compare, got {total} ({len(merged)} loaded, {len(live)} models)",
+            hint="pass DENSE and SPARSE models, or one model and --load-outputs with one saved run",
+        )
+    if live:
+        roles = _ROLES[len(merged) :]
+        loader = make_data_loader(data)
+        results = run_models(
+            list(zip(roles, live, strict=True)),
+            backend=backend,
+            data_loader=loader,
+            save_inputs=save_inputs,
+            fp16=fp16,
+            providers=providers,
+        )
+        for name, iters in results.items():
+            if name in merged:
+                name = f"{name} (live)"
+            merged.append((name, list(iters)))
+    elif data is not None and data != DataSpec():
+        logger.warning("input settings are ignored: both runs were loaded from files")
+    if save_outputs is not None:
+        with contextlib.suppress(FileNotFoundError):
+            if Path(save_outputs).is_dir():
+                raise OnnxSparseError(f"{save_outputs} is a folder", hint="--save-outputs takes a .json file path")
+        try:
+            with capture_polygraphy_log(forward_level=logging.WARNING, severity=_pg_info(), to=logger):
+                merged.save(str(save_outputs))
+        except (OSError, PolygraphyException) as exc:
+            raise OnnxSparseError(f"{save_outputs}: could not save the outputs ({exc})") from exc
+        logger.info("saved both runs to %s", save_outputs)
+    return compare_results(merged, atol=atol, rtol=rtol, check_error_stat=check_error_stat, min_cosine=min_cosine)

@@ -1,0 +1,314 @@
+"""``compare``: Polygraphy's accuracy check plus our figures, Polygraphy's data options and JSON formats."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_sparse.errors import OnnxSparseError
+from onnx_sparse.handoff.compare import DataSpec, compare_models, load_run_results, output_figures
+
+FLOAT, INT64 = TensorProto.FLOAT, TensorProto.INT64
+
+
+def make_model(
+    path: Path,
+    w_a: np.ndarray,
+    w_b: np.ndarray,
+    offset: int = 0,
+    batch: int | str = 4,
+) -> Path:
+    """x[batch,16] -> a = x @ w_a [.,10] (class-score-like), b = x @ w_b [.,8], cls = argmax(a) + offset."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w_a"], ["a"], name="fc_a"),
+        helper.make_node("MatMul", ["x", "w_b"], ["b"], name="fc_b"),
+        helper.make_node("ArgMax", ["a"], ["am"], name="argmax", axis=-1, keepdims=0),
+        helper.make_node("Add", ["am", "offset"], ["cls"], name="offset_add"),
+    ]
+    inits = [
+        numpy_helper.from_array(w_a, "w_a"),
+        numpy_helper.from_array(w_b, "w_b"),
+        numpy_helper.from_array(np.array(offset, dtype=np.int64), "offset"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", FLOAT, [batch, 16])],
+        [
+            helper.make_tensor_value_info("a", FLOAT, [batch, 10]),
+            helper.make_tensor_value_info("b", FLOAT, [batch, 8]),
+            helper.make_tensor_value_info("cls", INT64, [batch]),
+        ],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+    return path
+
+
+RNG = np.random.default_rng(0)
+W_A = RNG.standard_normal((16, 10)).astype(np.float32)
+W_B = RNG.standard_normal((16, 8)).astype(np.float32)
+NOISE_B = RNG.standard_normal((16, 8)).astype(np.float32)
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> dict[str, Path]:
+    return {
+        "dense": make_model(tmp_path / "dense.onnx", W_A, W_B),
+        "copy": make_model(tmp_path / "copy.onnx", W_A, W_B),
+        # b off by ~3% (cosine ~0.9995), a and cls unchanged
+        "perturbed": make_model(tmp_path / "perturbed.onnx", W_A, W_B + 0.03 * NOISE_B),
+        # same floats, integer output off by one
+        "int_off": make_model(tmp_path / "int_off.onnx", W_A, W_B, offset=1),
+        "dynamic": make_model(tmp_path / "dynamic.onnx", W_A, W_B, batch="N"),
+    }
+
+
+def polygraphy_cli() -> str:
+    exe = shutil.which("polygraphy") or str(Path(sys.executable).parent / "polygraphy")
+    if not Path(exe).exists():
+        pytest.skip("the polygraphy command is not installed")
+    return exe
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def test_output_figures_values() -> None:
+    ref = [np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]], np.float32)]
+    cand = [np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0]], np.float32)]
+    f = output_figures(ref, cand)
+    assert f["kind"] == "float"
+    assert f["cosine"] == pytest.approx(1 / 5)  # dot 1, norms sqrt(5) each
+    assert f["rel_l2"] == pytest.approx(np.sqrt(8 / 5))
+    assert f["max_abs"] == pytest.approx(2.0)
+    assert f["top1"] == pytest.approx(0.5)
+
+
+def test_output_figures_edge_cases() -> None:
+    zeros = [np.zeros((2, 3), np.float32)]
+    f = output_figures(zeros, zeros)
+    assert f["cosine"] == 1.0 and f["rel_l2"] == 0.0 and f["max_abs"] == 0.0
+    assert output_figures(zeros, [np.ones((2, 3), np.float32)])["cosine"] == 0.0
+    assert output_figures([np.ones(5, np.float32)], [np.ones(5, np.float32)])["top1"] == 1.0
+    assert output_figures([np.ones((5, 1), np.float32)], [np.ones((5, 1), np.float32)])["top1"] is None
+    ints = output_figures([np.array([1, 2, 3])], [np.array([1, 2, 4])])
+    assert ints["kind"] == "exact" and ints["mismatches"] == 1 and ints["cosine"] is None
+    assert output_figures([np.array([True, False])], [np.array([True, True])])["mismatches"] == 1
+    assert output_figures([np.ones(3)], [np.ones(4)])["shape_mismatch"]
+    # Worst iteration counts.
+    two = output_figures([np.ones(4), np.ones(4)], [np.ones(4), -np.ones(4)])
+    assert two["cosine"] == -1.0 and two["rel_l2"] == 2.0
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+def test_identical_models_pass(models) -> None:
+    report = compare_models(models["dense"], models["copy"])
+    assert report.passed and report.iterations == 1
+    assert [o.name for o in report.outputs] == ["a", "b", "cls"]
+    a = report.output("a")
+    assert a.cosine == pytest.approx(1.0) and a.rel_l2 == 0.0 and a.max_abs == 0.0 and a.top1 == 1.0
+    assert a.polygraphy_passed and a.kind == "float" and a.shape == (4, 10)
+    cls = report.output("cls")
+    assert cls.kind == "exact" and cls.mismatches == 0 and cls.passed
+    assert "Accuracy Summary" in report.log
+    assert report.dense == "onnxrt-dense" and report.sparse == "onnxrt-sparse"
+
+
+def test_perturbed_copy_fails_min_cosine(models, run_cli) -> None:
+    rc, out = run_cli(["compare", models["dense"], models["perturbed"], "--min-cosine", "0.9999",
+                       "--atol", "10", "--rtol", "10"])  # fmt: skip
+    assert rc == 1
+    assert "cosine" in out and "< min-cosine 0.9999" in out
+    rc, _ = run_cli(["compare", models["dense"], models["perturbed"], "--min-cosine", "0.99",
+                     "--atol", "10", "--rtol", "10"])  # fmt: skip
+    assert rc == 0
+    report = compare_models(models["dense"], models["perturbed"], atol=10, rtol=10, min_cosine=0.9999)
+    b = report.output("b")
+    assert 0.99 < b.cosine < 0.9999 and b.polygraphy_passed and not b.passed
+    assert report.output("a").passed and not report.passed
+
+
+def test_per_output_tolerances(models, run_cli) -> None:
+    report = compare_models(models["dense"], models["perturbed"])
+    assert [o.name for o in report.outputs if not o.passed] == ["b"]
+    assert not report.output("b").polygraphy_passed
+    # Per-output Polygraphy syntax: "" (no name) is the default for the other outputs.
+    report = compare_models(models["dense"], models["perturbed"], atol={"": 1e-5, "b": 1.0}, rtol={"b": 1.0})
+    assert report.passed
+    rc, _ = run_cli(["compare", models["dense"], models["perturbed"], "--atol", "1e-5", "b:1.0",
+                     "--rtol", "b:1.0", "--check-error-stat", "b:max"])  # fmt: skip
+    assert rc == 0
+    # Per-output min-cosine: only b is held to it.
+    report = compare_models(models["dense"], models["perturbed"], atol=10, rtol=10, min_cosine={"a": 0.9999})
+    assert report.passed
+    report = compare_models(models["dense"], models["perturbed"], atol=10, rtol=10, min_cosine={"b": 0.9999})
+    assert not report.passed
+
+
+def test_check_error_stat_mean(models) -> None:
+    report = compare_models(models["dense"], models["perturbed"], atol=0.2, rtol=10, check_error_stat="mean")
+    assert report.output("b").polygraphy_passed
+
+
+def test_integer_outputs_compare_exactly(models) -> None:
+    report = compare_models(models["dense"], models["int_off"], atol=100, rtol=100)
+    cls = report.output("cls")
+    assert cls.polygraphy_passed  # within Polygraphy's tolerance...
+    assert not cls.passed and cls.mismatches == 4  # ...but integers must match exactly
+    assert "must match exactly" in cls.reasons[0]
+    assert report.output("a").passed and not report.passed
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def test_iterations_seed_and_val_range(models) -> None:
+    report = compare_models(models["dense"], models["copy"], data=DataSpec(iterations=3, seed=7, val_range=(-1, 1)))
+    assert report.iterations == 3 and report.passed
+
+
+def test_input_shapes_for_dynamic_dims(models, run_cli) -> None:
+    report = compare_models(models["dynamic"], models["dynamic"], data=DataSpec(input_shapes={"x": (3, 16)}))
+    assert report.output("a").shape == (3, 10)
+    rc, out = run_cli(["compare", models["dynamic"], models["dynamic"], "--input-shapes", "x:[5,16]"])
+    assert rc == 0 and "5x10" in out
+
+
+def test_save_and_load_inputs(models, tmp_path, run_cli) -> None:
+    inputs = tmp_path / "inputs.json"
+    rc, _ = run_cli(["compare", models["dense"], models["copy"], "--val-range", "[2,3]", "--save-inputs", inputs])
+    assert rc == 0 and inputs.is_file()
+    report = compare_models(models["dense"], models["copy"], data=DataSpec(load_inputs=(str(inputs),)))
+    assert report.passed
+    from polygraphy.json import load_json
+
+    feeds = load_json(str(inputs))
+    assert feeds[0]["x"].min() >= 2.0
+
+
+def test_data_loader_script(models, tmp_path) -> None:
+    script = tmp_path / "loader.py"
+    script.write_text(
+        "import numpy as np\n"
+        "def my_data():\n"
+        "    for i in range(2):\n"
+        "        yield {'x': np.full((4, 16), i + 1, dtype=np.float32)}\n"
+    )
+    report = compare_models(models["dense"], models["copy"], data=DataSpec(data_loader_script=f"{script}:my_data"))
+    assert report.passed and report.iterations == 2
+    (tmp_path / "default.py").write_text(
+        "import numpy as np\ndef load_data():\n    return [{'x': np.ones((4, 16), np.float32)}]\n"
+    )
+    report = compare_models(
+        models["dense"], models["copy"], data=DataSpec(data_loader_script=str(tmp_path / "default.py"))
+    )
+    assert report.iterations == 1
+
+
+# --------------------------------------------------------------------------- JSON, both directions
+
+
+def test_load_polygraphy_run_outputs(models, tmp_path) -> None:
+    saved = tmp_path / "polygraphy_dense.json"
+    proc = subprocess.run(
+        [polygraphy_cli(), "run", str(models["dense"]), "--onnxrt", "--save-outputs", str(saved)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # polygraphy's default inputs are seeded: ours are the same, so the live copy matches exactly.
+    report = compare_models(None, models["copy"], load_outputs=[saved])
+    assert report.passed and report.dense.startswith("onnxrt-runner")
+    assert report.output("a").max_abs == 0.0
+    report = compare_models(None, models["perturbed"], load_outputs=[saved], atol=10, rtol=10, min_cosine=0.9999)
+    assert not report.output("b").passed
+
+
+def test_polygraphy_run_loads_our_outputs(models, tmp_path) -> None:
+    ours = tmp_path / "ours.json"
+    report = compare_models(models["dense"], models["copy"], save_outputs=ours)
+    assert report.passed and ours.is_file()
+    proc = subprocess.run(
+        [polygraphy_cli(), "run", str(models["dense"]), "--onnxrt", "--load-outputs", str(ours)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "onnxrt-dense" in proc.stdout and "onnxrt-sparse" in proc.stdout
+
+    bad = tmp_path / "bad.json"
+    compare_models(models["dense"], models["perturbed"], save_outputs=bad)
+    proc = subprocess.run(
+        [polygraphy_cli(), "run", str(models["dense"]), "--onnxrt", "--load-outputs", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0  # dense vs sparse differ by default tolerances, in Polygraphy's eyes too
+
+
+def test_our_outputs_round_trip(models, tmp_path, run_cli) -> None:
+    saved = tmp_path / "runs.json"
+    live = compare_models(models["dense"], models["perturbed"], save_outputs=saved, atol=10, rtol=10)
+    results = load_run_results(saved)
+    assert list(results.keys()) == ["onnxrt-dense", "onnxrt-sparse"]
+    again = compare_models(None, None, load_outputs=[saved], atol=10, rtol=10)
+    assert again.outputs == live.outputs
+    rc, out = run_cli(["compare", "--load-outputs", saved, "--min-cosine", "0.9999", "--atol", "10", "--rtol", "10"])
+    assert rc == 1 and "min-cosine" in out
+    report_path = tmp_path / "report.json"
+    rc, _ = run_cli(["compare", "--load-outputs", saved, "--atol", "10", "--rtol", "10", "--report", report_path])
+    assert rc == 0
+    data = json.loads(report_path.read_text())
+    assert data["passed"] and [o["name"] for o in data["outputs"]] == ["a", "b", "cls"]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_needs_exactly_two_runs(models, tmp_path, run_cli) -> None:
+    with pytest.raises(OnnxSparseError, match="exactly two runs"):
+        compare_models(models["dense"], None)
+    rc, out = run_cli(["compare", models["dense"]])
+    assert rc == 2 and "exactly two runs" in out
+    rc, out = run_cli(["compare", tmp_path / "missing.onnx", models["dense"]])
+    assert rc == 2 and "no such file" in out
+
+
+def test_bad_options_are_user_errors(models, run_cli) -> None:
+    from conftest import error_lines
+
+    for argv, text in (
+        (["--check-error-stat", "worst"], "check-error-stat"),
+        (["--atol", "x:abc"], "not a number"),
+        (["--val-range", "[1]"], "--val-range"),
+        (["--fp16"], "--fp16 applies to TensorRT"),
+    ):
+        rc, out = run_cli(["compare", models["dense"], models["copy"], *argv])
+        assert rc == 2, argv
+        assert len(error_lines(out)) == 1 and text in error_lines(out)[0]
+
+
+def test_trt_backend_without_tensorrt(models, run_cli) -> None:
+    from onnx_sparse.handoff.trt import trt_version
+
+    if trt_version() is not None:
+        pytest.skip("TensorRT is installed here")
+    rc, out = run_cli(["compare", models["dense"], models["copy"], "--trt"])
+    assert rc == 2 and "TensorRT is not installed" in out

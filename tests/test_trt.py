@@ -1,0 +1,139 @@
+"""TensorRT glue: version rules and log capture everywhere; engine builds only where TensorRT is installed."""
+
+from __future__ import annotations
+
+import builtins
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_sparse.core.nm import prune_2_4
+from onnx_sparse.errors import OnnxSparseError
+from onnx_sparse.handoff import trt
+
+TRT_REASON = "TensorRT is not installed (it needs an NVIDIA GPU); engine builds cannot be tested here"
+
+
+def test_modules_import_without_tensorrt() -> None:
+    import onnx_sparse.cli.build  # noqa: F401
+    import onnx_sparse.cli.compare  # noqa: F401
+    import onnx_sparse.handoff.compare  # noqa: F401
+    import onnx_sparse.handoff.verdict  # noqa: F401
+
+
+@pytest.mark.parametrize(
+    ("version", "flags"),
+    [("8.6.1.6", True), ("10.0.1", True), ("10.12.0.36", True), ("10.13.3.9.post1", True), ("11.0.0.1", False),
+     ("11", False), ("12.1.0", False)],
+)  # fmt: skip
+def test_precision_flags_until_11(version: str, flags: bool) -> None:
+    assert trt.has_precision_flags(version) is flags
+
+
+def test_trt_version_none_when_not_importable(monkeypatch) -> None:
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "tensorrt":
+            raise ImportError("no tensorrt")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    assert trt.trt_version() is None
+    with pytest.raises(OnnxSparseError, match="TensorRT is not installed"):
+        trt.require_trt()
+    with pytest.raises(OnnxSparseError, match="TensorRT is not installed"):
+        trt.build_engine("model.onnx")
+
+
+def test_capture_polygraphy_log_collects_and_forwards(caplog) -> None:
+    from polygraphy.logger import G_LOGGER
+
+    before = (G_LOGGER.module_severity.get(), G_LOGGER.use_python_logging_system)
+    with caplog.at_level(logging.DEBUG, logger="onnx_sparse"):
+        with trt.capture_polygraphy_log(forward_level=logging.INFO) as lines:
+            G_LOGGER.info("an info line")
+            G_LOGGER.verbose("(Sparsity) Layers eligible for sparse math: conv1")
+            G_LOGGER.extra_verbose("an extra verbose line")
+    assert [line.text for line in lines] == [
+        "[I] an info line",
+        "[V] (Sparsity) Layers eligible for sparse math: conv1",
+        "[X] an extra verbose line",
+    ]
+    assert lines[1].message == "(Sparsity) Layers eligible for sparse math: conv1"
+    assert "an info line" in caplog.text and "extra verbose" not in caplog.text
+    assert (G_LOGGER.module_severity.get(), G_LOGGER.use_python_logging_system) == before
+
+
+def test_build_command_without_tensorrt(run_cli, tmp_path) -> None:
+    from conftest import error_lines
+
+    if trt.trt_version() is not None:
+        pytest.skip("TensorRT is installed here")
+    rc, out = run_cli(["build", tmp_path / "any.onnx", "--dense-too"])
+    assert rc == 2
+    (line,) = error_lines(out)
+    assert line.startswith("[E] TensorRT is not installed") and "pip install tensorrt" in line
+
+
+# --------------------------------------------------------------------------- with TensorRT
+
+
+def sparse_mlp(path: Path, dim: int = 512, tokens: int = 256, fp16: bool = False) -> Path:
+    """x[tokens, dim] -> MatMul -> Relu -> MatMul, 2:4 weights (large enough for sparse kernels)."""
+    rng = np.random.default_rng(0)
+    dtype, onnx_type = (np.float16, TensorProto.FLOAT16) if fp16 else (np.float32, TensorProto.FLOAT)
+    w1 = prune_2_4(rng.standard_normal((dim, dim)).astype(np.float32) / np.sqrt(dim), axis=0).astype(dtype)
+    w2 = prune_2_4(rng.standard_normal((dim, dim)).astype(np.float32) / np.sqrt(dim), axis=0).astype(dtype)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", onnx_type, [tokens, dim])],
+        [helper.make_tensor_value_info("y", onnx_type, [tokens, dim])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture
+def tensorrt():
+    return pytest.importorskip("tensorrt", reason=TRT_REASON)
+
+
+def test_build_sparse_engine_and_parse_its_log(tensorrt, tmp_path) -> None:
+    from onnx_sparse.handoff.trtlog import parse_trt_log
+
+    version = trt.require_trt()
+    fp16_model = not trt.has_precision_flags(version)
+    model = sparse_mlp(tmp_path / "mlp.onnx", fp16=fp16_model)
+    built = trt.build_engine(model, sparse=True, fp16=not fp16_model, save_path=tmp_path / "mlp.engine")
+    assert built.engine == tmp_path / "mlp.engine" and built.engine.stat().st_size > 0
+    log = parse_trt_log(built.log)
+    assert log.found, "no (Sparsity) lines in the captured builder log"
+    assert trt.time_engine(built.engine, iterations=5, warmup=2) > 0
+
+
+def test_precision_flags_refused_on_trt11(tensorrt, tmp_path) -> None:
+    if trt.has_precision_flags(trt.require_trt()):
+        pytest.skip("this TensorRT still has precision flags")
+    with pytest.raises(OnnxSparseError, match="no FP16/INT8 builder flags"):
+        trt.build_engine(sparse_mlp(tmp_path / "m.onnx"), fp16=True)
+
+
+def test_build_command_end_to_end(tensorrt, tmp_path, run_cli) -> None:
+    model = sparse_mlp(tmp_path / "mlp.onnx")
+    rc, out = run_cli(["build", model, "--dense-too", "--fp16", "--iterations", "5", "--report", tmp_path / "r.json"])
+    assert rc == 0, out
+    assert "sparse engine: median" in out and "dense engine:" in out and "TRT eligible" in out
