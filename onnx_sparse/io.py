@@ -351,6 +351,12 @@ def save_model(
     if external is None:
         external = _uses_external(mf.model) or mf.model.ByteSize() > _PROTOBUF_LIMIT - (64 << 20)
     data_name = out.name + ".data"
+    if external and _reads_from(mf, folder / data_name) and not (mf.path and Path(mf.path).resolve() == out.resolve()):
+        # Replacing it would leave the input model pointing at the output's data.
+        raise OnnxSparseError(
+            f"{out}: its data file {folder / data_name} is the input model's external data file",
+            hint="write the output under another name or into another folder",
+        )
     tmp = Path(tempfile.mkdtemp(prefix=".onnx-sparse-", dir=folder))
     try:
         if external:
@@ -378,6 +384,19 @@ def save_model(
         shutil.rmtree(tmp, ignore_errors=True)
     logger.debug("wrote %s%s", out, f" (+ {data_name})" if external else "")
     return out
+
+
+def _reads_from(mf: ModelFile, file: Path) -> bool:
+    """Whether any external tensor of ``mf`` is stored in ``file``."""
+    if mf.base_dir is None:
+        return False
+    target = file.resolve()
+    for t in iter_tensors(mf.model):
+        if t.data_location == TensorProto.EXTERNAL:
+            location = next((e.value for e in t.external_data if e.key == "location"), None)
+            if location is not None and (mf.base_dir / location).resolve() == target:
+                return True
+    return False
 
 
 def verify_model(path: str | os.PathLike[str], reference: str | os.PathLike[str] | None = None) -> None:
