@@ -316,3 +316,20 @@ def test_finalize_inline_drops_external_markers(tmp_path: Path) -> None:
     assert all(len(t.external_data) == 0 for t in io.iter_tensors(mf.model))
     shutil.rmtree(tmp_path)
     onnx.checker.check_model(mf.model, full_check=True)
+
+
+def test_save_refuses_to_replace_the_inputs_data_file(tmp_path: Path) -> None:
+    src = tmp_path / "m.onnx"
+    _save_external(case_path("conv_bn_folded.onnx"), src, location="out.onnx.data")
+    digests = {p.name: sha256(p) for p in tmp_path.iterdir()}
+    mf = io.load_model(src)
+    with pytest.raises(OnnxSparseError, match="input model's external data file"):
+        io.save_model(mf, tmp_path / "out.onnx")
+    assert {p.name: sha256(p) for p in tmp_path.iterdir()} == digests
+    # Saving over the input itself (in place) may replace its data file.
+    io.save_model(io.load_model(src), tmp_path / "other.onnx")  # no collision: fine
+    mf = io.load_model(tmp_path / "other.onnx")
+    io.save_model(mf, tmp_path / "other.onnx")
+    ref = onnx.load(case_path("conv_bn_folded.onnx"))
+    for a, b in zip(onnx.load(tmp_path / "other.onnx").graph.initializer, ref.graph.initializer, strict=True):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))

@@ -362,6 +362,30 @@ def test_in_place(run_cli, tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
 
 
+def test_in_place_with_external_data(run_cli, tmp_path: Path) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save(
+        onnx.load(case_path("mlp.onnx")), src, save_as_external_data=True, location="m.onnx.data", size_threshold=0
+    )
+    rc, text = run_cli(["prune", src, "--in-place"])
+    assert rc == 0, text
+    assert run_cli(["check", src])[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    want = nm.prune_2_4(stored_weight(onnx.load(case_path("mlp.onnx")), "fc0.weight"), 0)
+    np.testing.assert_array_equal(stored_weight(onnx.load(src), "fc0.weight"), want)
+
+
+def test_output_never_replaces_the_inputs_data_file(run_cli, tmp_path: Path) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save(
+        onnx.load(case_path("mlp.onnx")), src, save_as_external_data=True, location="out.onnx.data", size_threshold=0
+    )
+    digests = {p.name: sha256(p) for p in tmp_path.iterdir()}
+    rc, text = run_cli(["prune", src, "-o", tmp_path / "out.onnx"])
+    assert rc == 2 and len(error_lines(text)) == 1 and "external data" in text
+    assert {p.name: sha256(p) for p in tmp_path.iterdir()} == digests
+
+
 def test_no_output_left_behind_on_error(run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(path, reference=None):
         raise OnnxSparseError("onnxruntime cannot open the output: injected")
