@@ -54,6 +54,8 @@ class _AnnotateFromRecords(Pass):
     def call(self, mf: ModelFile) -> PassResult:
         extra: dict[str, dict[str, str]] = {}
         for r in self.records:
+            if not r.groups_changed:
+                continue  # already 2:4: keep what an earlier run wrote (its retained magnitude is not 1.0)
             for node in r.nodes:
                 extra[node] = {"pruned": r.method, "retained_magnitude": f"{r.retained_magnitude:.6f}"}
         return AnnotatePass(extra)(mf)
