@@ -338,6 +338,15 @@ def test_annotate(run_cli, tmp_path: Path) -> None:
     assert rc == 0 and layers["fc0"]["annotations"]["pruned"] == "magnitude"
 
 
+def test_annotate_is_idempotent(run_cli, tmp_path: Path) -> None:
+    first, second = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    _prune(run_cli, case_path("mlp.onnx"), first, "--annotate")
+    _prune(run_cli, first, second, "--annotate")
+    assert second.read_bytes() == first.read_bytes()  # the first run's retained magnitude is kept
+    props = {p.key: p.value for p in onnx.load(second).metadata_props}
+    assert float(props["onnx_sparse.node.fc0.retained_magnitude"]) < 1.0
+
+
 # --------------------------------------------------------------------------- files
 
 
