@@ -239,3 +239,16 @@ def test_fp16_pass_reads_external_data(tmp_path, feed) -> None:
     np.testing.assert_allclose(run(out, feed)[0], run(model, feed)[0], rtol=2e-2, atol=2e-2)
     again = Fp16Pass()(out)
     assert not again.modified
+
+
+def test_prune_then_fp16_on_external_data(tmp_path) -> None:
+    # PrunePass keeps new values of external tensors pending; Fp16Pass must convert those.
+    from onnx_sparse.io import load_model
+    from onnx_sparse.passes.base import Sequential
+    from onnx_sparse.passes.prune import PrunePass
+
+    onnx.save(conv_matmul_model(), tmp_path / "m.onnx", save_as_external_data=True, size_threshold=0)
+    result = Sequential([PrunePass(), Fp16Pass()])(load_model(tmp_path / "m.onnx"))
+    out = result.model.model
+    assert is_2_4(init(out, "conv.weight"), 1) and is_2_4(init(out, "fc.weight"), 0)
+    assert init(out, "conv.weight").dtype == np.float16

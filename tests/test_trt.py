@@ -137,3 +137,42 @@ def test_build_command_end_to_end(tensorrt, tmp_path, run_cli) -> None:
     rc, out = run_cli(["build", model, "--dense-too", "--fp16", "--iterations", "5", "--report", tmp_path / "r.json"])
     assert rc == 0, out
     assert "sparse engine: median" in out and "dense engine:" in out and "TRT eligible" in out
+
+
+# --------------------------------------------------------------------------- tools/gpu_check.py
+
+
+def test_gpu_check_without_cuda_says_so(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA device is present: run tools/run_gpu_check.sh instead")
+    except ImportError:
+        pass
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, str(repo / "tools" / "gpu_check.py"), "--no-trt"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "no CUDA device" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_gpu_check_layers_and_synthetic_model(tmp_path) -> None:
+    from tools import gpu_check
+
+    layers = gpu_check.layers_from_model(Path(__file__).resolve().parent.parent / "models" / "mlp.onnx")
+    assert layers and all(layer.weight.shape == (layer.out_features, layer.in_features) for layer in layers)
+    path = gpu_check.synthetic_trt_model(tmp_path / "chain.onnx")
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    from onnx_sparse.graph.locate import find_weight_sites
+
+    sites = find_weight_sites(model)
+    assert len(sites) == len(gpu_check.TRT_CHAIN) - 1 and all(s.eligible for s in sites)

@@ -40,7 +40,7 @@ import onnx
 from onnx import TensorProto
 
 from onnx_sparse.errors import OnnxSparseError
-from onnx_sparse.io import ModelFile, finalize_inline, iter_tensors, read_tensor, write_tensor
+from onnx_sparse.io import ModelFile, finalize_inline, iter_tensors, write_tensor
 from onnx_sparse.passes.base import Pass, PassResult
 
 __all__ = ["FP16_QDQ_MIN_OPSET", "QDQ_OPS", "to_fp16", "is_fp16", "has_qdq", "default_opset", "Fp16Pass"]
@@ -198,7 +198,8 @@ def to_fp16(model: onnx.ModelProto, keep_io_types: bool = True) -> onnx.ModelPro
 
 
 class Fp16Pass(Pass):
-    """Functional pass around :func:`to_fp16`; reads external data into the (new) model first.
+    """Functional pass around :func:`to_fp16`; reads external data (and values pending from
+    earlier passes) into the (new) model first.
 
     The result holds every tensor inline, so it must stay under 2 GB once converted.
     """
@@ -211,8 +212,9 @@ class Fp16Pass(Pass):
     def call(self, mf: ModelFile) -> PassResult:
         model = mf.model
         for t in iter_tensors(model):
-            if t.data_location == TensorProto.EXTERNAL:
-                write_tensor(t, np.array(read_tensor(t, mf.base_dir, mmap=False)))
+            if t.data_location == TensorProto.EXTERNAL or id(t) in mf.pending:
+                write_tensor(t, np.array(mf.read(t, mmap=False)))  # current value, pending or stored
+        mf.pending.clear()
         finalize_inline(model)
         if is_fp16(model):
             logger.info("model already holds fp16 tensors: not converted again")
