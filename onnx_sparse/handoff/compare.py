@@ -415,6 +415,9 @@ def compare_results(
             raise OnnxSparseError(f"comparison failed: {_first_line(exc)}") from exc
     matches = accuracy[0][(cand_name, ref_name)] if len(accuracy) else []
 
+    extra = [name for name in cand_iters[0].keys() if name not in ref_iters[0]]
+    if extra:
+        logger.warning("%s has outputs the dense run lacks, not compared: %s", cand_name, ", ".join(extra))
     outputs = []
     for name in ref_iters[0].keys():
         refs = [_array(it[name]) for it in ref_iters[:n]]

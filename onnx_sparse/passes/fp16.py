@@ -24,7 +24,9 @@ quantized). :func:`to_fp16` is the same conversion Polygraphy's ``ConvertToFp16`
   which would collide) and unnamed again afterwards.
 * the converter's warnings go to this module's logger.
 
-Opsets, IR version, metadata, model-local functions and node metadata are kept. Graph inputs
+Opsets, IR version, metadata, model-local functions and node metadata are kept (function bodies
+as they are: the converter does not enter them, so a body holding float32 constants would not fit
+fp16 inputs). Graph inputs
 and outputs keep their types with ``keep_io_types=True`` (Casts are inserted after inputs and
 before outputs) and become fp16 with ``keep_io_types=False``.
 """
