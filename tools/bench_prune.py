@@ -66,30 +66,37 @@ def _files(directory: Path) -> dict[str, int]:
 
 
 def _compare_weights(a: Path, b: Path) -> dict:
-    """Per initializer of ``a``: is ``b``'s the same array? (both loaded with their external data)."""
+    """Per initializer of ``a``: is ``b``'s the same array? (both loaded with their external data).
+
+    For arrays that differ: how many elements, and whether they keep the same multiset of
+    magnitudes, which is what a different tie-break between equal magnitudes, and nothing
+    else, gives.
+    """
     import numpy as np
     import onnx
     from onnx import numpy_helper
 
     left = {t.name: t for t in onnx.load(str(a)).graph.initializer}
     right = {t.name: t for t in onnx.load(str(b)).graph.initializer}
-    identical, differing, zero_mask_equal = [], [], []
+    identical: list[str] = []
+    differing: dict[str, dict] = {}
     for name, tensor in left.items():
         if name not in right:
-            differing.append(f"{name} (missing in {b.name})")
+            differing[name] = {"missing_in": b.name}
             continue
         x, y = numpy_helper.to_array(tensor), numpy_helper.to_array(right[name])
-        if x.shape == y.shape and np.array_equal(x, y):
+        if x.shape != y.shape:
+            differing[name] = {"shapes": [list(x.shape), list(y.shape)]}
+        elif np.array_equal(x, y):
             identical.append(name)
         else:
-            differing.append(name)
-            if x.shape == y.shape:
-                zero_mask_equal.append(bool(np.array_equal(x == 0, y == 0)))
-    return {
-        "identical": len(identical),
-        "differing": differing,
-        "differing_with_equal_zero_mask": sum(zero_mask_equal),
-    }
+            differing[name] = {
+                "elements": int(np.count_nonzero(x != y)),
+                "same_kept_magnitudes": bool(
+                    np.array_equal(np.sort(np.abs(x), axis=None), np.sort(np.abs(y), axis=None))
+                ),
+            }
+    return {"identical": identical, "differing": differing}
 
 
 def _profile(model: Path, workdir: Path, top: int) -> str:
@@ -270,9 +277,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if "ours_vs_anchor_weights" in validation:
         cmp = validation["ours_vs_anchor_weights"]
+        detail = ", ".join(
+            f"{name}: {d.get('elements', '?')} elements"
+            + (" (tie-break only)" if d.get("same_kept_magnitudes") else "")
+            for name, d in cmp["differing"].items()
+        )
         print(
-            f"weights ours vs anchor: {cmp['identical']} identical, {len(cmp['differing'])} differ "
-            f"({cmp['differing_with_equal_zero_mask']} of those with equal zero masks)"
+            f"weights ours vs anchor: {len(cmp['identical'])} identical, {len(cmp['differing'])} differ"
+            + (f" [{detail}]" if detail else "")
         )
     print(f"load average: start {load_start}, end {load_end}; took {time.time() - started:.0f}s")
     if profile:
