@@ -81,7 +81,7 @@ def output_figures(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarr
     Returns:
         ``kind`` ("float" or "exact"), ``cosine`` (lowest over iterations), ``rel_l2``
         (highest), ``max_abs`` (highest), ``top1`` (share of positions whose argmax over the
-        last axis agrees, pooled; None unless float with last dim > 1), ``mismatches``
+        last axis agrees, pooled; None unless float, rank 1-3, last dim > 1), ``mismatches``
         (differing elements, exact kind only) and ``shape_mismatch``.
     """
     out: dict[str, Any] = dict(kind="float", cosine=None, rel_l2=None, max_abs=None, top1=None, mismatches=None)
@@ -117,7 +117,8 @@ def output_figures(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarr
         rels.append(err / ref_norm if ref_norm else (0.0 if err == 0.0 else float("inf")))
         maxes.append(float(np.max(np.abs(diff), initial=0.0)))
         shape = np.shape(r)
-        if len(shape) >= 1 and shape[-1] > 1:
+        # Class scores: [N, classes] or [N, T, classes]; feature maps (rank 4+) are not.
+        if 1 <= len(shape) <= 3 and shape[-1] > 1:
             ra = np.argmax(np.asarray(r), axis=-1)
             ca = np.argmax(np.asarray(c), axis=-1)
             agree += int(np.count_nonzero(ra == ca))
