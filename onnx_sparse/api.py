@@ -74,14 +74,48 @@ def run_pipeline(pipeline: Sequential, mf: ModelFile) -> PassResult:
     return PassResult(mf, modified, records)
 
 
-def prune(model: onnx.ModelProto | str | os.PathLike[str] | Any, **options: Any) -> Any:
+_CALIBRATION_OPTIONS = ("bias_correction", "damp", "blocksize", "max_rows", "seed", "target_cosine")
+_SELECTION_OPTIONS = ("include", "exclude", "ops", "min_channels")
+
+
+def _calibrated(options: dict[str, Any], method: str | None, calibration: Any) -> dict[str, Any]:
+    """Turn the calibration options of :func:`prune` into a ``prune_pass``."""
+    calib = {k: options.pop(k) for k in _CALIBRATION_OPTIONS if k in options}
+    if method is None and calibration is None and not calib:
+        return options
+    if options.get("prune_pass") is not None:
+        raise OnnxSparseError("pass either prune_pass or the calibration options (method, calibration, ...)")
+    from onnx_sparse.passes.calibrated import make_prune_pass
+
+    selection = {k: options[k] for k in _SELECTION_OPTIONS if k in options}
+    options["prune_pass"] = make_prune_pass(method, calibration, **calib, **selection)
+    return options
+
+
+def prune(
+    model: onnx.ModelProto | str | os.PathLike[str] | Any,
+    *,
+    method: str | None = None,
+    calibration: Any = None,
+    **options: Any,
+) -> Any:
     """Prune every eligible weight of ``model`` to 2:4 and return a new ModelProto.
 
     ``model`` may be a ModelProto, an onnx-graphsurgeon Graph (a Graph is returned then), or
     a path (external data is then loaded into memory; for large models use
-    :func:`prune_file`). Options are those of :func:`build_prune_passes`. The input is not
-    modified.
+    :func:`prune_file`). Options are those of :func:`build_prune_passes`, plus calibrated
+    pruning:
+
+    * ``method``: ``magnitude``, ``wanda``, ``sparsegpt`` or ``asym`` (default ``sparsegpt``
+      when ``calibration`` is given, else ``magnitude``);
+    * ``calibration``: a list of feeds ``{input name: numpy array}``;
+    * ``bias_correction``, ``damp``, ``blocksize``, ``max_rows``, ``seed``, ``target_cosine``:
+      see :class:`onnx_sparse.passes.calibrated.CalibratedPrunePass` and
+      :class:`onnx_sparse.passes.sensitivity.SensitivityPrunePass`.
+
+    The input is not modified.
     """
+    options = _calibrated(options, method, calibration)
     if _is_gs_graph(model):
         import onnx_graphsurgeon as gs
 
@@ -112,9 +146,15 @@ def prune_file(
     *,
     in_place: bool = False,
     verify: bool = True,
+    method: str | None = None,
+    calibration: Any = None,
     **options: Any,
 ) -> PassResult:
-    """Prune ``src`` into ``dst`` (atomic, verified). Refuses to overwrite ``src`` unless ``in_place``."""
+    """Prune ``src`` into ``dst`` (atomic, verified). Refuses to overwrite ``src`` unless ``in_place``.
+
+    Options are those of :func:`prune`.
+    """
+    options = _calibrated(options, method, calibration)
     if Path(src).resolve() == Path(dst).resolve() and not in_place:
         raise OnnxSparseError(f"{dst}: refusing to overwrite the input model", hint="pass --in-place to allow it")
     mf = load_model(src)

@@ -1,17 +1,24 @@
-"""``onnx-sparse prune MODEL -o OUT``: prune every eligible layer to 2:4, atomically and verified."""
+"""``onnx-sparse prune MODEL -o OUT``: prune every eligible layer to 2:4, atomically and verified.
+
+Calibrated pruning (``--method wanda|sparsegpt|asym``, ``--bias-correction``, ``--sensitivity``,
+``--target-cosine``) takes its data the Polygraphy way: ``--load-inputs`` (Polygraphy JSON),
+``--data-loader-script SCRIPT[:FUNC]``, or, last resort, seeded random data (``--seed``,
+``--iterations``, ``--input-shapes``) with a loud warning.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 from onnx_sparse.api import prune_file
 from onnx_sparse.cli.base import Tool
 from onnx_sparse.cli.common import add_model_arg, add_selection_args, selection_kwargs
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.passes.prune import totals
-from onnx_sparse.report import format_table, write_json
+from onnx_sparse.report import fmt_count, format_table, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +45,56 @@ class PruneTool(Tool):
             action="store_true",
             help="Skip the onnx.checker and onnxruntime checks of the output (not recommended).",
         )
+        _add_calibration_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        if args.output is None and not args.in_place:
+        from onnx_sparse.passes.calibrated import make_prune_pass
+
+        data_given = bool(args.load_inputs or args.data_loader_script)
+        method = args.method or ("sparsegpt" if data_given else "magnitude")
+        sensitivity = args.sensitivity or args.sensitivity_json is not None
+        needs_data = method != "magnitude" or args.bias_correction or sensitivity or args.target_cosine is not None
+        measure_only = sensitivity and args.target_cosine is None and args.output is None and not args.in_place
+        if args.output is None and not args.in_place and not measure_only:
             raise OnnxSparseError("no output path", hint="pass -o OUT, or --in-place to overwrite the input")
+        if not needs_data and (data_given or args.input_shapes or args.iterations):
+            logger.warning("calibration data options are ignored: magnitude pruning needs no data")
+        real = {"value": True}
+
+        def feeds(model: Any) -> list[dict]:
+            from onnx_sparse.calib.data import load_calibration
+
+            loaded, real["value"] = load_calibration(
+                model,
+                load_inputs_paths=args.load_inputs,
+                data_loader_script=args.data_loader_script,
+                input_shapes=args.input_shapes,
+                seed=args.seed,
+                iterations=args.iterations,
+                limit=args.calib_samples,
+            )
+            return loaded
+
+        reports: list[Any] = []
+        if measure_only:
+            from onnx_sparse.io import load_model
+            from onnx_sparse.passes.sensitivity import measure_sensitivity
+
+            mf = load_model(args.model)
+            report = measure_sensitivity(
+                mf, feeds(mf.model), method, damp=args.damp, blocksize=args.blocksize, max_rows=args.max_rows,
+                seed=args.seed or 0, **selection_kwargs(args),
+            )  # fmt: skip
+            self._sensitivity(report, args)
+            _random_reminder(real["value"])
+            return 0
+        prune_pass = None
+        if needs_data:
+            prune_pass = make_prune_pass(
+                method, feeds, bias_correction=args.bias_correction, damp=args.damp, blocksize=args.blocksize,
+                max_rows=args.max_rows, seed=args.seed or 0, target_cosine=args.target_cosine,
+                sensitivity=sensitivity, sensitivity_report=reports.append, **selection_kwargs(args),
+            )  # fmt: skip
         out = Path(args.output) if args.output else Path(args.model)
         result = prune_file(
             args.model,
@@ -50,6 +103,7 @@ class PruneTool(Tool):
             verify=not args.no_verify,
             fc_layout=args.fc_layout,
             annotate=args.annotate,
+            prune_pass=prune_pass,
             **selection_kwargs(args),
         )
         records = [r for r in result.records if hasattr(r, "retained_magnitude")]
@@ -58,26 +112,130 @@ class PruneTool(Tool):
                 {
                     "nodes": ",".join(r.nodes),
                     "weight": r.weight,
+                    "method": r.method,
                     "axis": r.axis,
                     "changed": f"{r.groups_changed}/{r.groups}",
                     "retained": r.retained_magnitude,
                 }
                 for r in records
             ]
-            cols = [("nodes", "node(s)"), ("weight", "weight"), ("axis", "axis"), ("changed", "groups changed"),
-                    ("retained", "retained |w|")]  # fmt: skip
+            cols = [("nodes", "node(s)"), ("weight", "weight"), ("method", "method"), ("axis", "axis"),
+                    ("changed", "groups changed"), ("retained", "retained |w|")]  # fmt: skip
             logger.info("%s", format_table(rows, cols))
         else:
             logger.warning("no eligible layers selected: nothing to prune")
+        for report in reports:
+            self._sensitivity(report, args)
         logger.info("wrote %s%s", out, "" if result.modified else " (no weight changed)")
         if args.report:
-            write_json(
-                args.report,
-                {"model": str(args.model), "output": str(out), "layers": [r.to_json() for r in records],
-                 "totals": totals(records)},
-            )  # fmt: skip
+            doc = {"model": str(args.model), "output": str(out), "method": method,
+                   "layers": [r.to_json() for r in records], "totals": totals(records)}  # fmt: skip
+            if needs_data:
+                doc["calibration"] = {"random": not real["value"]}
+            if reports:
+                doc["sensitivity"] = reports[-1].to_json()
+            write_json(args.report, doc)
             logger.info("wrote %s", args.report)
+        if needs_data:
+            _random_reminder(real["value"])
         return 0
+
+    @staticmethod
+    def _sensitivity(report: Any, args: argparse.Namespace) -> None:
+        cols = [("nodes", "node(s)"), ("op", "op"), ("macs", "MACs/params"), ("min_cos", "min cosine"),
+                ("mean_cos", "mean cosine"), ("rel_l2", "rel L2")]  # fmt: skip
+        rows = report.rows()
+        if report.target_cosine is not None:
+            cols.append(("chosen", "pruned"))
+        for r in rows:
+            r["macs"] = fmt_count(r["macs"])
+        logger.info(
+            "sensitivity (%s, each layer pruned alone, %d samples, outputs %s):\n%s",
+            report.method, report.samples, ", ".join(report.outputs), format_table(rows, cols),
+        )  # fmt: skip
+        if report.target_cosine is not None and report.measured is not None:
+            logger.info(
+                "target cosine %.5f: %d of %d layers pruned, coverage %.1f%% of eligible MACs, "
+                "measured min output cosine %.5f (mean %.5f, rel L2 %.4g) on the calibration data",
+                report.target_cosine, len(report.chosen), sum(len(x.nodes) for x in report.layers),
+                100 * (report.coverage or 0.0), report.measured.min_cosine, report.measured.mean_cosine,
+                report.measured.mean_rel_l2,
+            )  # fmt: skip
+        if args.sensitivity_json:
+            write_json(args.sensitivity_json, report.to_json())
+            logger.info("wrote %s", args.sensitivity_json)
+
+
+def _random_reminder(real: bool) -> None:
+    if not real:
+        from onnx_sparse.calib.data import RANDOM_DATA_WARNING
+
+        logger.warning("%s", RANDOM_DATA_WARNING)
+
+
+def _add_calibration_args(parser: argparse.ArgumentParser) -> None:
+    from onnx_sparse.passes.calibrated import DEFAULT_MAX_ROWS, METHODS
+
+    group = parser.add_argument_group(
+        "Calibrated pruning",
+        "Fit each layer to calibration data, layer by layer on the already pruned model "
+        "(data options follow Polygraphy's).",
+    )
+    group.add_argument(
+        "--method",
+        choices=METHODS,
+        help="magnitude: largest |w| (no data); wanda: |w| x input norm; sparsegpt: OBS mask and weight update; "
+        "asym: refit to the dense model's layer output, then sparsegpt. Default: sparsegpt with data, else magnitude.",
+    )
+    group.add_argument(
+        "--load-inputs",
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help="Calibration feeds in Polygraphy JSON (e.g. from `polygraphy run --save-inputs`).",
+    )
+    group.add_argument(
+        "--data-loader-script",
+        metavar="SCRIPT[:FUNC]",
+        help="Python script whose function (default load_data) returns an iterable of {input name: array}.",
+    )
+    group.add_argument(
+        "--input-shapes",
+        nargs="+",
+        default=[],
+        metavar="NAME:[SHAPE]",
+        help="Shapes of dynamic inputs for random data, Polygraphy syntax: x:[1,3,224,224].",
+    )
+    group.add_argument("--seed", type=int, help="Seed of the random data and of the row subsampling.")
+    group.add_argument("--iterations", type=int, help="Number of random samples (default 8; random data only).")
+    group.add_argument("--calib-samples", type=int, metavar="N", help="Use at most N calibration samples.")
+    group.add_argument(
+        "--bias-correction",
+        action="store_true",
+        help="Correct each pruned layer's bias (adding one if needed) to keep its mean output.",
+    )
+    group.add_argument("--damp", type=float, default=0.01, help="SparseGPT relative damping (default 0.01).")
+    group.add_argument("--blocksize", type=int, default=128, help="SparseGPT lazy-update block size (default 128).")
+    group.add_argument(
+        "--max-rows",
+        type=int,
+        default=DEFAULT_MAX_ROWS,
+        metavar="N",
+        help=f"Activation rows per sample and layer (seeded subsample; default {DEFAULT_MAX_ROWS}).",
+    )
+    group.add_argument(
+        "--sensitivity",
+        action="store_true",
+        help="Prune each layer alone and report how far the outputs move (without -o: report only).",
+    )
+    group.add_argument("--sensitivity-json", metavar="PATH", help="Write the sensitivity report as JSON.")
+    group.add_argument(
+        "--target-cosine",
+        type=float,
+        metavar="X",
+        help="Prune the most work (MACs) that keeps every float output's cosine to the dense model >= X "
+        "on the calibration data.",
+    )
 
 
 TOOL = PruneTool()

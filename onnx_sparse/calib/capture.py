@@ -1,0 +1,444 @@
+"""Capture intermediate activations with onnxruntime (CPU), stage by stage, keeping only a frontier.
+
+One-shot pruning fits each layer to the inputs it sees in the *already pruned* model, so
+layers are pruned in dependency order: a layer's **stage** is the length of the longest chain
+of calibrated layers that feeds its input (:func:`schedule`). All layers of one stage (e.g. the
+Q/K/V projections that share an input, or parallel branches) are captured together, pruned,
+and only then is the next stage captured.
+
+:class:`StagedRunner` makes that cheap. It never reruns the whole model per stage: for a stage
+it cuts out the part of the graph that computes the stage's inputs and has not been computed
+yet, runs that piece in onnxruntime (as a small model whose extra outputs are the wanted
+intermediate tensors) on every calibration sample, and keeps just the *frontier*: tensors
+computed so far that nodes still to run will read (skip connections, attention masks, the
+residual stream). Everything upstream of the frontier is final, because every layer that
+feeds it has already been pruned. So over a whole calibration every node runs once per
+sample, memory holds the frontier for the calibration set plus one sample's captures,
+and each captured activation is handed to the caller one sample at a time.
+
+The pieces are built from the in-memory model with its current weights (pending values of
+external tensors included), so a model with external data needs no temporary files.
+Only the main graph is split; If/Loop/Scan nodes run whole (their outer-scope reads count
+as inputs).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from onnx_sparse.errors import OnnxSparseError
+from onnx_sparse.io import ModelFile
+
+__all__ = ["node_reads", "schedule", "Schedule", "StagedRunner", "run_model", "inline_model"]
+
+logger = logging.getLogger(__name__)
+
+
+def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
+    """Names a subgraph reads from its enclosing scopes (used but not defined inside)."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(node_reads(node))
+        defined.update(o for o in node.output if o)
+    return used - defined
+
+
+def node_reads(node: onnx.NodeProto) -> list[str]:
+    """Every main-scope name ``node`` reads: its inputs plus outer-scope names used by its subgraphs."""
+    reads = [i for i in node.input if i]
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            reads.extend(sorted(_subgraph_reads(a.g)))
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            for g in a.graphs:
+                reads.extend(sorted(_subgraph_reads(g)))
+    return reads
+
+
+def _toposort(nodes: Sequence[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    """``nodes`` in a topological order (stable: the given order when it already is one)."""
+    produced = {o for n in nodes for o in n.output if o}
+    ready = set(available)
+    out: list[onnx.NodeProto] = []
+    pending = list(nodes)
+    while pending:
+        rest = []
+        for n in pending:
+            if all(r in ready or r not in produced for r in node_reads(n)):
+                out.append(n)
+                ready.update(o for o in n.output if o)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise OnnxSparseError(
+                "the graph has a cycle or reads values no node produces in order",
+                hint="check the model with onnx.checker",
+            )
+        pending = rest
+    return out
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Stages of layer groups and the groups that cannot be calibrated in order.
+
+    Attributes:
+        stages: ``stages[k]`` lists the group indices captured and pruned together at stage ``k``.
+        cyclic: Groups (sharing one stored tensor) where one member feeds another's input:
+            they cannot be fitted to their own pruned output; callers prune them another way.
+    """
+
+    stages: tuple[tuple[int, ...], ...]
+    cyclic: tuple[int, ...]
+
+
+def schedule(
+    nodes: Sequence[onnx.NodeProto],
+    groups: Sequence[Sequence[tuple[onnx.NodeProto, str]]],
+) -> Schedule:
+    """Order layer groups so that each is captured after every group that feeds its inputs.
+
+    Args:
+        nodes: The main graph's nodes (any order; sorted topologically here).
+        groups: Per group (one stored tensor), its members as ``(node, activation name)``.
+
+    Returns:
+        The stages (longest-path layering of the group dependency graph) and the cyclic groups.
+    """
+    site_group = {id(n): g for g, members in enumerate(groups) for n, _ in members}
+    all_groups = set(range(len(groups)))
+    cyclic: set[int] = set()
+    for _ in range(2):  # a second pass once cyclic groups no longer count as dependencies
+        dep: dict[str, int] = {}
+        deps = [0] * len(groups)
+        members_act = {}
+        for g, members in enumerate(groups):
+            for _, act in members:
+                members_act.setdefault(act, []).append(g)
+        for node in _toposort(nodes, set()):
+            mask = 0
+            for r in node_reads(node):
+                mask |= dep.get(r, 0)
+            g = site_group.get(id(node))
+            if g is not None and g not in cyclic:
+                for _, act in groups[g]:
+                    deps[g] |= dep.get(act, 0)
+                mask |= 1 << g
+            for o in node.output:
+                if o:
+                    dep[o] = mask
+        new_cyclic = {g for g in all_groups - cyclic if deps[g] >> g & 1}
+        if not new_cyclic:
+            break
+        cyclic |= new_cyclic
+    level: dict[int, int] = {}
+
+    def stage_of(g: int) -> int:
+        if g not in level:
+            bits = [h for h in all_groups - cyclic if h != g and deps[g] >> h & 1]
+            # deps are transitive, so the deepest dependency decides
+            level[g] = 1 + max((stage_of(h) for h in bits), default=-1)
+        return level[g]
+
+    by_stage: dict[int, list[int]] = {}
+    for g in sorted(all_groups - cyclic):
+        by_stage.setdefault(stage_of(g), []).append(g)
+    stages = tuple(tuple(by_stage[k]) for k in sorted(by_stage))
+    return Schedule(stages=stages, cyclic=tuple(sorted(cyclic)))
+
+
+def _session(model: onnx.ModelProto, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises several unrelated types
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise OnnxSparseError(
+            f"onnxruntime cannot run the model for calibration: {first}",
+            hint="calibration runs the model on CPU with onnxruntime; custom operators must be registered there",
+        ) from exc
+
+
+def _run(sess, names: Sequence[str], feed: Mapping[str, np.ndarray], index: int) -> list[np.ndarray]:
+    try:
+        return sess.run(list(names), dict(feed))
+    except Exception as exc:  # onnxruntime raises several unrelated types
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise OnnxSparseError(
+            f"onnxruntime failed on calibration sample {index}: {first}",
+            hint="check that the calibration inputs have the shapes and values the model expects",
+        ) from exc
+
+
+def _tensor_copy(mf: ModelFile, t: TensorProto, name: str | None = None) -> TensorProto:
+    """An inline copy of ``t`` with its current value (pending or external values loaded)."""
+    if id(t) in mf.pending or t.data_location == TensorProto.EXTERNAL or len(t.external_data):
+        out = numpy_helper.from_array(np.asarray(mf.read(t, mmap=False)), name or t.name)
+        return out
+    out = TensorProto()
+    out.CopyFrom(t)
+    if name is not None:
+        out.name = name
+    return out
+
+
+def inline_model(mf: ModelFile) -> onnx.ModelProto:
+    """A copy of ``mf.model`` with every tensor's current value inline (for an onnxruntime session)."""
+    from onnx_sparse.io import iter_tensors
+
+    model = onnx.ModelProto()
+    model.CopyFrom(mf.model)
+    for src, dst in zip(iter_tensors(mf.model), iter_tensors(model), strict=True):
+        if id(src) in mf.pending or src.data_location == TensorProto.EXTERNAL or len(src.external_data):
+            dst.CopyFrom(_tensor_copy(mf, src))
+    return model
+
+
+def run_model(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]], threads: int | None = None):
+    """Yield the outputs of ``model`` (all graph outputs, by name) for each feed."""
+    sess = _session(model, threads)
+    names = [o.name for o in sess.get_outputs()]
+    for i, feed in enumerate(feeds):
+        yield dict(zip(names, _run(sess, names, feed, i), strict=True))
+
+
+@dataclass
+class _Piece:
+    nodes: list[onnx.NodeProto]
+    inputs: list[str]  # graph inputs and cached tensors it reads
+    outputs: list[str]  # targets first, then new frontier tensors
+    frontier: list[str]
+    initializers: list[str]
+
+
+@dataclass
+class StagedRunner:
+    """Runs a model piece by piece on a calibration set (see the module docstring).
+
+    The runner works on ``mf`` as it is when each piece is built: write pruned weights into
+    ``mf`` between stages and the next piece sees them. New nodes (e.g. a bias ``Add``) are
+    added with :meth:`insert_after` and new constant tensors with :meth:`set_initializer`;
+    :meth:`commit` writes those into ``mf.model`` at the end.
+
+    Attributes:
+        mf: The model.
+        feeds: The calibration samples.
+        threads: onnxruntime intra-op threads (None: its default).
+    """
+
+    mf: ModelFile
+    feeds: Sequence[Mapping[str, np.ndarray]]
+    threads: int | None = None
+    nodes: list[onnx.NodeProto] = field(init=False)
+    extra: dict[str, np.ndarray] = field(init=False, default_factory=dict)
+    cache: dict[str, list[np.ndarray | None]] = field(init=False, default_factory=dict)
+    done: set[int] = field(init=False, default_factory=set)
+    inserted: bool = field(init=False, default=False)
+    stats: dict[str, float] = field(init=False, default_factory=lambda: {"build_s": 0.0, "run_s": 0.0, "pieces": 0})
+
+    def __post_init__(self) -> None:
+        g = self.mf.model.graph
+        self.initializers = {t.name: t for t in g.initializer}
+        self.graph_inputs = {vi.name: vi for vi in g.input if vi.name not in self.initializers}
+        self.nodes = _toposort(list(g.node), set(self.graph_inputs) | set(self.initializers))
+        self.inserted = [id(n) for n in self.nodes] != [id(n) for n in g.node]
+        self._index_producers()
+
+    # ------------------------------------------------------------------ graph edits
+
+    def _index_producers(self) -> None:
+        self.producers = {o: n for n in self.nodes for o in n.output if o}
+
+    def insert_after(self, node: onnx.NodeProto, new: onnx.NodeProto) -> None:
+        """Insert ``new`` right after ``node`` (which may have been renamed); neither may have run yet."""
+        assert id(node) not in self.done, "cannot edit a node that already ran"
+        pos = next(i for i, n in enumerate(self.nodes) if n is node)
+        self.nodes.insert(pos + 1, new)
+        self.inserted = True
+        self._index_producers()
+
+    def node_changed(self, node: onnx.NodeProto) -> None:
+        """Tell the runner that ``node``'s inputs or outputs were edited (it must not have run)."""
+        assert id(node) not in self.done, "cannot edit a node that already ran"
+        self._index_producers()
+
+    def set_initializer(self, name: str, value: np.ndarray) -> None:
+        """A new constant tensor (held here until :meth:`commit`)."""
+        assert name not in self.initializers and name not in self.producers
+        self.extra[name] = value
+
+    def names(self) -> set[str]:
+        """Every name in use in the main graph (for picking new unique names)."""
+        used = set(self.initializers) | set(self.graph_inputs) | set(self.extra)
+        for n in self.nodes:
+            used.update(n.input)
+            used.update(n.output)
+        used.update(o.name for o in self.mf.model.graph.output)
+        return used
+
+    def commit(self) -> None:
+        """Write inserted nodes (in order) and new initializers into ``mf.model``."""
+        g = self.mf.model.graph
+        if self.inserted:
+            nodes = [onnx.NodeProto() for _ in self.nodes]
+            for dst, src in zip(nodes, self.nodes, strict=True):
+                dst.CopyFrom(src)
+            del g.node[:]
+            g.node.extend(nodes)
+            self.inserted = False
+            self.nodes = list(g.node)
+            self.done = set()  # ids changed; the runner is finished once committed
+            self._index_producers()
+        for name, value in self.extra.items():
+            g.initializer.append(numpy_helper.from_array(value, name))
+        self.initializers = {t.name: t for t in g.initializer}
+        self.extra = {}
+
+    # ------------------------------------------------------------------ pieces
+
+    def _available(self, name: str) -> bool:
+        return name in self.cache or name in self.graph_inputs or name in self.initializers or name in self.extra
+
+    def _plan(self, targets: Sequence[str]) -> _Piece:
+        needed: set[int] = set()
+        stack = [t for t in targets if not self._available(t)]
+        while stack:
+            name = stack.pop()
+            if self._available(name):
+                continue
+            node = self.producers.get(name)
+            if node is None:
+                raise OnnxSparseError(f"tensor {name!r} is not produced by any node of the main graph")
+            if id(node) in needed:
+                continue
+            if id(node) in self.done:
+                raise AssertionError(f"{name!r} was computed but not kept on the frontier")
+            needed.add(id(node))
+            stack.extend(node_reads(node))
+        piece_nodes = [n for n in self.nodes if id(n) in needed]
+        produced = {o for n in piece_nodes for o in n.output if o}
+        reads: list[str] = []
+        for n in piece_nodes:
+            reads.extend(r for r in node_reads(n) if r not in produced)
+        reads = list(dict.fromkeys(reads))
+        inputs = [r for r in reads if r in self.cache or r in self.graph_inputs]
+        inits = [r for r in reads if r in self.initializers or r in self.extra]
+        # Frontier: values this piece makes that later nodes will read (Constant nodes just rerun).
+        later = set()
+        finished = self.done | needed
+        for n in self.nodes:
+            if id(n) not in finished:
+                later.update(node_reads(n))
+        frontier = [o for n in piece_nodes if n.op_type != "Constant" for o in n.output if o and o in later]
+        outputs = list(dict.fromkeys([t for t in targets if t in produced] + frontier))
+        return _Piece(piece_nodes, inputs, outputs, frontier, inits)
+
+    def _build(self, piece: _Piece) -> onnx.ModelProto:
+        src = self.mf.model
+        g = onnx.GraphProto(name="onnx_sparse_capture")
+        for n in piece.nodes:
+            g.node.add().CopyFrom(n)
+        for name in piece.inputs:
+            if name in self.graph_inputs:
+                g.input.add().CopyFrom(self.graph_inputs[name])
+            else:
+                arr = next(a for a in self.cache[name] if a is not None)
+                elem = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
+                g.input.append(onnx.helper.make_tensor_value_info(name, elem, [None] * arr.ndim))
+        for name in piece.initializers:
+            if name in self.extra:
+                g.initializer.append(numpy_helper.from_array(self.extra[name], name))
+            else:
+                g.initializer.append(_tensor_copy(self.mf, self.initializers[name]))
+        for name in piece.outputs:
+            g.output.add().name = name
+        model = onnx.ModelProto(ir_version=src.ir_version, graph=g)
+        model.opset_import.extend(src.opset_import)
+        model.functions.extend(src.functions)
+        return model
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of ``name`` when it is a constant tensor (initializer), else None."""
+        if name in self.extra:
+            return self.extra[name]
+        if name in self.initializers:
+            return np.asarray(self.mf.read(self.initializers[name]))
+        return None
+
+    def iter_stage(self, targets: Sequence[str]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """Yield ``(sample index, {target: value})`` for every calibration sample.
+
+        Every target must be computable from graph inputs, constants and nodes that do not
+        depend on anything the caller will still change. The generator must be consumed to
+        the end (the frontier is updated sample by sample and closed when it finishes).
+        """
+        targets = list(dict.fromkeys(targets))
+        t0 = time.perf_counter()
+        piece = self._plan(targets)
+        sess = self._build(piece) if piece.nodes else None
+        if sess is not None:
+            sess = _session(sess, self.threads)
+        self.stats["build_s"] += time.perf_counter() - t0
+        self.stats["pieces"] += 1 if piece.nodes else 0
+        n = len(self.feeds)
+        for name in piece.frontier:
+            self.cache[name] = [None] * n
+        run_s = 0.0
+        for i, feed in enumerate(self.feeds):
+            values: dict[str, np.ndarray] = {}
+            if sess is not None:
+                fd = {k: feed[k] for k in piece.inputs if k in self.graph_inputs}
+                fd.update({k: self.cache[k][i] for k in piece.inputs if k not in self.graph_inputs})
+                t1 = time.perf_counter()
+                outs = _run(sess, piece.outputs, fd, i)
+                run_s += time.perf_counter() - t1
+                values = dict(zip(piece.outputs, outs, strict=True))
+                for name in piece.frontier:
+                    if not isinstance(values[name], np.ndarray):
+                        raise OnnxSparseError(
+                            f"intermediate value {name!r} is not a tensor; calibration cannot split the graph there"
+                        )
+                    self.cache[name][i] = values[name]
+            result = {}
+            for t in targets:
+                if t in values:
+                    result[t] = values[t]
+                elif t in self.cache:
+                    result[t] = self.cache[t][i]
+                elif t in self.graph_inputs:
+                    result[t] = feed[t]
+                else:
+                    const = self.constant(t)
+                    assert const is not None, t
+                    result[t] = const
+            yield i, result
+        self.stats["run_s"] += run_s
+        self.done.update(id(n) for n in piece.nodes if n.op_type != "Constant")
+        later: set[str] = set()
+        for node in self.nodes:
+            if id(node) not in self.done:
+                later.update(node_reads(node))
+        for name in [k for k in self.cache if k not in later]:
+            del self.cache[name]
+        logger.debug(
+            "capture piece: %d nodes, %d inputs, %d outputs, frontier %d tensors (%.1f MB), run %.2fs",
+            len(piece.nodes),
+            len(piece.inputs),
+            len(piece.outputs),
+            len(self.cache),
+            sum(a.nbytes for v in self.cache.values() for a in v if a is not None) / 1e6,
+            run_s,
+        )

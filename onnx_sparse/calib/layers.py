@@ -1,0 +1,362 @@
+"""A weight-bearing layer seen as a matrix product: the bridge between the graph and the pruning math.
+
+The pruning math (:mod:`onnx_sparse.prune`) works on ``W[rows, cols]`` (rows = outputs,
+cols = inputs, groups of 4 along cols) and activation rows ``X[n, cols]``. This module maps a
+traced :class:`~onnx_sparse.graph.locate.WeightSite` onto that:
+
+* **Weights.** The matrix is derived from the *stored* tensor through the site's path
+  (Identity, Cast, DequantizeLinear/QuantizeLinear, Transpose, Reshape, ...): the path is
+  replayed on the stored values (float64, dequantized) and, separately, on an array of flat
+  indices, so every matrix entry knows which stored element it is. Consumer views:
+  MatMul ``B[C_in, K_out]`` -> ``B^T``; Gemm ``B`` -> ``B`` when ``transB=1`` else ``B^T``; Conv
+  ``[K, C/g, *k]`` -> one matrix per group with columns ``kernel_position * C/g + c``
+  (:func:`onnx_sparse.core.hessian.conv_weight_to_matrix`), so groups of 4 columns are 4 input
+  channels at one kernel position, the axis the tracing rule chose.
+* **Writing back.** Float weights take the new values, rounded to the stored dtype (fp16 and
+  bf16 included; zeros stay exact). Weights behind QuantizeLinear/DequantizeLinear (int8,
+  fp8, or fake-quantized floats) cannot store SparseGPT's *updated* values exactly, so only
+  the chosen mask is used: kept entries keep their stored values, pruned ones become the
+  zero value.
+* **Activations.** MatMul: the input reshaped to ``[-1, C_in]``; Gemm: ``A`` (``A^T`` with
+  ``transA=1``); Conv: im2col rows (pads, strides, dilations, groups; ``auto_pad``
+  SAME_UPPER/SAME_LOWER/VALID turned into explicit pads per input size), made in chunks of
+  bounded memory. Each sample contributes at most ``max_rows`` rows, a seeded uniform
+  subset, drawn identically for a pruned and a dense capture of the same sample.
+
+Layers that do not fit (a constant Gemm ``A``, a path that is not a pure permutation of the
+stored elements, ...) raise :class:`Unsupported` with the reason; callers fall back to
+magnitude pruning for them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnx_sparse.core import nm
+from onnx_sparse.core.hessian import conv_output_shape, conv_weight_to_matrix, iter_im2col
+from onnx_sparse.graph.locate import LOOK_THROUGH, WeightSite
+from onnx_sparse.io import ModelFile
+
+__all__ = ["Unsupported", "LayerView", "layer_view", "CHUNK_BYTES"]
+
+#: Memory budget of one im2col chunk (float64 rows after conversion).
+CHUNK_BYTES = 32 << 20
+
+_ELEMENTWISE = ("Identity", "Cast", "DequantizeLinear", "QuantizeLinear")
+_QUANT = ("DequantizeLinear", "QuantizeLinear")
+
+
+class Unsupported(Exception):
+    """This layer cannot be calibrated; the message says why."""
+
+
+@dataclass
+class LayerView:
+    """One site as matrices (see the module docstring).
+
+    Attributes:
+        site: The site.
+        kind: ``"conv"``, ``"matmul"`` or ``"gemm"``.
+        groups: Conv groups (1 otherwise); one matrix per group.
+        cols: Columns of each matrix (input features).
+        rows_per_group: Rows (output channels) of each matrix.
+        index: Per group, ``[rows, cols]`` flat indices into the stored tensor.
+        mask_only: The stored values cannot take updated weights (Q/DQ on the path).
+        stored_shape / stored_dtype: Of the stored tensor.
+    """
+
+    site: WeightSite
+    kind: str
+    groups: int
+    cols: int
+    rows_per_group: int
+    index: list[np.ndarray]
+    mask_only: bool
+    stored_shape: tuple[int, ...]
+    stored_dtype: np.dtype
+    chain: tuple[onnx.NodeProto, ...]
+    side: Mapping[str, np.ndarray]
+    opsets: tuple[tuple[str, int], ...] = (("", 17),)
+    trans_a: bool = False
+    alpha: float = 1.0
+    beta: float = 1.0
+    kernel_shape: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()
+    auto_pad: str = "NOTSET"
+
+    # -------------------------------------------------------------- weights
+
+    def consumer_values(self, stored: np.ndarray) -> np.ndarray:
+        """The weight as the node sees it (float64), computed from ``stored`` along the path."""
+        if not self.chain:
+            return np.asarray(stored).astype(np.float64)
+        out = _replay(self.chain, self.side, stored, False, self.opsets)
+        return np.asarray(out).astype(np.float64)
+
+    def matrices(self, stored: np.ndarray) -> list[np.ndarray]:
+        """Per-group float64 matrices ``[rows, cols]`` of the weight stored as ``stored``."""
+        flat = self.consumer_values(stored)
+        return _to_matrices(self.kind, flat, self.groups, self.site)
+
+    def to_stored(self, mats: Sequence[np.ndarray], stored: np.ndarray, zero: object = 0) -> np.ndarray:
+        """The new stored tensor for per-group matrices ``mats`` (see the module docstring)."""
+        idx = np.concatenate([i.ravel() for i in self.index])
+        vals = np.concatenate([np.asarray(m, dtype=np.float64).ravel() for m in mats])
+        if self.mask_only:
+            keep = np.zeros(stored.size, dtype=bool)
+            keep[idx] = vals != 0
+            return nm.apply_keep(np.asarray(stored), keep.reshape(stored.shape), zero)
+        out = np.empty(stored.size, dtype=np.float64)
+        out[idx] = vals
+        return out.reshape(stored.shape).astype(stored.dtype)
+
+    # -------------------------------------------------------------- activations
+
+    def conv_pads(self, spatial: Sequence[int]) -> tuple[int, ...]:
+        """Explicit pads ``[begin..., end...]`` for an input of this spatial size."""
+        n = len(self.kernel_shape)
+        if self.auto_pad in ("NOTSET", ""):
+            return self.pads or (0,) * (2 * n)
+        if self.auto_pad == "VALID":
+            return (0,) * (2 * n)
+        begin, end = [], []
+        for i in range(n):
+            out = math.ceil(spatial[i] / self.strides[i])
+            span = (self.kernel_shape[i] - 1) * self.dilations[i] + 1
+            total = max(0, (out - 1) * self.strides[i] + span - spatial[i])
+            small, big = total // 2, total - total // 2
+            begin.append(small if self.auto_pad == "SAME_UPPER" else big)
+            end.append(big if self.auto_pad == "SAME_UPPER" else small)
+        return tuple(begin + end)
+
+    def n_rows(self, x: np.ndarray) -> int:
+        """How many activation rows one sample ``x`` gives (before any subsampling)."""
+        if self.kind == "conv":
+            self._check_conv_input(x)
+            out = conv_output_shape(
+                x.shape[2:], self.kernel_shape, self.strides, self.conv_pads(x.shape[2:]), self.dilations
+            )
+            return int(x.shape[0]) * math.prod(out)
+        return int(x.size // self.cols) if self.cols else 0
+
+    def _check_conv_input(self, x: np.ndarray) -> None:
+        if (
+            x.ndim != 2 + len(self.kernel_shape)
+            or x.shape[1] != self.cols // math.prod(self.kernel_shape) * self.groups
+        ):
+            raise Unsupported(
+                f"{self.site.node}: input of shape {x.shape} does not match the kernel {self.kernel_shape} "
+                f"with {self.cols // math.prod(self.kernel_shape) * self.groups} channels"
+            )
+
+    def rows(
+        self, x: np.ndarray, rng: np.random.Generator | None = None, max_rows: int | None = None
+    ) -> Iterator[list[np.ndarray]]:
+        """Activation rows of one sample, in chunks, one array per group (dtype of ``x``).
+
+        With ``max_rows``, a sample with more rows keeps a uniform random subset (drawn from
+        ``rng``; the same ``rng`` state gives the same rows).
+        """
+        x = np.asarray(x)
+        total = self.n_rows(x)
+        sel = None
+        if max_rows is not None and total > max_rows:
+            if rng is None:
+                rng = np.random.default_rng(0)
+            sel = np.sort(rng.choice(total, size=max_rows, replace=False))
+        if self.kind != "conv":
+            a = x.T if (self.kind == "gemm" and self.trans_a) else x
+            if a.shape[-1] != self.cols:
+                raise Unsupported(f"{self.site.node}: input of shape {x.shape} does not have {self.cols} features")
+            r = a.reshape(-1, self.cols)
+            yield [r if sel is None else r[sel]]
+            return
+        width = math.prod(self.kernel_shape) * (self.cols // math.prod(self.kernel_shape)) * self.groups
+        chunk_rows = max(1, CHUNK_BYTES // (8 * width))
+        offset = 0
+        for chunk in iter_im2col(
+            x, self.kernel_shape, self.strides, self.conv_pads(x.shape[2:]), self.dilations, self.groups, chunk_rows
+        ):
+            n = chunk[0].shape[0]
+            if sel is None:
+                yield chunk
+            else:
+                lo, hi = np.searchsorted(sel, [offset, offset + n])
+                if hi > lo:
+                    local = sel[lo:hi] - offset
+                    yield [c[local] for c in chunk]
+            offset += n
+
+
+def _to_matrices(kind: str, consumer: np.ndarray, groups: int, site: WeightSite) -> list[np.ndarray]:
+    if kind == "conv":
+        return conv_weight_to_matrix(consumer, groups)
+    if consumer.ndim != 2:
+        raise Unsupported(f"{site.node}: weight of rank {consumer.ndim}")
+    if kind == "gemm" and int(site.attributes.get("transB", 0)):
+        return [np.ascontiguousarray(consumer)]
+    return [np.ascontiguousarray(consumer.T)]
+
+
+def _replay(
+    chain: Sequence[onnx.NodeProto],
+    side: Mapping[str, np.ndarray],
+    stored: np.ndarray,
+    structural: bool,
+    opsets: Sequence[tuple[str, int]],
+) -> np.ndarray:
+    """Run the weight path on ``stored`` with onnxruntime (CPU).
+
+    ``structural`` replaces element-wise ops by Identity (for index arrays).
+    """
+    import onnxruntime as ort
+
+    first = chain[0].input[0]
+    nodes = []
+    for n in chain:
+        if structural and n.op_type in _ELEMENTWISE:
+            nodes.append(onnx.helper.make_node("Identity", [n.input[0]], [n.output[0]]))
+        else:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(n)
+            nodes.append(copy)
+    needed = {i for n in nodes for i in n.input if i and i != first}
+    stored = np.ascontiguousarray(stored)
+    graph = onnx.helper.make_graph(
+        nodes,
+        "weight_path",
+        [onnx.helper.make_tensor_value_info(first, onnx.helper.np_dtype_to_tensor_dtype(stored.dtype), stored.shape)],
+        [onnx.ValueInfoProto(name=chain[-1].output[0])],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in side.items() if k in needed],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets])
+    model.ir_version = min(model.ir_version, 10)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return np.asarray(sess.run(None, {first: stored})[0])
+
+
+def _constant_value(mf: ModelFile, producers: Mapping[str, onnx.NodeProto], name: str) -> np.ndarray | None:
+    for t in mf.model.graph.initializer:
+        if t.name == name:
+            return np.asarray(mf.read(t))
+    node = producers.get(name)
+    if node is not None and node.op_type == "Constant":
+        for a in node.attribute:
+            if a.name == "value":
+                return np.asarray(mf.read(a.t))
+            if a.name in ("value_ints", "value_floats", "value_int", "value_float"):
+                return np.asarray(onnx.helper.get_attribute_value(a))
+    return None
+
+
+def layer_view(site: WeightSite, mf: ModelFile, producers: Mapping[str, onnx.NodeProto]) -> LayerView:
+    """Build the matrix view of a main-graph ``site`` (raises :class:`Unsupported` when it does not fit)."""
+    if site.scope:
+        raise Unsupported(f"{site.node}: inside a subgraph or function ({site.scope})")
+    if site.tensor is None or site.axis is None or site.node_proto is None:
+        raise Unsupported(f"{site.node}: weight not traced")
+    node = site.node_proto
+    attrs = site.attributes
+    if site.op == "Conv":
+        kind = "conv"
+    elif site.op == "MatMul":
+        kind = "matmul"
+    elif site.op == "Gemm":
+        kind = "gemm"
+        if site.input_index != 1:
+            raise Unsupported(f"{site.node}: the Gemm weight is its A input (activation and weight roles swap)")
+    else:
+        raise Unsupported(f"{site.node}: {site.op} is not calibrated")
+
+    # The path, from the stored tensor outwards.
+    chain: list[onnx.NodeProto] = []
+    cur = node.input[site.input_index]
+    for _ in range(32):
+        if cur == site.weight:
+            break
+        prod = producers.get(cur)
+        if prod is None or prod.op_type not in LOOK_THROUGH:
+            raise Unsupported(f"{site.node}: cannot retrace the weight path at {cur!r}")
+        chain.append(prod)
+        cur = prod.input[0]
+    else:
+        raise Unsupported(f"{site.node}: weight path too long")
+    chain.reverse()
+    side: dict[str, np.ndarray] = {}
+    for n in chain:
+        for name in n.input[1:]:
+            if name:
+                value = _constant_value(mf, producers, name)
+                if value is None:
+                    raise Unsupported(f"{site.node}: {n.op_type} input {name!r} on the weight path is not a constant")
+                side[name] = value
+
+    opsets = tuple((o.domain if o.domain != "ai.onnx" else "", int(o.version)) for o in mf.model.opset_import)
+    opsets = tuple(o for o in opsets if o[0] == "") or (("", 17),)
+    stored = np.asarray(mf.read(site.tensor))
+    shape = tuple(stored.shape)
+    index_arr = np.arange(stored.size, dtype=np.int64).reshape(shape)
+    try:
+        consumer_index = _replay(chain, side, index_arr, True, opsets) if chain else index_arr
+    except Exception as exc:  # onnxruntime raises many types
+        raise Unsupported(f"{site.node}: cannot replay the weight path ({type(exc).__name__}: {exc})") from exc
+    if tuple(consumer_index.shape) != tuple(site.consumer_shape):
+        raise Unsupported(f"{site.node}: weight path gives {consumer_index.shape}, expected {site.consumer_shape}")
+    if not np.array_equal(np.sort(consumer_index.ravel()), index_arr.ravel()):
+        raise Unsupported(f"{site.node}: the weight path is not a permutation of the stored elements")
+    groups = int(attrs.get("group", 1)) if kind == "conv" else 1
+    index = _to_matrices(kind, consumer_index, groups, site)
+    rows_g, cols = index[0].shape
+    if cols % nm.GROUP_SIZE:
+        raise Unsupported(f"{site.node}: {cols} input features are not a multiple of 4")
+    mask_only = any(n.op_type in _QUANT for n in chain) or stored.dtype.kind in "iu"
+    view = LayerView(
+        site=site,
+        kind=kind,
+        groups=groups,
+        cols=cols,
+        rows_per_group=rows_g,
+        index=index,
+        mask_only=mask_only,
+        stored_shape=shape,
+        stored_dtype=stored.dtype,
+        chain=tuple(chain),
+        side=side,
+        opsets=opsets,
+    )
+    if kind == "gemm":
+        view.trans_a = bool(int(attrs.get("transA", 0)))
+        view.alpha = float(attrs.get("alpha", 1.0))
+        view.beta = float(attrs.get("beta", 1.0))
+    if kind == "conv":
+        k = tuple(int(v) for v in site.consumer_shape[2:])
+        n = len(k)
+        if not 1 <= n <= 3:
+            raise Unsupported(f"{site.node}: {n}-D convolution")
+        if "kernel_shape" in attrs and tuple(int(v) for v in attrs["kernel_shape"]) != k:
+            raise Unsupported(f"{site.node}: kernel_shape {attrs['kernel_shape']} does not match the weight {k}")
+        view.kernel_shape = k
+        view.strides = tuple(int(v) for v in attrs.get("strides", (1,) * n))
+        view.dilations = tuple(int(v) for v in attrs.get("dilations", (1,) * n))
+        view.pads = tuple(int(v) for v in attrs.get("pads", (0,) * (2 * n)))
+        auto_pad = attrs.get("auto_pad", "NOTSET")
+        view.auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+        if view.auto_pad not in ("NOTSET", "", "VALID", "SAME_UPPER", "SAME_LOWER"):
+            raise Unsupported(f"{site.node}: auto_pad={view.auto_pad}")
+    # Sanity: the matrix groups of 4 must be the stored axis' groups of 4.
+    probe = view.to_stored([np.tile([1.0, 1.0, 0.0, 0.0], m.size // 4).reshape(m.shape) for m in index],
+                           np.ones(shape, dtype=np.float64))  # fmt: skip
+    if not nm.is_2_4(probe, site.axis):
+        raise Unsupported(f"{site.node}: the matrix columns do not follow the stored axis {site.axis}")
+    return view

@@ -1,0 +1,782 @@
+"""Calibrated one-shot 2:4 pruning: Wanda, SparseGPT and asymmetric SparseGPT, layer by layer.
+
+:class:`CalibratedPrunePass` runs the model on a calibration set with onnxruntime and prunes
+every selected eligible layer in dependency order (:func:`onnx_sparse.calib.capture.schedule`):
+each layer is fitted to the activations of the model *as pruned so far*, the way SparseGPT and
+Wanda do it. Methods:
+
+* ``magnitude``: keep the two largest ``|w|`` of each group of 4 (no data needed, except for
+  bias correction);
+* ``wanda``: keep the two best ``|W_ij| * ||X_j||`` (Sun et al., 2023); weights not updated;
+* ``sparsegpt``: choose the mask and update the kept weights from ``H = 2/n X^T X`` of the
+  layer's input in the pruned model (Frantar & Alistarh, 2023);
+* ``asym``: asymmetric reconstruction: first refit the dense weights so that the layer,
+  fed the inputs it sees in the PRUNED model, reproduces the DENSE model's output of that
+  layer (ridge, damping chosen per layer by K-fold cross-validation over the calibration
+  samples), then SparseGPT on the refit weights. Needs captures of both models.
+
+Weights are read and written through their stored tensors (:mod:`onnx_sparse.calib.layers`
+explains the matrix view, and what happens to fp16/bf16 and quantized weights), with
+:func:`onnx_sparse.passes.prune.apply_site`, like magnitude pruning.
+
+Layers that cannot be calibrated (inside If/Loop bodies or functions, a constant Gemm ``A``,
+a weight path that is not a pure permutation, a shared weight whose users feed each other)
+are pruned by magnitude *before* calibration starts, so that every calibrated layer sees them
+as they will be; each such layer gets a log line saying why.
+
+Bias correction (``bias_correction=True``): ``b' = b + (W - W') E[x]`` with ``E[x]`` the mean
+input in the pruned model (over im2col rows for a Conv, so zero padding counts), which keeps
+every output's mean on the calibration data; for ``asym`` the target is the dense model's
+mean, ``b' = b + W E[x_dense] - W' E[x_pruned]``. Where the node has no bias one is added: a
+third input for Conv, the ``C`` input for Gemm (divided by ``beta``), and for MatMul either the
+constant of the ``Add`` that follows it (when that Add is its only consumer) or a new ``Add``
+inserted right after it (the MatMul's output is renamed, the Add takes over the old name, so
+consumers and graph outputs need no rewiring). A bias that is shared, computed or quantized
+is left alone (logged).
+
+Row budget: each calibration sample contributes at most ``max_rows`` rows per layer (default
+20,000), a seeded uniform subset; that bounds the cost of ``X^T X`` on large feature maps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnx_sparse.calib.capture import StagedRunner, schedule
+from onnx_sparse.calib.data import validate_feeds
+from onnx_sparse.calib.layers import LayerView, Unsupported, layer_view
+from onnx_sparse.core import nm
+from onnx_sparse.core.hessian import PairedStats, RunningStats
+from onnx_sparse.errors import OnnxSparseError
+from onnx_sparse.graph.locate import WeightSite, find_weight_sites
+from onnx_sparse.graph.weights import read_weight, zero_value
+from onnx_sparse.io import ModelFile
+from onnx_sparse.passes.base import Pass, PassResult, copy_model_file
+from onnx_sparse.passes.prune import PrunePass, SiteRecord, apply_site, group_by_tensor, totals
+from onnx_sparse.prune.bias import bias_shift
+from onnx_sparse.prune.sparsegpt import asymmetric_cv_2_4, sparsegpt_2_4
+from onnx_sparse.prune.wanda import wanda_2_4
+
+__all__ = [
+    "METHODS",
+    "DATA_METHODS",
+    "DEFAULT_MAX_ROWS",
+    "CalibratedSiteRecord",
+    "CalibratedPrunePass",
+    "Calibrator",
+    "LayerGroup",
+    "LayerFit",
+    "make_prune_pass",
+]
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("magnitude", "wanda", "sparsegpt", "asym")
+DATA_METHODS = ("wanda", "sparsegpt", "asym")
+DEFAULT_MAX_ROWS = 20_000
+
+FeedSource = Sequence[Mapping[str, np.ndarray]] | Callable[[onnx.ModelProto], Sequence[Mapping[str, np.ndarray]]]
+
+
+@dataclass(frozen=True)
+class CalibratedSiteRecord(SiteRecord):
+    """A :class:`SiteRecord` with what calibration did.
+
+    Attributes:
+        rows: Activation rows the statistics were built from (after subsampling).
+        loss: SparseGPT's estimate of the added output error (None for other methods).
+        refit_damp: The ridge damping cross-validation chose (``asym``; ``inf``: no refit).
+        bias_corrected: Whether a bias was corrected or added.
+        seconds: Time spent on this tensor (statistics and solve, capture excluded).
+        note: Why the method fell back to magnitude, if it did.
+    """
+
+    rows: int = 0
+    loss: float | None = None
+    refit_damp: float | None = None
+    bias_corrected: bool = False
+    seconds: float = 0.0
+    note: str = ""
+
+
+def _record(base: SiteRecord, **extra: Any) -> CalibratedSiteRecord:
+    return CalibratedSiteRecord(**{f.name: getattr(base, f.name) for f in fields(SiteRecord)}, **extra)
+
+
+# --------------------------------------------------------------------------------------
+# statistics of one tensor group
+
+
+#: Rows are buffered up to this many values (rows x columns) before they reach the
+#: accumulators: a few large ``X^T X`` products are much faster than many small ones.
+_FLUSH_VALUES = 1 << 22
+
+
+class _Acc:
+    """The statistics one stored tensor needs, fed sample by sample (rows buffered, see flush)."""
+
+    def __init__(
+        self,
+        key: int,
+        view: LayerView,
+        members: int,
+        method: str,
+        samples: int,
+        folds: int,
+        max_rows: int | None,
+        seed: int,
+        means: bool,
+    ) -> None:
+        self.key = key
+        self.view = view
+        self.method = method
+        self.max_rows = max_rows
+        self.seed = seed
+        self.folds = max(1, min(folds, samples))
+        g, c = view.groups, view.cols
+        self.rows = 0
+        self.x_dtype: np.dtype | None = None
+        self.stats = (
+            [RunningStats(c, track_xtx=method == "sparsegpt") for _ in range(g)]
+            if method in ("wanda", "sparsegpt")
+            else None
+        )
+        self.paired = [[PairedStats(c) for _ in range(self.folds)] for _ in range(g)] if method == "asym" else None
+        self.mean_p = [[RunningStats(c) for _ in range(g)] for _ in range(members)] if means else None
+        self.mean_d = (
+            [[RunningStats(c) for _ in range(g)] for _ in range(members)] if means and method == "asym" else None
+        )
+        self._buf: list[tuple[int, int, list[np.ndarray], list[np.ndarray] | None]] = []
+        self._buf_rows = 0
+        self._flush_rows = max(256, _FLUSH_VALUES // c)
+
+    def update(self, member: int, sample: int, xp: np.ndarray, xd: np.ndarray | None) -> None:
+        self.x_dtype = xp.dtype
+        seq = [self.seed, self.key, member, sample]
+        chunks_p = self.view.rows(xp, np.random.default_rng(seq), self.max_rows)
+        if xd is None:
+            pairs: Iterable[tuple[list[np.ndarray], list[np.ndarray] | None]] = ((c, None) for c in chunks_p)
+        else:
+            if xd.shape != xp.shape:
+                raise OnnxSparseError(
+                    f"{self.view.site.node}: the dense and pruned models give inputs of different shapes "
+                    f"({xd.shape} vs {xp.shape}) for sample {sample}"
+                )
+            pairs = zip(chunks_p, self.view.rows(xd, np.random.default_rng(seq), self.max_rows), strict=True)
+        fold = sample % self.folds
+        for cp, cd in pairs:
+            n = cp[0].shape[0]
+            if not n:
+                continue
+            self.rows += n
+            self._buf.append((member, fold, cp, cd))
+            self._buf_rows += n
+            if self._buf_rows >= self._flush_rows:
+                self.flush()
+
+    def flush(self) -> None:
+        """Feed the buffered rows to the accumulators (sums are exact whatever the batching)."""
+        buf, self._buf, self._buf_rows = self._buf, [], 0
+        if not buf:
+            return
+
+        def cat(parts: list[np.ndarray]) -> np.ndarray:
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+        for g in range(self.view.groups):
+            if self.stats is not None:
+                self.stats[g].update(cat([e[2][g] for e in buf]))
+            if self.paired is not None:
+                for f in sorted({e[1] for e in buf}):
+                    sel = [e for e in buf if e[1] == f]
+                    self.paired[g][f].update(cat([e[2][g] for e in sel]), cat([e[3][g] for e in sel]))  # type: ignore[index]
+            for m in sorted({e[0] for e in buf}):
+                sel = [e for e in buf if e[0] == m]
+                if self.mean_p is not None:
+                    self.mean_p[m][g].update(cat([e[2][g] for e in sel]))
+                if self.mean_d is not None:
+                    self.mean_d[m][g].update(cat([e[3][g] for e in sel]))  # type: ignore[index]
+
+
+# --------------------------------------------------------------------------------------
+# the engine
+
+
+@dataclass
+class LayerGroup:
+    key: int
+    sites: list[WeightSite]
+    view: LayerView | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class LayerFit:
+    """What solving one group gave."""
+
+    group: LayerGroup
+    method: str
+    stored: np.ndarray
+    new: np.ndarray
+    rows: int
+    loss: float | None
+    refit_damp: float | None
+    seconds: float
+    note: str
+    acc: _Acc | None
+
+
+def _drain(gen: Iterator[Any]) -> None:
+    for _ in gen:
+        pass
+
+
+class Calibrator:
+    """Layer-by-layer calibration of selected tensor groups (the engine behind the passes).
+
+    Args:
+        method: One of :data:`METHODS`.
+        damp: SparseGPT relative damping.
+        blocksize: SparseGPT block size.
+        max_rows: Row budget per sample and layer (None: all rows).
+        seed: Seed of the row subsampling.
+        folds: Cross-validation folds for ``asym`` (at most the number of samples).
+        threads: onnxruntime intra-op threads (None: its default).
+    """
+
+    def __init__(
+        self,
+        method: str = "sparsegpt",
+        *,
+        damp: float = 0.01,
+        blocksize: int = 128,
+        max_rows: int | None = DEFAULT_MAX_ROWS,
+        seed: int = 0,
+        folds: int = 4,
+        threads: int | None = None,
+    ) -> None:
+        if method not in METHODS:
+            raise OnnxSparseError(f"unknown pruning method {method!r}", hint=f"choose one of {', '.join(METHODS)}")
+        if not damp >= 0:
+            raise OnnxSparseError(f"--damp must be non-negative, got {damp}")
+        if blocksize < 4 or blocksize % 4:
+            raise OnnxSparseError(f"--blocksize must be a positive multiple of 4, got {blocksize}")
+        if max_rows is not None and max_rows < 1:
+            raise OnnxSparseError(f"max_rows must be positive, got {max_rows}")
+        self.method = method
+        self.damp = damp
+        self.blocksize = blocksize
+        self.max_rows = max_rows
+        self.seed = seed
+        self.folds = folds
+        self.threads = threads
+
+    # ---------------------------------------------------------------- planning
+
+    @staticmethod
+    def groups(mf: ModelFile, sites: Sequence[WeightSite]) -> tuple[list[LayerGroup], list[LayerGroup]]:
+        """Split tensor groups into calibratable ones (with their view) and magnitude fallbacks."""
+        producers = {o: n for n in mf.model.graph.node for o in n.output if o}
+        ok, fallback = [], []
+        for k, members in enumerate(group_by_tensor(sites)):
+            grp = LayerGroup(k, list(members))
+            try:
+                views = [layer_view(s, mf, producers) for s in members]
+                first = views[0]
+                for v in views[1:]:
+                    if (
+                        v.kind != first.kind
+                        or v.groups != first.groups
+                        or not all(np.array_equal(a, b) for a, b in zip(v.index, first.index, strict=True))
+                    ):
+                        raise Unsupported(f"{v.site.node}: shares its weight with {first.site.node} in another layout")
+                grp.view = first
+                grp.sites = members
+                ok.append(grp)
+            except Unsupported as exc:
+                grp.note = str(exc)
+                fallback.append(grp)
+        return ok, fallback
+
+    # ---------------------------------------------------------------- solving
+
+    def solve(self, grp: LayerGroup, acc: _Acc | None, mf: ModelFile, t0: float) -> LayerFit:
+        site = grp.sites[0]
+        view = grp.view
+        stored = np.array(read_weight(site, mf, mmap=False))
+        zero = zero_value(site)
+        loss: float | None = None
+        refit: float | None = None
+        note = grp.note
+        method = self.method
+        if acc is not None:
+            acc.flush()
+        if view is None:
+            method = "magnitude"
+        elif acc is None and method in DATA_METHODS:
+            note = grp.note or "no statistics"
+            method = "magnitude"
+        elif acc is not None and acc.rows == 0 and method in DATA_METHODS:
+            note = "no activation rows were captured"
+            method = "magnitude"
+        if view is None or method == "magnitude":
+            assert site.axis is not None
+            new = nm.prune_2_4(stored, site.axis, zero=zero)
+        else:
+            assert acc is not None
+            mats = view.matrices(stored)
+            out = []
+            losses = []
+            for g, w in enumerate(mats):
+                if method == "wanda":
+                    assert acc.stats is not None
+                    out.append(wanda_2_4(w, acc.stats[g].col_norm))
+                elif method == "sparsegpt":
+                    assert acc.stats is not None
+                    st = acc.stats[g]
+                    new_w, info = sparsegpt_2_4(
+                        w, st.hessian(damp=0.0), blocksize=self.blocksize, damp=self.damp, dead=st.dead
+                    )
+                    out.append(new_w)
+                    losses.append(info.loss)
+                else:
+                    assert acc.paired is not None
+                    folds = [f for f in acc.paired[g] if f.n > 0]
+                    if len(folds) >= 2:
+                        new_w, info, cv = asymmetric_cv_2_4(w, folds, blocksize=self.blocksize, damp=self.damp)
+                        refit = cv.damp if refit is None else max(refit, cv.damp)
+                    else:
+                        every = PairedStats.total(folds)
+                        new_w, info = sparsegpt_2_4(w, every.pp, blocksize=self.blocksize, damp=self.damp)
+                        note = note or "one calibration sample: no cross-validation, plain SparseGPT"
+                    out.append(new_w)
+                    # H was X^T X here, not 2/n X^T X: rescale the loss to SparseGPT's units
+                    losses.append(info.loss * 2.0 / max(1, sum(f.n for f in folds)))
+            loss = float(sum(losses)) if losses else None
+            new = view.to_stored(out, stored, zero)
+        assert site.axis is not None
+        assert nm.is_2_4(new, site.axis, zero), f"{site.node}: calibrated weight is not 2:4 along axis {site.axis}"
+        return LayerFit(
+            grp, method, stored, new, acc.rows if acc else 0, loss, refit, time.perf_counter() - t0, note, acc
+        )
+
+    # ---------------------------------------------------------------- the loop
+
+    def run(
+        self,
+        mf: ModelFile,
+        groups: Sequence[LayerGroup],
+        feeds: Sequence[Mapping[str, np.ndarray]],
+        *,
+        apply: Callable[[LayerFit, StagedRunner], None] | None,
+        dense: ModelFile | None = None,
+        means: bool = False,
+    ) -> Iterator[LayerFit]:
+        """Capture and solve ``groups`` stage by stage, yielding each fit.
+
+        Args:
+            mf: The model captures run on. With ``apply``, ``apply(fit, runner)`` is called
+                for every fit before the next stage is captured (sequential calibration);
+                without it nothing is written and every layer sees dense inputs.
+            groups: Calibratable groups (from :meth:`groups`).
+            feeds: Validated calibration samples.
+            dense: The dense model, for ``asym`` (required then).
+            means: Also collect ``E[x]`` per member (bias correction).
+        """
+        if self.method == "asym" and dense is None:
+            raise AssertionError("asym needs the dense model")
+        sched = schedule(list(mf.model.graph.node), [[(s.node_proto, s.activation) for s in g.sites] for g in groups])
+        runner = StagedRunner(mf, feeds, threads=self.threads)
+        dense_runner = StagedRunner(dense, feeds, threads=self.threads) if self.method == "asym" and dense else None
+        for k in sched.cyclic:
+            groups[k].note = f"{groups[k].sites[0].node}: its weight is shared by layers that feed each other"
+            fit = self.solve(_with_view(groups[k], None), None, mf, time.perf_counter())
+            if apply is not None:
+                apply(fit, runner)
+            yield fit
+        for stage in sched.stages:
+            members = [groups[k] for k in stage]
+            targets = [s.activation for g in members for s in g.sites]
+            needs_data = self.method in DATA_METHODS or means
+            accs = {
+                g.key: _Acc(g.key, g.view, len(g.sites), self.method, len(feeds), self.folds, self.max_rows,
+                            self.seed, means) if needs_data and g.view is not None else None
+                for g in members
+            }  # fmt: skip
+            if needs_data:
+                t_cap = time.perf_counter()
+                gen = runner.iter_stage(targets)
+                dgen = dense_runner.iter_stage(targets) if dense_runner is not None else None
+                for i, acts in gen:
+                    dacts = next(dgen)[1] if dgen is not None else None
+                    for g in members:
+                        acc = accs[g.key]
+                        if acc is None:
+                            continue
+                        for m, s in enumerate(g.sites):
+                            try:
+                                acc.update(m, i, acts[s.activation], dacts[s.activation] if dacts else None)
+                            except Unsupported as exc:
+                                g.note = str(exc)
+                                accs[g.key] = None
+                                break
+                if dgen is not None:
+                    _drain(dgen)
+                logger.debug("stage of %d tensor(s): capture %.2fs", len(members), time.perf_counter() - t_cap)
+            for g in members:
+                t0 = time.perf_counter()
+                fit = self.solve(g, accs[g.key], mf, t0)
+                if apply is not None:
+                    apply(fit, runner)
+                accs[g.key] = None  # free the statistics
+                yield fit
+        if apply is not None:
+            runner.commit()
+        logger.debug(
+            "capture: %d pieces, build %.2fs, onnxruntime %.2fs",
+            runner.stats["pieces"],
+            runner.stats["build_s"],
+            runner.stats["run_s"],
+        )
+
+
+def _with_view(g: LayerGroup, view: LayerView | None) -> LayerGroup:
+    g.view = view
+    return g
+
+
+# --------------------------------------------------------------------------------------
+# bias correction
+
+
+def _unique(used: set[str], base: str) -> str:
+    name, i = base, 0
+    while name in used:
+        i += 1
+        name = f"{base}_{i}"
+    used.add(name)
+    return name
+
+
+def _readers(runner: StagedRunner, name: str) -> list[onnx.NodeProto]:
+    return [n for n in runner.nodes if name in n.input]
+
+
+def _constant_tensor(runner: StagedRunner, name: str) -> onnx.TensorProto | None:
+    if name in runner.initializers:
+        return runner.initializers[name]
+    node = runner.producers.get(name)
+    if node is not None and node.op_type == "Constant":
+        for a in node.attribute:
+            if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                return a.t
+    return None
+
+
+def _graph_outputs(mf: ModelFile) -> set[str]:
+    return {o.name for o in mf.model.graph.output}
+
+
+def _update_bias(
+    runner: StagedRunner, mf: ModelFile, name: str, shift: np.ndarray, reader: onnx.NodeProto, where: str
+) -> str:
+    """Add ``shift`` to the constant bias ``name``; returns "" or why it could not."""
+    t = _constant_tensor(runner, name)
+    if t is None:
+        return f"{where}: bias {name!r} is computed at run time"
+    if len(_readers(runner, name)) != 1 or name in _graph_outputs(mf):
+        return f"{where}: bias {name!r} is shared with other nodes"
+    b = np.asarray(mf.read(t))
+    if b.dtype.kind != "f" and b.dtype.name != "bfloat16":
+        return f"{where}: bias {name!r} is {b.dtype} (quantized biases are not corrected)"
+    if b.size != shift.size or (b.ndim > 0 and b.shape[-1] != shift.size):
+        return f"{where}: bias {name!r} of shape {b.shape} is not one value per output channel ({shift.size})"
+    new = (b.astype(np.float64) + shift.reshape(b.shape)).astype(b.dtype)
+    mf.write(t, new)
+    return ""
+
+
+def _apply_bias(fit: LayerFit, runner: StagedRunner, mf: ModelFile, method: str) -> bool:
+    """Correct (or add) the bias of every node that uses the group's weight."""
+    acc = fit.acc
+    view = fit.group.view
+    if acc is None or acc.mean_p is None or view is None or acc.x_dtype is None:
+        return False
+    old = view.matrices(fit.stored)
+    new = view.matrices(fit.new)
+    done = False
+    for m, site in enumerate(fit.group.sites):
+        node = site.node_proto
+        assert node is not None
+        if method == "asym" and acc.mean_d is not None:
+            parts = [
+                o @ acc.mean_d[m][g].mean - w @ acc.mean_p[m][g].mean
+                for g, (o, w) in enumerate(zip(old, new, strict=True))
+            ]
+        else:
+            parts = [bias_shift(o, w, acc.mean_p[m][g].mean) for g, (o, w) in enumerate(zip(old, new, strict=True))]
+        shift = np.concatenate(parts)
+        if not np.any(shift):
+            continue
+        dtype = acc.x_dtype if acc.x_dtype.kind == "f" or acc.x_dtype.name == "bfloat16" else np.dtype(np.float32)
+        used = runner.names()
+        why = ""
+        if site.op == "Gemm":
+            shift = shift * view.alpha
+            if view.beta == 0:
+                why = f"{site.node}: Gemm beta=0 ignores C"
+            else:
+                shift = shift / view.beta
+        if why:
+            pass
+        elif site.op in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2]:
+            why = _update_bias(runner, mf, node.input[2], shift, node, site.node)
+        elif site.op in ("Conv", "Gemm"):
+            name = _unique(used, f"{site.weight}.bias_correction")
+            runner.set_initializer(name, shift.astype(dtype))
+            while len(node.input) < 2:
+                node.input.append("")
+            if len(node.input) == 2:
+                node.input.append(name)
+            else:
+                node.input[2] = name
+            runner.node_changed(node)
+        else:  # MatMul
+            out = node.output[0]
+            readers = _readers(runner, out)
+            add = (
+                readers[0]
+                if len(readers) == 1 and readers[0].op_type == "Add" and out not in _graph_outputs(mf)
+                else None
+            )
+            other = None
+            if add is not None:
+                other = add.input[1] if add.input[0] == out else add.input[0]
+                if other == out or _constant_tensor(runner, other) is None:
+                    other = None
+            if other is not None:
+                why = _update_bias(runner, mf, other, shift, add, site.node)
+            else:
+                pre = _unique(used, f"{out}_before_bias")
+                bname = _unique(used, f"{site.weight}.bias_correction")
+                node.output[0] = pre
+                runner.node_changed(node)
+                add_node = onnx.helper.make_node(
+                    "Add", [pre, bname], [out], name=_unique(used, f"{site.node}/bias_correction")
+                )
+                runner.set_initializer(bname, shift.astype(dtype))
+                runner.insert_after(node, add_node)
+        if why:
+            logger.info("bias not corrected: %s", why)
+        else:
+            done = True
+    return done
+
+
+# --------------------------------------------------------------------------------------
+# the pass
+
+
+class CalibratedPrunePass(Pass):
+    """Prune every selected eligible layer to 2:4 with a calibrated method (functional pass).
+
+    Args:
+        method: ``magnitude``, ``wanda``, ``sparsegpt`` or ``asym`` (module docstring).
+        feeds: Calibration samples (``{input name: array}``), or a callable that makes them
+            from the model (called once per run). Not needed for plain magnitude.
+        bias_correction: Correct (or add) biases to keep each output's mean.
+        damp: SparseGPT relative damping (``lambda = damp * mean(diag H)``).
+        blocksize: SparseGPT lazy-update block size (multiple of 4).
+        include / exclude / ops / min_channels: Layer selection, as for :class:`PrunePass`.
+        sites: Only these node names (a shared weight needs all its nodes listed).
+        max_rows: Row budget per calibration sample and layer (seeded subsample).
+        seed: Seed of the row subsampling.
+        folds: Cross-validation folds for ``asym``.
+        threads: onnxruntime intra-op threads.
+
+    Cases: eligible main-graph layer -> calibrated; not calibratable -> magnitude (logged);
+    not eligible or not selected -> untouched; no weight changed -> ``modified`` False.
+    """
+
+    in_place = False
+
+    def __init__(
+        self,
+        method: str = "sparsegpt",
+        feeds: FeedSource | None = None,
+        *,
+        bias_correction: bool = False,
+        damp: float = 0.01,
+        blocksize: int = 128,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        ops: Sequence[str] = (),
+        min_channels: int = 0,
+        sites: Iterable[str] | None = None,
+        max_rows: int | None = DEFAULT_MAX_ROWS,
+        seed: int = 0,
+        folds: int = 4,
+        threads: int | None = None,
+    ) -> None:
+        self.engine = Calibrator(
+            method, damp=damp, blocksize=blocksize, max_rows=max_rows, seed=seed, folds=folds, threads=threads
+        )
+        self.method = method
+        if (method in DATA_METHODS or bias_correction) and feeds is None:
+            raise OnnxSparseError(
+                f"{method}{' with bias correction' if bias_correction else ''} needs calibration data",
+                hint="pass calibration feeds (a list of {input name: array}); "
+                "onnx_sparse.calib.data.random_feeds(model) makes random ones for a smoke test",
+            )
+        self.feeds = feeds
+        self.bias_correction = bias_correction
+        self.selection = dict(include=include, exclude=exclude, ops=ops, min_channels=min_channels)
+        self.sites = None if sites is None else set(sites)
+
+    def selected_sites(self, mf: ModelFile) -> list[WeightSite]:
+        """Selected eligible sites (a shared weight only when all its nodes are selected)."""
+        sites = PrunePass(**self.selection).selected_sites(mf)
+        if self.sites is None:
+            return sites
+        out = []
+        for grp in group_by_tensor(sites):
+            if all(s.node in self.sites for s in grp):
+                out.extend(grp)
+        return out
+
+    def resolve_feeds(self, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
+        """The validated calibration samples for ``model``."""
+        feeds = self.feeds(model) if callable(self.feeds) else self.feeds
+        assert feeds is not None
+        return validate_feeds(model, feeds)
+
+    def call(self, mf: ModelFile) -> PassResult:
+        t_start = time.perf_counter()
+        sites = self.selected_sites(mf)
+        method = self.method
+        if not sites:
+            logger.warning("no eligible layers selected: nothing to prune")
+            return PassResult(mf, False, [])
+        needs_data = method in DATA_METHODS or self.bias_correction
+        feeds = self.resolve_feeds(mf.model) if needs_data else []
+        dense = copy_model_file(mf) if method == "asym" else None
+        groups, fallback = self.engine.groups(mf, sites)
+        records: list[SiteRecord] = []
+        # Layers that cannot be calibrated are pruned first, so the others see them as final.
+        for grp in fallback:
+            logger.info("magnitude instead of %s: %s", method, grp.note)
+            fit = self.engine.solve(_with_view(grp, None), None, mf, time.perf_counter())
+            rec = apply_site(grp.sites[0], grp.sites, mf, fit.new, "magnitude", original=fit.stored)
+            records.append(_record(rec, note=grp.note))
+        total = len(groups)
+        done = 0
+
+        def apply(fit: LayerFit, runner: StagedRunner) -> None:
+            nonlocal done
+            grp = fit.group
+            used = fit.method
+            rec = apply_site(grp.sites[0], grp.sites, mf, fit.new, used, original=fit.stored)
+            corrected = _apply_bias(fit, runner, mf, method) if self.bias_correction else False
+            done += 1
+            if fit.note:
+                logger.info("%s: %s", grp.sites[0].node, fit.note)
+            extra = f", loss {fit.loss:.4g}" if fit.loss is not None else ""
+            extra += f", refit damp {fit.refit_damp:g}" if fit.refit_damp is not None else ""
+            logger.info(
+                "[%d/%d] %s %s %.2fs (%d rows%s)",
+                done, total, ",".join(s.node for s in grp.sites), used, fit.seconds, fit.rows, extra,
+            )  # fmt: skip
+            records.append(
+                _record(
+                    rec,
+                    rows=fit.rows,
+                    loss=fit.loss,
+                    refit_damp=fit.refit_damp,
+                    bias_corrected=corrected,
+                    seconds=fit.seconds,
+                    note=fit.note,
+                )
+            )
+
+        if groups:
+            _drain(self.engine.run(mf, groups, feeds, apply=apply, dense=dense, means=self.bias_correction))
+        modified = any(r.groups_changed for r in records) or any(getattr(r, "bias_corrected", False) for r in records)
+        t = totals(records)
+        logger.info(
+            "%s: pruned %d tensors (%d layers, %d parameters) in %.1fs: %d of %d groups changed, retained magnitude %.4f",
+            method, t["tensors"], t["layers"], t["params"], time.perf_counter() - t_start, t["groups_changed"],
+            t["groups"], t["retained_magnitude"],
+        )  # fmt: skip
+        return PassResult(mf, modified, records)
+
+    def ensures(self, result: PassResult) -> None:
+        nodes = {n for r in result.records if isinstance(r, SiteRecord) for n in r.nodes}
+        for site in find_weight_sites(result.model.model, macs=False):
+            if site.node in nodes and site.eligible:
+                w = read_weight(site, result.model)
+                if not nm.is_2_4(w, site.axis, zero_value(site)):
+                    raise AssertionError(f"{site.node}: weight {site.weight} is not 2:4 after pruning")
+
+
+# --------------------------------------------------------------------------------------
+# factory for the API and the CLI
+
+
+def make_prune_pass(
+    method: str | None = None,
+    calibration: FeedSource | None = None,
+    *,
+    bias_correction: bool = False,
+    damp: float = 0.01,
+    blocksize: int = 128,
+    max_rows: int | None = DEFAULT_MAX_ROWS,
+    seed: int = 0,
+    target_cosine: float | None = None,
+    sensitivity: bool = False,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    ops: Sequence[str] = (),
+    min_channels: int = 0,
+    sensitivity_report: Callable[[Any], None] | None = None,
+) -> Pass:
+    """The pruning pass for these options (used by :func:`onnx_sparse.api.prune` and the CLI).
+
+    ``method`` defaults to ``sparsegpt`` when calibration data is given and ``magnitude``
+    otherwise. Plain magnitude (no bias correction, no sensitivity, no target) is the
+    data-free :class:`PrunePass`; ``sensitivity`` or ``target_cosine`` give a
+    :class:`~onnx_sparse.passes.sensitivity.SensitivityPrunePass` (``sensitivity_report`` is
+    called with its report).
+    """
+    if method is None:
+        method = "sparsegpt" if calibration is not None else "magnitude"
+    if method not in METHODS:
+        raise OnnxSparseError(f"unknown pruning method {method!r}", hint=f"choose one of {', '.join(METHODS)}")
+    selection = dict(include=include, exclude=exclude, ops=ops, min_channels=min_channels)
+    options = dict(damp=damp, blocksize=blocksize, max_rows=max_rows, seed=seed)
+    if target_cosine is not None or sensitivity:
+        from onnx_sparse.passes.sensitivity import SensitivityPrunePass
+
+        if calibration is None:
+            raise OnnxSparseError(
+                "sensitivity and target_cosine need calibration data to measure the outputs on",
+                hint="pass calibration feeds (a list of {input name: array})",
+            )
+        return SensitivityPrunePass(
+            target_cosine,
+            method=method,
+            feeds=calibration,
+            bias_correction=bias_correction,
+            report=sensitivity_report,
+            **options,
+            **selection,
+        )
+    if method == "magnitude" and not bias_correction:
+        return PrunePass(**selection)
+    return CalibratedPrunePass(method, calibration, bias_correction=bias_correction, **options, **selection)
