@@ -14,12 +14,19 @@ Nothing here modifies its inputs: weights may be shared by several graph copies.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import numpy as np
 import numpy.typing as npt
 
 __all__ = [
     "GROUP_SIZE",
     "KEEP",
+    "BLOCK_ELEMENTS",
+    "blocks",
+    "PruneStats",
+    "prune_stats",
     "check_axis",
     "grouped",
     "keep_top2",
@@ -34,6 +41,10 @@ __all__ = [
 
 GROUP_SIZE = 4
 KEEP = 2
+# Large tensors are processed in blocks of about this many elements along axis 0: the
+# scratch arrays stay small (memory stays near the size of the weights themselves) and
+# cache-friendly. Blocks never cut a group of 4.
+BLOCK_ELEMENTS = 1 << 20
 
 Array = npt.NDArray
 
@@ -57,6 +68,28 @@ def grouped(a: Array, axis: int) -> Array:
     axis = check_axis(a.shape, axis)
     shape = a.shape[:axis] + (a.shape[axis] // GROUP_SIZE, GROUP_SIZE) + a.shape[axis + 1 :]
     return np.ascontiguousarray(a).reshape(shape)
+
+
+def blocks(
+    shape: tuple[int, ...], axis: int | None = None, elements: int = BLOCK_ELEMENTS
+) -> Iterator[tuple[slice, ...]]:
+    """Index tuples that split ``shape`` along axis 0 into blocks of about ``elements``.
+
+    When the groups of 4 run along axis 0 (``axis == 0``), each block holds whole groups.
+    """
+    if not shape:
+        yield ()
+        return
+    row = int(np.prod(shape[1:], dtype=np.int64)) or 1
+    step = max(1, elements // row)
+    if axis is not None and axis % len(shape) == 0:
+        step = max(GROUP_SIZE, step - step % GROUP_SIZE)
+    for start in range(0, shape[0], step):
+        yield (slice(start, start + step),)
+
+
+def _zero_view(w: Array, zero: Array | float | int) -> Array:
+    return np.broadcast_to(_zero_like(w, zero), w.shape)
 
 
 def _member(g: Array, axis: int, i: int) -> Array:
@@ -138,18 +171,60 @@ def prune_2_4(w: Array, axis: int, scores: Array | None = None, zero: Array | fl
     """Prune ``w`` to 2:4 along ``axis``: keep the 2 best ``scores`` (default ``|w - zero|``) per group.
 
     Entries that are already zero never count as kept at the cost of a non-zero one, so a
-    tensor that already follows 2:4 comes back bit-identical.
+    tensor that already follows 2:4 comes back bit-identical. Works block by block (see
+    :data:`BLOCK_ELEMENTS`), so scratch memory stays small for any tensor size.
     """
-    if scores is None:
-        scores = magnitude_scores(w, zero)
-    else:
-        # An entry that is already zero must never push out a non-zero one.
-        scores = np.where(w == _zero_like(w, zero), -np.inf, scores.astype(np.float64))
-    return apply_keep(w, keep_top2(scores, axis), zero)
+    axis = check_axis(w.shape, axis)
+    out = np.empty_like(w)
+    zeros = _zero_view(w, zero)
+    for sl in blocks(w.shape, axis):
+        wb, zb = w[sl], zeros[sl]
+        if scores is None:
+            sb = magnitude_scores(wb, zb)
+        else:
+            # An entry that is already zero must never push out a non-zero one.
+            sb = np.where(wb == zb, -np.inf, scores[sl].astype(np.float64))
+        out[sl] = apply_keep(wb, keep_top2(sb, axis), zb)
+    return out
 
 
 def retained_magnitude(original: Array, pruned: Array, zero: Array | float | int = 0) -> float:
     """Sum of kept ``|w|`` over sum of ``|w|`` (1.0 for an all-zero tensor)."""
-    total = float(magnitude_scores(original, zero).sum(dtype=np.float64))
-    kept = float(magnitude_scores(pruned, zero).sum(dtype=np.float64))
-    return kept / total if total else 1.0
+    return prune_stats(original, pruned, None, zero).retained_magnitude
+
+
+@dataclass(frozen=True)
+class PruneStats:
+    """What pruning did to one tensor (see :func:`prune_stats`)."""
+
+    groups: int
+    groups_changed: int
+    was_2_4: bool
+    is_2_4: bool
+    retained_magnitude: float
+
+
+def prune_stats(original: Array, pruned: Array, axis: int | None, zero: Array | float | int = 0) -> PruneStats:
+    """Compare a tensor before and after pruning, block by block, in one pass.
+
+    ``groups_changed`` counts groups with any bit changed; ``was_2_4`` / ``is_2_4`` tell
+    whether the pattern held before / holds after (None ``axis``: group figures are 0/False).
+    """
+    assert original.shape == pruned.shape and original.dtype == pruned.dtype
+    bits = np.dtype(f"u{original.dtype.itemsize}")
+    zeros = _zero_view(original, zero)
+    total = kept = 0.0
+    changed = 0
+    was = now = axis is not None
+    for sl in blocks(original.shape, axis):
+        ob, pb, zb = original[sl], pruned[sl], zeros[sl]
+        total += float(magnitude_scores(ob, zb).sum(dtype=np.float64))
+        kept += float(magnitude_scores(pb, zb).sum(dtype=np.float64))
+        if axis is None:
+            continue
+        differs = np.ascontiguousarray(pb).view(bits) != np.ascontiguousarray(ob).view(bits)
+        changed += int(grouped(differs, axis).any(axis=axis % ob.ndim + 1).sum())
+        was = was and bool(np.all(nonzero_per_group(ob, axis, zb) <= KEEP))
+        now = now and bool(np.all(nonzero_per_group(pb, axis, zb) <= KEEP))
+    groups = original.size // GROUP_SIZE if axis is not None else 0
+    return PruneStats(groups, changed, was, now, kept / total if total else 1.0)

@@ -79,15 +79,10 @@ def apply_site(
     zero = zero_value(site)
     if new.shape != w.shape or new.dtype != w.dtype:
         raise AssertionError(f"{site.node}: pruner returned {new.dtype}{new.shape}, expected {w.dtype}{w.shape}")
-    if not nm.is_2_4(new, site.axis, zero):
+    stats = nm.prune_stats(w, new, site.axis, zero)
+    if not stats.is_2_4:
         raise AssertionError(f"{site.node}: pruner returned a weight that is not 2:4 along axis {site.axis}")
-    bits = np.dtype(f"u{w.dtype.itemsize}")
-    differs = np.ascontiguousarray(new).view(bits) != np.ascontiguousarray(w).view(bits)
-    changed_groups = int(nm.grouped(differs, site.axis).any(axis=site.axis + 1).sum())
-    groups = w.size // nm.GROUP_SIZE
-    before_nz = nm.nonzero_per_group(w, site.axis, zero)
-    already = bool(np.all(before_nz <= nm.KEEP))
-    if changed_groups:
+    if stats.groups_changed:
         write_weight(site, mf, new)
     return SiteRecord(
         nodes=tuple(s.node for s in sharers),
@@ -98,10 +93,10 @@ def apply_site(
         shape=tuple(w.shape),
         dtype=str(w.dtype),
         params=int(w.size),
-        groups=groups,
-        groups_changed=changed_groups,
-        already_sparse=already,
-        retained_magnitude=nm.retained_magnitude(w, new, zero),
+        groups=stats.groups,
+        groups_changed=stats.groups_changed,
+        already_sparse=stats.was_2_4,
+        retained_magnitude=stats.retained_magnitude,
     )
 
 
