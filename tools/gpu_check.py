@@ -416,10 +416,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=150.0, help="Start no new case after this many seconds.")
     parser.add_argument("--max-layers", type=int, default=12, help="At most this many layers of MODEL.")
     parser.add_argument("--no-trt", action="store_true", help="Skip the TensorRT part.")
+    parser.add_argument(
+        "--dump-layers",
+        type=Path,
+        metavar="JSON",
+        help="Only write the eligible layer shapes of MODEL (or of each --model-list entry) to JSON and exit "
+        "(runs on the CPU; for a GPU machine that has PyTorch but not onnx).",
+    )
+    parser.add_argument("--model-list", nargs="*", type=Path, default=[], help="More models for --dump-layers.")
+    parser.add_argument(
+        "--layers-json", type=Path, help="Time the layer shapes written by --dump-layers instead of reading MODEL."
+    )
     parser.add_argument("--json", type=Path, help="Also write the results as JSON.")
     parser.add_argument("-v", "--verbose", action="store_true", help="Tracebacks for failed cases.")
     args = parser.parse_args(argv)
     t0 = time.monotonic()
+    if args.dump_layers:
+        models = ([args.model] if args.model else []) + list(args.model_list)
+        by_shape: dict[tuple[str, int, int], dict[str, Any]] = {}
+        for m in models:
+            for layer in layers_from_model(m):
+                key = (m.stem, layer.out_features, layer.in_features)
+                entry = by_shape.setdefault(
+                    key, {"name": f"{m.stem}/{layer.name}", "op": layer.op, "out": key[1], "in": key[2], "count": 0}
+                )
+                entry["count"] += 1  # layers of this model with the same shape time the same
+        shapes = list(by_shape.values())
+        args.dump_layers.write_text(json.dumps(shapes, indent=1))
+        say(f"wrote {len(shapes)} layer shapes from {len(models)} model(s) to {args.dump_layers}")
+        return 0
     warnings.filterwarnings("ignore", message=".*SparseSemiStructuredTensor is in prototype stage.*")
 
     say(f"python {sys.version.split()[0]}")
@@ -438,7 +463,12 @@ def main(argv: list[str] | None = None) -> int:
         say("[W] sparse tensor cores need SM 8.0 (Ampere) or newer: sparse cases will fail")
 
     tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
-    if args.model is not None:
+    if args.layers_json is not None:
+        layers = [
+            Layer(d["name"], d["op"], int(d["out"]), int(d["in"]), source=str(args.layers_json))
+            for d in json.loads(args.layers_json.read_text())
+        ][: args.max_layers]
+    elif args.model is not None:
         try:
             layers = layers_from_model(args.model)[: args.max_layers]
         except Exception as exc:
