@@ -409,7 +409,10 @@ def compare_results(
     pair.append((ref_name, list(ref_iters[:n])))
     pair.append((cand_name, list(cand_iters[:n])))
     func = SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat=check_error_stat)
-    with capture_polygraphy_log(forward_level=logging.INFO, severity=_pg_info(), to=logger) as lines:
+    # Polygraphy's report is a page per iteration and output (stats, histograms): show it in
+    # full for one or two iterations or with -v, otherwise only its warnings and errors.
+    detail = logging.INFO if n <= 2 or logger.isEnabledFor(logging.DEBUG) else logging.WARNING
+    with capture_polygraphy_log(forward_level=detail, severity=_pg_info(), to=logger) as lines:
         try:
             accuracy = Comparator.compare_accuracy(pair, comparisons=[(1, 0)], compare_func=func)
         except PolygraphyException as exc:
