@@ -247,7 +247,9 @@ class StagedRunner:
     cache: dict[str, list[np.ndarray | None]] = field(init=False, default_factory=dict)
     done: set[int] = field(init=False, default_factory=set)
     inserted: bool = field(init=False, default=False)
-    stats: dict[str, float] = field(init=False, default_factory=lambda: {"build_s": 0.0, "run_s": 0.0, "pieces": 0})
+    stats: dict[str, float] = field(
+        init=False, default_factory=lambda: {"build_s": 0.0, "run_s": 0.0, "pieces": 0, "nodes": 0}
+    )
 
     def __post_init__(self) -> None:
         g = self.mf.model.graph
@@ -393,6 +395,7 @@ class StagedRunner:
             sess = _session(sess, self.threads)
         self.stats["build_s"] += time.perf_counter() - t0
         self.stats["pieces"] += 1 if piece.nodes else 0
+        self.stats["nodes"] += len(piece.nodes)
         n = len(self.feeds)
         for name in piece.frontier:
             self.cache[name] = [None] * n

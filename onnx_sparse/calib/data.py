@@ -96,15 +96,19 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
-def _polygraphy_call(what: str, fn: Callable[[], Any], hint: str | None = None) -> Any:
-    """Run a Polygraphy helper, turning its exceptions into OnnxSparseError."""
+def _polygraphy_call(
+    what: str, fn: Callable[[], Any], hint: str | None = None, also: tuple[type[BaseException], ...] = ()
+) -> Any:
+    """Run a Polygraphy helper quietly, turning its exceptions (and ``also``) into OnnxSparseError."""
     from polygraphy.exception import PolygraphyException
+    from polygraphy.logger import G_LOGGER
 
     try:
-        return fn()
-    except PolygraphyException as exc:
+        with G_LOGGER.verbosity(G_LOGGER.WARNING):  # Polygraphy's INFO lines would repeat ours
+            return fn()
+    except (PolygraphyException, *also) as exc:
         text = " ".join(str(exc).split())
-        raise OnnxSparseError(f"{what}: {text}", hint=hint) from exc
+        raise OnnxSparseError(f"{what}: {type(exc).__name__}: {text}", hint=hint) from exc
 
 
 def parse_input_shapes(specs: Sequence[str]) -> dict[str, tuple[int, ...]]:
@@ -166,6 +170,7 @@ def load_inputs(paths: Sequence[str | os.PathLike[str]]) -> list[Feed]:
         read,
         hint="the file must be Polygraphy JSON, e.g. written by `polygraphy run --save-inputs` or "
         "polygraphy.json.save_json([{name: array}, ...], path)",
+        also=(ValueError, TypeError, KeyError, OSError),
     )
     return [_as_feed(f, f"--load-inputs feed {i}") for i, f in enumerate(feeds)]
 
@@ -228,11 +233,9 @@ def random_feeds(
             shape = tuple(d if isinstance(d, int) else (d or "?") for d in (s.shape or ()))
         meta.add(s.name, dtype=s.dtype, shape=shape)
     logger.warning("%s", RANDOM_DATA_WARNING)
-    from polygraphy.logger import G_LOGGER
-
-    with G_LOGGER.verbosity(G_LOGGER.WARNING):  # Polygraphy's own INFO lines would repeat ours
-        loader = DataLoader(seed=seed, iterations=iterations, input_metadata=meta)
-        feeds = _polygraphy_call("random data", lambda: list(loader))
+    feeds = _polygraphy_call(
+        "random data", lambda: list(DataLoader(seed=seed, iterations=iterations, input_metadata=meta))
+    )
     return [_as_feed(f, f"random feed {i}") for i, f in enumerate(feeds)]
 
 

@@ -73,6 +73,7 @@ __all__ = [
     "Calibrator",
     "LayerGroup",
     "LayerFit",
+    "LayerStats",
     "make_prune_pass",
 ]
 
@@ -92,6 +93,7 @@ class CalibratedSiteRecord(SiteRecord):
     Attributes:
         rows: Activation rows the statistics were built from (after subsampling).
         loss: SparseGPT's estimate of the added output error (None for other methods).
+        damp: The SparseGPT damping cross-validation chose for a row-starved layer (else None).
         refit_damp: The ridge damping cross-validation chose (``asym``; ``inf``: no refit).
         bias_corrected: Whether a bias was corrected or added.
         seconds: Time spent on this tensor (statistics and solve, capture excluded).
@@ -100,6 +102,7 @@ class CalibratedSiteRecord(SiteRecord):
 
     rows: int = 0
     loss: float | None = None
+    damp: float | None = None
     refit_damp: float | None = None
     bias_corrected: bool = False
     seconds: float = 0.0
@@ -114,13 +117,27 @@ def _record(base: SiteRecord, **extra: Any) -> CalibratedSiteRecord:
 # statistics of one tensor group
 
 
+#: SparseGPT layers that saw fewer rows than this many times their columns (an FC head fed a
+#: small batch, a squeeze-excitation conv that sees one row per image) have a singular
+#: ``X^T X``: their damping is chosen by cross-validation over the calibration samples.
+STARVED_ROWS_PER_COL = 2
+#: Relative dampings tried for row-starved layers (values below ``damp`` are skipped).
+DAMP_GRID: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
+
 #: Rows are buffered up to this many values (rows x columns) before they reach the
 #: accumulators: a few large ``X^T X`` products are much faster than many small ones.
 _FLUSH_VALUES = 1 << 22
 
 
-class _Acc:
-    """The statistics one stored tensor needs, fed sample by sample (rows buffered, see flush)."""
+class LayerStats:
+    """The statistics one stored tensor needs, fed sample by sample (rows buffered, see flush).
+
+    Attributes (one entry per conv group; ``None`` when the method does not need them):
+        stats: :class:`RunningStats` of the pruned-model input (``X^T X`` for SparseGPT).
+        paired: Per group, one :class:`PairedStats` per cross-validation fold (``asym``).
+        mean_p / mean_d: Per member node and group, the mean input in the pruned / dense model.
+        rows: Rows seen (after subsampling).
+    """
 
     def __init__(
         self,
@@ -156,6 +173,8 @@ class _Acc:
         self._buf: list[tuple[int, int, list[np.ndarray], list[np.ndarray] | None]] = []
         self._buf_rows = 0
         self._flush_rows = max(256, _FLUSH_VALUES // c)
+        # Rows kept (tagged by fold) while the layer is row-starved, for cross-validated damping.
+        self.raw: list[tuple[int, list[np.ndarray]]] | None = [] if method == "sparsegpt" and self.folds > 1 else None
 
     def update(self, member: int, sample: int, xp: np.ndarray, xd: np.ndarray | None) -> None:
         self.x_dtype = xp.dtype
@@ -176,6 +195,10 @@ class _Acc:
             if not n:
                 continue
             self.rows += n
+            if self.raw is not None:
+                self.raw.append((fold, cp))
+                if self.rows > STARVED_ROWS_PER_COL * self.view.cols:
+                    self.raw = None
             self._buf.append((member, fold, cp, cd))
             self._buf_rows += n
             if self._buf_rows >= self._flush_rows:
@@ -219,7 +242,8 @@ class LayerGroup:
 
 @dataclass(frozen=True)
 class LayerFit:
-    """What solving one group gave."""
+    """What solving one group gave: the method used, the stored tensor before and after, the
+    rows and loss, the chosen refit damping, the time, a fallback note and the statistics."""
 
     group: LayerGroup
     method: str
@@ -230,7 +254,8 @@ class LayerFit:
     refit_damp: float | None
     seconds: float
     note: str
-    acc: _Acc | None
+    acc: LayerStats | None
+    damp: float | None = None
 
 
 def _drain(gen: Iterator[Any]) -> None:
@@ -307,13 +332,14 @@ class Calibrator:
 
     # ---------------------------------------------------------------- solving
 
-    def solve(self, grp: LayerGroup, acc: _Acc | None, mf: ModelFile, t0: float) -> LayerFit:
+    def solve(self, grp: LayerGroup, acc: LayerStats | None, mf: ModelFile, t0: float) -> LayerFit:
         site = grp.sites[0]
         view = grp.view
         stored = np.array(read_weight(site, mf, mmap=False))
         zero = zero_value(site)
         loss: float | None = None
         refit: float | None = None
+        chosen: float | None = None
         note = grp.note
         method = self.method
         if acc is not None:
@@ -341,8 +367,12 @@ class Calibrator:
                 elif method == "sparsegpt":
                     assert acc.stats is not None
                     st = acc.stats[g]
+                    damp = self.damp
+                    if acc.raw is not None and len({f for f, _ in acc.raw}) > 1:
+                        damp = self._cv_damp(w, [(f, rows[g]) for f, rows in acc.raw])
+                        chosen = damp if chosen is None else max(chosen, damp)
                     new_w, info = sparsegpt_2_4(
-                        w, st.hessian(damp=0.0), blocksize=self.blocksize, damp=self.damp, dead=st.dead
+                        w, st.hessian(damp=0.0), blocksize=self.blocksize, damp=damp, dead=st.dead
                     )
                     out.append(new_w)
                     losses.append(info.loss)
@@ -364,8 +394,30 @@ class Calibrator:
         assert site.axis is not None
         assert nm.is_2_4(new, site.axis, zero), f"{site.node}: calibrated weight is not 2:4 along axis {site.axis}"
         return LayerFit(
-            grp, method, stored, new, acc.rows if acc else 0, loss, refit, time.perf_counter() - t0, note, acc
+            grp, method, stored, new, acc.rows if acc else 0, loss, refit, time.perf_counter() - t0, note, acc, chosen
         )
+
+    def _cv_damp(self, w: np.ndarray, rows: Sequence[tuple[int, np.ndarray]]) -> float:
+        """SparseGPT damping for a row-starved layer: the grid value with the smallest held-out
+        output error ``||X_f (W - W')^T||^2`` over folds of calibration samples (ties: larger)."""
+        folds = sorted({f for f, _ in rows})
+        data = {f: np.concatenate([r for g, r in rows if g == f]).astype(np.float64) for f in folds}
+        grid = sorted({d for d in DAMP_GRID if d >= self.damp} | {self.damp})
+        scores = []
+        for d in grid:
+            total = 0.0
+            for f in folds:
+                train = np.concatenate([data[g] for g in folds if g != f])
+                st = RunningStats(w.shape[1], track_xtx=True)
+                st.update(train)
+                new_w, _ = sparsegpt_2_4(w, st.hessian(damp=0.0), blocksize=self.blocksize, damp=d, dead=st.dead)
+                err = data[f] @ (w - new_w).T
+                total += float(np.einsum("ij,ij->", err, err))
+            scores.append(total)
+        best = min(range(len(grid)), key=lambda i: (scores[i], -grid[i]))
+        logger.debug("damping by %d-fold CV (%d rows): %s -> %g", len(folds), sum(len(r) for _, r in rows),
+                     dict(zip(grid, scores, strict=True)), grid[best])  # fmt: skip
+        return grid[best]
 
     # ---------------------------------------------------------------- the loop
 
@@ -406,7 +458,7 @@ class Calibrator:
             targets = [s.activation for g in members for s in g.sites]
             needs_data = self.method in DATA_METHODS or means
             accs = {
-                g.key: _Acc(g.key, g.view, len(g.sites), self.method, len(feeds), self.folds, self.max_rows,
+                g.key: LayerStats(g.key, g.view, len(g.sites), self.method, len(feeds), self.folds, self.max_rows,
                             self.seed, means) if needs_data and g.view is not None else None
                 for g in members
             }  # fmt: skip
@@ -600,6 +652,7 @@ class CalibratedPrunePass(Pass):
         seed: Seed of the row subsampling.
         folds: Cross-validation folds for ``asym``.
         threads: onnxruntime intra-op threads.
+        on_fit: Called with every :class:`LayerFit` after it is written (inspection, tests).
 
     Cases: eligible main-graph layer -> calibrated; not calibratable -> magnitude (logged);
     not eligible or not selected -> untouched; no weight changed -> ``modified`` False.
@@ -624,7 +677,9 @@ class CalibratedPrunePass(Pass):
         seed: int = 0,
         folds: int = 4,
         threads: int | None = None,
+        on_fit: Callable[[LayerFit], None] | None = None,
     ) -> None:
+        self.on_fit = on_fit
         self.engine = Calibrator(
             method, damp=damp, blocksize=blocksize, max_rows=max_rows, seed=seed, folds=folds, threads=threads
         )
@@ -689,15 +744,19 @@ class CalibratedPrunePass(Pass):
                 logger.info("%s: %s", grp.sites[0].node, fit.note)
             extra = f", loss {fit.loss:.4g}" if fit.loss is not None else ""
             extra += f", refit damp {fit.refit_damp:g}" if fit.refit_damp is not None else ""
+            extra += f", damp {fit.damp:g} by cross-validation" if fit.damp is not None else ""
             logger.info(
                 "[%d/%d] %s %s %.2fs (%d rows%s)",
                 done, total, ",".join(s.node for s in grp.sites), used, fit.seconds, fit.rows, extra,
             )  # fmt: skip
+            if self.on_fit is not None:
+                self.on_fit(fit)
             records.append(
                 _record(
                     rec,
                     rows=fit.rows,
                     loss=fit.loss,
+                    damp=fit.damp,
                     refit_damp=fit.refit_damp,
                     bias_corrected=corrected,
                     seconds=fit.seconds,

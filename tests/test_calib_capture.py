@@ -1,0 +1,135 @@
+"""Tests for onnx_sparse.calib.capture: stage schedule and the frontier-keeping staged runner."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import case_path
+from test_calibrated_models import conv_data, convnet, mlp, mlp_data, qkv, run
+
+from onnx_sparse.calib.capture import StagedRunner, inline_model, node_reads, run_model, schedule
+from onnx_sparse.graph.locate import find_weight_sites
+from onnx_sparse.io import ModelFile, load_model
+
+
+def _groups(model: onnx.ModelProto):
+    sites = [s for s in find_weight_sites(model, macs=False) if s.eligible]
+    return sites, [[(s.node_proto, s.activation)] for s in sites]
+
+
+def _stage_names(model: onnx.ModelProto) -> list[list[str]]:
+    sites, groups = _groups(model)
+    sched = schedule(list(model.graph.node), groups)
+    return [[sites[k].node for k in stage] for stage in sched.stages]
+
+
+def test_schedule_shared_input_is_one_stage() -> None:
+    assert _stage_names(qkv()) == [["q", "k", "v"], ["o"]]
+
+
+def test_schedule_chain() -> None:
+    assert _stage_names(mlp()) == [["fc1"], ["fc2"], ["fc3"]]
+    assert _stage_names(convnet()) == [["conv1"], ["conv2"], ["conv3"], ["conv4"]]
+
+
+def test_schedule_ignores_node_order() -> None:
+    m = qkv()
+    nodes = list(m.graph.node)[::-1]
+    sites, groups = _groups(m)
+    sched = schedule(nodes, groups)
+    assert [[sites[k].node for k in st] for st in sched.stages] == [["q", "k", "v"], ["o"]]
+
+
+def test_schedule_cyclic_shared_weight() -> None:
+    m = onnx.load(case_path("shared_agree.onnx"))  # y = (x @ W) @ W
+    sites = [s for s in find_weight_sites(m, macs=False) if s.eligible]
+    sched = schedule(list(m.graph.node), [[(s.node_proto, s.activation) for s in sites]])
+    assert sched.cyclic == (0,) and sched.stages == ()
+
+
+def test_node_reads_include_subgraph_outer_names() -> None:
+    m = onnx.load(case_path("if_subgraph.onnx"))
+    if_node = next(n for n in m.graph.node if n.op_type == "If")
+    assert "outer.weight" in node_reads(if_node)
+
+
+def _intermediates(model: onnx.ModelProto, names: list[str], feeds) -> list[dict[str, np.ndarray]]:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for n in names:
+        m.graph.output.add().name = n
+    return list(run_model(m, feeds))
+
+
+def test_runner_stages_match_full_model_and_run_each_node_once() -> None:
+    model = convnet()
+    feeds = conv_data(0, 3)
+    mf = ModelFile(model)
+    runner = StagedRunner(mf, feeds)
+    stages = [["x"], ["a1"], ["a2"], ["a3"]]
+    full = _intermediates(model, ["a1", "a2", "a3"], feeds)
+    for targets in stages:
+        for i, got in runner.iter_stage(targets):
+            for t in targets:
+                want = feeds[i]["x"] if t == "x" else full[i][t]
+                np.testing.assert_allclose(got[t], want, rtol=1e-5, atol=1e-6)
+        # Only what later nodes read is kept.
+        assert set(runner.cache) <= set(targets)
+    # conv1..3 + relu1..3 ran exactly once in total; conv4 never (nothing asked for its output).
+    assert runner.stats["nodes"] == 6
+
+
+def test_runner_sees_weights_written_between_stages() -> None:
+    model = mlp()
+    feeds = mlp_data(0, 2)
+    mf = ModelFile(model)
+    runner = StagedRunner(mf, feeds)
+    for _ in runner.iter_stage(["x"]):
+        pass
+    w1 = next(t for t in mf.model.graph.initializer if t.name == "w1")
+    mf.write(w1, np.zeros((32, 64), np.float32))
+    got = [v["a1"] for _, v in runner.iter_stage(["a1"])]
+    b1 = onnx.numpy_helper.to_array(next(t for t in mf.model.graph.initializer if t.name == "b1"))
+    np.testing.assert_allclose(got[0], np.broadcast_to(np.maximum(b1, 0), (16, 64)), rtol=1e-6)
+
+
+def test_runner_insert_and_commit() -> None:
+    model = mlp()
+    feeds = mlp_data(0, 1)
+    mf = ModelFile(mlp())
+    runner = StagedRunner(mf, feeds)
+    fc2 = next(n for n in runner.nodes if n.name == "fc2")
+    fc2.output[0] = "h2_pre"
+    runner.node_changed(fc2)
+    runner.set_initializer("extra_b", np.full(64, 1.0, np.float32))
+    runner.insert_after(fc2, onnx.helper.make_node("Add", ["h2_pre", "extra_b"], ["h2"], name="added"))
+    got = [v["a2"] for _, v in runner.iter_stage(["a2"])][0]
+    runner.commit()
+    onnx.checker.check_model(mf.model)
+    names = [n.name for n in mf.model.graph.node]
+    assert names.index("added") == names.index("fc2") + 1
+    full = _intermediates(mf.model, ["a2"], feeds)[0]["a2"]
+    np.testing.assert_allclose(got, full, rtol=1e-6)
+    dense = _intermediates(model, ["a2"], feeds)[0]["a2"]
+    assert not np.allclose(dense, full)
+
+
+def test_inline_model_loads_external_data(tmp_path) -> None:
+    model = mlp()
+    onnx.save(mlp(), tmp_path / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    mf = load_model(tmp_path / "m.onnx")
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in mf.model.graph.initializer)
+    feeds = mlp_data(0, 1)
+    np.testing.assert_allclose(run(inline_model(mf), feeds)[0], run(model, feeds)[0], rtol=1e-6)
+    runner = StagedRunner(mf, feeds)
+    (_, got), *_ = list(runner.iter_stage(["a2"]))
+    assert got["a2"].shape == (16, 64)
+
+
+def test_runner_error_names_the_sample() -> None:
+    from onnx_sparse.errors import OnnxSparseError
+
+    runner = StagedRunner(ModelFile(mlp()), [{"x": np.zeros((2, 31), np.float32)}])
+    with pytest.raises(OnnxSparseError, match="sample 0"):
+        list(runner.iter_stage(["a1"]))

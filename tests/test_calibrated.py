@@ -1,0 +1,301 @@
+"""Tests for onnx_sparse.passes.calibrated (calibrated one-shot 2:4 pruning), its API and CLI options."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import onnx
+import pytest
+from conftest import case_path, error_lines
+from polygraphy.json import save_json
+from test_calibrated_models import conv_data, convnet, mlp, mlp_data, rel_error, run, single
+
+from onnx_sparse import api
+from onnx_sparse.core import nm
+from onnx_sparse.errors import OnnxSparseError
+from onnx_sparse.graph.locate import find_weight_sites
+from onnx_sparse.passes.calibrated import CalibratedPrunePass, CalibratedSiteRecord, make_prune_pass
+from onnx_sparse.passes.prune import PrunePass
+
+
+def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _all_2_4(model: onnx.ModelProto) -> bool:
+    sites = [s for s in find_weight_sites(model, macs=False) if s.eligible]
+    return bool(sites) and all(nm.is_2_4(onnx.numpy_helper.to_array(s.tensor), s.axis) for s in sites)
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+@pytest.mark.parametrize(("make", "data"), [(mlp, mlp_data), (convnet, conv_data)])
+def test_calibrated_methods_beat_magnitude_on_held_out_data(make, data) -> None:
+    model = make()
+    calib, held = data(1, 16), data(2, 8)
+    dense = run(model, held)
+    err = {"magnitude": rel_error(PrunePass()(model).model.model, dense, held)}
+    for method in ("wanda", "sparsegpt", "asym"):
+        result = CalibratedPrunePass(method, calib)(model)
+        assert result.modified and _all_2_4(result.model.model)
+        err[method] = rel_error(result.model.model, dense, held)
+    assert err["wanda"] < err["magnitude"]
+    assert err["sparsegpt"] < 0.8 * err["magnitude"], err
+    assert err["asym"] < 0.8 * err["magnitude"], err
+    assert err["asym"] < 1.05 * err["sparsegpt"], err
+
+
+# --------------------------------------------------------------------------- sequential capture
+
+
+def test_second_layer_is_fitted_to_the_pruned_first_layer() -> None:
+    model = mlp()
+    feeds = mlp_data(1, 6)
+    fits = {}
+    result = CalibratedPrunePass("sparsegpt", feeds, on_fit=lambda f: fits.setdefault(f.group.sites[0].node, f))(model)
+    w = _weights(result.model.model)
+    x = np.concatenate([f["x"] for f in feeds]).astype(np.float64)
+    pruned_in = np.maximum(x @ w["w1"] + w["b1"], 0)
+    dense_in = np.maximum(x @ _weights(model)["w1"] + w["b1"], 0)
+    stats = fits["fc2"].acc.stats[0]
+    assert stats.n == x.shape[0]
+    np.testing.assert_allclose(stats.xtx, pruned_in.T @ pruned_in, rtol=1e-4, atol=1e-3)
+    assert not np.allclose(stats.xtx, dense_in.T @ dense_in, rtol=1e-2)
+    # And fc3 sees fc2 as pruned.
+    pruned_in3 = np.maximum(pruned_in @ w["w2"], 0)
+    np.testing.assert_allclose(fits["fc3"].acc.stats[0].xtx, pruned_in3.T @ pruned_in3, rtol=1e-4, atol=1e-3)
+
+
+def test_asym_pairs_pruned_and_dense_inputs() -> None:
+    model = mlp()
+    feeds = mlp_data(1, 6)
+    fits = {}
+    result = CalibratedPrunePass("asym", feeds, on_fit=lambda f: fits.setdefault(f.group.sites[0].node, f))(model)
+    w, w0 = _weights(result.model.model), _weights(model)
+    x = np.concatenate([f["x"] for f in feeds]).astype(np.float64)
+    xp = np.maximum(x @ w["w1"] + w["b1"], 0)
+    xd = np.maximum(x @ w0["w1"] + w0["b1"], 0)
+    folds = fits["fc2"].acc.paired[0]
+    assert len(folds) == 4 and sum(f.n for f in folds) == x.shape[0]
+    np.testing.assert_allclose(sum(f.pp for f in folds), xp.T @ xp, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(sum(f.pd for f in folds), xp.T @ xd, rtol=1e-4, atol=1e-3)
+    assert fits["fc2"].refit_damp is not None
+
+
+def test_row_budget_per_sample() -> None:
+    result = CalibratedPrunePass("sparsegpt", conv_data(0, 3), max_rows=40)(convnet())
+    # conv1: 144 positions per sample (capped at 40); conv2: 6x5 = 30; conv3 and conv4: 3x5 = 15
+    assert [r.rows for r in result.records] == [120, 90, 45, 45]
+
+
+# --------------------------------------------------------------------------- layouts and dtypes
+
+
+@pytest.mark.parametrize(
+    "name", ["transpose_120.onnx", "constant_nodes.onnx", "grouped_depthwise.onnx", "dynamic_shapes.onnx"]
+)
+def test_case_models_pass_check(name: str, run_cli, tmp_path) -> None:
+    from onnx_sparse.calib.data import model_inputs
+
+    model = onnx.load(case_path(name))
+    shapes = [
+        f"{s.name}:[{','.join(str(d) if isinstance(d, int) else '4' for d in s.shape)}]" for s in model_inputs(model)
+    ]
+    out = tmp_path / "out.onnx"
+    rc, text = run_cli(["prune", case_path(name), "-o", out, "--method", "sparsegpt", "--input-shapes", *shapes])
+    assert rc == 0, text
+    assert "sparsegpt" in text
+    rc, text = run_cli(["check", out])
+    assert rc == 0, text
+
+
+def test_quantized_weights_keep_their_stored_values() -> None:
+    model = onnx.load(case_path("qdq_conv.onnx"))
+    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 16, 8, 8)).astype(np.float32)} for i in range(4)]
+    result = CalibratedPrunePass("sparsegpt", feeds)(model)
+    (rec,) = result.records
+    assert rec.method == "sparsegpt" and rec.dtype == "int8"
+    before = _weights(model)["conv.weight_q"]
+    after = _weights(result.model.model)["conv.weight_q"]
+    assert after.dtype == np.int8 and nm.is_2_4(after, 1)
+    kept = after != 0
+    np.testing.assert_array_equal(after[kept], before[kept])
+
+
+def test_fp16_weights_are_updated_and_rounded() -> None:
+    model = onnx.load(case_path("fp16_cast.onnx"))
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((2, 8, 8, 8)).astype(np.float32), "v": rng.standard_normal((2, 32)).astype(np.float32)}
+             for _ in range(4)]  # fmt: skip
+    result = CalibratedPrunePass("sparsegpt", feeds)(model)
+    assert {r.dtype for r in result.records} == {"float16"}
+    before, after = _weights(model), _weights(result.model.model)
+    for name in ("conv.weight", "fc.weight"):
+        assert after[name].dtype == np.float16
+        kept = after[name] != 0
+        assert not np.array_equal(after[name][kept], before[name][kept])  # SparseGPT moved the kept weights
+    assert _all_2_4(result.model.model)
+
+
+def test_layers_that_cannot_be_calibrated_fall_back_to_magnitude(caplog) -> None:
+    model = onnx.load(case_path("gemm_const_a.onnx"))
+    from onnx_sparse.calib.data import model_inputs
+
+    (spec,) = model_inputs(model)
+    shape = tuple(d if isinstance(d, int) else 4 for d in spec.shape)
+    feeds = [{spec.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}]
+    with caplog.at_level(logging.INFO, logger="onnx_sparse"):
+        result = CalibratedPrunePass("sparsegpt", feeds)(model)
+    (rec,) = result.records
+    assert isinstance(rec, CalibratedSiteRecord) and rec.method == "magnitude" and "A input" in rec.note
+    assert "magnitude instead of sparsegpt" in caplog.text
+    assert _all_2_4(result.model.model)
+
+
+def test_subgraph_sites_fall_back_to_magnitude() -> None:
+    model = onnx.load(case_path("if_subgraph.onnx"))
+    from onnx_sparse.calib.data import random_feeds
+
+    result = CalibratedPrunePass("sparsegpt", random_feeds(model, iterations=2, input_shapes={"x": (2, 16)}))(model)
+    assert {r.method for r in result.records} == {"magnitude"}
+    assert all("subgraph" in r.note for r in result.records)
+
+
+def test_needs_data_and_valid_options() -> None:
+    with pytest.raises(OnnxSparseError, match="needs calibration data"):
+        CalibratedPrunePass("sparsegpt")
+    with pytest.raises(OnnxSparseError, match="unknown pruning method"):
+        CalibratedPrunePass("obs", [])
+    with pytest.raises(OnnxSparseError, match="blocksize"):
+        CalibratedPrunePass("sparsegpt", [], blocksize=6)
+    assert isinstance(make_prune_pass(), PrunePass)
+    assert isinstance(make_prune_pass(calibration=mlp_data(0, 1)), CalibratedPrunePass)
+    with pytest.raises(OnnxSparseError, match="dtype"):
+        CalibratedPrunePass("sparsegpt", [{"x": np.zeros((2, 32))}])(mlp())
+
+
+# --------------------------------------------------------------------------- bias correction
+
+
+def _means(model: onnx.ModelProto, feeds) -> np.ndarray:
+    out = run(model, feeds)
+    axes = (0, 2, 3) if out[0].ndim == 4 else (0,)
+    return np.mean([o.mean(axis=axes) for o in out], axis=0)
+
+
+@pytest.mark.parametrize("op", ["Conv", "MatMul", "Gemm"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("method", ["sparsegpt", "asym", "magnitude"])
+def test_bias_correction_keeps_the_mean_output(op: str, bias: bool, method: str) -> None:
+    model = single(op, bias)
+    if op == "Conv":
+        feeds = conv_data(3, 4)  # mean 0.5: padding changes the mean of border rows
+    else:
+        feeds = [{"x": f["x"] + 1.0} for f in mlp_data(3, 4)]
+    dense = _means(model, feeds)
+    plain = _means(CalibratedPrunePass(method, feeds)(model).model.model, feeds)
+    result = CalibratedPrunePass(method, feeds, bias_correction=True)(model)
+    corrected = _means(result.model.model, feeds)
+    scale = np.abs(dense).max()
+    assert np.abs(plain - dense).max() > 1e-2 * scale
+    np.testing.assert_allclose(corrected, dense, atol=1e-4 * scale)
+    assert result.records[0].bias_corrected
+    pruned = result.model.model
+    onnx.checker.check_model(pruned)
+    assert _all_2_4(pruned)
+    ops = [n.op_type for n in pruned.graph.node]
+    if op == "MatMul":
+        assert ops == ["MatMul", "Add"]  # an existing bias Add is updated; otherwise one is inserted
+        assert [n.output[0] for n in pruned.graph.node][-1] == "y"
+        if not bias:
+            assert pruned.graph.node[1].name.endswith("bias_correction")
+    else:
+        assert ops == [op] and len(pruned.graph.node[0].input) == 3
+
+
+def test_bias_correction_leaves_a_shared_bias_alone(caplog) -> None:
+    model = single("Conv", True)
+    # a second reader of the bias makes it shared
+    model.graph.node.append(onnx.helper.make_node("Identity", ["b"], ["b_copy"]))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("b_copy", onnx.TensorProto.FLOAT, [16]))
+    with caplog.at_level(logging.INFO, logger="onnx_sparse"):
+        result = CalibratedPrunePass("sparsegpt", conv_data(0, 2), bias_correction=True)(model)
+    assert "shared" in caplog.text and not result.records[0].bias_corrected
+    np.testing.assert_array_equal(_weights(result.model.model)["b"], _weights(model)["b"])
+
+
+# --------------------------------------------------------------------------- API and CLI
+
+
+def test_api_prune_with_calibration() -> None:
+    model = mlp()
+    feeds, held = mlp_data(1, 8), mlp_data(2, 4)
+    dense = run(model, held)
+    sparse = api.prune(model, method="sparsegpt", calibration=feeds)
+    assert isinstance(sparse, onnx.ModelProto) and _all_2_4(sparse)
+    default = api.prune(model, calibration=feeds)  # data given: sparsegpt
+    assert rel_error(default, dense, held) == pytest.approx(rel_error(sparse, dense, held))
+    assert rel_error(sparse, dense, held) < rel_error(api.prune(model), dense, held)
+    corrected = api.prune(model, method="wanda", calibration=feeds, bias_correction=True)
+    assert _all_2_4(corrected)
+    with pytest.raises(OnnxSparseError, match="calibration data"):
+        api.prune(model, method="sparsegpt")
+
+
+def test_cli_load_inputs(run_cli, tmp_path) -> None:
+    onnx.save(mlp(), tmp_path / "m.onnx")
+    save_json(mlp_data(0, 4), tmp_path / "in.json")
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    rc, text = run_cli(["prune", tmp_path / "m.onnx", "-o", out, "--load-inputs", tmp_path / "in.json",
+                        "--report", report, "--calib-samples", "3"])  # fmt: skip
+    assert rc == 0, text
+    assert "[3/3] fc3 sparsegpt" in text and "RANDOM" not in text and not error_lines(text)
+    doc = json.loads(report.read_text())
+    assert doc["method"] == "sparsegpt" and doc["calibration"] == {"random": False}
+    assert [layer["rows"] for layer in doc["layers"]] == [48, 48, 48]
+    assert run_cli(["check", out])[0] == 0
+
+
+def test_cli_data_loader_script(run_cli, tmp_path) -> None:
+    onnx.save(convnet(), tmp_path / "m.onnx")
+    script = tmp_path / "data.py"
+    script.write_text(
+        "import numpy as np\n"
+        "def feeds():\n"
+        "    rng = np.random.default_rng(0)\n"
+        "    return [{'x': rng.standard_normal((1, 8, 10, 10)).astype(np.float32)} for _ in range(3)]\n"
+    )
+    out = tmp_path / "o.onnx"
+    rc, text = run_cli(["prune", tmp_path / "m.onnx", "-o", out, "--data-loader-script", f"{script}:feeds",
+                        "--method", "asym", "--bias-correction"])  # fmt: skip
+    assert rc == 0, text
+    assert "[4/4] conv4 asym" in text and "RANDOM" not in text
+    assert run_cli(["check", out])[0] == 0
+
+
+def test_cli_random_data_warns(run_cli, tmp_path) -> None:
+    onnx.save(convnet(), tmp_path / "m.onnx")
+    out = tmp_path / "o.onnx"
+    rc, text = run_cli(["prune", tmp_path / "m.onnx", "-o", out, "--method", "wanda", "--input-shapes",
+                        "x:[1,8,9,9]", "--iterations", "2", "--seed", "3"])  # fmt: skip
+    assert rc == 0, text
+    warnings = [line for line in text.splitlines() if line.startswith("[W]") and "RANDOM" in line]
+    assert len(warnings) == 2  # when the data is made, and again at the end
+    assert "2 sample(s) of RANDOM data" in text
+
+
+def test_cli_bad_data_is_a_user_error(run_cli, tmp_path) -> None:
+    onnx.save(mlp(), tmp_path / "m.onnx")
+    save_json([{"x": np.zeros((2, 32), np.float64)}], tmp_path / "in.json")
+    rc, text = run_cli(["prune", tmp_path / "m.onnx", "-o", tmp_path / "o.onnx", "--load-inputs", tmp_path / "in.json"])
+    assert rc == 2 and "dtype float64" in text
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_cli_magnitude_needs_no_data(run_cli, tmp_path, caplog) -> None:
+    onnx.save(mlp(), tmp_path / "m.onnx")
+    rc, text = run_cli(["prune", tmp_path / "m.onnx", "-o", tmp_path / "o.onnx"])
+    assert rc == 0 and "RANDOM" not in text and "magnitude" in text
