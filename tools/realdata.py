@@ -419,6 +419,7 @@ _DET_RENDERED = {CALIBRATION: 8, EVALUATION: 12}  # rendered pages also used as 
 _FONT_SIZES = (15, 18, 21, 24, 28, 17, 20, 32)
 _INK = ((20, 20, 20), (40, 30, 90), (0, 0, 0), (70, 40, 20), (30, 60, 30))
 DET_THRESHOLD = 0.3  # DBPostProcess thresh in rapidocr 1.4.4's config.yaml
+CONFIDENT = 0.9  # rapidocr's cls_thresh: below it, rapidocr does not act on the cls answer
 _UNCLIP_RATIO = 1.6
 
 
@@ -907,14 +908,15 @@ def metric(name: str, dense: Sequence[Sequence[np.ndarray]], pruned: Sequence[Se
     Always holds ``metric`` (the headline number, higher is better, 1 = identical),
     ``metric_name``, ``output_cosine`` and ``n`` (samples), plus:
 
-    - magika: ``top1_agreement`` (argmax of ``target_label``).
+    - magika: ``top1_agreement`` (argmax of ``target_label``, which holds probabilities).
     - ppocr_det: ``iou`` (mean per image of the IoU of the text maps thresholded at 0.3;
       1 when both are empty), ``iou_text_images`` (the same over images where the dense
       map has text), ``pooled_iou`` (all pixels together).
     - ppocr_rec: ``token_agreement`` (per timestep argmax), ``nonblank_agreement`` (timesteps
       where either is not blank), ``sequence_agreement`` (exact line after CTC collapse),
       ``char_error_rate`` (edit distance of the collapsed lines / dense length).
-    - ppocr_cls: ``top1_agreement``.
+    - ppocr_cls: ``top1_agreement``; for both, ``top1_agreement_confident`` over the samples
+      where the dense model's top probability is at least 0.9 (rapidocr's ``cls_thresh``).
     - minilm_l3: ``sentence_cosine`` (mean of per-sentence cosine of output 3), ``min_sentence_cosine``.
     """
     _check_name(name)
@@ -923,7 +925,10 @@ def metric(name: str, dense: Sequence[Sequence[np.ndarray]], pruned: Sequence[Se
     first_p = [np.asarray(o[0]) for o in pruned]
     if name in ("magika", "ppocr_cls"):
         agree = np.concatenate([d.argmax(-1) == p.argmax(-1) for d, p in zip(first_d, first_p, strict=True)])
+        confident = np.concatenate([d.max(-1) >= CONFIDENT for d in first_d])
         res.update(metric_name="top1_agreement", top1_agreement=float(agree.mean()), n=int(agree.size))
+        res["top1_agreement_confident"] = float(agree[confident].mean()) if confident.any() else 1.0
+        res["n_confident"] = int(confident.sum())
         res["metric"] = res["top1_agreement"]
     elif name == "ppocr_det":
         ious, text_ious, inter_sum, union_sum = [], [], 0, 0
