@@ -217,3 +217,47 @@ def test_save_feeds_roundtrip(available: None, tmp_path) -> None:
     assert len(back) == len(feeds)
     for a, b in zip(feeds, back, strict=True):
         assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_metrics_on_hand_made_outputs() -> None:
+    text = np.zeros((1, 1, 4, 4), np.float32)
+    text[..., :2, :2] = 0.9  # 4 text pixels
+    half = text.copy()
+    half[..., 1, :2] = 0.1  # 2 of them lost
+    empty = np.zeros_like(text)
+    m = realdata.metric("ppocr_det", [[text], [empty]], [[half], [empty]])
+    assert m["iou"] == pytest.approx((0.5 + 1.0) / 2) and m["iou_text_images"] == pytest.approx(0.5)
+    assert m["pooled_iou"] == pytest.approx(0.5) and m["n"] == 2 and m["n_text_images"] == 1
+
+    def onehot(tokens: list[int]) -> np.ndarray:
+        out = np.zeros((1, len(tokens), 5), np.float32)
+        out[0, np.arange(len(tokens)), tokens] = 1
+        return out
+
+    dense, pruned = onehot([0, 3, 3, 0, 3, 2, 0]), onehot([0, 3, 0, 0, 3, 2, 2])  # both read "3 3 2"
+    m = realdata.metric("ppocr_rec", [[dense]], [[pruned]])
+    assert m["token_agreement"] == pytest.approx(5 / 7) and m["nonblank_agreement"] == pytest.approx(3 / 5)
+    assert m["sequence_agreement"] == 1.0 and m["char_error_rate"] == 0.0
+    m = realdata.metric("ppocr_rec", [[dense]], [[onehot([0, 3, 3, 0, 0, 2, 0])]])  # reads "3 2"
+    assert m["sequence_agreement"] == 0.0 and m["char_error_rate"] == pytest.approx(1 / 3)
+
+    probs = np.array([[0.95, 0.05], [0.6, 0.4]], np.float32)
+    m = realdata.metric("ppocr_cls", [[probs]], [[probs[:, ::-1].copy()]])
+    assert m["top1_agreement"] == 0.0 and m["n_confident"] == 1 and m["top1_agreement_confident"] == 0.0
+
+    emb = np.array([[1.0, 0.0], [1.0, 1.0]], np.float32)
+    ids = np.zeros((2, 3), np.int64)
+    m = realdata.metric("minilm_l3", [[ids, ids, emb[:, None], emb]], [[ids, ids, emb[:, None], emb[:, ::-1].copy()]])
+    assert m["sentence_cosine"] == pytest.approx(0.5) and m["min_sentence_cosine"] == pytest.approx(0.0)
+
+
+def test_pooled_cosine_ignores_near_zero_samples() -> None:
+    big = np.ones((1, 100), np.float32)
+    tiny_d, tiny_p = np.full((1, 100), 1e-7, np.float32), np.zeros((1, 100), np.float32)
+    tiny_p[0, 0] = 1e-7
+    dense, pruned = [[big], [tiny_d]], [[big], [tiny_p]]
+    assert realdata.output_cosine(dense, pruned) == pytest.approx((1.0 + 0.1) / 2)
+    assert realdata.pooled_output_cosine(dense, pruned) == pytest.approx(1.0, abs=1e-6)

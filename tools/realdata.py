@@ -94,6 +94,7 @@ __all__ = [
     "samples",
     "metric",
     "output_cosine",
+    "pooled_output_cosine",
     "run",
     "save_feeds",
     "describe",
@@ -886,6 +887,23 @@ def output_cosine(dense: Sequence[Sequence[np.ndarray]], pruned: Sequence[Sequen
     return float(np.mean(means)) if means else 1.0
 
 
+def pooled_output_cosine(dense: Sequence[Sequence[np.ndarray]], pruned: Sequence[Sequence[np.ndarray]]) -> float:
+    """Mean over float outputs of ONE cosine over all samples together.
+
+    Unlike :func:`output_cosine`, samples whose dense output is ~0 (det maps of pictures
+    without text) weigh next to nothing here, instead of scoring a meaningless 0 or 1.
+    """
+    dots: dict[int, list[float]] = {}
+    for outs_d, outs_p in zip(dense, pruned, strict=True):
+        for j, (d, p) in enumerate(zip(outs_d, outs_p, strict=True)):
+            if np.issubdtype(np.asarray(d).dtype, np.floating):
+                x, y = np.asarray(d, np.float64).ravel(), np.asarray(p, np.float64).ravel()
+                acc = dots.setdefault(j, [0.0, 0.0, 0.0])
+                acc[0], acc[1], acc[2] = acc[0] + x @ y, acc[1] + x @ x, acc[2] + y @ y
+    cos = [xy / math.sqrt(xx * yy) if xx and yy else float(xx == yy) for xy, xx, yy in dots.values()]
+    return float(np.mean(cos)) if cos else 1.0
+
+
 def _ctc_collapse(tokens: np.ndarray) -> tuple[int, ...]:
     keep = np.ones(tokens.shape, dtype=bool)
     keep[1:] = tokens[1:] != tokens[:-1]
@@ -906,7 +924,8 @@ def metric(name: str, dense: Sequence[Sequence[np.ndarray]], pruned: Sequence[Se
     """The task metric of ``name`` between dense and pruned outputs (lists per feed, as :func:`run`).
 
     Always holds ``metric`` (the headline number, higher is better, 1 = identical),
-    ``metric_name``, ``output_cosine`` and ``n`` (samples), plus:
+    ``metric_name``, ``output_cosine`` (mean per-sample cosine, what ``target_cosine``
+    measures), ``output_cosine_pooled`` (:func:`pooled_output_cosine`) and ``n`` (samples), plus:
 
     - magika: ``top1_agreement`` (argmax of ``target_label``, which holds probabilities).
     - ppocr_det: ``iou`` (mean per image of the IoU of the text maps thresholded at 0.3;
@@ -920,7 +939,10 @@ def metric(name: str, dense: Sequence[Sequence[np.ndarray]], pruned: Sequence[Se
     - minilm_l3: ``sentence_cosine`` (mean of per-sentence cosine of output 3), ``min_sentence_cosine``.
     """
     _check_name(name)
-    res: dict[str, Any] = {"output_cosine": output_cosine(dense, pruned)}
+    res: dict[str, Any] = {
+        "output_cosine": output_cosine(dense, pruned),
+        "output_cosine_pooled": pooled_output_cosine(dense, pruned),
+    }
     first_d = [np.asarray(o[0]) for o in dense]
     first_p = [np.asarray(o[0]) for o in pruned]
     if name in ("magika", "ppocr_cls"):
