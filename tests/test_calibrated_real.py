@@ -104,7 +104,7 @@ def test_benchmark_sparsegpt_minilm_and_det(real_model, capsys) -> None:
         for e in tok.encode_batch(sentences)
     ]
     images = []
-    for name in ("page", "text", "coffee", "chelsea", "astronaut", "camera", "rocket", "motorcycle_left"):
+    for name in ("page", "text", "coffee", "chelsea", "astronaut", "camera", "rocket", "hubble_deep_field"):
         img = getattr(skdata, name)()
         img = np.stack([img] * 3, -1) if img.ndim == 2 else img[..., :3]
         img = transform.resize(img.astype(np.float32) / 255, (640, 640), anti_aliasing=True).astype(np.float32)

@@ -160,6 +160,9 @@ def _session(model: onnx.ModelProto, threads: int | None = None):
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # Calibration alternates onnxruntime runs with numpy solves in this process: onnxruntime's
+    # worker threads must not spin between runs, or they starve numpy's BLAS threads.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
     try:
