@@ -244,9 +244,9 @@ class ModelData:
     macs: dict[str, int]
 
 
-def load(name: str, quick: bool) -> ModelData:
+def load(name: str, quick: bool, calibration_size: int | None = None) -> ModelData:
     dense = onnx.load(model_path(name))
-    calib = realdata.calibration(name)
+    calib = realdata.calibration(name, calibration_size)
     evals = realdata.evaluation(name, QUICK_EVAL[name] if quick else None)
     dense_c, dense_e = realdata.run(dense, calib), realdata.run(dense, evals)
     return ModelData(name, dense, calib, evals, dense_c, dense_e, measured_macs(name, dense))
@@ -410,6 +410,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-target", action="store_true", help="skip the fidelity-targeted runs")
     parser.add_argument("--target-method", default="asym", choices=METHODS, help="method of the targeted runs")
     parser.add_argument("--target-bias", choices=("off", "on"), default="on", help="bias correction, targeted runs")
+    parser.add_argument(
+        "--calibration-size",
+        type=int,
+        metavar="N",
+        help="calibration samples per model (default: tools.realdata.SIZES; fewer if a source has fewer)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write every result as JSON")
     parser.add_argument(
         "--reuse",
@@ -429,15 +435,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     reused: dict[tuple[str, str, bool], dict[str, Any]] = {}
     if args.reuse:
         earlier = json.loads(Path(args.reuse).read_text())
-        if earlier["environment"]["quick"] != args.quick:
-            parser.error(f"--reuse {args.reuse}: that run {'used' if args.quick else 'did not use'} --quick")
+        env = earlier["environment"]
+        if env["quick"] != args.quick or env.get("calibration_size") != args.calibration_size:
+            parser.error(f"--reuse {args.reuse}: that run used other --quick / --calibration-size settings")
         for r in earlier["results"]:
             if r.get("status") == "ok" and r.get("target_cosine") is None and r.get("kind") != "target":
                 reused[r["model"], r["method"], r["bias_correction"]] = {**r, "reused_from": args.reuse}
     started = time.perf_counter()
     for name in args.models:
         try:
-            data = load(name, args.quick)
+            data = load(name, args.quick, args.calibration_size)
         except (FetchError, realdata.DataError) as err:
             print(f"{name}: skipped: {err}", file=sys.stderr)
             rows.append({"model": name, "method": "-", "bias_correction": False, "status": "skipped",
@@ -475,6 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "platform": platform.platform(),
                     "cpus": os.cpu_count(),
                     "quick": args.quick,
+                    "calibration_size": args.calibration_size,
                     "seconds": time.perf_counter() - started,
                 },
                 "goals": {k: v.__dict__ for k, v in GOALS.items()},
