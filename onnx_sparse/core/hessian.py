@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -62,6 +63,19 @@ def _sample_rows(rng: np.random.Generator, n: int, max_rows: int | None) -> tupl
 def _check_max_rows(max_rows: int | None) -> None:
     if max_rows is not None and max_rows < 1:
         raise ValueError(f"max_rows must be positive or None, got {max_rows}")
+
+
+_S = TypeVar("_S", "RunningStats", "PairedStats")
+
+
+def _total(parts: Sequence[_S]) -> _S:
+    """Sum of accumulators of one kind, as a new object."""
+    if not parts:
+        raise ValueError("no statistics to add")
+    out = parts[0].copy()
+    for p in parts[1:]:
+        out = out + p
+    return out
 
 
 class RunningStats:
@@ -149,12 +163,7 @@ class RunningStats:
     @staticmethod
     def total(parts: Sequence[RunningStats]) -> RunningStats:
         """Sum of several accumulators (e.g. all folds but one); never one of the inputs itself."""
-        if not parts:
-            raise ValueError("no statistics to add")
-        out = parts[0].copy()
-        for p in parts[1:]:
-            out = out + p
-        return out
+        return _total(parts)
 
     @property
     def mean(self) -> Array:
@@ -261,12 +270,7 @@ class PairedStats:
     @staticmethod
     def total(parts: Sequence[PairedStats]) -> PairedStats:
         """Sum of several accumulators (e.g. all folds but one); never one of the inputs itself."""
-        if not parts:
-            raise ValueError("no statistics to add")
-        out = parts[0].copy()
-        for p in parts[1:]:
-            out = out + p
-        return out
+        return _total(parts)
 
     def copy(self) -> PairedStats:
         """An independent copy (the sampling RNG restarts from seed 0)."""
