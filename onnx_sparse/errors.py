@@ -7,7 +7,7 @@ assertions and ordinary exceptions, so the CLI can tell the two apart.
 
 from __future__ import annotations
 
-__all__ = ["OnnxSparseError"]
+__all__ = ["OnnxSparseError", "first_line"]
 
 
 class OnnxSparseError(Exception):
@@ -17,3 +17,9 @@ class OnnxSparseError(Exception):
         self.message = message
         self.hint = hint
         super().__init__(f"{message} (hint: {hint})" if hint else message)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -25,7 +25,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, numpy_helper
 
-from onnx_sparse.errors import OnnxSparseError
+from onnx_sparse.errors import OnnxSparseError, first_line
 
 __all__ = [
     "ModelFile",
@@ -438,5 +438,5 @@ def _ort_open_error(path: str | os.PathLike[str]) -> str | None:
     try:
         ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises several unrelated types
-        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return first_line(exc)
     return None

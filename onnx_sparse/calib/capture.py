@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from onnx_sparse.errors import OnnxSparseError
+from onnx_sparse.errors import OnnxSparseError, first_line
 from onnx_sparse.io import ModelFile
 
 __all__ = ["node_reads", "schedule", "Schedule", "StagedRunner", "run_model", "inline_model"]
@@ -168,7 +168,7 @@ def _session(model: onnx.ModelProto, threads: int | None = None):
     try:
         return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises several unrelated types
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         raise OnnxSparseError(
             f"onnxruntime cannot run the model for calibration: {first}",
             hint="calibration runs the model on CPU with onnxruntime; custom operators must be registered there",
@@ -179,7 +179,7 @@ def _run(sess, names: Sequence[str], feed: Mapping[str, np.ndarray], index: int)
     try:
         return sess.run(list(names), dict(feed))
     except Exception as exc:  # onnxruntime raises several unrelated types
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         raise OnnxSparseError(
             f"onnxruntime failed on calibration sample {index}: {first}",
             hint="check that the calibration inputs have the shapes and values the model expects",

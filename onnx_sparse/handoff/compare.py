@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from onnx_sparse.errors import OnnxSparseError
+from onnx_sparse.errors import OnnxSparseError, first_line
 from onnx_sparse.handoff.trt import capture_polygraphy_log
 
 __all__ = [
@@ -314,7 +314,7 @@ def run_models(
                 )
             except PolygraphyException as exc:
                 raise OnnxSparseError(
-                    f"inference failed: {_first_line(exc)}", hint="rerun with -v for Polygraphy's log"
+                    f"inference failed: {first_line(exc)}", hint="rerun with -v for Polygraphy's log"
                 ) from exc
 
 
@@ -322,11 +322,6 @@ def _pg_info() -> int:
     from polygraphy.logger import G_LOGGER
 
     return G_LOGGER.INFO
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_run_results(path: str | os.PathLike[str]) -> Any:
@@ -344,7 +339,7 @@ def load_run_results(path: str | os.PathLike[str]) -> Any:
             return RunResults.load(str(p))
     except PolygraphyException as exc:
         raise OnnxSparseError(
-            f"{p}: not Polygraphy RunResults: {_first_line(exc)}",
+            f"{p}: not Polygraphy RunResults: {first_line(exc)}",
             hint="save with `polygraphy run --save-outputs` or `onnx-sparse compare --save-outputs`",
         ) from exc
 
@@ -416,7 +411,7 @@ def compare_results(
         try:
             accuracy = Comparator.compare_accuracy(pair, comparisons=[(1, 0)], compare_func=func)
         except PolygraphyException as exc:
-            raise OnnxSparseError(f"comparison failed: {_first_line(exc)}") from exc
+            raise OnnxSparseError(f"comparison failed: {first_line(exc)}") from exc
     matches = accuracy[0][(cand_name, ref_name)] if len(accuracy) else []
 
     extra = [name for name in cand_iters[0].keys() if name not in ref_iters[0]]

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from onnx_sparse.errors import OnnxSparseError
+from onnx_sparse.errors import OnnxSparseError, first_line
 
 __all__ = [
     "PRECISION_FLAGS_REMOVED_IN",
@@ -231,7 +231,7 @@ def build_engine(
             engine = EngineBytesFromNetwork(network, config=config)()
         except PolygraphyException as exc:
             raise OnnxSparseError(
-                f"TensorRT could not build the {what}: {str(exc).splitlines()[0] if str(exc) else exc}",
+                f"TensorRT could not build the {what}: {first_line(exc)}",
                 hint="rerun with -v to see the builder log",
             ) from exc
         except (TypeError, RuntimeError) as exc:  # e.g. no GPU: "factory function returned nullptr"
