@@ -37,6 +37,8 @@ __all__ = [
 ]
 
 REPO = Path(__file__).resolve().parent.parent
+# The 134M-parameter benchmark model written by tools/make_big_model.py.
+DEFAULT_MODEL = REPO / ".cache" / "big" / "matmul_8x4096" / "model.onnx"
 
 
 @dataclass

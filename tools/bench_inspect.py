@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # run as a script: make `tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.bench_common import (  # noqa: E402
+    DEFAULT_MODEL,
     REPO,
     RunResult,
     fmt_bytes,
@@ -47,7 +48,6 @@ from tools.bench_common import (  # noqa: E402
     write_json,
 )
 
-DEFAULT_MODEL = REPO / ".cache" / "big" / "matmul_8x4096" / "model.onnx"
 TARGET_SPEEDUP = 50.0
 
 

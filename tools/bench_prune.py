@@ -33,6 +33,7 @@ if __package__ in (None, ""):  # run as a script: make `tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.bench_common import (  # noqa: E402
+    DEFAULT_MODEL,
     REPO,
     RunResult,
     fmt_bytes,
@@ -48,7 +49,6 @@ from tools.bench_common import (  # noqa: E402
     write_json,
 )
 
-DEFAULT_MODEL = REPO / ".cache" / "big" / "matmul_8x4096" / "model.onnx"
 WORKDIR = REPO / ".cache" / "bench" / "prune"
 TARGET_SPEEDUP = 100.0
 TARGET_RSS_OVER_WEIGHTS = 2.0
