@@ -41,6 +41,7 @@ __all__ = [
     "load_data_script",
     "random_feeds",
     "validate_feeds",
+    "split_holdout",
     "load_calibration",
 ]
 
@@ -302,6 +303,28 @@ def validate_feeds(model: onnx.ModelProto, feeds: Iterable[Mapping[str, Any]], l
     if not out:
         raise OnnxSparseError("the calibration set is empty", hint="give at least one sample")
     return out
+
+
+def split_holdout(feeds: Sequence[Feed], fraction: float) -> tuple[list[Feed], list[Feed]]:
+    """Split calibration feeds into ``(fit, held_out)``: every k-th feed is held out, ``k = round(1 / fraction)``.
+
+    Deterministic and interleaved (feeds 0..k-2 fit, feed k-1 held out, and so on), so a
+    calibration list ordered by source or by kind gives both parts the same mix. With
+    ``fraction`` 0, or fewer than 2 feeds, nothing is held out. A feed is the unit: its batch
+    is never split.
+
+    Raises:
+        OnnxSparseError: ``fraction`` outside [0, 0.5].
+    """
+    if not 0.0 <= fraction <= 0.5:
+        raise OnnxSparseError(f"the held-out share must be in [0, 0.5], got {fraction}")
+    if fraction == 0.0 or len(feeds) < 2:
+        return list(feeds), []
+    k = max(2, round(1.0 / fraction))
+    held = [f for i, f in enumerate(feeds) if i % k == k - 1]
+    if not held:  # fewer feeds than k: hold out the last one
+        return list(feeds[:-1]), [feeds[-1]]
+    return [f for i, f in enumerate(feeds) if i % k != k - 1], held
 
 
 def _fmt_shape(shape: Sequence[int | str | None]) -> str:

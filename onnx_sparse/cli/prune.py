@@ -93,7 +93,7 @@ class PruneTool(Tool):
             prune_pass = make_prune_pass(
                 method, feeds, bias_correction=args.bias_correction, damp=args.damp, blocksize=args.blocksize,
                 max_rows=args.max_rows, seed=args.seed or 0, target_cosine=args.target_cosine,
-                sensitivity=sensitivity, sensitivity_report=reports.append, **selection_kwargs(args),
+                holdout=args.holdout, sensitivity=sensitivity, sensitivity_report=reports.append, **selection_kwargs(args),
             )  # fmt: skip
         out = Path(args.output) if args.output else Path(args.model)
         result = prune_file(
@@ -149,17 +149,19 @@ class PruneTool(Tool):
             cols.append(("chosen", "pruned"))
         for r in rows:
             r["macs"] = fmt_count(r["macs"])
+        held = f", fidelity on {report.held_out} held out" if report.held_out else ""
         logger.info(
-            "sensitivity (%s, each layer pruned alone, %d samples, outputs %s):\n%s",
-            report.method, report.samples, ", ".join(report.outputs), format_table(rows, cols),
+            "sensitivity (%s, each layer pruned alone, %d calibration feeds%s, outputs %s):\n%s",
+            report.method, report.samples, held, ", ".join(report.outputs), format_table(rows, cols),
         )  # fmt: skip
         if report.target_cosine is not None and report.measured is not None:
             logger.info(
                 "target cosine %.5f: %d of %d layers pruned, coverage %.1f%% of eligible MACs, "
-                "measured min output cosine %.5f (mean %.5f, rel L2 %.4g) on the calibration data",
+                "measured min output cosine %.5f (mean %.5f, rel L2 %.4g) on %s",
                 report.target_cosine, len(report.chosen), sum(len(x.nodes) for x in report.layers),
                 100 * (report.coverage or 0.0), report.measured.min_cosine, report.measured.mean_cosine,
                 report.measured.mean_rel_l2,
+                f"{report.held_out} held-out calibration feeds" if report.held_out else "the calibration data",
             )  # fmt: skip
         if args.sensitivity_json:
             write_json(args.sensitivity_json, report.to_json())
@@ -234,7 +236,15 @@ def _add_calibration_args(parser: argparse.ArgumentParser) -> None:
         type=float,
         metavar="X",
         help="Prune the most work (MACs) that keeps every float output's cosine to the dense model >= X "
-        "on the calibration data.",
+        "on held-out calibration feeds (see --holdout).",
+    )
+    group.add_argument(
+        "--holdout",
+        type=float,
+        default=0.25,
+        metavar="SHARE",
+        help="With --target-cosine: share of the calibration feeds (every k-th one) kept out of fitting and used "
+        "to judge the target; 0 judges on the fitted data, which flatters fitted layers (default: 0.25).",
     )
 
 

@@ -859,6 +859,7 @@ def make_prune_pass(
     max_rows: int | None = DEFAULT_MAX_ROWS,
     seed: int = 0,
     target_cosine: float | None = None,
+    holdout: float = 0.25,
     sensitivity: bool = False,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
@@ -872,7 +873,7 @@ def make_prune_pass(
     otherwise. Plain magnitude (no bias correction, no sensitivity, no target) is the
     data-free :class:`PrunePass`; ``sensitivity`` or ``target_cosine`` give a
     :class:`~onnx_sparse.passes.sensitivity.SensitivityPrunePass` (``sensitivity_report`` is
-    called with its report).
+    called with its report; ``holdout`` is its held-out share of the calibration feeds).
     """
     if method is None:
         method = "sparsegpt" if calibration is not None else "magnitude"
@@ -894,6 +895,7 @@ def make_prune_pass(
             feeds=calibration,
             bias_correction=bias_correction,
             report=sensitivity_report,
+            holdout=holdout,
             **options,
             **selection,
         )

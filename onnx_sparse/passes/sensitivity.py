@@ -20,8 +20,16 @@ calibrated method sequentially on that set and measure again. Sequential calibra
 normally at least as good as the independent per-layer fits, but if it is not, the prefix is
 shortened (15% of its layers at a time, at most 5 times) until the measured fidelity holds.
 The report gives the chosen layers, the coverage (share of the eligible MACs that end up
-2:4) and the measured fidelity. All of it is measured on the calibration data: hold out
-data of your own to check it generalises.
+2:4) and the measured fidelity.
+
+**Held out** (``holdout``, default 0.25): with a target, every 4th calibration feed is kept
+out of all fitting (:func:`onnx_sparse.calib.data.split_holdout`). Layers are fitted on the
+rest, and every fidelity the search looks at (per-layer sensitivity, the prefix search, the
+final check) is measured on the held-out feeds. Judged on the data they were fitted to,
+fitted layers look better than they are (on PP-OCRv4 cls: cosine 0.991 on the fitted data
+against 0.971 on unseen data), and the search then prunes too much. The returned model is the
+one fitted on the fitting part, so the reported fidelity is that of the model you get, on
+data it has not seen. Without a target (``--sensitivity`` alone) all feeds are used for both.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import numpy as np
 import onnx
 
 from onnx_sparse.calib.capture import inline_model, run_model
+from onnx_sparse.calib.data import split_holdout
 from onnx_sparse.core import nm
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.graph.locate import WeightSite, find_weight_sites
@@ -209,11 +218,13 @@ class SensitivityReport:
     measured: Fidelity | None = None
     evaluations: int = 0
     note: str = ""
+    held_out: int = 0  # calibration feeds kept out of fitting; fidelity is measured on them
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "method": self.method,
             "samples": self.samples,
+            "held_out_samples": self.held_out,
             "outputs": self.outputs,
             "seconds": self.seconds,
             "layers": [
@@ -275,9 +286,12 @@ def _measure(
     max_rows: int | None,
     seed: int,
     threads: int | None,
+    probe_feeds: Sequence[Mapping[str, np.ndarray]] | None = None,
 ) -> _Measured:
+    """Fit every layer alone on ``feeds``; measure on ``probe_feeds`` (default: ``feeds``)."""
     t0 = time.perf_counter()
-    probe = OutputProbe(mf, feeds, threads)
+    held = list(probe_feeds) if probe_feeds else []
+    probe = OutputProbe(mf, held or feeds, threads)
     groups = group_by_tensor(sites)
     macs = {s.node: s.macs for s in find_weight_sites(mf.model, macs=True)}
     new: dict[int, tuple[WeightSite, np.ndarray]] = {}
@@ -318,7 +332,9 @@ def _measure(
             k + 1, len(groups), ",".join(s.node for s in g), fid.min_cosine, fid.mean_rel_l2,
         )  # fmt: skip
     outputs = [k for k, v in probe.dense[0].items() if _is_float(v)]
-    report = SensitivityReport(method=fit_method, samples=len(feeds), outputs=outputs, layers=layers)
+    report = SensitivityReport(
+        method=fit_method, samples=len(feeds) + len(held), outputs=outputs, layers=layers, held_out=len(held)
+    )
     report.seconds = time.perf_counter() - t0
     return _Measured(report, probe, new)
 
@@ -363,8 +379,11 @@ class SensitivityPrunePass(Pass):
 
     Args:
         target_cosine: Keep the worst float output's cosine similarity to the dense model at
-            or above this on the calibration data, pruning as much work (MACs) as that allows.
-            None prunes every selected layer (the measurement is then only reported).
+            or above this on the held-out calibration feeds, pruning as much work (MACs) as
+            that allows. None prunes every selected layer (the measurement is then only
+            reported).
+        holdout: Share of the calibration feeds kept out of fitting when there is a target
+            (module docstring); 0 fits and judges on all of them.
         method / feeds / bias_correction / damp / blocksize / max_rows / seed / selection:
             As for :class:`~onnx_sparse.passes.calibrated.CalibratedPrunePass`.
         report: Called with the :class:`SensitivityReport` when the pass is done.
@@ -391,9 +410,11 @@ class SensitivityPrunePass(Pass):
         min_channels: int = 0,
         threads: int | None = None,
         report: Callable[[SensitivityReport], None] | None = None,
+        holdout: float = 0.25,
     ) -> None:
         if target_cosine is not None and not -1.0 <= target_cosine <= 1.0:
             raise OnnxSparseError(f"--target-cosine must be in [-1, 1], got {target_cosine}")
+        split_holdout([], holdout)  # checks the share
         if method not in METHODS:
             raise OnnxSparseError(f"unknown pruning method {method!r}", hint=f"choose one of {', '.join(METHODS)}")
         self.target = target_cosine
@@ -403,6 +424,7 @@ class SensitivityPrunePass(Pass):
         self.bias_correction = bias_correction
         self.selection = dict(include=include, exclude=exclude, ops=ops, min_channels=min_channels)
         self.callback = report
+        self.holdout = holdout
         self.report: SensitivityReport | None = None
 
     def _prune(
@@ -424,7 +446,20 @@ class SensitivityPrunePass(Pass):
         if not sites:
             logger.warning("no eligible layers selected: nothing to prune")
             return PassResult(mf, False, [])
-        measured = _measure(mf, feeds, self.method, sites, **self.options)  # type: ignore[arg-type]
+        held: list[dict[str, np.ndarray]] = []
+        if self.target is not None:
+            feeds, held = split_holdout(feeds, self.holdout)
+            if held:
+                logger.info(
+                    "[target] fitting on %d calibration feeds, judging fidelity on %d held-out feeds",
+                    len(feeds), len(held),
+                )  # fmt: skip
+            elif self.holdout > 0:
+                logger.warning(
+                    "only one calibration feed: the target is judged on the data the layers are fitted to, "
+                    "which flatters fitted layers; give several feeds so some can be held out"
+                )
+        measured = _measure(mf, feeds, self.method, sites, probe_feeds=held, **self.options)  # type: ignore[arg-type]
         report, probe = measured.report, measured.probe
         if self.target is None:
             result = self._prune(mf, feeds, None)
