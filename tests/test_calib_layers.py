@@ -110,20 +110,45 @@ def test_round_trip_through_the_path(name: str) -> None:
         assert nm.is_2_4(view.to_stored(halved, stored), site.axis)
 
 
-def test_quantized_path_dequantizes_and_keeps_only_the_mask() -> None:
+def test_quantized_path_dequantizes_and_requantizes() -> None:
     model = onnx.load(case_path("qdq_conv.onnx"))
     ((site, view, mf),) = _views(model).values()
-    assert view.mask_only
+    assert not view.mask_only and view.requant is not None
     stored = np.asarray(read_weight(site, mf))
     assert stored.dtype == np.int8
     scale = next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "conv.weight_scale")
+    scale = scale.astype(np.float64).reshape(-1, 1, 1, 1)
     consumer = view.consumer_values(stored)
-    np.testing.assert_allclose(consumer, stored.astype(np.float64) * scale.reshape(-1, 1, 1, 1), rtol=1e-6)
+    np.testing.assert_allclose(consumer, stored.astype(np.float64) * scale, rtol=1e-6)
     mats = view.matrices(stored)
     updated = [m * np.tile([1.7, 0.0, 0.0, 1.3], m.shape[1] // 4) for m in mats]  # "updated" values
     new = view.to_stored(updated, stored)
-    kept = new != 0
-    np.testing.assert_array_equal(new[kept], stored[kept])  # stored int8 values, not the update
+    assert new.dtype == np.int8 and nm.is_2_4(new, site.axis)
+    # every stored entry is the requantized update: round(value / scale), clipped to int8
+    factor = np.moveaxis(np.broadcast_to(np.array([1.7, 0.0, 0.0, 1.3]), (3, 3, 4)), -1, 0)  # [4, kh, kw]
+    lo = -128 if stored.min() == -128 else -127  # symmetric weights stay symmetric
+    want = np.clip(np.rint(consumer * np.tile(factor, (1, 4, 1, 1)) / scale), lo, 127)
+    np.testing.assert_array_equal(new, want.astype(np.int8))
+    # unchanged matrices come back as the same bytes
+    np.testing.assert_array_equal(view.to_stored(mats, stored), stored)
+
+
+def _dq_chain(**attrs) -> list[onnx.NodeProto]:
+    return [onnx.helper.make_node("DequantizeLinear", ["w", "s", "z"], ["d"], **attrs)]
+
+
+def test_requantizer_only_for_a_leading_plain_dequantize() -> None:
+    from onnx_sparse.calib.layers import _requantizer
+
+    w = np.zeros((8, 4), np.int8)
+    side = {"s": np.full(8, 0.1, np.float32), "z": np.zeros(8, np.int8)}
+    got = _requantizer(_dq_chain(axis=0), side, w)
+    assert got is not None and got[0].shape == (8, 4) and float(got[0][3, 2]) == pytest.approx(0.1)
+    assert _requantizer(_dq_chain(axis=0, block_size=2), {"s": np.ones((4, 4), np.float32), "z": side["z"]}, w) is None
+    transposed_first = [onnx.helper.make_node("Transpose", ["w"], ["t"], perm=[1, 0])] + _dq_chain(axis=1)
+    assert _requantizer(transposed_first, side, w) is None
+    assert _requantizer(_dq_chain(axis=0), side, w.astype(np.float32)) is None  # float stored: not requantized
+    assert _requantizer(_dq_chain(axis=1), side, w) is None  # scale length does not match the axis
 
 
 def test_row_subsampling_is_seeded_and_bounded() -> None:

@@ -112,9 +112,22 @@ def test_case_models_pass_check(name: str, run_cli, tmp_path) -> None:
     assert rc == 0, text
 
 
-def test_quantized_weights_keep_their_stored_values() -> None:
+def _output_error(model: onnx.ModelProto, dense: onnx.ModelProto, feeds) -> float:
+    from onnx_sparse.calib.capture import run_model
+
+    ref = [o["y"] for o in run_model(dense, feeds)]
+    got = [o["y"] for o in run_model(model, feeds)]
+    return float(sum(np.sum((a - b) ** 2) for a, b in zip(ref, got, strict=True)))
+
+
+def test_int8_weights_are_requantized_with_their_scale() -> None:
+    """SparseGPT's updates survive on an int8 weight behind DequantizeLinear: requantized, not dropped."""
     model = onnx.load(case_path("qdq_conv.onnx"))
-    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 16, 8, 8)).astype(np.float32)} for i in range(4)]
+    rng = np.random.default_rng(0)
+    mix = rng.standard_normal((16, 16)) * 0.7 + np.eye(16)  # correlated channels: where SparseGPT pays off
+    feeds = [
+        {"x": (rng.standard_normal((1, 8, 8, 16)) @ mix).transpose(0, 3, 1, 2).astype(np.float32)} for _ in range(8)
+    ]
     result = CalibratedPrunePass("sparsegpt", feeds)(model)
     (rec,) = result.records
     assert rec.method == "sparsegpt" and rec.dtype == "int8"
@@ -122,7 +135,28 @@ def test_quantized_weights_keep_their_stored_values() -> None:
     after = _weights(result.model.model)["conv.weight_q"]
     assert after.dtype == np.int8 and nm.is_2_4(after, 1)
     kept = after != 0
-    np.testing.assert_array_equal(after[kept], before[kept])
+    assert not np.array_equal(after[kept], before[kept])  # the updates were stored
+    assert np.abs(after.astype(int)).max() <= 127
+    # What storing only the mask would give (the old behaviour), against the requantized update:
+    mask_only = onnx.ModelProto()
+    mask_only.CopyFrom(model)
+    for t in mask_only.graph.initializer:
+        if t.name == "conv.weight_q":
+            t.CopyFrom(onnx.numpy_helper.from_array(np.where(kept, before, 0).astype(np.int8), t.name))
+    ours, masked = _output_error(result.model.model, model, feeds), _output_error(mask_only, model, feeds)
+    assert ours < 0.8 * masked, (ours, masked)
+
+
+def test_fake_quantized_float_weights_store_the_update() -> None:
+    model = onnx.load(case_path("q_float_conv.onnx"))
+    rng = np.random.default_rng(1)
+    feeds = [{"x": rng.standard_normal((1, 16, 8, 8)).astype(np.float32)} for _ in range(8)]
+    result = CalibratedPrunePass("sparsegpt", feeds)(model)
+    before, after = _weights(model)["conv.weight"], _weights(result.model.model)["conv.weight"]
+    assert after.dtype == np.float32 and nm.is_2_4(after, 1)
+    kept = after != 0
+    assert not np.allclose(after[kept], before[kept])
+    assert _all_2_4(result.model.model)
 
 
 def test_fp16_weights_are_updated_and_rounded() -> None:

@@ -13,10 +13,16 @@ traced :class:`~onnx_sparse.graph.locate.WeightSite` onto that:
   (:func:`onnx_sparse.core.hessian.conv_weight_to_matrix`), so groups of 4 columns are 4 input
   channels at one kernel position, the axis the tracing rule chose.
 * **Writing back.** Float weights take the new values, rounded to the stored dtype (fp16 and
-  bf16 included; zeros stay exact). Weights behind QuantizeLinear/DequantizeLinear (int8,
-  fp8, or fake-quantized floats) cannot store SparseGPT's *updated* values exactly, so only
-  the chosen mask is used: kept entries keep their stored values, pruned ones become the
-  zero value.
+  bf16 included; zeros stay exact). Integer weights whose path starts with a per-tensor or
+  per-axis DequantizeLinear (int8 / uint8 / int16 / uint16 behind ``DQ``, the usual QDQ
+  export) are *requantized* with their own scale and zero point: ``q = clip(round(w / s) +
+  zp)`` (clipped to the dtype; a symmetric signed weight that never used -128 stays in
+  [-127, 127]), pruned entries ``zp`` exactly, so SparseGPT's updates survive up to the
+  rounding the model already had. Float weights behind a Q->DQ pair (fake quantization) store the updated
+  floats; the graph's own QuantizeLinear rounds them, and 0 still maps to the zero point.
+  Anything else on a quantized path (blocked quantization, fp8, a DequantizeLinear that is
+  not the first op) keeps only the chosen mask: kept entries keep their stored values,
+  pruned ones become the zero value.
 * **Activations.** MatMul: the input reshaped to ``[-1, C_in]``; Gemm: ``A`` (``A^T`` with
   ``transA=1``); Conv: im2col rows (pads, strides, dilations, groups; ``auto_pad``
   SAME_UPPER/SAME_LOWER/VALID turned into explicit pads per input size), made in chunks of
@@ -68,6 +74,8 @@ class LayerView:
         rows_per_group: Rows (output channels) of each matrix.
         index: Per group, ``[rows, cols]`` flat indices into the stored tensor.
         mask_only: The stored values cannot take updated weights (Q/DQ on the path).
+        requant: For integer weights behind a leading DequantizeLinear: its scale and zero
+            point broadcast to the stored shape, used to requantize updated weights.
         stored_shape / stored_dtype: Of the stored tensor.
     """
 
@@ -91,6 +99,7 @@ class LayerView:
     dilations: tuple[int, ...] = ()
     pads: tuple[int, ...] = ()
     auto_pad: str = "NOTSET"
+    requant: tuple[np.ndarray, np.ndarray] | None = None
 
     # -------------------------------------------------------------- weights
 
@@ -116,7 +125,15 @@ class LayerView:
             return nm.apply_keep(np.asarray(stored), keep.reshape(stored.shape), zero)
         out = np.empty(stored.size, dtype=np.float64)
         out[idx] = vals
-        return out.reshape(stored.shape).astype(stored.dtype)
+        out = out.reshape(stored.shape)
+        if self.requant is not None and stored.dtype.kind in "iu":
+            scale, zp = self.requant
+            info = np.iinfo(stored.dtype)
+            # symmetric signed weights (zero point 0) stay in [-max, max] unless they already used min
+            symmetric = info.min < 0 and not np.any(zp) and np.asarray(stored).min() > info.min
+            q = np.clip(np.rint(out / scale) + zp, -info.max if symmetric else info.min, info.max)
+            return np.where(out == 0, zp, q).astype(stored.dtype)
+        return out.astype(stored.dtype)
 
     # -------------------------------------------------------------- activations
 
@@ -246,6 +263,48 @@ def _replay(
     return np.asarray(sess.run(None, {first: stored})[0])
 
 
+def _requantizer(
+    chain: Sequence[onnx.NodeProto], side: Mapping[str, np.ndarray], stored: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Scale and zero point of a leading per-tensor/per-axis DequantizeLinear, broadcast to ``stored``.
+
+    None unless the stored tensor is 8/16-bit integer and the first op of the path (after
+    Identity) is a DequantizeLinear without ``block_size``, and no other quantizing op follows.
+    """
+    if stored.dtype not in (np.int8, np.uint8, np.int16, np.uint16):
+        return None
+    ops = [n for n in chain if n.op_type != "Identity"]
+    if not ops or ops[0].op_type != "DequantizeLinear" or any(n.op_type in _QUANT for n in ops[1:]):
+        return None
+    dq = ops[0]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
+    if int(attrs.get("block_size", 0)):
+        return None
+    scale = np.asarray(side[dq.input[1]], dtype=np.float64)
+    zp = np.asarray(side[dq.input[2]], dtype=np.float64) if len(dq.input) > 2 and dq.input[2] else np.zeros(1)
+    if scale.size > 1 or zp.size > 1:
+        if scale.ndim != 1 or stored.ndim == 0:
+            return None
+        axis = int(attrs.get("axis", 1)) % stored.ndim
+        if scale.size != stored.shape[axis] or zp.size not in (1, scale.size):
+            return None
+        shape = [1] * stored.ndim
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+        zp = zp.reshape(shape) if zp.size > 1 else zp.reshape(())
+    else:
+        scale, zp = scale.reshape(()), zp.reshape(())
+    if not np.all(scale > 0):
+        return None
+    return np.broadcast_to(scale, stored.shape), np.broadcast_to(zp, stored.shape)
+
+
+def _is_qdq_pair(chain: Sequence[onnx.NodeProto]) -> bool:
+    """A float weight fake-quantized by QuantizeLinear -> DequantizeLinear (and nothing else quantizing)."""
+    quant = [n.op_type for n in chain if n.op_type in _QUANT]
+    return quant == ["QuantizeLinear", "DequantizeLinear"]
+
+
 def _constant_value(mf: ModelFile, producers: Mapping[str, onnx.NodeProto], name: str) -> np.ndarray | None:
     for t in mf.model.graph.initializer:
         if t.name == name:
@@ -320,7 +379,11 @@ def layer_view(site: WeightSite, mf: ModelFile, producers: Mapping[str, onnx.Nod
     rows_g, cols = index[0].shape
     if cols % nm.GROUP_SIZE:
         raise Unsupported(f"{site.node}: {cols} input features are not a multiple of 4")
-    mask_only = any(n.op_type in _QUANT for n in chain) or stored.dtype.kind in "iu"
+    requant = _requantizer(chain, side, stored)
+    fake_quant = stored.dtype.kind == "f" and _is_qdq_pair(chain)
+    mask_only = (
+        requant is None and not fake_quant and (any(n.op_type in _QUANT for n in chain) or stored.dtype.kind in "iu")
+    )
     view = LayerView(
         site=site,
         kind=kind,
@@ -334,6 +397,7 @@ def layer_view(site: WeightSite, mf: ModelFile, producers: Mapping[str, onnx.Nod
         chain=tuple(chain),
         side=side,
         opsets=opsets,
+        requant=requant,
     )
     if kind == "gemm":
         view.trans_a = bool(int(attrs.get("transA", 0)))
