@@ -74,7 +74,9 @@ def run_pipeline(pipeline: Sequential, mf: ModelFile) -> PassResult:
     return PassResult(mf, modified, records)
 
 
-_CALIBRATION_OPTIONS = ("bias_correction", "damp", "blocksize", "max_rows", "seed", "target_cosine", "holdout")
+_CALIBRATION_OPTIONS = (
+    "bias_correction", "damp", "blocksize", "max_rows", "seed", "row_mask", "target_cosine", "holdout"
+)  # fmt: skip
 _SELECTION_OPTIONS = ("include", "exclude", "ops", "min_channels")
 
 
@@ -109,8 +111,8 @@ def prune(
     * ``method``: ``magnitude``, ``wanda``, ``sparsegpt`` or ``asym`` (default ``sparsegpt``
       when ``calibration`` is given, else ``magnitude``);
     * ``calibration``: a list of feeds ``{input name: numpy array}``;
-    * ``bias_correction``, ``damp``, ``blocksize``, ``max_rows``, ``seed``, ``target_cosine``,
-      ``holdout``:
+    * ``bias_correction``, ``damp``, ``blocksize``, ``max_rows``, ``seed``, ``row_mask``,
+      ``target_cosine``, ``holdout``:
       see :class:`onnx_sparse.passes.calibrated.CalibratedPrunePass` and
       :class:`onnx_sparse.passes.sensitivity.SensitivityPrunePass`.
 

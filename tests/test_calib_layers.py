@@ -167,3 +167,16 @@ def test_unsupported_layers() -> None:
     assert isinstance(views["gemm_a"][1], Unsupported) and "A input" in str(views["gemm_a"][1])
     views = _views(onnx.load(case_path("if_subgraph.onnx")))
     assert all(isinstance(v[1], Unsupported) and "subgraph" in str(v[1]) for v in views.values())
+
+
+def test_padding_mask_lines_up_only_with_token_rows() -> None:
+    site, view, mf = _views(mlp())["fc1"]
+    x = np.arange(2 * 3 * view.cols, dtype=np.float64).reshape(2, 3, view.cols)
+    keep = np.array([[1, 1, 0], [1, 0, 0]])
+    assert view.masks_rows(x, keep) and not view.masks_rows(x, keep[:, :2])
+    (rows,) = next(view.rows(x, keep=keep))
+    np.testing.assert_array_equal(rows, x.reshape(-1, view.cols)[[0, 1, 3]])
+    (sub,) = next(view.rows(x, np.random.default_rng(0), max_rows=2, keep=keep))
+    assert sub.shape == (2, view.cols) and {tuple(r) for r in sub} <= {tuple(r) for r in rows}
+    conv_site, conv_view, _ = _views(convnet())["conv1"]
+    assert not conv_view.masks_rows(np.zeros((1, 8, 12, 12)), np.ones((1, 8)))

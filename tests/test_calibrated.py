@@ -333,3 +333,75 @@ def test_cli_magnitude_needs_no_data(run_cli, tmp_path, caplog) -> None:
     onnx.save(mlp(), tmp_path / "m.onnx")
     rc, text = run_cli(["prune", tmp_path / "m.onnx", "-o", tmp_path / "o.onnx"])
     assert rc == 0 and "RANDOM" not in text and "magnitude" in text
+
+
+def _masked_matmul(cols: int = 8, out: int = 6) -> onnx.ModelProto:
+    """y = (x @ W) * mask: like a transformer layer, padded tokens still carry activations."""
+    w = np.random.default_rng(5).standard_normal((cols, out)).astype(np.float32)
+    nodes = [
+        onnx.helper.make_node("MatMul", ["x", "W"], ["xw"], name="fc"),
+        onnx.helper.make_node("Cast", ["mask"], ["mf"], to=onnx.TensorProto.FLOAT),
+        onnx.helper.make_node("Unsqueeze", ["mf", "axes"], ["mu"]),
+        onnx.helper.make_node("Mul", ["xw", "mu"], ["y"]),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "masked",
+        [
+            onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", "s", cols]),
+            onnx.helper.make_tensor_value_info("mask", onnx.TensorProto.INT64, ["b", "s"]),
+        ],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", "s", out])],
+        [onnx.numpy_helper.from_array(w, "W"), onnx.numpy_helper.from_array(np.array([2], np.int64), "axes")],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+def _tokens(rng: np.random.Generator, n: int, cols: int = 8) -> np.ndarray:
+    mix = np.random.default_rng(9).standard_normal((cols, cols)) + np.eye(cols)
+    return (rng.standard_normal((n, cols)) @ mix).astype(np.float32)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "asym"])
+def test_padding_rows_are_left_out_with_row_mask(method: str) -> None:
+    """A padded batch with row_mask fits exactly what the unpadded sentences fit."""
+    rng = np.random.default_rng(0)
+    lengths = [(3, 5), (4, 2), (5, 5), (1, 4)]
+    padded, unpadded = [], []
+    for a, b in lengths:
+        ta, tb = _tokens(rng, a), _tokens(rng, b)
+        x = np.full((2, 5, 8), 40.0, np.float32)  # padding: big garbage activations
+        x[0, :a], x[1, :b] = ta, tb
+        mask = np.zeros((2, 5), np.int64)
+        mask[0, :a], mask[1, :b] = 1, 1
+        padded.append({"x": x, "mask": mask})
+        unpadded.append({"x": np.concatenate([ta, tb])[None], "mask": np.ones((1, a + b), np.int64)})
+    model = _masked_matmul()
+    seen: list = []
+    masked = CalibratedPrunePass(method, padded, row_mask="mask", max_rows=None, on_fit=seen.append)(model)
+    clean = CalibratedPrunePass(method, unpadded, row_mask="mask", max_rows=None)(model)
+    blind = CalibratedPrunePass(method, padded, max_rows=None)(model)
+    got, want, bad = (_weights(r.model.model)["W"] for r in (masked, clean, blind))
+    assert seen[0].acc.masked == len(padded) and seen[0].rows == sum(a + b for a, b in lengths)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got, bad, atol=1e-3)  # without the mask the padding skews the fit
+    # and the masked fit is the better one on the real tokens
+    dense_w = _weights(model)["W"].astype(np.float64)
+    real = np.concatenate([f["x"][0] for f in unpadded]).astype(np.float64)
+    err = {k: float(np.sum((real @ dense_w - real @ w.astype(np.float64)) ** 2)) for k, w in (("m", got), ("b", bad))}
+    assert err["m"] < err["b"]
+
+
+def test_row_mask_must_be_an_input(run_cli, tmp_path) -> None:
+    from polygraphy.json import save_json
+
+    onnx.save(_masked_matmul(), tmp_path / "m.onnx")
+    feed = {"x": np.ones((1, 4, 8), np.float32), "mask": np.ones((1, 4), np.int64)}
+    save_json([feed, feed], tmp_path / "in.json")
+    rc, text = run_cli(["prune", tmp_path / "m.onnx", "-o", tmp_path / "o.onnx", "--load-inputs",
+                        tmp_path / "in.json", "--mask-input", "attention_mask"])  # fmt: skip
+    assert rc == 2 and "'attention_mask' is not an input of the model" in text and "Traceback" not in text
+    assert not (tmp_path / "o.onnx").exists()
+    rc, text = run_cli(["prune", tmp_path / "m.onnx", "-o", tmp_path / "o.onnx", "--load-inputs",
+                        tmp_path / "in.json", "--mask-input", "mask", "-v"])  # fmt: skip
+    assert rc == 0 and "padding left out of 2 samples" in text

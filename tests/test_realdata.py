@@ -49,7 +49,10 @@ def test_calibration_and_evaluation_are_disjoint(available: None, name: str) -> 
     calib = realdata.samples(name, "calibration")
     evals = realdata.samples(name, "evaluation")
     want_c, want_e = realdata.SIZES[name]
-    assert len(calib) == want_c and len(evals) == want_e
+    if name == "magika":  # every calibration file the installed Python holds, up to SIZES
+        assert 400 <= len(calib) <= want_c and len(evals) == want_e
+    else:
+        assert len(calib) == want_c and len(evals) == want_e
     c_hash, e_hash = {_digest(x) for _, x in calib}, {_digest(x) for _, x in evals}
     assert len(c_hash) == len(calib) and len(e_hash) == len(evals), "duplicate samples within a set"
     assert not c_hash & e_hash, "a sample is in both sets"

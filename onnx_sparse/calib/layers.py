@@ -174,28 +174,50 @@ class LayerView:
                 f"with {self.cols // math.prod(self.kernel_shape) * self.groups} channels"
             )
 
+    def masks_rows(self, x: np.ndarray, keep: np.ndarray) -> bool:
+        """Whether a padding mask ``keep`` (e.g. ``attention_mask [batch, seq]``) lines up with the rows of ``x``.
+
+        True for MatMul/Gemm inputs whose leading dimensions are the mask's shape (``[batch,
+        seq, features]``); convolutions and other layouts are never masked.
+        """
+        if self.kind == "conv":
+            return False
+        a = x.T if (self.kind == "gemm" and self.trans_a) else x
+        return tuple(a.shape[:-1]) == tuple(np.shape(keep))
+
     def rows(
-        self, x: np.ndarray, rng: np.random.Generator | None = None, max_rows: int | None = None
+        self,
+        x: np.ndarray,
+        rng: np.random.Generator | None = None,
+        max_rows: int | None = None,
+        keep: np.ndarray | None = None,
     ) -> Iterator[list[np.ndarray]]:
         """Activation rows of one sample, in chunks, one array per group (dtype of ``x``).
 
-        With ``max_rows``, a sample with more rows keeps a uniform random subset (drawn from
-        ``rng``; the same ``rng`` state gives the same rows).
+        With ``keep`` (a padding mask for which :meth:`masks_rows` holds), rows where it is 0
+        are left out. With ``max_rows``, a sample with more rows keeps a uniform random subset
+        (drawn from ``rng``; the same ``rng`` state gives the same rows).
         """
         x = np.asarray(x)
+        if self.kind != "conv":
+            a = x.T if (self.kind == "gemm" and self.trans_a) else x
+            if a.shape[-1] != self.cols:
+                raise Unsupported(f"{self.site.node}: input of shape {x.shape} does not have {self.cols} features")
+            r = a.reshape(-1, self.cols)
+            if keep is not None and self.masks_rows(x, keep):
+                r = r[np.asarray(keep).reshape(-1) != 0]
+            if max_rows is not None and r.shape[0] > max_rows:
+                if rng is None:
+                    rng = np.random.default_rng(0)
+                r = r[np.sort(rng.choice(r.shape[0], size=max_rows, replace=False))]
+            yield [r]
+            return
         total = self.n_rows(x)
         sel = None
         if max_rows is not None and total > max_rows:
             if rng is None:
                 rng = np.random.default_rng(0)
             sel = np.sort(rng.choice(total, size=max_rows, replace=False))
-        if self.kind != "conv":
-            a = x.T if (self.kind == "gemm" and self.trans_a) else x
-            if a.shape[-1] != self.cols:
-                raise Unsupported(f"{self.site.node}: input of shape {x.shape} does not have {self.cols} features")
-            r = a.reshape(-1, self.cols)
-            yield [r if sel is None else r[sel]]
-            return
         width = math.prod(self.kernel_shape) * (self.cols // math.prod(self.kernel_shape)) * self.groups
         chunk_rows = max(1, CHUNK_BYTES // (8 * width))
         offset = 0

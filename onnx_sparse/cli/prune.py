@@ -83,7 +83,7 @@ class PruneTool(Tool):
             mf = load_model(args.model)
             report = measure_sensitivity(
                 mf, feeds(mf.model), method, damp=args.damp, blocksize=args.blocksize, max_rows=args.max_rows,
-                seed=args.seed or 0, **selection_kwargs(args),
+                seed=args.seed or 0, row_mask=args.mask_input, **selection_kwargs(args),
             )  # fmt: skip
             self._sensitivity(report, args)
             _random_reminder(real["value"])
@@ -92,7 +92,7 @@ class PruneTool(Tool):
         if needs_data:
             prune_pass = make_prune_pass(
                 method, feeds, bias_correction=args.bias_correction, damp=args.damp, blocksize=args.blocksize,
-                max_rows=args.max_rows, seed=args.seed or 0, target_cosine=args.target_cosine,
+                max_rows=args.max_rows, seed=args.seed or 0, row_mask=args.mask_input, target_cosine=args.target_cosine,
                 holdout=args.holdout, sensitivity=sensitivity, sensitivity_report=reports.append, **selection_kwargs(args),
             )  # fmt: skip
         out = Path(args.output) if args.output else Path(args.model)
@@ -224,6 +224,12 @@ def _add_calibration_args(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_ROWS,
         metavar="N",
         help=f"Activation rows per sample and layer (seeded subsample; default {DEFAULT_MAX_ROWS}).",
+    )
+    group.add_argument(
+        "--mask-input",
+        metavar="NAME",
+        help="Graph input whose zeros mark padding, e.g. attention_mask [batch, seq]: activation rows at padded "
+        "positions are left out of the calibration statistics.",
     )
     group.add_argument(
         "--sensitivity",

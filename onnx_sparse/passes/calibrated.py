@@ -176,6 +176,7 @@ class LayerStats:
         self.folds = max(1, min(folds, samples))
         g, c = view.groups, view.cols
         self.rows = 0
+        self.masked = 0  # samples whose padding rows were left out
         self.x_dtype: np.dtype | None = None
         self.stats = (
             [RunningStats(c, track_xtx=method == "sparsegpt") for _ in range(g)]
@@ -196,10 +197,17 @@ class LayerStats:
             [] if method == "sparsegpt" and self.cv_folds > 1 else None
         )
 
-    def update(self, member: int, sample: int, xp: np.ndarray, xd: np.ndarray | None) -> None:
+    def update(
+        self, member: int, sample: int, xp: np.ndarray, xd: np.ndarray | None, keep: np.ndarray | None = None
+    ) -> None:
+        """Add one sample's input rows (``keep``: its padding mask, see :meth:`LayerView.rows`)."""
         self.x_dtype = xp.dtype
         seq = [self.seed, self.key, member, sample]
-        chunks_p = self.view.rows(xp, np.random.default_rng(seq), self.max_rows)
+        if keep is not None and self.view.masks_rows(xp, keep):
+            self.masked += 1
+        else:
+            keep = None
+        chunks_p = self.view.rows(xp, np.random.default_rng(seq), self.max_rows, keep)
         if xd is None:
             pairs: Iterable[tuple[list[np.ndarray], list[np.ndarray] | None]] = ((c, None) for c in chunks_p)
         else:
@@ -208,7 +216,7 @@ class LayerStats:
                     f"{self.view.site.node}: the dense and pruned models give inputs of different shapes "
                     f"({xd.shape} vs {xp.shape}) for sample {sample}"
                 )
-            pairs = zip(chunks_p, self.view.rows(xd, np.random.default_rng(seq), self.max_rows), strict=True)
+            pairs = zip(chunks_p, self.view.rows(xd, np.random.default_rng(seq), self.max_rows, keep), strict=True)
         fold = sample % self.folds
         for cp, cd in pairs:
             n = cp[0].shape[0]
@@ -330,6 +338,10 @@ class Calibrator:
         seed: Seed of the row subsampling.
         folds: Cross-validation folds for ``asym`` (at most the number of samples).
         threads: onnxruntime intra-op threads (None: its default).
+        row_mask: Name of a graph input that marks padding with 0 (``attention_mask``
+            ``[batch, seq]``): rows of MatMul/Gemm inputs shaped ``[batch, seq, features]`` at
+            those positions are left out of every statistic. Padded tokens are not data; in
+            a padded batch they can outnumber the real ones.
     """
 
     def __init__(
@@ -342,6 +354,7 @@ class Calibrator:
         seed: int = 0,
         folds: int = 4,
         threads: int | None = None,
+        row_mask: str | None = None,
     ) -> None:
         if method not in METHODS:
             raise OnnxSparseError(f"unknown pruning method {method!r}", hint=f"choose one of {', '.join(METHODS)}")
@@ -358,6 +371,7 @@ class Calibrator:
         self.seed = seed
         self.folds = folds
         self.threads = threads
+        self.row_mask = row_mask
 
     # ---------------------------------------------------------------- planning
 
@@ -505,6 +519,11 @@ class Calibrator:
         """
         if self.method == "asym" and dense is None:
             raise AssertionError("asym needs the dense model")
+        if self.row_mask is not None and feeds and self.row_mask not in feeds[0]:
+            raise OnnxSparseError(
+                f"--mask-input {self.row_mask!r} is not an input of the model",
+                hint=f"the inputs are {list(feeds[0])}",
+            )
         sched = schedule(list(mf.model.graph.node), [[(s.node_proto, s.activation) for s in g.sites] for g in groups])
         runner = StagedRunner(mf, feeds, threads=self.threads)
         dense_runner = StagedRunner(dense, feeds, threads=self.threads) if self.method == "asym" and dense else None
@@ -529,13 +548,14 @@ class Calibrator:
                 dgen = dense_runner.iter_stage(targets) if dense_runner is not None else None
                 for i, acts in gen:
                     dacts = next(dgen)[1] if dgen is not None else None
+                    keep = feeds[i][self.row_mask] if self.row_mask is not None else None
                     for g in members:
                         acc = accs[g.key]
                         if acc is None:
                             continue
                         for m, s in enumerate(g.sites):
                             try:
-                                acc.update(m, i, acts[s.activation], dacts[s.activation] if dacts else None)
+                                acc.update(m, i, acts[s.activation], dacts[s.activation] if dacts else None, keep)
                             except Unsupported as exc:
                                 g.note = str(exc)
                                 accs[g.key] = None
@@ -713,6 +733,7 @@ class CalibratedPrunePass(Pass):
         seed: Seed of the row subsampling.
         folds: Cross-validation folds for ``asym``.
         threads: onnxruntime intra-op threads.
+        row_mask: Graph input whose zeros mark padding (see :class:`Calibrator`).
         on_fit: Called with every :class:`LayerFit` after it is written (inspection, tests).
 
     Cases: eligible main-graph layer -> calibrated; not calibratable -> magnitude (logged);
@@ -738,11 +759,19 @@ class CalibratedPrunePass(Pass):
         seed: int = 0,
         folds: int = 4,
         threads: int | None = None,
+        row_mask: str | None = None,
         on_fit: Callable[[LayerFit], None] | None = None,
     ) -> None:
         self.on_fit = on_fit
         self.engine = Calibrator(
-            method, damp=damp, blocksize=blocksize, max_rows=max_rows, seed=seed, folds=folds, threads=threads
+            method,
+            damp=damp,
+            blocksize=blocksize,
+            max_rows=max_rows,
+            seed=seed,
+            folds=folds,
+            threads=threads,
+            row_mask=row_mask,
         )
         self.method = method
         if (method in DATA_METHODS or bias_correction) and feeds is None:
@@ -806,6 +835,8 @@ class CalibratedPrunePass(Pass):
             extra = f", loss {fit.loss:.4g}" if fit.loss is not None else ""
             extra += f", refit damp {fit.refit_damp:g}" if fit.refit_damp is not None else ""
             extra += f", damp {fit.damp:g} by cross-validation" if fit.damp is not None else ""
+            if fit.acc is not None and fit.acc.masked:
+                extra += f", padding left out of {fit.acc.masked} samples"
             logger.info(
                 "[%d/%d] %s %s %.2fs (%d rows%s)",
                 done, total, ",".join(s.node for s in grp.sites), used, fit.seconds, fit.rows, extra,
@@ -858,6 +889,7 @@ def make_prune_pass(
     blocksize: int = 128,
     max_rows: int | None = DEFAULT_MAX_ROWS,
     seed: int = 0,
+    row_mask: str | None = None,
     target_cosine: float | None = None,
     holdout: float = 0.25,
     sensitivity: bool = False,
@@ -880,7 +912,7 @@ def make_prune_pass(
     if method not in METHODS:
         raise OnnxSparseError(f"unknown pruning method {method!r}", hint=f"choose one of {', '.join(METHODS)}")
     selection = dict(include=include, exclude=exclude, ops=ops, min_channels=min_channels)
-    options = dict(damp=damp, blocksize=blocksize, max_rows=max_rows, seed=seed)
+    options = dict(damp=damp, blocksize=blocksize, max_rows=max_rows, seed=seed, row_mask=row_mask)
     if target_cosine is not None or sensitivity:
         from onnx_sparse.passes.sensitivity import SensitivityPrunePass
 

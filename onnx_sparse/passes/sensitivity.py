@@ -286,6 +286,7 @@ def _measure(
     max_rows: int | None,
     seed: int,
     threads: int | None,
+    row_mask: str | None = None,
     probe_feeds: Sequence[Mapping[str, np.ndarray]] | None = None,
 ) -> _Measured:
     """Fit every layer alone on ``feeds``; measure on ``probe_feeds`` (default: ``feeds``)."""
@@ -303,7 +304,9 @@ def _measure(
             assert g[0].axis is not None
             new[k] = (g[0], nm.prune_2_4(np.asarray(w), g[0].axis, zero=zero_value(g[0])))
     else:
-        engine = Calibrator(fit_method, damp=damp, blocksize=blocksize, max_rows=max_rows, seed=seed, threads=threads)
+        engine = Calibrator(
+            fit_method, damp=damp, blocksize=blocksize, max_rows=max_rows, seed=seed, threads=threads, row_mask=row_mask
+        )
         ok, fallback = engine.groups(mf, sites)
         for grp in fallback:
             logger.info("sensitivity: magnitude instead of %s: %s", fit_method, grp.note)
@@ -353,6 +356,7 @@ def measure_sensitivity(
     max_rows: int | None = DEFAULT_MAX_ROWS,
     seed: int = 0,
     threads: int | None = None,
+    row_mask: str | None = None,
 ) -> SensitivityReport:
     """Prune each selected eligible layer alone and measure the outputs (module docstring).
 
@@ -366,7 +370,16 @@ def measure_sensitivity(
     if not sites:
         raise OnnxSparseError("no eligible layers selected: nothing to measure")
     return _measure(
-        mf, feeds, method, sites, damp=damp, blocksize=blocksize, max_rows=max_rows, seed=seed, threads=threads
+        mf,
+        feeds,
+        method,
+        sites,
+        damp=damp,
+        blocksize=blocksize,
+        max_rows=max_rows,
+        seed=seed,
+        threads=threads,
+        row_mask=row_mask,
     ).report
 
 
@@ -384,7 +397,7 @@ class SensitivityPrunePass(Pass):
             reported).
         holdout: Share of the calibration feeds kept out of fitting when there is a target
             (module docstring); 0 fits and judges on all of them.
-        method / feeds / bias_correction / damp / blocksize / max_rows / seed / selection:
+        method / feeds / bias_correction / damp / blocksize / max_rows / seed / row_mask / selection:
             As for :class:`~onnx_sparse.passes.calibrated.CalibratedPrunePass`.
         report: Called with the :class:`SensitivityReport` when the pass is done.
 
@@ -409,6 +422,7 @@ class SensitivityPrunePass(Pass):
         ops: Sequence[str] = (),
         min_channels: int = 0,
         threads: int | None = None,
+        row_mask: str | None = None,
         report: Callable[[SensitivityReport], None] | None = None,
         holdout: float = 0.25,
     ) -> None:
@@ -420,7 +434,9 @@ class SensitivityPrunePass(Pass):
         self.target = target_cosine
         self.method = method
         self.feeds = feeds
-        self.options = dict(damp=damp, blocksize=blocksize, max_rows=max_rows, seed=seed, threads=threads)
+        self.options = dict(
+            damp=damp, blocksize=blocksize, max_rows=max_rows, seed=seed, threads=threads, row_mask=row_mask
+        )
         self.bias_correction = bias_correction
         self.selection = dict(include=include, exclude=exclude, ops=ops, min_channels=min_channels)
         self.callback = report
