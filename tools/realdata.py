@@ -108,11 +108,11 @@ CALIBRATION, EVALUATION = "calibration", "evaluation"
 
 # Default sample counts (calibration, evaluation): files, images, lines, line images, sentences.
 SIZES: dict[str, tuple[int, int]] = {
-    "magika": (64, 256),
+    "magika": (1600, 256),  # every calibration file there is (about 1,600): see _MAGIKA_CALIBRATION_PER_KIND
     "ppocr_det": (16, 54),
     "ppocr_rec": (64, 200),
-    "ppocr_cls": (64, 256),
-    "minilm_l3": (32, 256),
+    "ppocr_cls": (200, 256),  # 25 feeds: 6 held out by --target-cosine, 48 samples to judge 0.95 on
+    "minilm_l3": (200, 256),
 }
 _BATCH = {"magika": 16, "ppocr_det": 1, "ppocr_rec": 1, "ppocr_cls": 8, "minilm_l3": 8}
 _VERSION = "realdata-v1"  # bump when a set changes: it keys the on-disk cache of text lines
@@ -195,7 +195,11 @@ _MAGIKA_KINDS: dict[str, tuple[str, ...]] = {
     "license": ("LICENSE", "LICENSE.txt", "COPYING", "NOTICE", "LICENSE.md"),
     "entrypoints": ("entry_points.txt",),
 }
-_MAGIKA_PER_KIND = 48  # files read per kind (chosen by a hash of their relative path)
+_MAGIKA_PER_KIND = 48  # files read per kind for both splits (chosen by a hash of their relative path)
+# then, for calibration only, reading goes on up to this many calibration files per kind: the
+# logits layer sees ONE row per file, so its 512x512 Hessian needs many files. The evaluation
+# set is exactly what the first _MAGIKA_PER_KIND files give.
+_MAGIKA_CALIBRATION_PER_KIND = 160
 
 
 def magika_features(data: bytes | os.PathLike[str] | str) -> np.ndarray | None:
@@ -273,9 +277,9 @@ def _magika_files() -> dict[str, list[_FileSample]]:
     splits: dict[str, dict[str, list[_FileSample]]] = {CALIBRATION: {}, EVALUATION: {}}
     seen: set[bytes] = set()
     for kind, files in by_kind.items():
-        taken = 0
+        taken = extra = 0
         for _, key, path in sorted(files):
-            if taken >= _MAGIKA_PER_KIND:
+            if extra >= _MAGIKA_CALIBRATION_PER_KIND:
                 break
             if path.is_symlink() or not path.is_file():
                 continue
@@ -289,8 +293,12 @@ def _magika_files() -> dict[str, list[_FileSample]]:
             if digest in seen:
                 continue
             seen.add(digest)
-            taken += 1
             split = CALIBRATION if _bucket(digest) % 5 == 0 else EVALUATION
+            if taken < _MAGIKA_PER_KIND:
+                taken += 1
+            elif split == EVALUATION:
+                continue  # past the shared quota: more calibration files only
+            extra += split == CALIBRATION
             splits[split].setdefault(kind, []).append(_FileSample(kind, key, feats))
     return {split: _round_robin(per_kind) for split, per_kind in splits.items()}
 
