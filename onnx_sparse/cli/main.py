@@ -55,13 +55,23 @@ class _Formatter(logging.Formatter):
         return "\n".join(lines)
 
 
+class _Handler(logging.StreamHandler):
+    """Writes records to stdout with any progress bar taken off the terminal first."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from onnx_sparse.progress import suspended
+
+        with suspended():
+            super().emit(record)
+
+
 def _setup_logging(verbosity: int) -> None:
     level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(max(verbosity, -2), logging.DEBUG)
     root = logging.getLogger("onnx_sparse")
     for h in list(root.handlers):
         if not isinstance(h, logging.NullHandler):
             root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _Handler(sys.stdout)
     handler.setFormatter(_Formatter())
     root.addHandler(handler)
     root.setLevel(level)

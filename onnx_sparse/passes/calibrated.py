@@ -74,6 +74,7 @@ from onnx_sparse.graph.weights import read_weight, zero_value
 from onnx_sparse.io import ModelFile
 from onnx_sparse.passes.base import Pass, PassResult, copy_model_file
 from onnx_sparse.passes.prune import PrunePass, SiteRecord, apply_site, group_by_tensor, totals
+from onnx_sparse.progress import Progress
 from onnx_sparse.prune.bias import bias_shift
 from onnx_sparse.prune.sparsegpt import asymmetric_cv_2_4, sparsegpt_2_4
 from onnx_sparse.prune.wanda import wanda_2_4
@@ -857,7 +858,9 @@ class CalibratedPrunePass(Pass):
             )
 
         if groups:
-            _drain(self.engine.run(mf, groups, feeds, apply=apply, dense=dense, means=self.bias_correction))
+            with Progress(total, method) as bar:
+                for fit in self.engine.run(mf, groups, feeds, apply=apply, dense=dense, means=self.bias_correction):
+                    bar.update(note=",".join(s.node for s in fit.group.sites))
         modified = any(r.groups_changed for r in records) or any(getattr(r, "bias_corrected", False) for r in records)
         t = totals(records)
         logger.info(

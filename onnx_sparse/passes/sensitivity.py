@@ -60,6 +60,7 @@ from onnx_sparse.passes.calibrated import (
     FeedSource,
 )
 from onnx_sparse.passes.prune import PrunePass, group_by_tensor
+from onnx_sparse.progress import Progress
 
 __all__ = [
     "Fidelity",
@@ -311,29 +312,34 @@ def _measure(
         for grp in fallback:
             logger.info("sensitivity: magnitude instead of %s: %s", fit_method, grp.note)
         # Without ``apply`` nothing is written: every layer is fitted to the dense activations.
-        for fit in [engine.solve(g, None, mf, time.perf_counter()) for g in fallback] + list(
-            engine.run(mf, ok, feeds, apply=None)
-        ):
+        with Progress(len(ok), f"sensitivity: {fit_method} fits") as bar:
+            fits = [engine.solve(g, None, mf, time.perf_counter()) for g in fallback]
+            for fit in engine.run(mf, ok, feeds, apply=None):
+                fits.append(fit)
+                bar.update(note=",".join(s.node for s in fit.group.sites))
+        for fit in fits:
             new[by_weight[id(fit.group.sites[0].tensor)]] = (fit.group.sites[0], fit.new)
     layers = []
-    for k, g in enumerate(groups):
-        site, value = new[k]
-        fid = probe.measure({id(site.tensor): value})
-        m = [macs.get(s.node) for s in g]
-        layers.append(
-            LayerSensitivity(
-                nodes=tuple(s.node for s in g),
-                weight=site.weight,
-                op=site.op,
-                params=site.params,
-                macs=None if any(v is None for v in m) else int(sum(v for v in m if v is not None)),
-                fidelity=fid,
+    with Progress(len(groups), "sensitivity: measuring") as bar:
+        for k, g in enumerate(groups):
+            site, value = new[k]
+            fid = probe.measure({id(site.tensor): value})
+            m = [macs.get(s.node) for s in g]
+            layers.append(
+                LayerSensitivity(
+                    nodes=tuple(s.node for s in g),
+                    weight=site.weight,
+                    op=site.op,
+                    params=site.params,
+                    macs=None if any(v is None for v in m) else int(sum(v for v in m if v is not None)),
+                    fidelity=fid,
+                )
             )
-        )
-        logger.info(
-            "[%d/%d] sensitivity %s: min cosine %.5f, rel L2 %.4g",
-            k + 1, len(groups), ",".join(s.node for s in g), fid.min_cosine, fid.mean_rel_l2,
-        )  # fmt: skip
+            bar.update(note=",".join(s.node for s in g))
+            logger.info(
+                "[%d/%d] sensitivity %s: min cosine %.5f, rel L2 %.4g",
+                k + 1, len(groups), ",".join(s.node for s in g), fid.min_cosine, fid.mean_rel_l2,
+            )  # fmt: skip
     outputs = [k for k, v in probe.dense[0].items() if _is_float(v)]
     report = SensitivityReport(
         method=fit_method, samples=len(feeds) + len(held), outputs=outputs, layers=layers, held_out=len(held)
