@@ -182,8 +182,11 @@ class LayerView:
         """
         if self.kind == "conv":
             return False
-        a = x.T if (self.kind == "gemm" and self.trans_a) else x
-        return tuple(a.shape[:-1]) == tuple(np.shape(keep))
+        return tuple(self._fc_input(x).shape[:-1]) == tuple(np.shape(keep))
+
+    def _fc_input(self, x: np.ndarray) -> np.ndarray:
+        """A MatMul/Gemm activation with its features last (``A^T`` for Gemm ``transA=1``)."""
+        return x.T if (self.kind == "gemm" and self.trans_a) else x
 
     def rows(
         self,
@@ -200,24 +203,16 @@ class LayerView:
         """
         x = np.asarray(x)
         if self.kind != "conv":
-            a = x.T if (self.kind == "gemm" and self.trans_a) else x
+            a = self._fc_input(x)
             if a.shape[-1] != self.cols:
                 raise Unsupported(f"{self.site.node}: input of shape {x.shape} does not have {self.cols} features")
             r = a.reshape(-1, self.cols)
             if keep is not None and self.masks_rows(x, keep):
                 r = r[np.asarray(keep).reshape(-1) != 0]
-            if max_rows is not None and r.shape[0] > max_rows:
-                if rng is None:
-                    rng = np.random.default_rng(0)
-                r = r[np.sort(rng.choice(r.shape[0], size=max_rows, replace=False))]
-            yield [r]
+            pick = _row_subset(r.shape[0], rng, max_rows)
+            yield [r if pick is None else r[pick]]
             return
-        total = self.n_rows(x)
-        sel = None
-        if max_rows is not None and total > max_rows:
-            if rng is None:
-                rng = np.random.default_rng(0)
-            sel = np.sort(rng.choice(total, size=max_rows, replace=False))
+        sel = _row_subset(self.n_rows(x), rng, max_rows)
         width = math.prod(self.kernel_shape) * (self.cols // math.prod(self.kernel_shape)) * self.groups
         chunk_rows = max(1, CHUNK_BYTES // (8 * width))
         offset = 0
@@ -233,6 +228,15 @@ class LayerView:
                     local = sel[lo:hi] - offset
                     yield [c[local] for c in chunk]
             offset += n
+
+
+def _row_subset(total: int, rng: np.random.Generator | None, max_rows: int | None) -> np.ndarray | None:
+    """Sorted indices of a uniform random ``max_rows`` of ``total`` rows, or None to keep them all."""
+    if max_rows is None or total <= max_rows:
+        return None
+    if rng is None:
+        rng = np.random.default_rng(0)
+    return np.sort(rng.choice(total, size=max_rows, replace=False))
 
 
 def _to_matrices(kind: str, consumer: np.ndarray, groups: int, site: WeightSite) -> list[np.ndarray]:
