@@ -277,9 +277,9 @@ def _magika_files() -> dict[str, list[_FileSample]]:
     splits: dict[str, dict[str, list[_FileSample]]] = {CALIBRATION: {}, EVALUATION: {}}
     seen: set[bytes] = set()
     for kind, files in by_kind.items():
-        taken = extra = 0
+        taken = calibration_taken = 0
         for _, key, path in sorted(files):
-            if extra >= _MAGIKA_CALIBRATION_PER_KIND:
+            if calibration_taken >= _MAGIKA_CALIBRATION_PER_KIND:
                 break
             if path.is_symlink() or not path.is_file():
                 continue
@@ -298,7 +298,7 @@ def _magika_files() -> dict[str, list[_FileSample]]:
                 taken += 1
             elif split == EVALUATION:
                 continue  # past the shared quota: more calibration files only
-            extra += split == CALIBRATION
+            calibration_taken += split == CALIBRATION
             splits[split].setdefault(kind, []).append(_FileSample(kind, key, feats))
     return {split: _round_robin(per_kind) for split, per_kind in splits.items()}
 
