@@ -405,3 +405,17 @@ def test_row_mask_must_be_an_input(run_cli, tmp_path) -> None:
     rc, text = run_cli(["prune", tmp_path / "m.onnx", "-o", tmp_path / "o.onnx", "--load-inputs",
                         tmp_path / "in.json", "--mask-input", "mask", "-v"])  # fmt: skip
     assert rc == 0 and "padding left out of 2 samples" in text
+
+
+def test_row_mask_ignored_by_magnitude_says_so(run_cli, tmp_path) -> None:
+    onnx.save(_masked_matmul(), tmp_path / "m.onnx")
+    rc, text = run_cli(["prune", tmp_path / "m.onnx", "-o", tmp_path / "o.onnx", "--mask-input", "attention_mask"])
+    assert rc == 0 and "calibration data options are ignored: magnitude pruning needs no data" in text
+
+
+def test_row_mask_ignored_by_magnitude_api_says_so(caplog) -> None:
+    from onnx_sparse import api
+
+    with caplog.at_level("WARNING"):
+        api.prune(_masked_matmul(), row_mask="attention_mask")
+    assert "--mask-input 'attention_mask' is ignored: magnitude pruning reads no data" in caplog.text

@@ -57,7 +57,7 @@ class PruneTool(Tool):
         measure_only = sensitivity and args.target_cosine is None and args.output is None and not args.in_place
         if args.output is None and not args.in_place and not measure_only:
             raise OnnxSparseError("no output path", hint="pass -o OUT, or --in-place to overwrite the input")
-        if not needs_data and (data_given or args.input_shapes or args.iterations):
+        if not needs_data and (data_given or args.input_shapes or args.iterations or args.mask_input):
             logger.warning("calibration data options are ignored: magnitude pruning needs no data")
         real = {"value": True}
 

@@ -935,5 +935,7 @@ def make_prune_pass(
             **selection,
         )
     if method == "magnitude" and not bias_correction:
+        if row_mask is not None:
+            logger.warning("--mask-input %r is ignored: magnitude pruning reads no data", row_mask)
         return PrunePass(**selection)
     return CalibratedPrunePass(method, calibration, bias_correction=bias_correction, **options, **selection)
