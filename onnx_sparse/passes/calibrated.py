@@ -73,6 +73,7 @@ from onnx_sparse.graph.locate import WeightSite, find_weight_sites
 from onnx_sparse.graph.weights import read_weight, zero_value
 from onnx_sparse.io import ModelFile
 from onnx_sparse.passes.base import Pass, PassResult, copy_model_file
+from onnx_sparse.passes.bias_write import shift_bias
 from onnx_sparse.passes.prune import PrunePass, SiteRecord, apply_site, group_by_tensor, totals
 from onnx_sparse.progress import Progress
 from onnx_sparse.prune.bias import bias_shift
@@ -590,53 +591,6 @@ def _with_view(g: LayerGroup, view: LayerView | None) -> LayerGroup:
 # bias correction
 
 
-def _unique(used: set[str], base: str) -> str:
-    name, i = base, 0
-    while name in used:
-        i += 1
-        name = f"{base}_{i}"
-    used.add(name)
-    return name
-
-
-def _readers(runner: StagedRunner, name: str) -> list[onnx.NodeProto]:
-    return [n for n in runner.nodes if name in n.input]
-
-
-def _constant_tensor(runner: StagedRunner, name: str) -> onnx.TensorProto | None:
-    if name in runner.initializers:
-        return runner.initializers[name]
-    node = runner.producers.get(name)
-    if node is not None and node.op_type == "Constant":
-        for a in node.attribute:
-            if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                return a.t
-    return None
-
-
-def _graph_outputs(mf: ModelFile) -> set[str]:
-    return {o.name for o in mf.model.graph.output}
-
-
-def _update_bias(
-    runner: StagedRunner, mf: ModelFile, name: str, shift: np.ndarray, reader: onnx.NodeProto, where: str
-) -> str:
-    """Add ``shift`` to the constant bias ``name``; returns "" or why it could not."""
-    t = _constant_tensor(runner, name)
-    if t is None:
-        return f"{where}: bias {name!r} is computed at run time"
-    if len(_readers(runner, name)) != 1 or name in _graph_outputs(mf):
-        return f"{where}: bias {name!r} is shared with other nodes"
-    b = np.asarray(mf.read(t))
-    if b.dtype.kind != "f" and b.dtype.name != "bfloat16":
-        return f"{where}: bias {name!r} is {b.dtype} (quantized biases are not corrected)"
-    if b.size != shift.size or (b.ndim > 0 and b.shape[-1] != shift.size):
-        return f"{where}: bias {name!r} of shape {b.shape} is not one value per output channel ({shift.size})"
-    new = (b.astype(np.float64) + shift.reshape(b.shape)).astype(b.dtype)
-    mf.write(t, new)
-    return ""
-
-
 def _apply_bias(fit: LayerFit, runner: StagedRunner, mf: ModelFile, method: str) -> bool:
     """Correct (or add) the bias of every node that uses the group's weight."""
     acc = fit.acc
@@ -647,8 +601,6 @@ def _apply_bias(fit: LayerFit, runner: StagedRunner, mf: ModelFile, method: str)
     new = view.matrices(fit.new)
     done = False
     for m, site in enumerate(fit.group.sites):
-        node = site.node_proto
-        assert node is not None
         if method == "asym" and acc.mean_d is not None:
             parts = [
                 o @ acc.mean_d[m][g].mean - w @ acc.mean_p[m][g].mean
@@ -660,53 +612,7 @@ def _apply_bias(fit: LayerFit, runner: StagedRunner, mf: ModelFile, method: str)
         if not np.any(shift):
             continue
         dtype = acc.x_dtype if acc.x_dtype.kind == "f" or acc.x_dtype.name == "bfloat16" else np.dtype(np.float32)
-        used = runner.names()
-        why = ""
-        if site.op == "Gemm":
-            shift = shift * view.alpha
-            if view.beta == 0:
-                why = f"{site.node}: Gemm beta=0 ignores C"
-            else:
-                shift = shift / view.beta
-        if why:
-            pass
-        elif site.op in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2]:
-            why = _update_bias(runner, mf, node.input[2], shift, node, site.node)
-        elif site.op in ("Conv", "Gemm"):
-            name = _unique(used, f"{site.weight}.bias_correction")
-            runner.set_initializer(name, shift.astype(dtype))
-            while len(node.input) < 2:
-                node.input.append("")
-            if len(node.input) == 2:
-                node.input.append(name)
-            else:
-                node.input[2] = name
-            runner.node_changed(node)
-        else:  # MatMul
-            out = node.output[0]
-            readers = _readers(runner, out)
-            add = (
-                readers[0]
-                if len(readers) == 1 and readers[0].op_type == "Add" and out not in _graph_outputs(mf)
-                else None
-            )
-            other = None
-            if add is not None:
-                other = add.input[1] if add.input[0] == out else add.input[0]
-                if other == out or _constant_tensor(runner, other) is None:
-                    other = None
-            if other is not None:
-                why = _update_bias(runner, mf, other, shift, add, site.node)
-            else:
-                pre = _unique(used, f"{out}_before_bias")
-                bname = _unique(used, f"{site.weight}.bias_correction")
-                node.output[0] = pre
-                runner.node_changed(node)
-                add_node = onnx.helper.make_node(
-                    "Add", [pre, bname], [out], name=_unique(used, f"{site.node}/bias_correction")
-                )
-                runner.set_initializer(bname, shift.astype(dtype))
-                runner.insert_after(node, add_node)
+        why = shift_bias(site, view, shift, runner, mf, dtype)
         if why:
             logger.info("bias not corrected: %s", why)
         else:
