@@ -75,7 +75,7 @@ def run_pipeline(pipeline: Sequential, mf: ModelFile) -> PassResult:
 
 
 _CALIBRATION_OPTIONS = (
-    "bias_correction", "damp", "blocksize", "max_rows", "seed", "row_mask", "target_cosine", "holdout"
+    "bias_correction", "refit_head", "damp", "blocksize", "max_rows", "seed", "row_mask", "target_cosine", "holdout"
 )  # fmt: skip
 _SELECTION_OPTIONS = ("include", "exclude", "ops", "min_channels")
 
@@ -111,8 +111,8 @@ def prune(
     * ``method``: ``magnitude``, ``wanda``, ``sparsegpt`` or ``asym`` (default ``sparsegpt``
       when ``calibration`` is given, else ``magnitude``);
     * ``calibration``: a list of feeds ``{input name: numpy array}``;
-    * ``bias_correction``, ``damp``, ``blocksize``, ``max_rows``, ``seed``, ``row_mask``,
-      ``target_cosine``, ``holdout``:
+    * ``bias_correction``, ``refit_head``, ``damp``, ``blocksize``, ``max_rows``, ``seed``,
+      ``row_mask``, ``target_cosine``, ``holdout``:
       see :class:`onnx_sparse.passes.calibrated.CalibratedPrunePass` and
       :class:`onnx_sparse.passes.sensitivity.SensitivityPrunePass`.
 

@@ -182,9 +182,9 @@ class LayerView:
         """
         if self.kind == "conv":
             return False
-        return tuple(self._fc_input(x).shape[:-1]) == tuple(np.shape(keep))
+        return tuple(self.fc_input(x).shape[:-1]) == tuple(np.shape(keep))
 
-    def _fc_input(self, x: np.ndarray) -> np.ndarray:
+    def fc_input(self, x: np.ndarray) -> np.ndarray:
         """A MatMul/Gemm activation with its features last (``A^T`` for Gemm ``transA=1``)."""
         return x.T if (self.kind == "gemm" and self.trans_a) else x
 
@@ -203,7 +203,7 @@ class LayerView:
         """
         x = np.asarray(x)
         if self.kind != "conv":
-            a = self._fc_input(x)
+            a = self.fc_input(x)
             if a.shape[-1] != self.cols:
                 raise Unsupported(f"{self.site.node}: input of shape {x.shape} does not have {self.cols} features")
             r = a.reshape(-1, self.cols)

@@ -53,7 +53,13 @@ class PruneTool(Tool):
         data_given = bool(args.load_inputs or args.data_loader_script)
         method = args.method or ("sparsegpt" if data_given else "magnitude")
         sensitivity = args.sensitivity or args.sensitivity_json is not None
-        needs_data = method != "magnitude" or args.bias_correction or sensitivity or args.target_cosine is not None
+        needs_data = (
+            method != "magnitude"
+            or args.bias_correction
+            or args.refit_head
+            or sensitivity
+            or args.target_cosine is not None
+        )
         measure_only = sensitivity and args.target_cosine is None and args.output is None and not args.in_place
         if args.output is None and not args.in_place and not measure_only:
             raise OnnxSparseError("no output path", hint="pass -o OUT, or --in-place to overwrite the input")
@@ -91,7 +97,7 @@ class PruneTool(Tool):
         prune_pass = None
         if needs_data:
             prune_pass = make_prune_pass(
-                method, feeds, bias_correction=args.bias_correction, damp=args.damp, blocksize=args.blocksize,
+                method, feeds, bias_correction=args.bias_correction, refit_head=args.refit_head, damp=args.damp, blocksize=args.blocksize,
                 max_rows=args.max_rows, seed=args.seed or 0, row_mask=args.mask_input, target_cosine=args.target_cosine,
                 holdout=args.holdout, sensitivity=sensitivity, sensitivity_report=reports.append, **selection_kwargs(args),
             )  # fmt: skip
@@ -215,6 +221,13 @@ def _add_calibration_args(parser: argparse.ArgumentParser) -> None:
         "--bias-correction",
         action="store_true",
         help="Correct each pruned layer's bias (adding one if needed) to keep its mean output.",
+    )
+    group.add_argument(
+        "--refit-head",
+        action="store_true",
+        help="After the layer-wise fits, refit a pruned MatMul/Gemm whose output feeds a softmax the model "
+        "returns (a classifier head) to the dense model's probabilities by KL divergence (kept weights and "
+        "bias; the step is chosen on held-out calibration samples).",
     )
     group.add_argument("--damp", type=float, default=0.01, help="SparseGPT relative damping (default 0.01).")
     group.add_argument("--blocksize", type=int, default=128, help="SparseGPT lazy-update block size (default 128).")

@@ -63,7 +63,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnx_sparse.calib.capture import StagedRunner, schedule
+from onnx_sparse.calib.capture import StagedRunner, inline_model, run_model, schedule
 from onnx_sparse.calib.data import validate_feeds
 from onnx_sparse.calib.layers import LayerView, Unsupported, layer_view
 from onnx_sparse.core import nm
@@ -74,6 +74,7 @@ from onnx_sparse.graph.weights import read_weight, zero_value
 from onnx_sparse.io import ModelFile
 from onnx_sparse.passes.base import Pass, PassResult, copy_model_file
 from onnx_sparse.passes.bias_write import shift_bias
+from onnx_sparse.passes.head import HeadLayer, head_candidates, refit_heads
 from onnx_sparse.passes.prune import PrunePass, SiteRecord, apply_site, group_by_tensor, totals
 from onnx_sparse.progress import Progress
 from onnx_sparse.prune.bias import bias_shift
@@ -112,6 +113,8 @@ class CalibratedSiteRecord(SiteRecord):
         damp: The SparseGPT damping cross-validation chose for a row-starved layer (else None).
         refit_damp: The ridge damping cross-validation chose (``asym``; ``inf``: no refit).
         bias_corrected: Whether a bias was corrected or added.
+        head_refit: For a softmax head refitted by KL divergence (``refit_head``): held-out
+            KL and top-1 agreement with the dense model before and after, and the steps.
         seconds: Time spent on this tensor (statistics and solve, capture excluded).
         note: Why the method fell back to magnitude, if it did.
     """
@@ -121,6 +124,7 @@ class CalibratedSiteRecord(SiteRecord):
     damp: float | None = None
     refit_damp: float | None = None
     bias_corrected: bool = False
+    head_refit: dict[str, float] | None = None
     seconds: float = 0.0
     note: str = ""
 
@@ -632,6 +636,9 @@ class CalibratedPrunePass(Pass):
         feeds: Calibration samples (``{input name: array}``), or a callable that makes them
             from the model (called once per run). Not needed for plain magnitude.
         bias_correction: Correct (or add) biases to keep each output's mean.
+        refit_head: Refit a pruned MatMul/Gemm whose output feeds a softmax the model returns
+            to the dense probabilities by KL divergence, after the layer-wise fits
+            (:mod:`onnx_sparse.passes.head`).
         damp: SparseGPT relative damping (``lambda = damp * mean(diag H)``).
         blocksize: SparseGPT lazy-update block size (multiple of 4).
         include / exclude / ops / min_channels: Layer selection, as for :class:`PrunePass`.
@@ -655,6 +662,7 @@ class CalibratedPrunePass(Pass):
         feeds: FeedSource | None = None,
         *,
         bias_correction: bool = False,
+        refit_head: bool = False,
         damp: float = 0.01,
         blocksize: int = 128,
         include: Sequence[str] = (),
@@ -681,14 +689,16 @@ class CalibratedPrunePass(Pass):
             row_mask=row_mask,
         )
         self.method = method
-        if (method in DATA_METHODS or bias_correction) and feeds is None:
+        if (method in DATA_METHODS or bias_correction or refit_head) and feeds is None:
+            extra = " with bias correction" if bias_correction else " with a head refit" if refit_head else ""
             raise OnnxSparseError(
-                f"{method}{' with bias correction' if bias_correction else ''} needs calibration data",
+                f"{method}{extra} needs calibration data",
                 hint="pass calibration feeds (a list of {input name: array}); "
                 "onnx_sparse.calib.data.random_feeds(model) makes random ones for a smoke test",
             )
         self.feeds = feeds
         self.bias_correction = bias_correction
+        self.refit_head = refit_head
         self.selection = dict(include=include, exclude=exclude, ops=ops, min_channels=min_channels)
         self.sites = None if sites is None else set(sites)
 
@@ -716,10 +726,12 @@ class CalibratedPrunePass(Pass):
         if not sites:
             logger.warning("no eligible layers selected: nothing to prune")
             return PassResult(mf, False, [])
-        needs_data = method in DATA_METHODS or self.bias_correction
+        needs_data = method in DATA_METHODS or self.bias_correction or self.refit_head
         feeds = self.resolve_feeds(mf.model) if needs_data else []
         dense = copy_model_file(mf) if method == "asym" else None
         groups, fallback = self.engine.groups(mf, sites)
+        heads = head_candidates(mf, [(g.sites, g.view) for g in groups]) if self.refit_head else []
+        dense_outputs = list(run_model(inline_model(mf), feeds, self.engine.threads)) if heads else []
         records: list[SiteRecord] = []
         # Layers that cannot be calibrated are pruned first, so the others see them as final.
         for grp in fallback:
@@ -767,6 +779,8 @@ class CalibratedPrunePass(Pass):
             with Progress(total, method) as bar:
                 for fit in self.engine.run(mf, groups, feeds, apply=apply, dense=dense, means=self.bias_correction):
                     bar.update(note=",".join(s.node for s in fit.group.sites))
+        if self.refit_head:
+            self._refit_heads(mf, heads, feeds, dense_outputs, records)
         modified = any(r.groups_changed for r in records) or any(getattr(r, "bias_corrected", False) for r in records)
         t = totals(records)
         logger.info(
@@ -775,6 +789,42 @@ class CalibratedPrunePass(Pass):
             t["groups"], t["retained_magnitude"],
         )  # fmt: skip
         return PassResult(mf, modified, records)
+
+    def _refit_heads(
+        self,
+        mf: ModelFile,
+        heads: Sequence[HeadLayer],
+        feeds: Sequence[Mapping[str, np.ndarray]],
+        dense_outputs: Sequence[Mapping[str, np.ndarray]],
+        records: list[SiteRecord],
+    ) -> None:
+        done = 0
+        for res in refit_heads(mf, heads, feeds, dense_outputs, threads=self.engine.threads, seed=self.engine.seed):
+            layer, info = res.layer, res.fit
+            if info is None:
+                logger.debug("%s: not a softmax head: %s", layer.site.node, res.note)
+                continue
+            logger.info(
+                "softmax head %s refit by KL divergence: held-out KL %.4g -> %.4g, top-1 agreement %.4f -> %.4f "
+                "(%d held-out rows, step %d of %d, %.1fs)%s",
+                layer.site.node, info.kl_before, info.kl_after, info.agree_before, info.agree_after,
+                info.held_out_rows, info.best_step, info.steps, info.seconds, f": {res.note}" if res.note else "",
+            )  # fmt: skip
+            done += 1
+            if res.new_stored is None:
+                continue
+            at = next(i for i, r in enumerate(records) if r.nodes == tuple(s.node for s in layer.sharers))
+            old = records[at]
+            rec = apply_site(layer.site, layer.sharers, mf, res.new_stored, old.method, original=layer.dense)
+            base = {f.name for f in fields(SiteRecord)}
+            extra = {f.name: getattr(old, f.name) for f in fields(CalibratedSiteRecord) if f.name not in base}
+            extra["head_refit"] = {
+                "kl_before": info.kl_before, "kl_after": info.kl_after, "agree_before": info.agree_before,
+                "agree_after": info.agree_after, "best_step": info.best_step, "held_out_rows": info.held_out_rows,
+            }  # fmt: skip
+            records[at] = _record(rec, **extra)
+        if not done:
+            logger.warning("--refit-head: no pruned layer feeds a softmax that the model returns; nothing refitted")
 
     def ensures(self, result: PassResult) -> None:
         nodes = {n for r in result.records if isinstance(r, SiteRecord) for n in r.nodes}
@@ -794,6 +844,7 @@ def make_prune_pass(
     calibration: FeedSource | None = None,
     *,
     bias_correction: bool = False,
+    refit_head: bool = False,
     damp: float = 0.01,
     blocksize: int = 128,
     max_rows: int | None = DEFAULT_MAX_ROWS,
@@ -835,13 +886,16 @@ def make_prune_pass(
             method=method,
             feeds=calibration,
             bias_correction=bias_correction,
+            refit_head=refit_head,
             report=sensitivity_report,
             holdout=holdout,
             **options,
             **selection,
         )
-    if method == "magnitude" and not bias_correction:
+    if method == "magnitude" and not bias_correction and not refit_head:
         if row_mask is not None:
             logger.warning("--mask-input %r is ignored: magnitude pruning reads no data", row_mask)
         return PrunePass(**selection)
-    return CalibratedPrunePass(method, calibration, bias_correction=bias_correction, **options, **selection)
+    return CalibratedPrunePass(
+        method, calibration, bias_correction=bias_correction, refit_head=refit_head, **options, **selection
+    )

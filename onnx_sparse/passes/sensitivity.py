@@ -403,7 +403,8 @@ class SensitivityPrunePass(Pass):
             reported).
         holdout: Share of the calibration feeds kept out of fitting when there is a target
             (module docstring); 0 fits and judges on all of them.
-        method / feeds / bias_correction / damp / blocksize / max_rows / seed / row_mask / selection:
+        method / feeds / bias_correction / refit_head / damp / blocksize / max_rows / seed / row_mask /
+            selection:
             As for :class:`~onnx_sparse.passes.calibrated.CalibratedPrunePass`.
         report: Called with the :class:`SensitivityReport` when the pass is done.
 
@@ -419,6 +420,7 @@ class SensitivityPrunePass(Pass):
         method: str = "sparsegpt",
         feeds: FeedSource,
         bias_correction: bool = False,
+        refit_head: bool = False,
         damp: float = 0.01,
         blocksize: int = 128,
         max_rows: int | None = DEFAULT_MAX_ROWS,
@@ -444,6 +446,7 @@ class SensitivityPrunePass(Pass):
             damp=damp, blocksize=blocksize, max_rows=max_rows, seed=seed, threads=threads, row_mask=row_mask
         )
         self.bias_correction = bias_correction
+        self.refit_head = refit_head
         self.selection = dict(include=include, exclude=exclude, ops=ops, min_channels=min_channels)
         self.callback = report
         self.holdout = holdout
@@ -456,6 +459,7 @@ class SensitivityPrunePass(Pass):
             self.method,
             feeds,
             bias_correction=self.bias_correction,
+            refit_head=self.refit_head,
             sites=nodes,
             **self.selection,
             **self.options,

@@ -1,0 +1,224 @@
+"""Find the pruned layers that feed a returned softmax, and refit them by KL divergence.
+
+Used by :class:`~onnx_sparse.passes.calibrated.CalibratedPrunePass` with
+``refit_head=True`` (CLI ``--refit-head``), after every layer has been fitted the usual way;
+the refit itself is :func:`onnx_sparse.prune.head.refit_softmax_head`.
+
+A pruned MatMul or Gemm is a *softmax head* when, on every calibration sample, one of the
+model's outputs equals ``softmax(z)`` (or ``log_softmax(z)``) over the last axis, where ``z``
+is the layer's output after its bias. This is checked on the numbers, not on the graph's
+spelling, so a softmax exported as ``ReduceMax``/``Sub``/``Exp``/``ReduceSum``/``Div`` (as
+jax2tf writes it), followed by an ``Identity``, counts too. A cheap graph test comes first:
+the layer's output must reach a graph output within :data:`MAX_DEPTH` nodes without passing
+through another MatMul, Gemm or Conv.
+
+``z - x W^T`` must be the same on every row (a constant bias; anything else, such as a
+residual, is not a head). The rows of every 4th calibration sample are held out to choose
+the refit's stopping step (every 4th row when there are fewer than 4 samples).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnx_sparse.calib.capture import StagedRunner, inline_model, run_model
+from onnx_sparse.calib.layers import LayerView
+from onnx_sparse.graph.locate import WeightSite
+from onnx_sparse.graph.weights import read_weight, zero_value
+from onnx_sparse.io import ModelFile
+from onnx_sparse.passes.bias_write import matmul_bias_add, shift_bias
+from onnx_sparse.prune.head import HeadFit, refit_softmax_head, softmax
+
+__all__ = ["HeadLayer", "head_candidates", "refit_heads", "MAX_DEPTH", "MAX_ROWS"]
+
+logger = logging.getLogger(__name__)
+
+#: Most nodes between a head's output and the graph output it feeds.
+MAX_DEPTH = 16
+#: Most rows the refit uses (a seeded subset beyond that).
+MAX_ROWS = 65_536
+_STOP = {"MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "QLinearMatMul", "QLinearConv"}
+
+
+@dataclass
+class HeadLayer:
+    """A candidate head: its (only) site, its view, and the dense stored weight."""
+
+    site: WeightSite
+    sharers: list[WeightSite]
+    view: LayerView
+    dense: np.ndarray
+
+
+def _reaches_output(model: onnx.ModelProto, start: str) -> bool:
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    outputs = {o.name for o in model.graph.output}
+    frontier, seen = [start], {start}
+    for _ in range(MAX_DEPTH + 1):
+        if any(t in outputs for t in frontier):
+            return True
+        nxt = []
+        for t in frontier:
+            for n in readers.get(t, []):
+                if n.op_type in _STOP:
+                    continue
+                for o in n.output:
+                    if o and o not in seen:
+                        seen.add(o)
+                        nxt.append(o)
+        frontier = nxt
+    return False
+
+
+def head_candidates(mf: ModelFile, groups: Sequence[tuple[Sequence[WeightSite], LayerView | None]]) -> list[HeadLayer]:
+    """The calibratable MatMul/Gemm layers whose output can reach a graph output (graph test only)."""
+    out = []
+    for sites, view in groups:
+        if view is None or len(sites) != 1 or view.kind not in ("matmul", "gemm") or view.mask_only:
+            continue
+        site = sites[0]
+        node = site.node_proto
+        if node is None or not _reaches_output(mf.model, node.output[0]):
+            continue
+        out.append(HeadLayer(site, list(sites), view, np.array(read_weight(site, mf, mmap=False))))
+    return out
+
+
+def _softmax_output(
+    z: list[np.ndarray], outs: list[Mapping[str, np.ndarray]], names: Sequence[str]
+) -> tuple[str, bool] | None:
+    """The graph output that is ``softmax(z)`` (False) or ``log_softmax(z)`` (True) on every sample."""
+    for name in names:
+        for log in (False, True):
+            ok = True
+            for zi, oi in zip(z, outs, strict=True):
+                o = np.asarray(oi[name])
+                if o.shape != zi.shape or o.dtype.kind != "f":
+                    ok = False
+                    break
+                s = softmax(zi)
+                want = np.log(np.maximum(s, 1e-30)) if log else s
+                tol = 1e-3 if log else 1e-4
+                if not np.allclose(o.astype(np.float64), want, atol=tol, rtol=1e-3):
+                    ok = False
+                    break
+            if ok:
+                return name, log
+    return None
+
+
+def _logits_name(runner: StagedRunner, mf: ModelFile, layer: HeadLayer) -> str:
+    node = layer.site.node_proto
+    assert node is not None
+    if layer.site.op == "MatMul":
+        found = matmul_bias_add(runner, mf, node)
+        if found is not None:
+            return found[0].output[0]
+    return node.output[0]
+
+
+@dataclass(frozen=True)
+class HeadResult:
+    layer: HeadLayer
+    fit: HeadFit | None
+    new_stored: np.ndarray | None
+    note: str
+
+
+def refit_heads(
+    mf: ModelFile,
+    layers: Sequence[HeadLayer],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    dense_outputs: Sequence[Mapping[str, np.ndarray]],
+    *,
+    threads: int | None = None,
+    seed: int = 0,
+) -> list[HeadResult]:
+    """Refit every softmax head among ``layers`` in ``mf`` (already pruned); returns one result each.
+
+    ``dense_outputs`` are the dense model's graph outputs on ``feeds``. Heads whose refit
+    improves the held-out KL divergence get their new weight and bias written into ``mf``.
+    """
+    if not layers:
+        return []
+    runner = StagedRunner(mf, feeds, threads=threads)
+    logits = {id(layer): _logits_name(runner, mf, layer) for layer in layers}
+    graph_outputs = [o.name for o in mf.model.graph.output]
+    model = inline_model(mf)
+    extra = []
+    for layer in layers:
+        for name in (layer.site.activation, logits[id(layer)]):
+            if name not in graph_outputs and name not in extra:
+                extra.append(name)
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in extra)
+    outs = list(run_model(model, feeds, threads))
+    results = []
+    for layer in layers:
+        results.append(_refit_one(layer, logits[id(layer)], outs, dense_outputs, graph_outputs, runner, mf, seed))
+    runner.commit()
+    return results
+
+
+def _refit_one(
+    layer: HeadLayer,
+    z_name: str,
+    outs: Sequence[Mapping[str, np.ndarray]],
+    dense_outputs: Sequence[Mapping[str, np.ndarray]],
+    graph_outputs: Sequence[str],
+    runner: StagedRunner,
+    mf: ModelFile,
+    seed: int,
+) -> HeadResult:
+    site, view = layer.site, layer.view
+    z = [np.asarray(o[z_name]) for o in outs]
+    found = _softmax_output(z, outs, [n for n in graph_outputs if n != z_name])
+    if found is None:
+        return HeadResult(layer, None, None, "no model output is a softmax of its output")
+    out_name, log = found
+    classes = view.rows_per_group
+    xs, zs, ps, fold = [], [], [], []
+    for i, o in enumerate(outs):
+        x = view.fc_input(np.asarray(o[site.activation])).reshape(-1, view.cols)
+        zi = z[i].reshape(-1, z[i].shape[-1])
+        if zi.shape != (x.shape[0], classes):
+            return HeadResult(layer, None, None, f"its output {z[i].shape} does not line up with its input rows")
+        p = np.asarray(dense_outputs[i][out_name], dtype=np.float64).reshape(-1, classes)
+        xs.append(x)
+        zs.append(zi)
+        ps.append(np.exp(p) if log else p)
+        fold.append(np.full(x.shape[0], i))
+    x_all = np.concatenate(xs).astype(np.float64)
+    z_all = np.concatenate(zs).astype(np.float64)
+    p_all = np.concatenate(ps)
+    feed_of = np.concatenate(fold)
+    stored = np.array(read_weight(site, mf, mmap=False))
+    (w,) = view.matrices(stored)
+    w_eff = view.alpha * w
+    resid = z_all - x_all @ w_eff.T
+    b_eff = resid.mean(axis=0)
+    if not np.allclose(resid, b_eff, atol=1e-4 * (1.0 + float(np.abs(z_all).max())), rtol=1e-4):
+        return HeadResult(layer, None, None, "what is added to its output is not a constant bias")
+    if x_all.shape[0] > MAX_ROWS:
+        pick = np.sort(np.random.default_rng(seed).choice(x_all.shape[0], MAX_ROWS, replace=False))
+        x_all, p_all, feed_of = x_all[pick], p_all[pick], feed_of[pick]
+    held = feed_of % 4 == 3 if len(outs) >= 4 else np.arange(x_all.shape[0]) % 4 == 3
+    if held.all() or not held.any():
+        return HeadResult(layer, None, None, "too few rows to hold some out")
+    w_new, b_new, info = refit_softmax_head(w_eff, b_eff, x_all, p_all, held)
+    if not info.improved:
+        return HeadResult(layer, info, None, "no step improved the held-out KL divergence: layer-wise fit kept")
+    new_stored = view.to_stored([w_new / view.alpha], stored, zero_value(site))
+    shift = (b_new - b_eff) / view.alpha
+    dtype = np.dtype(np.float32) if z[0].dtype.kind != "f" else z[0].dtype
+    why = shift_bias(site, view, shift, runner, mf, dtype) if np.any(shift) else ""
+    if why:
+        return HeadResult(layer, info, None, f"layer-wise fit kept: {why}")
+    return HeadResult(layer, info, new_stored, "")
