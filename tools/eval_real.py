@@ -125,6 +125,7 @@ def prune(
     calibration: list[realdata.Feed],
     bias_correction: bool,
     target_cosine: float | None = None,
+    refit_head: bool = False,
 ) -> tuple[onnx.ModelProto, str]:
     """Prune ``model`` with the documented API, else the CLI; raise :class:`Unavailable` if neither can.
 
@@ -142,7 +143,11 @@ def prune(
             kwargs["bias_correction"] = True
         if target_cosine is not None:
             kwargs["target_cosine"] = target_cosine
+        if refit_head:
+            kwargs["refit_head"] = True
         return api.prune(model, **kwargs), "api"
+    if refit_head:
+        raise Unavailable("this onnx_sparse cannot refit a softmax head")
     if "--method" in _cli_help():
         return _prune_cli(model, method, calibration, bias_correction, target_cosine), "cli"
     if plain:
@@ -273,11 +278,14 @@ def judge_held_out(data: ModelData, pruned: onnx.ModelProto) -> dict[str, Any]:
     return realdata.metric(data.name, dense, realdata.run(pruned, [data.calibration[i] for i in held]))
 
 
-def run_one(data: ModelData, method: str, bias: bool, target: float | None = None) -> dict[str, Any]:
-    row: dict[str, Any] = {"model": data.name, "method": method, "bias_correction": bias, "target_cosine": target}
+def run_one(
+    data: ModelData, method: str, bias: bool, target: float | None = None, refit_head: bool = False
+) -> dict[str, Any]:
+    row: dict[str, Any] = {"model": data.name, "method": method, "bias_correction": bias, "target_cosine": target,
+                           "refit_head": refit_head}  # fmt: skip
     t0 = time.perf_counter()
     try:
-        pruned, row["via"] = prune(data.dense, method, data.calibration, bias, target)
+        pruned, row["via"] = prune(data.dense, method, data.calibration, bias, target, refit_head)
     except Unavailable as err:
         row.update(status="unavailable", reason=str(err))
         return row
@@ -381,7 +389,7 @@ def _extra(row: dict[str, Any]) -> str:
 def table_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
-        label = r["method"] + (" +bc" if r["bias_correction"] else "")
+        label = r["method"] + (" +bc" if r["bias_correction"] else "") + (" +head" if r.get("refit_head") else "")
         if r.get("target_cosine") is not None:
             label += " @all" if r["target_cosine"] <= -1 else f" @cos{r['target_cosine']:g}"
         t = dict(r, label=label, extra=_extra(r))
@@ -411,6 +419,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(realdata.MODELS), choices=realdata.MODELS)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--bias", choices=("off", "on", "both"), default="both", help="bias correction runs")
+    parser.add_argument(
+        "--refit-head", choices=("off", "on", "both"), default="off", help="softmax-head refit, full-coverage runs"
+    )
     parser.add_argument("--quick", action="store_true", help="smaller evaluation sets and a shorter target ladder")
     parser.add_argument("--no-target", action="store_true", help="skip the fidelity-targeted runs")
     parser.add_argument("--only-target", action="store_true", help="skip the full-coverage runs")
@@ -438,7 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ladder = QUICK_LADDER if args.quick else TARGET_LADDER
     rows: list[dict[str, Any]] = []
     data_info: dict[str, Any] = {}
-    reused: dict[tuple[str, str, bool], dict[str, Any]] = {}
+    reused: dict[tuple[str, str, bool, bool], dict[str, Any]] = {}
+    heads = {"off": [False], "on": [True], "both": [False, True]}[args.refit_head]
     if args.reuse:
         earlier = json.loads(Path(args.reuse).read_text())
         env = earlier["environment"]
@@ -446,7 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--reuse {args.reuse}: that run used other --quick / --calibration-size settings")
         for r in earlier["results"]:
             if r.get("status") == "ok" and r.get("target_cosine") is None and r.get("kind") != "target":
-                reused[r["model"], r["method"], r["bias_correction"]] = {**r, "reused_from": args.reuse}
+                key = (r["model"], r["method"], r["bias_correction"], bool(r.get("refit_head")))
+                reused[key] = {**r, "reused_from": args.reuse}
     started = time.perf_counter()
     for name in args.models:
         try:
@@ -464,9 +477,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "dense_coverage": coverage(data.dense, data.macs),
         }
         for method in [] if args.only_target else args.methods:
-            for bias in biases:
-                row = reused.get((name, method, bias)) or run_one(data, method, bias)
-                rows.append(row)
+            for head in heads:
+                for bias in biases:
+                    row = reused.get((name, method, bias, head)) or run_one(data, method, bias, refit_head=head)
+                    rows.append(row)
                 print(format_report([row]).splitlines()[-1], file=sys.stderr, flush=True)
         if not args.no_target:
             row = targeted(data, args.target_method, args.target_bias == "on", ladder)
