@@ -481,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for bias in biases:
                     row = reused.get((name, method, bias, head)) or run_one(data, method, bias, refit_head=head)
                     rows.append(row)
-                print(format_report([row]).splitlines()[-1], file=sys.stderr, flush=True)
+                    print(format_report([row]).splitlines()[-1], file=sys.stderr, flush=True)
         if not args.no_target:
             row = targeted(data, args.target_method, args.target_bias == "on", ladder)
             rows.append(row)
