@@ -212,3 +212,14 @@ def test_refit_head_needs_data() -> None:
 
     with pytest.raises(OnnxSparseError, match="with a head refit needs calibration data"):
         CalibratedPrunePass("magnitude", None, refit_head=True)
+
+
+def test_targeted_pruning_refits_the_head_too() -> None:
+    from onnx_sparse.passes.calibrated import make_prune_pass
+
+    model = _classifier("op")
+    calib = _feeds(1, 16)
+    result = make_prune_pass("sparsegpt", calib, target_cosine=-1.0, refit_head=True)(model)
+    heads = [r for r in result.records if getattr(r, "head_refit", None)]
+    assert [r.nodes for r in heads] == [("head",)]
+    assert heads[0].head_refit["kl_after"] < heads[0].head_refit["kl_before"]
