@@ -34,14 +34,19 @@ from onnx_sparse.io import ModelFile
 from onnx_sparse.passes.bias_write import matmul_bias_add, shift_bias
 from onnx_sparse.prune.head import HeadFit, refit_softmax_head, softmax
 
-__all__ = ["HeadLayer", "head_candidates", "refit_heads", "MAX_DEPTH", "MAX_ROWS"]
+__all__ = ["HeadLayer", "head_candidates", "refit_heads", "MAX_DEPTH", "WORK_PER_STEP", "MIN_ROWS", "MAX_STEPS"]
 
 logger = logging.getLogger(__name__)
 
 #: Most nodes between a head's output and the graph output it feeds.
 MAX_DEPTH = 16
-#: Most rows the refit uses (a seeded subset beyond that).
-MAX_ROWS = 65_536
+#: Multiply-adds one refit step may spend on its rows (``rows x classes x features``): a
+#: seeded subset of the rows is used beyond that, but never fewer than :data:`MIN_ROWS`.
+#: (PP-OCRv4 rec's head, 6,625 classes x 120 features, keeps about 1,250 rows per step.)
+WORK_PER_STEP = 1_000_000_000
+MIN_ROWS = 1024
+#: Most refit steps (the held-out KL stops most refits far earlier).
+MAX_STEPS = 1000
 _STOP = {"MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "QLinearMatMul", "QLinearConv"}
 
 
@@ -206,13 +211,14 @@ def _refit_one(
     b_eff = resid.mean(axis=0)
     if not np.allclose(resid, b_eff, atol=1e-4 * (1.0 + float(np.abs(z_all).max())), rtol=1e-4):
         return HeadResult(layer, None, None, "what is added to its output is not a constant bias")
-    if x_all.shape[0] > MAX_ROWS:
-        pick = np.sort(np.random.default_rng(seed).choice(x_all.shape[0], MAX_ROWS, replace=False))
+    budget = max(MIN_ROWS, WORK_PER_STEP // max(1, classes * view.cols))
+    if x_all.shape[0] > budget:
+        pick = np.sort(np.random.default_rng(seed).choice(x_all.shape[0], budget, replace=False))
         x_all, p_all, feed_of = x_all[pick], p_all[pick], feed_of[pick]
     held = feed_of % 4 == 3 if len(outs) >= 4 else np.arange(x_all.shape[0]) % 4 == 3
     if held.all() or not held.any():
         return HeadResult(layer, None, None, "too few rows to hold some out")
-    w_new, b_new, info = refit_softmax_head(w_eff, b_eff, x_all, p_all, held)
+    w_new, b_new, info = refit_softmax_head(w_eff, b_eff, x_all, p_all, held, steps=MAX_STEPS)
     if not info.improved:
         return HeadResult(layer, info, None, "no step improved the held-out KL divergence: layer-wise fit kept")
     new_stored = view.to_stored([w_new / view.alpha], stored, zero_value(site))
