@@ -42,11 +42,11 @@ logger = logging.getLogger(__name__)
 MAX_DEPTH = 16
 #: Multiply-adds one refit step may spend on its rows (``rows x classes x features``): a
 #: seeded subset of the rows is used beyond that, but never fewer than :data:`MIN_ROWS`.
-#: (PP-OCRv4 rec's head, 6,625 classes x 120 features, keeps about 1,250 rows per step.)
-WORK_PER_STEP = 1_000_000_000
+#: (PP-OCRv4 rec's head, 6,625 classes x 120 features, keeps 1,024 rows per step.)
+WORK_PER_STEP = 250_000_000
 MIN_ROWS = 1024
 #: Most refit steps (the held-out KL stops most refits far earlier).
-MAX_STEPS = 1000
+MAX_STEPS = 500
 _STOP = {"MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "QLinearMatMul", "QLinearConv"}
 
 
