@@ -223,3 +223,22 @@ def test_targeted_pruning_refits_the_head_too() -> None:
     heads = [r for r in result.records if getattr(r, "head_refit", None)]
     assert [r.nodes for r in heads] == [("head",)]
     assert heads[0].head_refit["kl_after"] < heads[0].head_refit["kl_before"]
+
+
+def test_head_on_a_graph_input() -> None:
+    rng = np.random.default_rng(3)
+    w = numpy_helper.from_array((rng.normal(size=(HIDDEN, CLASSES))).astype(np.float32), "w2")
+    b = numpy_helper.from_array(rng.normal(size=CLASSES).astype(np.float32), "b2")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "w2"], ["z0"], name="head"), helper.make_node("Add", ["z0", "b2"], ["z"]),
+         helper.make_node("Softmax", ["z"], ["probs"], axis=-1)],
+        "head_only",
+        [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["n", HIDDEN])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["n", CLASSES])],
+        [w, b],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    calib = [{"h": rng.normal(size=(24, HIDDEN)).astype(np.float32)} for _ in range(12)]
+    result = CalibratedPrunePass("sparsegpt", calib, refit_head=True)(model)
+    (rec,) = result.records
+    assert rec.head_refit is not None and rec.head_refit["kl_after"] < rec.head_refit["kl_before"]

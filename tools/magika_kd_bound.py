@@ -6,10 +6,17 @@ and both biases of the two layers jointly, end to end, against the dense model's
 (KL divergence, Adam, minibatches of the calibration files), with the 2:4 masks fixed. That
 is strictly more than any layer-wise one-shot method (or ``--refit-head``) can do with the
 same masks and calibration data, so its top-1 agreement on the evaluation files bounds what
-such methods can reach. It needs JAX, which onnx-sparse does not depend on::
+such methods can reach.
 
-    pip install "jax[cpu]"
-    python tools/magika_kd_bound.py --epochs 4 --lr 1e-4
+It runs in two steps, because it needs JAX (onnx-sparse does not depend on it) and because
+magika's data is drawn from the files of the running Python installation
+(:mod:`tools.realdata`): installing JAX into the project's environment would change the
+calibration and evaluation files. So the data and the pruned model are saved from the
+project's environment, and the training runs in another one::
+
+    python tools/magika_kd_bound.py --save .cache/kd                 # project venv
+    python -m venv /tmp/jax && /tmp/jax/bin/pip install "jax[cpu]" onnx numpy
+    /tmp/jax/bin/python tools/magika_kd_bound.py --load .cache/kd --epochs 4 --lr 1e-4
 
 The forward pass is magika's ``standard_v3_3`` graph written out in JAX from the ONNX
 initializers (embedding, GELU, position LayerNorm, Conv k=5, GELU, global max, LayerNorm,
@@ -31,9 +38,6 @@ from onnx import numpy_helper
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools import realdata  # noqa: E402
-from tools.realmodels import model_path  # noqa: E402
-
 P = "jax2tf_get_logits_/pjit_get_logits_/MagikaV2/"
 NAMES = {
     "E": "jax2tf_get_logits_/Const:0",
@@ -52,24 +56,29 @@ TRAINED = ("Wc", "bc", "Wd", "bd")
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--save", metavar="DIR", help="step 1: save data, dense and asym-pruned model (project venv)")
+    ap.add_argument("--load", metavar="DIR", help="step 2: train from a --save directory (needs JAX)")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch", type=int, default=64)
     args = ap.parse_args()
+    if bool(args.save) == bool(args.load):
+        ap.error("give --save DIR (step 1) or --load DIR (step 2)")
+    if args.save:
+        return _save(Path(args.save))
     try:
         import jax
         import jax.numpy as jnp
     except ImportError:
-        print('this experiment needs JAX: pip install "jax[cpu]"', file=sys.stderr)
+        print('step 2 needs JAX: pip install "jax[cpu]" (in another environment, see the docstring)', file=sys.stderr)
         return 2
-    from onnx_sparse import api
-
-    dense = onnx.load(model_path("magika"))
-    calib = realdata.calibration("magika")
-    evals = {"256": realdata.evaluation("magika"), "all": realdata.evaluation("magika", 2000)}
-    t = time.perf_counter()
-    pruned = api.prune(dense, method="asym", calibration=calib)
-    print(f"asym prune {time.perf_counter() - t:.0f}s", flush=True)
+    src = Path(args.load)
+    dense = onnx.load(src / "dense.onnx")
+    pruned = onnx.load(src / "asym.onnx")
+    saved = np.load(src / "data.npz")
+    cal = saved["calibration"]
+    cat = {"256": saved["evaluation_256"], "all": saved["evaluation_all"]}
+    ref = float(saved["asym_agreement_256"])
 
     def params(model: onnx.ModelProto) -> dict:
         init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -102,8 +111,6 @@ def main() -> int:
     def logits(b, p, bs=128):
         return np.concatenate([np.asarray(head_j(trunk_j(b[i : i + bs]), p)) for i in range(0, len(b), bs)])
 
-    cat = {k: np.concatenate([f["bytes"] for f in v]) for k, v in evals.items()}
-    cal = np.concatenate([f["bytes"] for f in calib])
     pd = params(dense)
     top = {k: logits(v, pd).argmax(1) for k, v in cat.items()}
     target = np.asarray(jax.nn.softmax(logits(cal, pd)))
@@ -115,8 +122,7 @@ def main() -> int:
         return got
 
     p = {k: v for k, v in params(pruned).items() if k in TRAINED}
-    ref = realdata.metric("magika", realdata.run(dense, evals["256"]), realdata.run(pruned, evals["256"]))["metric"]
-    got = score(p, "asym (JAX forward)")
+    score(p, "asym (JAX forward)")
     print(f"asym (onnxruntime): {ref:.4f} (256 files) -- must match the line above", flush=True)
     mask = {k: (p[k] != 0).astype(jnp.float32) for k in ("Wc", "Wd")}
 
@@ -142,8 +148,33 @@ def main() -> int:
                 p[k] = p[k] - args.lr * (m[k] / (1 - 0.9**step)) / (jnp.sqrt(v2[k] / (1 - 0.999**step)) + 1e-8)
                 if k in mask:
                     p[k] = p[k] * mask[k]
-        got = score(p, f"epoch {ep + 1} ({time.perf_counter() - t:.0f}s)")
-    del got
+        score(p, f"epoch {ep + 1} ({time.perf_counter() - t:.0f}s)")
+    return 0
+
+
+def _save(dst: Path) -> int:
+    from onnx_sparse import api
+    from tools import realdata
+    from tools.realmodels import model_path
+
+    dense = onnx.load(model_path("magika"))
+    calib = realdata.calibration("magika")
+    evals = {"256": realdata.evaluation("magika"), "all": realdata.evaluation("magika", 2000)}
+    t = time.perf_counter()
+    pruned = api.prune(dense, method="asym", calibration=calib)
+    print(f"asym prune {time.perf_counter() - t:.0f}s", flush=True)
+    ref = realdata.metric("magika", realdata.run(dense, evals["256"]), realdata.run(pruned, evals["256"]))["metric"]
+    dst.mkdir(parents=True, exist_ok=True)
+    onnx.save(dense, dst / "dense.onnx")
+    onnx.save(pruned, dst / "asym.onnx")
+    np.savez(
+        dst / "data.npz",
+        calibration=np.concatenate([f["bytes"] for f in calib]),
+        evaluation_256=np.concatenate([f["bytes"] for f in evals["256"]]),
+        evaluation_all=np.concatenate([f["bytes"] for f in evals["all"]]),
+        asym_agreement_256=ref,
+    )
+    print(f"saved to {dst} (asym top-1 agreement {ref:.4f} on 256 files)")
     return 0
 
 

@@ -161,10 +161,11 @@ def refit_heads(
     extra = []
     for layer in layers:
         for name in (layer.site.activation, logits[id(layer)]):
-            if name not in graph_outputs and name not in extra:
+            if name not in graph_outputs and name not in extra and name not in feeds[0]:
                 extra.append(name)
     model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in extra)
-    outs = list(run_model(model, feeds, threads))
+    # a head reading a graph input directly takes it from the feed
+    outs = [{**feed, **out} for feed, out in zip(feeds, run_model(model, feeds, threads), strict=True)]
     results = []
     for layer in layers:
         results.append(_refit_one(layer, logits[id(layer)], outs, dense_outputs, graph_outputs, runner, mf, seed))
