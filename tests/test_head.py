@@ -242,3 +242,48 @@ def test_head_on_a_graph_input() -> None:
     result = CalibratedPrunePass("sparsegpt", calib, refit_head=True)(model)
     (rec,) = result.records
     assert rec.head_refit is not None and rec.head_refit["kl_after"] < rec.head_refit["kl_before"]
+
+
+def _token_head(cols: int = 8, classes: int = 5) -> onnx.ModelProto:
+    """Token classifier: softmax((x @ W + b)) per token of [batch, seq, cols]; a mask input marks padding."""
+    rng = np.random.default_rng(7)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["z0"], name="head"), helper.make_node("Add", ["z0", "b"], ["z"]),
+         helper.make_node("Softmax", ["z"], ["p0"], axis=-1),
+         helper.make_node("Cast", ["mask"], ["mf"], to=TensorProto.FLOAT),
+         helper.make_node("Unsqueeze", ["mf", "axes"], ["mu"]), helper.make_node("Mul", ["p0", "mu"], ["probs"])],
+        "tokens",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", cols]),
+         helper.make_tensor_value_info("mask", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["b", "s", classes])],
+        [numpy_helper.from_array((rng.normal(size=(cols, classes)) * 1.5).astype(np.float32), "W"),
+         numpy_helper.from_array(rng.normal(size=classes).astype(np.float32), "b"),
+         numpy_helper.from_array(np.array([2], np.int64), "axes")],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_head_refit_leaves_padding_out_with_row_mask() -> None:
+    """Padded batches with row_mask refit exactly what the unpadded sentences refit."""
+    rng = np.random.default_rng(0)
+    mix = np.random.default_rng(9).standard_normal((8, 8)) + np.eye(8)
+    padded, unpadded = [], []
+    for n in (3, 5, 2, 4, 5, 1, 3, 4):
+        t = (rng.standard_normal((n, 8)) @ mix).astype(np.float32)
+        x = np.full((1, 5, 8), 40.0, np.float32)  # padding: big garbage activations
+        x[0, :n] = t
+        mask = np.zeros((1, 5), np.int64)
+        mask[0, :n] = 1
+        padded.append({"x": x, "mask": mask})
+        unpadded.append({"x": t[None], "mask": np.ones((1, n), np.int64)})
+    # the masked output is not softmax(z) at padded positions; with the mask those rows are not compared
+    model = _token_head()
+    runs = {}
+    for name, feeds in (("masked", padded), ("clean", unpadded)):
+        result = CalibratedPrunePass("sparsegpt", feeds, refit_head=True, row_mask="mask", max_rows=None)(model)
+        runs[name] = result
+    (rec,) = [r for r in runs["masked"].records if r.head_refit]
+    assert rec.head_refit["held_out_rows"] == 4 + 4  # feeds 3 and 7: real tokens only
+    got, want = (numpy_helper.to_array(next(t for t in r.model.model.graph.initializer if t.name == "W"))
+                 for r in (runs["masked"], runs["clean"]))  # fmt: skip
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

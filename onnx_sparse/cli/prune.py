@@ -242,7 +242,7 @@ def _add_calibration_args(parser: argparse.ArgumentParser) -> None:
         "--mask-input",
         metavar="NAME",
         help="Graph input whose zeros mark padding, e.g. attention_mask [batch, seq]: activation rows at padded "
-        "positions are left out of the calibration statistics.",
+        "positions are left out of the calibration statistics (and of the --refit-head fit).",
     )
     group.add_argument(
         "--sensitivity",

@@ -799,7 +799,10 @@ class CalibratedPrunePass(Pass):
         records: list[SiteRecord],
     ) -> None:
         done = 0
-        for res in refit_heads(mf, heads, feeds, dense_outputs, threads=self.engine.threads, seed=self.engine.seed):
+        engine = self.engine
+        for res in refit_heads(
+            mf, heads, feeds, dense_outputs, threads=engine.threads, seed=engine.seed, row_mask=engine.row_mask
+        ):
             layer, info = res.layer, res.fit
             if info is None:
                 logger.debug("%s: not a softmax head: %s", layer.site.node, res.note)

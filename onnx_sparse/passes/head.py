@@ -98,19 +98,26 @@ def head_candidates(mf: ModelFile, groups: Sequence[tuple[Sequence[WeightSite], 
 
 
 def _softmax_output(
-    z: list[np.ndarray], outs: list[Mapping[str, np.ndarray]], names: Sequence[str]
+    z: list[np.ndarray],
+    outs: Sequence[Mapping[str, np.ndarray]],
+    names: Sequence[str],
+    keeps: Sequence[np.ndarray | None],
 ) -> tuple[str, bool] | None:
-    """The graph output that is ``softmax(z)`` (False) or ``log_softmax(z)`` (True) on every sample."""
+    """The graph output that is ``softmax(z)`` (False) or ``log_softmax(z)`` (True) on every
+    sample (on the rows ``keeps`` marks, where a padding mask applies)."""
     for name in names:
         for log in (False, True):
             ok = True
-            for zi, oi in zip(z, outs, strict=True):
+            for zi, oi, keep in zip(z, outs, keeps, strict=True):
                 o = np.asarray(oi[name])
                 if o.shape != zi.shape or o.dtype.kind != "f":
                     ok = False
                     break
                 s = softmax(zi)
                 want = np.log(np.maximum(s, 1e-30)) if log else s
+                if keep is not None:
+                    o = o.reshape(-1, o.shape[-1])[keep]
+                    want = want.reshape(-1, want.shape[-1])[keep]
                 tol = 1e-3 if log else 1e-4
                 if not np.allclose(o.astype(np.float64), want, atol=tol, rtol=1e-3):
                     ok = False
@@ -146,11 +153,14 @@ def refit_heads(
     *,
     threads: int | None = None,
     seed: int = 0,
+    row_mask: str | None = None,
 ) -> list[HeadResult]:
     """Refit every softmax head among ``layers`` in ``mf`` (already pruned); returns one result each.
 
     ``dense_outputs`` are the dense model's graph outputs on ``feeds``. Heads whose refit
     improves the held-out KL divergence get their new weight and bias written into ``mf``.
+    ``row_mask`` names a graph input whose zeros mark padding (as for the layer-wise fits):
+    rows of a ``[batch, seq, features]`` head input at those positions are left out.
     """
     if not layers:
         return []
@@ -168,7 +178,9 @@ def refit_heads(
     outs = [{**feed, **out} for feed, out in zip(feeds, run_model(model, feeds, threads), strict=True)]
     results = []
     for layer in layers:
-        results.append(_refit_one(layer, logits[id(layer)], outs, dense_outputs, graph_outputs, runner, mf, seed))
+        results.append(
+            _refit_one(layer, logits[id(layer)], outs, dense_outputs, graph_outputs, runner, mf, seed, row_mask)
+        )
     runner.commit()
     return results
 
@@ -182,21 +194,32 @@ def _refit_one(
     runner: StagedRunner,
     mf: ModelFile,
     seed: int,
+    row_mask: str | None,
 ) -> HeadResult:
     site, view = layer.site, layer.view
     z = [np.asarray(o[z_name]) for o in outs]
-    found = _softmax_output(z, outs, [n for n in graph_outputs if n != z_name])
+    keeps = [
+        np.asarray(o[row_mask]).reshape(-1) != 0
+        if row_mask is not None and view.masks_rows(np.asarray(o[site.activation]), o[row_mask])
+        else None
+        for o in outs
+    ]
+    found = _softmax_output(z, outs, [n for n in graph_outputs if n != z_name], keeps)
     if found is None:
         return HeadResult(layer, None, None, "no model output is a softmax of its output")
     out_name, log = found
     classes = view.rows_per_group
     xs, zs, ps, fold = [], [], [], []
     for i, o in enumerate(outs):
-        x = view.fc_input(np.asarray(o[site.activation])).reshape(-1, view.cols)
+        raw = np.asarray(o[site.activation])
+        x = view.fc_input(raw).reshape(-1, view.cols)
         zi = z[i].reshape(-1, z[i].shape[-1])
         if zi.shape != (x.shape[0], classes):
             return HeadResult(layer, None, None, f"its output {z[i].shape} does not line up with its input rows")
         p = np.asarray(dense_outputs[i][out_name], dtype=np.float64).reshape(-1, classes)
+        keep = keeps[i]
+        if keep is not None:
+            x, zi, p = x[keep], zi[keep], p[keep]
         xs.append(x)
         zs.append(zi)
         ps.append(np.exp(p) if log else p)
