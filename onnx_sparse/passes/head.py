@@ -34,7 +34,10 @@ from onnx_sparse.io import ModelFile
 from onnx_sparse.passes.bias_write import matmul_bias_add, shift_bias
 from onnx_sparse.prune.head import HeadFit, refit_softmax_head, softmax
 
-__all__ = ["HeadLayer", "head_candidates", "refit_heads", "MAX_DEPTH", "WORK_PER_STEP", "MIN_ROWS", "MAX_STEPS"]
+__all__ = [
+    "HeadLayer", "head_candidates", "refit_heads", "MAX_DEPTH", "WORK_PER_STEP", "MIN_ROWS", "MAX_STEPS", "MIN_STEPS",
+    "WORK_TOTAL",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +48,12 @@ MAX_DEPTH = 16
 #: (PP-OCRv4 rec's head, 6,625 classes x 120 features, keeps 1,024 rows per step.)
 WORK_PER_STEP = 250_000_000
 MIN_ROWS = 1024
-#: Most refit steps (the held-out KL stops most refits far earlier).
-MAX_STEPS = 500
+#: Most refit steps (the held-out KL stops most refits earlier), and most multiply-adds over
+#: all steps together: a head that costs more per step gets fewer steps, never fewer than
+#: :data:`MIN_STEPS` (rec's head: 154 steps; magika's: 718; a small head: all 5,000).
+MAX_STEPS = 5000
+MIN_STEPS = 100
+WORK_TOTAL = 125_000_000_000
 _STOP = {"MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "QLinearMatMul", "QLinearConv"}
 
 
@@ -242,7 +249,9 @@ def _refit_one(
     held = feed_of % 4 == 3 if len(outs) >= 4 else np.arange(x_all.shape[0]) % 4 == 3
     if held.all() or not held.any():
         return HeadResult(layer, None, None, "too few rows to hold some out")
-    w_new, b_new, info = refit_softmax_head(w_eff, b_eff, x_all, p_all, held, steps=MAX_STEPS)
+    per_step = max(1, x_all.shape[0] * classes * view.cols)
+    steps = int(max(MIN_STEPS, min(MAX_STEPS, WORK_TOTAL // per_step)))
+    w_new, b_new, info = refit_softmax_head(w_eff, b_eff, x_all, p_all, held, steps=steps)
     if not info.improved:
         return HeadResult(layer, info, None, "no step improved the held-out KL divergence: layer-wise fit kept")
     new_stored = view.to_stored([w_new / view.alpha], stored, zero_value(site))
