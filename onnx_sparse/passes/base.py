@@ -32,6 +32,16 @@ class PassResult:
     records: list[Any] = field(default_factory=list)
 
 
+def unique_name(used: set[str], base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... whichever is not in ``used`` (then added to it)."""
+    name, i = base, 0
+    while name in used:
+        i += 1
+        name = f"{base}_{i}"
+    used.add(name)
+    return name
+
+
 def copy_model_file(mf: ModelFile) -> ModelFile:
     """A deep copy of the ModelProto; external data and pending new values (read-only) are shared."""
     model = onnx.ModelProto()

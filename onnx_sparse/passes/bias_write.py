@@ -23,18 +23,9 @@ from onnx_sparse.calib.capture import StagedRunner
 from onnx_sparse.calib.layers import LayerView
 from onnx_sparse.graph.locate import WeightSite
 from onnx_sparse.io import ModelFile
+from onnx_sparse.passes.base import unique_name
 
-__all__ = ["unique_name", "constant_tensor", "matmul_bias_add", "shift_bias"]
-
-
-def unique_name(used: set[str], base: str) -> str:
-    """``base``, or ``base_1``, ``base_2``, ... whichever is not in ``used`` (then added to it)."""
-    name, i = base, 0
-    while name in used:
-        i += 1
-        name = f"{base}_{i}"
-    used.add(name)
-    return name
+__all__ = ["constant_tensor", "matmul_bias_add", "shift_bias"]
 
 
 def _readers(runner: StagedRunner, name: str) -> list[onnx.NodeProto]:

@@ -45,7 +45,7 @@ from onnx import TensorProto
 from onnx_sparse.analysis import layout
 from onnx_sparse.graph.locate import WeightSite, find_weight_sites
 from onnx_sparse.io import ModelFile
-from onnx_sparse.passes.base import Pass, PassResult
+from onnx_sparse.passes.base import Pass, PassResult, unique_name
 
 __all__ = ["LayoutRecord", "FcLayoutPass"]
 
@@ -145,15 +145,6 @@ def _all_names(model: onnx.ModelProto) -> set[str]:
 
     visit(model.graph)
     return names
-
-
-def _unique(base: str, taken: set[str]) -> str:
-    name, k = base, 0
-    while name in taken:
-        k += 1
-        name = f"{base}_{k}"
-    taken.add(name)
-    return name
 
 
 def _attr(node: onnx.NodeProto, name: str) -> onnx.AttributeProto | None:
@@ -409,9 +400,9 @@ class FcLayoutPass(Pass):
                     attr.i = 1
                 changes.append(f"{p.site.node}: Gemm transB 0 -> 1")
             else:
-                out = _unique(p.site.node + _SUFFIX + "_output", taken)
+                out = unique_name(taken, p.site.node + _SUFFIX + "_output")
                 tnode = onnx.helper.make_node(
-                    "Transpose", [node.input[p.site.input_index]], [out], name=_unique(p.site.node + _SUFFIX, taken),
+                    "Transpose", [node.input[p.site.input_index]], [out], name=unique_name(taken, p.site.node + _SUFFIX),
                     perm=[1, 0],
                 )  # fmt: skip
                 node.input[p.site.input_index] = out
