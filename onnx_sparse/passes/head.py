@@ -67,12 +67,7 @@ class HeadLayer:
     dense: np.ndarray
 
 
-def _reaches_output(model: onnx.ModelProto, start: str) -> bool:
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
-    outputs = {o.name for o in model.graph.output}
+def _reaches_output(readers: Mapping[str, list[onnx.NodeProto]], outputs: set[str], start: str) -> bool:
     frontier, seen = [start], {start}
     for _ in range(MAX_DEPTH + 1):
         if any(t in outputs for t in frontier):
@@ -92,13 +87,18 @@ def _reaches_output(model: onnx.ModelProto, start: str) -> bool:
 
 def head_candidates(mf: ModelFile, groups: Sequence[tuple[Sequence[WeightSite], LayerView | None]]) -> list[HeadLayer]:
     """The calibratable MatMul/Gemm layers whose output can reach a graph output (graph test only)."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in mf.model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    outputs = {o.name for o in mf.model.graph.output}
     out = []
     for sites, view in groups:
         if view is None or len(sites) != 1 or view.kind not in ("matmul", "gemm") or view.mask_only:
             continue
         site = sites[0]
         node = site.node_proto
-        if node is None or not _reaches_output(mf.model, node.output[0]):
+        if node is None or not _reaches_output(readers, outputs, node.output[0]):
             continue
         out.append(HeadLayer(site, list(sites), view, np.array(read_weight(site, mf, mmap=False))))
     return out
