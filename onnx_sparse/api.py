@@ -3,6 +3,7 @@
 >>> import onnx_sparse
 >>> sparse = onnx_sparse.prune(model)              # ModelProto in, ModelProto out
 >>> onnx_sparse.prune_file("m.onnx", "m.sparse.onnx")  # external data, > 2 GB, atomic
+>>> onnx_sparse.prune(model, onnx_sparse.Recipe(method="sparsegpt"), calibration=feeds)
 """
 
 from __future__ import annotations
@@ -19,28 +20,25 @@ from onnx_sparse.io import ModelFile, finalize_inline, iter_tensors, load_model,
 from onnx_sparse.passes.annotate import AnnotatePass
 from onnx_sparse.passes.base import Pass, PassResult, Sequential, as_model_file
 from onnx_sparse.passes.prune import PrunePass, SiteRecord
+from onnx_sparse.recipe import META_CALIBRATION, Recipe, provenance
 
-__all__ = ["prune", "prune_file", "build_prune_passes"]
+__all__ = ["prune", "prune_file", "build_prune_passes", "Recipe"]
 
 
-def build_prune_passes(
-    *,
-    fc_layout: bool = False,
-    annotate: bool = False,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    ops: Sequence[str] = (),
-    min_channels: int = 0,
-    prune_pass: Pass | None = None,
-) -> Sequential:
-    """The pass pipeline behind ``prune``: [fc-layout] -> prune -> [annotate]."""
+def build_prune_passes(recipe: Recipe | None = None, *, prune_pass: Pass | None = None, **options: Any) -> Sequential:
+    """The pass pipeline behind ``prune``: [fc-layout] -> prune -> [annotate].
+
+    ``recipe`` gives the selection, ``fc_layout`` and ``annotate`` (or, the older form, its
+    fields as keywords); ``prune_pass`` replaces the magnitude :class:`PrunePass` in the middle.
+    """
+    recipe = _recipe(recipe, options)
     passes: list[Pass] = []
-    if fc_layout:
+    if recipe.fc_layout:
         from onnx_sparse.passes.fc_layout import FcLayoutPass
 
         passes.append(FcLayoutPass())
-    passes.append(prune_pass or PrunePass(include=include, exclude=exclude, ops=ops, min_channels=min_channels))
-    if annotate:
+    passes.append(prune_pass or PrunePass(**recipe.selection))
+    if recipe.annotate:
         passes.append(_AnnotateFromRecords())
     return Sequential(passes)
 
@@ -74,28 +72,78 @@ def run_pipeline(pipeline: Sequential, mf: ModelFile) -> PassResult:
     return PassResult(mf, modified, records)
 
 
-_CALIBRATION_OPTIONS = (
-    "bias_correction", "refit_head", "damp", "blocksize", "max_rows", "seed", "row_mask", "target_cosine", "holdout"
-)  # fmt: skip
-_SELECTION_OPTIONS = ("include", "exclude", "ops", "min_channels")
+def _recipe(recipe: Recipe | None, options: dict[str, Any]) -> Recipe:
+    if recipe is None:
+        try:
+            return Recipe(**options)
+        except TypeError as exc:  # an unknown keyword
+            raise OnnxSparseError(f"prune: {exc}", hint="the options are the fields of onnx_sparse.Recipe") from None
+    if not isinstance(recipe, Recipe):
+        raise OnnxSparseError(f"recipe must be an onnx_sparse.Recipe, got {type(recipe).__name__}")
+    if options:
+        raise OnnxSparseError(
+            f"pass either recipe= or the options {sorted(options)}, not both",
+            hint="recipe.replace(...) makes a changed copy",
+        )
+    return recipe
 
 
-def _calibrated(options: dict[str, Any], method: str | None, calibration: Any) -> dict[str, Any]:
-    """Turn the calibration options of :func:`prune` into a ``prune_pass``."""
-    calib = {k: options.pop(k) for k in _CALIBRATION_OPTIONS if k in options}
-    if method is None and calibration is None and not calib:
-        return options
-    if options.get("prune_pass") is not None:
-        raise OnnxSparseError("pass either prune_pass or the calibration options (method, calibration, ...)")
-    from onnx_sparse.passes.calibrated import make_prune_pass
+class _Calibration:
+    """The calibration source as the pass sees it: at most ``limit`` samples; remembers what it
+    gave (for the provenance digest)."""
 
-    selection = {k: options[k] for k in _SELECTION_OPTIONS if k in options}
-    options["prune_pass"] = make_prune_pass(method, calibration, **calib, **selection)
-    return options
+    def __init__(self, source: Any, limit: int | None) -> None:
+        self.source = source
+        self.limit = limit
+        self.given: list[Any] | None = None
+
+    def __call__(self, model: onnx.ModelProto) -> list[Any]:
+        feeds = list(self.source(model) if callable(self.source) else self.source)
+        if self.limit is not None:
+            feeds = feeds[: self.limit]
+        self.given = feeds
+        return feeds
+
+
+def _plan(
+    recipe: Recipe | None, method: str | None, calibration: Any, options: dict[str, Any]
+) -> tuple[Sequential, Recipe, _Calibration | None, bool]:
+    """The pipeline, the resolved recipe, the calibration wrapper, and whether we built the pass."""
+    prune_pass = options.pop("prune_pass", None)
+    sensitivity_report = options.pop("sensitivity_report", None)
+    if method is not None:
+        if recipe is not None:
+            raise OnnxSparseError("pass either recipe= or method=, not both", hint="recipe.replace(method=...)")
+        options["method"] = method
+    recipe = _recipe(recipe, options).resolve(has_data=calibration is not None)
+    calib = _Calibration(calibration, recipe.calib_samples) if calibration is not None else None
+    if prune_pass is not None:
+        if calibration is not None or recipe.needs_data:
+            raise OnnxSparseError("pass either prune_pass or the calibration options (method, calibration, ...)")
+        return build_prune_passes(recipe, prune_pass=prune_pass), recipe, None, False
+    from onnx_sparse.passes.factory import make_prune_pass
+
+    made = make_prune_pass(recipe, calib, sensitivity_report=sensitivity_report)
+    return build_prune_passes(recipe, prune_pass=made), recipe, calib, True
+
+
+def _stamp(model: onnx.ModelProto, recipe: Recipe, calib: _Calibration | None) -> None:
+    """Write the provenance (recipe, version, calibration digest) into ``model.metadata_props``:
+    existing keys are updated in place, new ones appended (deterministic)."""
+    values = provenance(recipe, calib.given if calib is not None else None)
+    stale = [p for p in model.metadata_props if p.key == META_CALIBRATION and META_CALIBRATION not in values]
+    for p in stale:
+        model.metadata_props.remove(p)
+    for p in model.metadata_props:
+        if p.key in values:
+            p.value = values.pop(p.key)
+    for key, value in values.items():
+        model.metadata_props.add(key=key, value=value)
 
 
 def prune(
     model: onnx.ModelProto | str | os.PathLike[str] | Any,
+    recipe: Recipe | None = None,
     *,
     method: str | None = None,
     calibration: Any = None,
@@ -105,24 +153,29 @@ def prune(
 
     ``model`` may be a ModelProto, an onnx-graphsurgeon Graph (a Graph is returned then), or
     a path (external data is then loaded into memory; for large models use
-    :func:`prune_file`). Options are those of :func:`build_prune_passes`, plus calibrated
-    pruning:
+    :func:`prune_file`).
 
-    * ``method``: ``magnitude``, ``wanda``, ``sparsegpt`` or ``asym`` (default ``sparsegpt``
-      when ``calibration`` is given, else ``magnitude``);
-    * ``calibration``: a list of feeds ``{input name: numpy array}``;
-    * ``bias_correction``, ``refit_head``, ``damp``, ``blocksize``, ``max_rows``, ``seed``,
-      ``row_mask``, ``target_cosine``, ``holdout``:
-      see :class:`onnx_sparse.passes.calibrated.CalibratedPrunePass` and
-      :class:`onnx_sparse.passes.sensitivity.SensitivityPrunePass`.
+    * ``recipe``: an :class:`onnx_sparse.Recipe` (method, selection, calibration settings,
+      fidelity target, ...). Instead of a recipe, its fields may be given as keywords
+      (``method="sparsegpt", exclude=["head"]``), the older form.
+    * ``calibration``: a list of feeds ``{input name: numpy array}``, or a callable that makes
+      them from the model. With calibration and no method, the default recipe is used:
+      ``asym`` + bias correction + head refit (:data:`onnx_sparse.recipe.DEFAULT_CALIBRATED`);
+      without calibration, magnitude.
+    * ``prune_pass``: a pass of your own instead of the recipe's pruning pass.
+    * ``sensitivity_report``: called with the sensitivity report (``sensitivity`` or
+      ``target_cosine`` recipes).
 
-    The input is not modified.
+    When the prune changes the model, the output's ``metadata_props`` record the resolved
+    recipe, the onnx-sparse version and a digest of the calibration data
+    (:func:`onnx_sparse.recipe.provenance`); a model that comes out unchanged (nothing eligible,
+    already 2:4) keeps the record of how it was made, if any. The input is not modified.
     """
-    options = _calibrated(options, method, calibration)
+    pipeline, resolved, calib, made = _plan(recipe, method, calibration, options)
     if _is_gs_graph(model):
         import onnx_graphsurgeon as gs
 
-        return gs.import_onnx(prune(gs.export_onnx(model), **options))
+        return gs.import_onnx(_run_in_memory(gs.export_onnx(model), pipeline, resolved, calib, made))
     if isinstance(model, (str, os.PathLike)):
         mf = load_model(model)
         for t in iter_tensors(mf.model):
@@ -131,7 +184,15 @@ def prune(
         mf.base_dir = None
     else:
         mf = as_model_file(model)
-    result = run_pipeline(build_prune_passes(**options), mf)
+    return _run_in_memory(mf, pipeline, resolved, calib, made)
+
+
+def _run_in_memory(
+    model: Any, pipeline: Sequential, recipe: Recipe, calib: _Calibration | None, made: bool
+) -> onnx.ModelProto:
+    result = run_pipeline(pipeline, as_model_file(model))
+    if made and result.modified:
+        _stamp(result.model.model, recipe, calib)
     return finalize_inline(result.model.model)
 
 
@@ -146,6 +207,7 @@ def _is_gs_graph(model: Any) -> bool:
 def prune_file(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
+    recipe: Recipe | None = None,
     *,
     in_place: bool = False,
     verify: bool = True,
@@ -155,12 +217,15 @@ def prune_file(
 ) -> PassResult:
     """Prune ``src`` into ``dst`` (atomic, verified). Refuses to overwrite ``src`` unless ``in_place``.
 
-    Options are those of :func:`prune`.
+    Options are those of :func:`prune`. The result's ``recipe`` attribute is not set; the
+    resolved recipe is in the output's metadata.
     """
-    options = _calibrated(options, method, calibration)
+    pipeline, resolved, calib, made = _plan(recipe, method, calibration, options)
     if Path(src).resolve() == Path(dst).resolve() and not in_place:
         raise OnnxSparseError(f"{dst}: refusing to overwrite the input model", hint="pass --in-place to allow it")
     mf = load_model(src)
-    result = run_pipeline(build_prune_passes(**options), mf)
+    result = run_pipeline(pipeline, mf)
+    if made and result.modified:
+        _stamp(result.model.model, resolved, calib)
     save_model(result.model, dst, verify=verify, reference=src)
     return result

@@ -155,6 +155,18 @@ def named_tensors(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProt
         yield from from_nodes(fn.node, f"{fn.domain}.{fn.name}/")
 
 
+def without_provenance(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without the provenance keys a prune writes (onnx_sparse.recipe/version/calibration)."""
+    from onnx_sparse.recipe import META_CALIBRATION, META_RECIPE, META_VERSION
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = [p for p in out.metadata_props if p.key not in (META_RECIPE, META_VERSION, META_CALIBRATION)]
+    del out.metadata_props[:]
+    out.metadata_props.extend(keep)
+    return out
+
+
 def tensor_map(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     out = dict(named_tensors(model))
     assert len(out) == len(list(named_tensors(model))), "tensor keys are not unique"

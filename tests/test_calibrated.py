@@ -16,7 +16,8 @@ from onnx_sparse import api
 from onnx_sparse.core import nm
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.graph.locate import find_weight_sites
-from onnx_sparse.passes.calibrated import CalibratedPrunePass, CalibratedSiteRecord, make_prune_pass
+from onnx_sparse.passes.calibrated import CalibratedPrunePass, CalibratedSiteRecord
+from onnx_sparse.passes.factory import make_prune_pass
 from onnx_sparse.passes.prune import PrunePass
 
 
@@ -270,8 +271,9 @@ def test_api_prune_with_calibration() -> None:
     dense = run(model, held)
     sparse = api.prune(model, method="sparsegpt", calibration=feeds)
     assert isinstance(sparse, onnx.ModelProto) and _all_2_4(sparse)
-    default = api.prune(model, calibration=feeds)  # data given: sparsegpt
-    assert rel_error(default, dense, held) == pytest.approx(rel_error(sparse, dense, held))
+    default = api.prune(model, calibration=feeds)  # data given: the default recipe, asym + bias + head refit
+    best = api.prune(model, method="asym", bias_correction=True, refit_head=True, calibration=feeds)
+    assert rel_error(default, dense, held) == pytest.approx(rel_error(best, dense, held))
     assert rel_error(sparse, dense, held) < rel_error(api.prune(model), dense, held)
     corrected = api.prune(model, method="wanda", calibration=feeds, bias_correction=True)
     assert _all_2_4(corrected)
@@ -286,9 +288,11 @@ def test_cli_load_inputs(run_cli, tmp_path) -> None:
     rc, text = run_cli(["prune", tmp_path / "m.onnx", "-o", out, "--load-inputs", tmp_path / "in.json",
                         "--report", report, "--calib-samples", "3"])  # fmt: skip
     assert rc == 0, text
-    assert "[3/3] fc3 sparsegpt" in text and "RANDOM" not in text and not error_lines(text)
+    assert "[3/3] fc3 asym" in text and "RANDOM" not in text and not error_lines(text)
+    assert "recipe: asym + bias correction + head refit (the default with calibration data" in text
     doc = json.loads(report.read_text())
-    assert doc["method"] == "sparsegpt" and doc["calibration"] == {"random": False}
+    assert doc["method"] == "asym" and doc["calibration"] == {"random": False}
+    assert doc["recipe"]["bias_correction"] is True and doc["recipe"]["refit_head"] is True
     assert [layer["rows"] for layer in doc["layers"]] == [48, 48, 48]
     assert run_cli(["check", out])[0] == 0
 

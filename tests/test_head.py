@@ -215,7 +215,7 @@ def test_refit_head_needs_data() -> None:
 
 
 def test_targeted_pruning_refits_the_head_too() -> None:
-    from onnx_sparse.passes.calibrated import make_prune_pass
+    from onnx_sparse.passes.factory import make_prune_pass
 
     model = _classifier("op")
     calib = _feeds(1, 16)

@@ -153,7 +153,7 @@ def prune(
     if plain:
         return api.prune(model), "plain"
     try:  # before the API takes the options: the pass itself, through the pipeline's prune_pass slot
-        from onnx_sparse.passes.calibrated import make_prune_pass
+        from onnx_sparse.passes.factory import make_prune_pass
 
         pass_ = make_prune_pass(method, calibration, bias_correction=bias_correction, target_cosine=target_cosine)
     except ImportError as err:

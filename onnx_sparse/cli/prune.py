@@ -15,9 +15,10 @@ from typing import Any
 
 from onnx_sparse.api import prune_file
 from onnx_sparse.cli.base import Tool
-from onnx_sparse.cli.common import add_model_arg, add_selection_args, selection_kwargs
+from onnx_sparse.cli.common import add_model_arg, add_selection_args
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.passes.prune import totals
+from onnx_sparse.recipe import DEFAULT_MAX_ROWS, METHODS, Recipe
 from onnx_sparse.report import fmt_count, format_table, write_json
 
 logger = logging.getLogger(__name__)
@@ -32,13 +33,17 @@ class PruneTool(Tool):
         parser.add_argument("-o", "--output", metavar="PATH", help="Where to write the pruned model.")
         parser.add_argument("--in-place", action="store_true", help="Overwrite the input model (only with this flag).")
         add_selection_args(parser)
+        parser.set_defaults(min_channels=None)  # None: not given (a --recipe file's value stands)
         parser.add_argument(
             "--fc-layout",
             action="store_true",
+            default=None,
             help="First store fully-connected weights as [K_out, C_in] (MatMul -> Gemm transB=1), "
             "so groups of 4 run along the contiguous axis.",
         )
-        parser.add_argument("--annotate", action="store_true", help="Write the verdict and result into the nodes.")
+        parser.add_argument(
+            "--annotate", action="store_true", default=None, help="Write the verdict and result into the nodes."
+        )
         parser.add_argument("--report", metavar="PATH", help="Write a JSON report (per layer and totals).")
         parser.add_argument(
             "--no-verify",
@@ -46,25 +51,39 @@ class PruneTool(Tool):
             help="Skip the onnx.checker and onnxruntime checks of the output (not recommended).",
         )
         _add_calibration_args(parser)
+        group = parser.add_argument_group(
+            "Recipe",
+            "Every pruning setting above (method, selection, calibration settings, target, --fc-layout, "
+            "--annotate) forms one recipe, which the output model records in its metadata "
+            "(`onnx-sparse inspect` shows it).",
+        )
+        group.add_argument(
+            "--recipe",
+            metavar="PATH",
+            help="Read the recipe from this JSON file (as written by --save-recipe); options given on the "
+            "command line override the file's values.",
+        )
+        group.add_argument(
+            "--save-recipe",
+            metavar="PATH",
+            help="Write the recipe this run used (defaults resolved) as JSON; --recipe PATH with the same model "
+            "and data reproduces the output byte for byte.",
+        )
 
     def run(self, args: argparse.Namespace) -> int:
-        from onnx_sparse.passes.calibrated import make_prune_pass
-
         data_given = bool(args.load_inputs or args.data_loader_script)
-        method = args.method or ("sparsegpt" if data_given else "magnitude")
-        sensitivity = args.sensitivity or args.sensitivity_json is not None
-        needs_data = (
-            method != "magnitude"
-            or args.bias_correction
-            or args.refit_head
-            or sensitivity
-            or args.target_cosine is not None
-        )
-        measure_only = sensitivity and args.target_cosine is None and args.output is None and not args.in_place
+        given = recipe_from_args(args)
+        recipe = given.resolve(has_data=data_given)
+        needs_data = recipe.needs_data
+        measure_only = recipe.sensitivity and recipe.target_cosine is None and args.output is None and not args.in_place
         if args.output is None and not args.in_place and not measure_only:
             raise OnnxSparseError("no output path", hint="pass -o OUT, or --in-place to overwrite the input")
         if not needs_data and (data_given or args.input_shapes or args.iterations or args.mask_input):
             logger.warning("calibration data options are ignored: magnitude pruning needs no data")
+        if given.method is None and data_given:
+            logger.info(
+                "recipe: %s (the default with calibration data; --method picks a single method)", recipe.describe()
+            )
         real = {"value": True}
 
         def feeds(model: Any) -> list[dict]:
@@ -77,7 +96,7 @@ class PruneTool(Tool):
                 input_shapes=args.input_shapes,
                 seed=args.seed,
                 iterations=args.iterations,
-                limit=args.calib_samples,
+                limit=recipe.calib_samples,
             )
             return loaded
 
@@ -87,30 +106,22 @@ class PruneTool(Tool):
             from onnx_sparse.passes.sensitivity import measure_sensitivity
 
             mf = load_model(args.model)
-            report = measure_sensitivity(
-                mf, feeds(mf.model), method, damp=args.damp, blocksize=args.blocksize, max_rows=args.max_rows,
-                seed=args.seed or 0, row_mask=args.mask_input, **selection_kwargs(args),
-            )  # fmt: skip
+            report = measure_sensitivity(mf, feeds(mf.model), recipe)
             self._sensitivity(report, args)
+            if args.save_recipe:
+                recipe.save(args.save_recipe)
+                logger.info("wrote %s", args.save_recipe)
             _random_reminder(real["value"])
             return 0
-        prune_pass = None
-        if needs_data:
-            prune_pass = make_prune_pass(
-                method, feeds, bias_correction=args.bias_correction, refit_head=args.refit_head, damp=args.damp, blocksize=args.blocksize,
-                max_rows=args.max_rows, seed=args.seed or 0, row_mask=args.mask_input, target_cosine=args.target_cosine,
-                holdout=args.holdout, sensitivity=sensitivity, sensitivity_report=reports.append, **selection_kwargs(args),
-            )  # fmt: skip
         out = Path(args.output) if args.output else Path(args.model)
         result = prune_file(
             args.model,
             out,
+            recipe,
             in_place=args.in_place,
             verify=not args.no_verify,
-            fc_layout=args.fc_layout,
-            annotate=args.annotate,
-            prune_pass=prune_pass,
-            **selection_kwargs(args),
+            calibration=feeds if needs_data else None,
+            sensitivity_report=reports.append,
         )
         records = [r for r in result.records if hasattr(r, "retained_magnitude")]
         if records:
@@ -134,14 +145,18 @@ class PruneTool(Tool):
             self._sensitivity(report, args)
         logger.info("wrote %s%s", out, "" if result.modified else " (no weight changed)")
         if args.report:
-            doc = {"model": str(args.model), "output": str(out), "method": method,
-                   "layers": [r.to_json() for r in records], "totals": totals(records)}  # fmt: skip
+            doc = {"model": str(args.model), "output": str(out), "method": recipe.method,
+                   "recipe": recipe.to_dict(), "layers": [r.to_json() for r in records],
+                   "totals": totals(records)}  # fmt: skip
             if needs_data:
                 doc["calibration"] = {"random": not real["value"]}
             if reports:
                 doc["sensitivity"] = reports[-1].to_json()
             write_json(args.report, doc)
             logger.info("wrote %s", args.report)
+        if args.save_recipe:
+            recipe.save(args.save_recipe)
+            logger.info("wrote %s", args.save_recipe)
         if needs_data:
             _random_reminder(real["value"])
         return 0
@@ -174,6 +189,30 @@ class PruneTool(Tool):
             logger.info("wrote %s", args.sensitivity_json)
 
 
+#: Recipe fields and the argparse destinations they come from (None / empty: not given).
+_RECIPE_FLAGS = {
+    "method": "method", "include": "include", "exclude": "exclude", "ops": "ops", "min_channels": "min_channels",
+    "bias_correction": "bias_correction", "refit_head": "refit_head", "damp": "damp", "blocksize": "blocksize",
+    "max_rows": "max_rows", "seed": "seed", "row_mask": "mask_input", "calib_samples": "calib_samples",
+    "sensitivity": "sensitivity", "target_cosine": "target_cosine", "holdout": "holdout",
+    "fc_layout": "fc_layout", "annotate": "annotate",
+}  # fmt: skip
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The recipe of ``--recipe FILE`` (or the defaults), with every option given on the command line on top."""
+    base = Recipe.load(args.recipe) if args.recipe else Recipe()
+    changes = {}
+    for field, dest in _RECIPE_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is None or value == []:
+            continue
+        changes[field] = value
+    if args.sensitivity_json is not None:
+        changes["sensitivity"] = True
+    return base.replace(**changes)
+
+
 def _random_reminder(real: bool) -> None:
     if not real:
         from onnx_sparse.calib.data import RANDOM_DATA_WARNING
@@ -182,7 +221,6 @@ def _random_reminder(real: bool) -> None:
 
 
 def _add_calibration_args(parser: argparse.ArgumentParser) -> None:
-    from onnx_sparse.passes.calibrated import DEFAULT_MAX_ROWS, METHODS
 
     group = parser.add_argument_group(
         "Calibrated pruning",
@@ -193,7 +231,8 @@ def _add_calibration_args(parser: argparse.ArgumentParser) -> None:
         "--method",
         choices=METHODS,
         help="magnitude: largest |w| (no data); wanda: |w| x input norm; sparsegpt: OBS mask and weight update; "
-        "asym: refit to the dense model's layer output, then sparsegpt. Default: sparsegpt with data, else magnitude.",
+        "asym: refit to the dense model's layer output, then sparsegpt. Default with calibration data: asym + "
+        "--bias-correction + --refit-head (what measured best on real models; slower); without data: magnitude.",
     )
     group.add_argument(
         "--load-inputs",
@@ -219,22 +258,25 @@ def _add_calibration_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--calib-samples", type=int, metavar="N", help="Use at most N calibration samples.")
     group.add_argument(
         "--bias-correction",
-        action="store_true",
-        help="Correct each pruned layer's bias (adding one if needed) to keep its mean output.",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Correct each pruned layer's bias (adding one if needed) to keep its mean output "
+        "(on by default in the default recipe).",
     )
     group.add_argument(
         "--refit-head",
-        action="store_true",
-        help="After the layer-wise fits, refit a pruned MatMul/Gemm whose output feeds a softmax the model "
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="(On by default in the default recipe.) "
+        "After the layer-wise fits, refit a pruned MatMul/Gemm whose output feeds a softmax the model "
         "returns (a classifier head) to the dense model's probabilities by KL divergence (kept weights and "
         "bias; the step is chosen on held-out calibration samples).",
     )
-    group.add_argument("--damp", type=float, default=0.01, help="SparseGPT relative damping (default 0.01).")
-    group.add_argument("--blocksize", type=int, default=128, help="SparseGPT lazy-update block size (default 128).")
+    group.add_argument("--damp", type=float, help="SparseGPT relative damping (default 0.01).")
+    group.add_argument("--blocksize", type=int, help="SparseGPT lazy-update block size (default 128).")
     group.add_argument(
         "--max-rows",
         type=int,
-        default=DEFAULT_MAX_ROWS,
         metavar="N",
         help=f"Activation rows per sample and layer (seeded subsample; default {DEFAULT_MAX_ROWS}).",
     )
@@ -247,6 +289,7 @@ def _add_calibration_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--sensitivity",
         action="store_true",
+        default=None,
         help="Prune each layer alone and report how far the outputs move (without -o: report only).",
     )
     group.add_argument("--sensitivity-json", metavar="PATH", help="Write the sensitivity report as JSON.")
@@ -260,7 +303,6 @@ def _add_calibration_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--holdout",
         type=float,
-        default=0.25,
         metavar="SHARE",
         help="With --target-cosine: share of the calibration feeds (every k-th one) kept out of fitting and used "
         "to judge the target; 0 judges on the fitted data, which flatters fitted layers (default: 0.25).",

@@ -80,6 +80,7 @@ from onnx_sparse.progress import Progress
 from onnx_sparse.prune.bias import bias_shift
 from onnx_sparse.prune.sparsegpt import asymmetric_cv_2_4, sparsegpt_2_4
 from onnx_sparse.prune.wanda import wanda_2_4
+from onnx_sparse.recipe import DATA_METHODS, DEFAULT_CALIBRATED, DEFAULT_MAX_ROWS, METHODS, Recipe
 
 __all__ = [
     "METHODS",
@@ -91,14 +92,10 @@ __all__ = [
     "LayerGroup",
     "LayerFit",
     "LayerStats",
-    "make_prune_pass",
 ]
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "asym")
-DATA_METHODS = ("wanda", "sparsegpt", "asym")
-DEFAULT_MAX_ROWS = 20_000
 
 FeedSource = Sequence[Mapping[str, np.ndarray]] | Callable[[onnx.ModelProto], Sequence[Mapping[str, np.ndarray]]]
 
@@ -632,22 +629,15 @@ class CalibratedPrunePass(Pass):
     """Prune every selected eligible layer to 2:4 with a calibrated method (functional pass).
 
     Args:
-        method: ``magnitude``, ``wanda``, ``sparsegpt`` or ``asym`` (module docstring).
+        recipe: The :class:`~onnx_sparse.recipe.Recipe` (its method, selection, calibration
+            settings, ``bias_correction`` and ``refit_head`` are used; a recipe without a
+            method is resolved as with data). A method name instead, with the recipe's
+            fields as keywords in ``options``, builds one (the older keyword form).
         feeds: Calibration samples (``{input name: array}``), or a callable that makes them
             from the model (called once per run). Not needed for plain magnitude.
-        bias_correction: Correct (or add) biases to keep each output's mean.
-        refit_head: Refit a pruned MatMul/Gemm whose output feeds a softmax the model returns
-            to the dense probabilities by KL divergence, after the layer-wise fits
-            (:mod:`onnx_sparse.passes.head`).
-        damp: SparseGPT relative damping (``lambda = damp * mean(diag H)``).
-        blocksize: SparseGPT lazy-update block size (multiple of 4).
-        include / exclude / ops / min_channels: Layer selection, as for :class:`PrunePass`.
         sites: Only these node names (a shared weight needs all its nodes listed).
-        max_rows: Row budget per calibration sample and layer (seeded subsample).
-        seed: Seed of the row subsampling.
         folds: Cross-validation folds for ``asym``.
         threads: onnxruntime intra-op threads.
-        row_mask: Graph input whose zeros mark padding (see :class:`Calibrator`).
         on_fit: Called with every :class:`LayerFit` after it is written (inspection, tests).
 
     Cases: eligible main-graph layer -> calibrated; not calibratable -> magnitude (logged);
@@ -658,37 +648,37 @@ class CalibratedPrunePass(Pass):
 
     def __init__(
         self,
-        method: str = "sparsegpt",
+        recipe: Recipe | str = "sparsegpt",
         feeds: FeedSource | None = None,
         *,
-        bias_correction: bool = False,
-        refit_head: bool = False,
-        damp: float = 0.01,
-        blocksize: int = 128,
-        include: Sequence[str] = (),
-        exclude: Sequence[str] = (),
-        ops: Sequence[str] = (),
-        min_channels: int = 0,
         sites: Iterable[str] | None = None,
-        max_rows: int | None = DEFAULT_MAX_ROWS,
-        seed: int = 0,
         folds: int = 4,
         threads: int | None = None,
-        row_mask: str | None = None,
         on_fit: Callable[[LayerFit], None] | None = None,
+        **options: Any,
     ) -> None:
+        if isinstance(recipe, Recipe):
+            if options:
+                raise TypeError(f"pass either a Recipe or keyword options, not both ({sorted(options)})")
+        else:
+            recipe = Recipe(method=recipe, **options)
+        recipe = recipe.resolve(has_data=True)
+        self.recipe = recipe
         self.on_fit = on_fit
+        method = recipe.method
+        assert method is not None
         self.engine = Calibrator(
             method,
-            damp=damp,
-            blocksize=blocksize,
-            max_rows=max_rows,
-            seed=seed,
+            damp=recipe.damp,
+            blocksize=recipe.blocksize,
+            max_rows=recipe.max_rows,
+            seed=recipe.seed,
             folds=folds,
             threads=threads,
-            row_mask=row_mask,
+            row_mask=recipe.row_mask,
         )
         self.method = method
+        bias_correction, refit_head = bool(recipe.bias_correction), bool(recipe.refit_head)
         if (method in DATA_METHODS or bias_correction or refit_head) and feeds is None:
             extra = " with bias correction" if bias_correction else " with a head refit" if refit_head else ""
             raise OnnxSparseError(
@@ -699,7 +689,7 @@ class CalibratedPrunePass(Pass):
         self.feeds = feeds
         self.bias_correction = bias_correction
         self.refit_head = refit_head
-        self.selection = dict(include=include, exclude=exclude, ops=ops, min_channels=min_channels)
+        self.selection = recipe.selection
         self.sites = None if sites is None else set(sites)
 
     def selected_sites(self, mf: ModelFile) -> list[WeightSite]:
@@ -827,7 +817,13 @@ class CalibratedPrunePass(Pass):
             }  # fmt: skip
             records[at] = _record(rec, **extra)
         if not done:
-            logger.warning("--refit-head: no pruned layer feeds a softmax that the model returns; nothing refitted")
+            # Asked for: a warning. Part of the default recipe (which refits a head where there is one): info.
+            r, d = self.recipe, DEFAULT_CALIBRATED
+            default = (r.method, r.bias_correction, r.refit_head) == (d.method, d.bias_correction, d.refit_head)
+            logger.log(
+                logging.INFO if default else logging.WARNING,
+                "--refit-head: no pruned layer feeds a softmax that the model returns; nothing refitted",
+            )
 
     def ensures(self, result: PassResult) -> None:
         nodes = {n for r in result.records if isinstance(r, SiteRecord) for n in r.nodes}
@@ -836,69 +832,3 @@ class CalibratedPrunePass(Pass):
                 w = read_weight(site, result.model)
                 if not nm.is_2_4(w, site.axis, zero_value(site)):
                     raise AssertionError(f"{site.node}: weight {site.weight} is not 2:4 after pruning")
-
-
-# --------------------------------------------------------------------------------------
-# factory for the API and the CLI
-
-
-def make_prune_pass(
-    method: str | None = None,
-    calibration: FeedSource | None = None,
-    *,
-    bias_correction: bool = False,
-    refit_head: bool = False,
-    damp: float = 0.01,
-    blocksize: int = 128,
-    max_rows: int | None = DEFAULT_MAX_ROWS,
-    seed: int = 0,
-    row_mask: str | None = None,
-    target_cosine: float | None = None,
-    holdout: float = 0.25,
-    sensitivity: bool = False,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    ops: Sequence[str] = (),
-    min_channels: int = 0,
-    sensitivity_report: Callable[[Any], None] | None = None,
-) -> Pass:
-    """The pruning pass for these options (used by :func:`onnx_sparse.api.prune` and the CLI).
-
-    ``method`` defaults to ``sparsegpt`` when calibration data is given and ``magnitude``
-    otherwise. Plain magnitude (no bias correction, no sensitivity, no target) is the
-    data-free :class:`PrunePass`; ``sensitivity`` or ``target_cosine`` give a
-    :class:`~onnx_sparse.passes.sensitivity.SensitivityPrunePass` (``sensitivity_report`` is
-    called with its report; ``holdout`` is its held-out share of the calibration feeds).
-    """
-    if method is None:
-        method = "sparsegpt" if calibration is not None else "magnitude"
-    if method not in METHODS:
-        raise OnnxSparseError(f"unknown pruning method {method!r}", hint=f"choose one of {', '.join(METHODS)}")
-    selection = dict(include=include, exclude=exclude, ops=ops, min_channels=min_channels)
-    options = dict(damp=damp, blocksize=blocksize, max_rows=max_rows, seed=seed, row_mask=row_mask)
-    if target_cosine is not None or sensitivity:
-        from onnx_sparse.passes.sensitivity import SensitivityPrunePass
-
-        if calibration is None:
-            raise OnnxSparseError(
-                "sensitivity and target_cosine need calibration data to measure the outputs on",
-                hint="pass calibration feeds (a list of {input name: array})",
-            )
-        return SensitivityPrunePass(
-            target_cosine,
-            method=method,
-            feeds=calibration,
-            bias_correction=bias_correction,
-            refit_head=refit_head,
-            report=sensitivity_report,
-            holdout=holdout,
-            **options,
-            **selection,
-        )
-    if method == "magnitude" and not bias_correction and not refit_head:
-        if row_mask is not None:
-            logger.warning("--mask-input %r is ignored: magnitude pruning reads no data", row_mask)
-        return PrunePass(**selection)
-    return CalibratedPrunePass(
-        method, calibration, bias_correction=bias_correction, refit_head=refit_head, **options, **selection
-    )

@@ -52,15 +52,10 @@ from onnx_sparse.graph.locate import WeightSite, find_weight_sites
 from onnx_sparse.graph.weights import read_weight, zero_value
 from onnx_sparse.io import ModelFile, iter_tensors, write_tensor
 from onnx_sparse.passes.base import Pass, PassResult, copy_model_file
-from onnx_sparse.passes.calibrated import (
-    DEFAULT_MAX_ROWS,
-    METHODS,
-    CalibratedPrunePass,
-    Calibrator,
-    FeedSource,
-)
+from onnx_sparse.passes.calibrated import CalibratedPrunePass, Calibrator, FeedSource
 from onnx_sparse.passes.prune import PrunePass, group_by_tensor
 from onnx_sparse.progress import Progress
+from onnx_sparse.recipe import Recipe
 
 __all__ = [
     "Fidelity",
@@ -351,42 +346,36 @@ def _measure(
 def measure_sensitivity(
     model: ModelFile,
     feeds: Sequence[Mapping[str, np.ndarray]],
-    method: str = "sparsegpt",
+    method: str | Recipe = "sparsegpt",
     *,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    ops: Sequence[str] = (),
-    min_channels: int = 0,
-    damp: float = 0.01,
-    blocksize: int = 128,
-    max_rows: int | None = DEFAULT_MAX_ROWS,
-    seed: int = 0,
     threads: int | None = None,
-    row_mask: str | None = None,
+    **options: Any,
 ) -> SensitivityReport:
     """Prune each selected eligible layer alone and measure the outputs (module docstring).
 
-    ``model`` is not changed. ``feeds`` must already be validated
+    ``method`` is a :class:`~onnx_sparse.recipe.Recipe` (its method, selection and calibration
+    settings are used), or a method name with the recipe's fields as keywords. ``model`` is
+    not changed. ``feeds`` must already be validated
     (:func:`onnx_sparse.calib.data.validate_feeds`).
     """
-    if method not in METHODS:
-        raise OnnxSparseError(f"unknown pruning method {method!r}", hint=f"choose one of {', '.join(METHODS)}")
+    if isinstance(method, Recipe):
+        if options:
+            raise TypeError(f"pass either a Recipe or keyword options, not both ({sorted(options)})")
+        recipe = method
+    else:
+        recipe = Recipe(method=method, **options)
+    recipe = recipe.resolve(has_data=True)
+    assert recipe.method is not None
     mf = copy_model_file(model)
-    sites = PrunePass(include=include, exclude=exclude, ops=ops, min_channels=min_channels).selected_sites(mf)
+    sites = PrunePass(**recipe.selection).selected_sites(mf)
     if not sites:
         raise OnnxSparseError("no eligible layers selected: nothing to measure")
-    return _measure(
-        mf,
-        feeds,
-        method,
-        sites,
-        damp=damp,
-        blocksize=blocksize,
-        max_rows=max_rows,
-        seed=seed,
-        threads=threads,
-        row_mask=row_mask,
-    ).report
+    return _measure(mf, feeds, recipe.method, sites, threads=threads, **_fit_options(recipe)).report
+
+
+def _fit_options(recipe: Recipe) -> dict[str, Any]:
+    return dict(damp=recipe.damp, blocksize=recipe.blocksize, max_rows=recipe.max_rows, seed=recipe.seed,
+                row_mask=recipe.row_mask)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
@@ -397,15 +386,17 @@ class SensitivityPrunePass(Pass):
     """Measure per-layer sensitivity, then prune (all selected layers, or those a target allows).
 
     Args:
-        target_cosine: Keep the worst float output's cosine similarity to the dense model at
-            or above this on the held-out calibration feeds, pruning as much work (MACs) as
-            that allows. None prunes every selected layer (the measurement is then only
-            reported).
-        holdout: Share of the calibration feeds kept out of fitting when there is a target
-            (module docstring); 0 fits and judges on all of them.
-        method / feeds / bias_correction / refit_head / damp / blocksize / max_rows / seed / row_mask /
-            selection:
-            As for :class:`~onnx_sparse.passes.calibrated.CalibratedPrunePass`.
+        recipe: The :class:`~onnx_sparse.recipe.Recipe`. Its ``target_cosine``: keep the worst
+            float output's cosine similarity to the dense model at or above this on the
+            held-out calibration feeds, pruning as much work (MACs) as that allows; None
+            prunes every selected layer (the measurement is then only reported). Its
+            ``holdout``: share of the calibration feeds kept out of fitting when there is a
+            target (module docstring); 0 fits and judges on all of them. Method, selection,
+            calibration settings, ``bias_correction`` and ``refit_head`` are as for
+            :class:`~onnx_sparse.passes.calibrated.CalibratedPrunePass`. The older form, a
+            target (float or None) with the recipe's fields as keywords, builds one.
+        feeds: Calibration samples, or a callable that makes them from the model.
+        threads: onnxruntime intra-op threads.
         report: Called with the :class:`SensitivityReport` when the pass is done.
 
     The report is also the last entry of the result's ``records``.
@@ -415,58 +406,42 @@ class SensitivityPrunePass(Pass):
 
     def __init__(
         self,
-        target_cosine: float | None,
+        recipe: Recipe | float | None = None,
+        feeds: FeedSource | None = None,
         *,
-        method: str = "sparsegpt",
-        feeds: FeedSource,
-        bias_correction: bool = False,
-        refit_head: bool = False,
-        damp: float = 0.01,
-        blocksize: int = 128,
-        max_rows: int | None = DEFAULT_MAX_ROWS,
-        seed: int = 0,
-        include: Sequence[str] = (),
-        exclude: Sequence[str] = (),
-        ops: Sequence[str] = (),
-        min_channels: int = 0,
         threads: int | None = None,
-        row_mask: str | None = None,
         report: Callable[[SensitivityReport], None] | None = None,
-        holdout: float = 0.25,
+        **options: Any,
     ) -> None:
-        if target_cosine is not None and not -1.0 <= target_cosine <= 1.0:
-            raise OnnxSparseError(f"--target-cosine must be in [-1, 1], got {target_cosine}")
-        split_holdout([], holdout)  # checks the share
-        if method not in METHODS:
-            raise OnnxSparseError(f"unknown pruning method {method!r}", hint=f"choose one of {', '.join(METHODS)}")
-        self.target = target_cosine
-        self.method = method
+        if isinstance(recipe, Recipe):
+            if options:
+                raise TypeError(f"pass either a Recipe or keyword options, not both ({sorted(options)})")
+        else:
+            recipe = Recipe(target_cosine=recipe, **{"sensitivity": True, **options})
+        recipe = recipe.resolve(has_data=True)
+        if feeds is None:
+            raise OnnxSparseError(
+                "sensitivity and target_cosine need calibration data to measure the outputs on",
+                hint="pass calibration feeds (a list of {input name: array})",
+            )
+        assert recipe.method is not None
+        self.recipe = recipe
+        self.target = recipe.target_cosine
+        self.method = recipe.method
         self.feeds = feeds
-        self.options = dict(
-            damp=damp, blocksize=blocksize, max_rows=max_rows, seed=seed, threads=threads, row_mask=row_mask
-        )
-        self.bias_correction = bias_correction
-        self.refit_head = refit_head
-        self.selection = dict(include=include, exclude=exclude, ops=ops, min_channels=min_channels)
+        self.threads = threads
+        self.options = dict(_fit_options(recipe), threads=threads)
         self.callback = report
-        self.holdout = holdout
+        self.holdout = recipe.holdout
         self.report: SensitivityReport | None = None
 
     def _prune(
         self, mf: ModelFile, feeds: Sequence[Mapping[str, np.ndarray]], nodes: Iterable[str] | None
     ) -> PassResult:
-        return CalibratedPrunePass(
-            self.method,
-            feeds,
-            bias_correction=self.bias_correction,
-            refit_head=self.refit_head,
-            sites=nodes,
-            **self.selection,
-            **self.options,
-        )(mf)
+        return CalibratedPrunePass(self.recipe, feeds, sites=nodes, threads=self.threads)(mf)
 
     def call(self, mf: ModelFile) -> PassResult:
-        helper = CalibratedPrunePass("magnitude", self.feeds, **self.selection)
+        helper = CalibratedPrunePass(self.recipe.replace(method="magnitude"), self.feeds)
         feeds = helper.resolve_feeds(mf.model)
         sites = helper.selected_sites(mf)
         if not sites:
