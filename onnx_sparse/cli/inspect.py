@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 
 from onnx_sparse.analysis import layer_records, select_sites, summarize
 from onnx_sparse.cli.base import Tool
 from onnx_sparse.cli.common import add_model_arg, add_selection_args, selection_kwargs
+from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.graph.locate import find_weight_sites
 from onnx_sparse.io import load_model
+from onnx_sparse.recipe import Recipe, read_provenance
 from onnx_sparse.report import fmt_count, fmt_share, format_table, write_json
 
 logger = logging.getLogger(__name__)
@@ -60,6 +63,28 @@ def summary_line(s: dict) -> str:
     )
 
 
+def provenance_line(made: dict) -> str:
+    """How the model was pruned, from its metadata (:func:`onnx_sparse.recipe.read_provenance`):
+    the method and every setting that differs from its default (the full recipe is in --json)."""
+    recipe = made.get("recipe")
+    if isinstance(recipe, dict):
+        try:
+            defaults = Recipe(method=recipe.get("method")).resolve(has_data=True).to_dict()
+        except OnnxSparseError:  # a method this version does not know
+            defaults = Recipe().to_dict()
+        shown = {k: v for k, v in recipe.items() if k == "method" or (k != "format" and defaults.get(k, v) != v)}
+        text = " ".join(f"{k}={json.dumps(v)}" for k, v in shown.items())
+    else:
+        text = str(recipe)
+    calib = made.get("calibration")
+    data = (
+        f"calibration data: {calib.get('samples')} samples, {str(calib.get('digest'))[:19]}"
+        if isinstance(calib, dict)
+        else "no calibration data"
+    )
+    return f"made by onnx-sparse {made.get('version')} with recipe {text}; {data}"
+
+
 class InspectTool(Tool):
     name = "inspect"
     help = "Show every Conv/Gemm/MatMul weight, whether TensorRT can run it 2:4 sparse and whether it already is."
@@ -79,8 +104,14 @@ class InspectTool(Tool):
         else:
             logger.info("no Conv, ConvTranspose, Gemm or MatMul layers found")
         logger.info("%s", summary_line(summary))
+        made = read_provenance({p.key: p.value for p in mf.model.metadata_props})
+        if made is not None:
+            logger.info("%s", provenance_line(made))
         if args.json:
-            write_json(args.json, {"model": str(args.model), "layers": records, "summary": summary})
+            doc = {"model": str(args.model), "layers": records, "summary": summary}
+            if made is not None:
+                doc["made_by"] = made
+            write_json(args.json, doc)
             logger.info("wrote %s", args.json)
         return 0
 
