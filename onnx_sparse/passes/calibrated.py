@@ -583,6 +583,15 @@ class Calibrator:
         )
 
 
+def _refit_words(refit_damp: float | None) -> str:
+    """The per-layer log words for ``asym``'s dense refit (see :attr:`CalibratedSiteRecord.refit_damp`)."""
+    if refit_damp is None:
+        return ""
+    if refit_damp == float("inf"):
+        return ", no dense refit (cross-validation kept the dense weights; refit damp inf)"
+    return f", dense refit with ridge damp {refit_damp:g} (by cross-validation)"
+
+
 def _with_view(g: LayerGroup, view: LayerView | None) -> LayerGroup:
     g.view = view
     return g
@@ -742,8 +751,11 @@ class CalibratedPrunePass(Pass):
             if fit.note:
                 logger.info("%s: %s", grp.sites[0].node, fit.note)
             extra = f", loss {fit.loss:.4g}" if fit.loss is not None else ""
-            extra += f", refit damp {fit.refit_damp:g}" if fit.refit_damp is not None else ""
+            extra += _refit_words(fit.refit_damp)
             extra += f", damp {fit.damp:g} by cross-validation" if fit.damp is not None else ""
+            if fit.method in ("sparsegpt", "asym") and grp.view is not None and fit.rows < grp.view.cols:
+                starved.append(f"{grp.sites[0].node} ({fit.rows} rows < {grp.view.cols} inputs)")
+                extra += f", starved: fewer rows than its {grp.view.cols} inputs"
             if fit.acc is not None and fit.acc.masked:
                 extra += f", padding left out of {fit.acc.masked} samples"
             logger.info(
@@ -765,10 +777,19 @@ class CalibratedPrunePass(Pass):
                 )
             )
 
+        starved: list[str] = []
         if groups:
             with Progress(total, method) as bar:
                 for fit in self.engine.run(mf, groups, feeds, apply=apply, dense=dense, means=self.bias_correction):
                     bar.update(note=",".join(s.node for s in fit.group.sites))
+        if starved:
+            logger.warning(
+                "%d layer(s) were fitted on fewer activation rows than their input width, so the %s fit is "
+                "underdetermined (damping chosen by cross-validation over samples limits the harm): %s. "
+                "Give more calibration samples (more feeds, or --iterations with random data), longer sequences "
+                "or larger inputs, or leave these layers out (--exclude).",
+                len(starved), method, ", ".join(starved[:8]) + (f", and {len(starved) - 8} more" if len(starved) > 8 else ""),
+            )  # fmt: skip
         if self.refit_head:
             self._refit_heads(mf, heads, feeds, dense_outputs, records)
         modified = any(r.groups_changed for r in records) or any(getattr(r, "bias_corrected", False) for r in records)
