@@ -34,6 +34,9 @@ OPTIONS = [
     "--onnx-sparse-ops",
     "--onnx-sparse-min-channels",
     "--onnx-sparse-bias-correction",
+    "--onnx-sparse-recipe",
+    "--onnx-sparse-runners",
+    "--onnx-sparse-save",
 ]
 
 
@@ -354,3 +357,98 @@ def test_unknown_method_is_refused() -> None:
 
     with pytest.raises(PolygraphyException, match="unknown method"):
         PruneOnnx(None, method="random")
+
+
+# --------------------------------------------------------------------------- dense vs sparse in one run
+
+
+def _runner_outputs(path: Path) -> list[dict[str, list[np.ndarray]]]:
+    """Per runner, in run order: {output name: [array per iteration]} of a ``--save-outputs`` file."""
+    from polygraphy.comparator import RunResults
+
+    return [
+        {name: [np.asarray(it[name]) for it in iterations] for name in iterations[0].keys()}
+        for _, iterations in RunResults.load(str(path)).items()
+    ]
+
+
+def test_prune_for_selected_runners_only(pruned: dict[str, Path], tmp_path: Path) -> None:
+    """Two ONNX-Runtime runners in one real run; only the second (by position) gets the pruned model,
+    which --onnx-sparse-save also keeps."""
+    model = "conv_bn_folded.onnx"
+    out = polygraphy(
+        "run", MODELS / model, "--onnxrt", "--onnxrt", "--onnx-sparse-prune", "--onnx-sparse-runners", "2",
+        "--onnx-sparse-save", "kept.onnx", "--save-outputs", "both.json", "--atol", "1e9", "--rtol", "1e9",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert "pruned model for runner(s) 2:onnxrt; dense for 1:onnxrt" in out
+    dense_run, sparse_run = _runner_outputs(tmp_path / "both.json")
+    polygraphy("run", MODELS / model, "--onnxrt", "--save-outputs", "d.json", cwd=tmp_path)
+    polygraphy("run", pruned[model], "--onnxrt", "--save-outputs", "s.json", cwd=tmp_path)
+    assert_same(dense_run, outputs(tmp_path / "d.json"))
+    assert_same(sparse_run, outputs(tmp_path / "s.json"))
+    assert differs(dense_run, sparse_run)
+    # the saved model is the pruned one, with its recipe in the metadata
+    for name, w in weights(pruned[model]).items():
+        np.testing.assert_array_equal(weights(tmp_path / "kept.onnx")[name], w, err_msg=name)
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "kept.onnx")).metadata_props}
+    assert '"method":"magnitude"' in props["onnx_sparse.recipe"]
+
+
+def test_prune_for_trt_only_script(tmp_path: Path) -> None:
+    """--onnxrt --trt --onnx-sparse-runners trt: ONNX-Runtime loads the dense model, TensorRT the pruned one
+    (the generated script shows the two chains; TensorRT need not be installed to write it)."""
+    script = polygraphy(
+        "run", MODELS / "conv_bn_folded.onnx", "--onnxrt", "--trt", "--sparse-weights", "--onnx-sparse-prune",
+        "--onnx-sparse-runners", "trt", "--gen-script", "-", cwd=tmp_path,
+    )  # fmt: skip
+    var = dict(re.findall(r"^(\w+) = (.+)$", script, re.M))
+
+    def chain(name: str) -> list[str]:
+        seen = []
+        while name in var:
+            seen.append(var[name].split("(")[0])
+            m = re.match(r"\w+\((\w+)", var[name])
+            if not m:
+                break
+            name = m.group(1)
+        return seen
+
+    session = next(k for k, v in var.items() if v.startswith("SessionFromOnnx("))
+    network = next(k for k, v in var.items() if v.startswith("NetworkFromOnnxBytes("))
+    assert chain(session) == ["SessionFromOnnx", "BytesFromOnnx", "OnnxFromPath"]
+    assert chain(network) == ["NetworkFromOnnxBytes", "BytesFromOnnx", "PruneOnnx", "OnnxFromPath"]
+    assert "without --sparse-weights" not in script
+    # pruned only for onnxrt: no --sparse-weights hint about TensorRT, which runs dense
+    quiet = polygraphy(
+        "run", MODELS / "conv_bn_folded.onnx", "--onnxrt", "--trt", "--onnx-sparse-prune",
+        "--onnx-sparse-runners", "onnxrt", "--gen-script", "-", cwd=tmp_path,
+    )  # fmt: skip
+    assert "without --sparse-weights" not in quiet
+
+
+def test_runner_selection_errors(tmp_path: Path) -> None:
+    model = MODELS / "conv_bn_folded.onnx"
+    out = polygraphy("run", model, "--onnxrt", "--onnx-sparse-prune", "--onnx-sparse-runners", "trt",
+                     cwd=tmp_path, ok=False)  # fmt: skip
+    assert "--onnx-sparse-runners trt: not a runner of this run (runners: onnxrt" in out
+    out = polygraphy("run", model, "--onnxrt", "--onnx-sparse-prune", "--onnx-sparse-runners", "3",
+                     cwd=tmp_path, ok=False)  # fmt: skip
+    assert "this run has 1 runner(s)" in out
+
+
+def test_recipe_file_for_the_plugin(tmp_path: Path) -> None:
+    from onnx_sparse.recipe import Recipe
+
+    Recipe(method="magnitude", exclude=("conv2",)).save(tmp_path / "r.json")
+    polygraphy(
+        "run", MODELS / "conv_bn_folded.onnx", "--onnxrt", "--onnx-sparse-prune", "--onnx-sparse-recipe", "r.json",
+        "--onnx-sparse-save", "kept.onnx", cwd=tmp_path,
+    )  # fmt: skip
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "kept.onnx")).metadata_props}
+    assert Recipe.from_json(props["onnx_sparse.recipe"]).exclude == ("conv2",)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"methd": "asym"}')
+    out = polygraphy("run", MODELS / "conv_bn_folded.onnx", "--onnxrt", "--onnx-sparse-prune",
+                     "--onnx-sparse-recipe", bad, cwd=tmp_path, ok=False)  # fmt: skip
+    assert "unknown recipe key(s) ['methd']" in out and "Traceback" not in out

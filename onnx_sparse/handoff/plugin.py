@@ -10,6 +10,15 @@ The entry point :func:`export_argument_groups` is registered under ``polygraphy.
 and every backend runs the pruned model. ``--gen-script`` writes a script that builds the same
 chain with :class:`PruneOnnx`, and ``--save-onnx`` saves the pruned model.
 
+The flags build one :class:`onnx_sparse.recipe.Recipe` (validated at parse time);
+``--onnx-sparse-recipe r.json`` starts from a saved recipe and the flags override it.
+``--onnx-sparse-runners trt`` prunes for the named runners only (by option, or by position
+counting from 1), so ``--onnxrt --trt --sparse-weights --onnx-sparse-prune --onnx-sparse-runners
+trt`` compares dense ONNX-Runtime with the sparse TensorRT engine in one run: each runner adds
+itself to the script in turn, and the hook below leaves :class:`PruneOnnx` out of the chain of
+the runners not named. ``--onnx-sparse-save PATH`` keeps the pruned model (``--save-onnx``
+sits in the shared chain and would save whichever model was loaded last).
+
 How the pass gets into the chain. Polygraphy has no extension point inside its ONNX loading
 chain. ``run``'s runners ask ``OnnxLoadArgs.must_use_onnx_loader()`` whether the model needs
 the loader chain; if not, they read the file themselves (``SessionFromOnnx(path)``,
@@ -45,7 +54,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -55,25 +63,20 @@ from polygraphy.backend.base import BaseLoader
 from polygraphy.logger import G_LOGGER
 from polygraphy.tools.args import util as args_util
 from polygraphy.tools.args.backend.onnx.loader import OnnxInferShapesArgs, OnnxLoadArgs
-from polygraphy.tools.args.base import BaseArgs
+from polygraphy.tools.args.base import BaseArgs, BaseRunnerArgs
 from polygraphy.tools.args.comparator.data_loader import DataLoaderArgs
 from polygraphy.tools.args.model import ModelArgs
 from polygraphy.tools.script import make_invocable
 
 from onnx_sparse.errors import OnnxSparseError
+from onnx_sparse.recipe import DATA_METHODS, METHODS, OPS, Recipe
 
 # mod.export adds PruneOnnx and its eager twin prune_onnx (funcify) to __all__.
-__all__ = ["METHODS", "DATA_METHODS", "OnnxSparsePruneArgs", "export_argument_groups"]
+__all__ = ["METHODS", "DATA_METHODS", "OnnxSparsePruneArgs", "export_argument_groups"]  # METHODS: from the recipe
 
 logger = logging.getLogger(__name__)
 
-#: The ``--onnx-sparse-method`` choices (kept in step with :mod:`onnx_sparse.passes.calibrated`,
-#: which is imported only when a calibrated method runs).
-METHODS = ("magnitude", "wanda", "sparsegpt", "asym")
-#: Methods that need calibration data.
-DATA_METHODS = ("wanda", "sparsegpt", "asym")
-
-_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_OPS = OPS
 _HOOK = "_onnx_sparse_hook"  # marks the functions this module sets on an OnnxLoadArgs instance
 
 
@@ -104,6 +107,8 @@ class PruneOnnx(BaseLoader):
         min_channels: int | None = None,
         bias_correction: bool | None = None,
         data_loader: Any = None,
+        recipe: Any = None,
+        save: str | None = None,
     ) -> None:
         """Prune an ONNX model to 2:4.
 
@@ -128,26 +133,38 @@ class PruneOnnx(BaseLoader):
                     ``StreamingDataLoader``, a generator, a ``DataLoader``: given the model's
                     input metadata, like a runner gives it). Defaults to Polygraphy's
                     seeded random ``DataLoader()``, a smoke test only.
+            recipe (Union[onnx_sparse.Recipe, str]):
+                    A whole recipe (or its JSON text, or a path to a JSON file). The other
+                    options, where given, override its values. Without a method the recipe
+                    resolves as without data: magnitude.
+            save (str):
+                    Also save the pruned model here (atomic, verified). Defaults to None.
         """
         self._model = model
-        self.method = util.default(method, "magnitude")
-        if self.method not in METHODS:
-            G_LOGGER.critical(f"PruneOnnx: unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        self.fc_layout = util.default(fc_layout, False)
-        self.include = list(util.default(include, []))
-        self.exclude = list(util.default(exclude, []))
-        self.ops = list(util.default(ops, []))
-        self.min_channels = util.default(min_channels, 0)
-        self.bias_correction = util.default(bias_correction, False)
+        if method is not None and method not in METHODS:
+            G_LOGGER.critical(f"PruneOnnx: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        try:
+            base = _as_recipe(recipe)
+            given = dict(method=method, fc_layout=fc_layout, include=include, exclude=exclude, ops=ops,
+                         min_channels=min_channels, bias_correction=bias_correction)  # fmt: skip
+            self.recipe = base.replace(**{k: v for k, v in given.items() if v is not None}).resolve(has_data=False)
+        except OnnxSparseError as exc:
+            G_LOGGER.critical(f"PruneOnnx: {exc}")
         self.data_loader = data_loader
+        self.save = save
         # A calibrated result is computed once and copied to later calls: ``run --onnxrt --trt``
         # calls the chain once per backend, and both must see the same weights (and pay once).
         self._cache: dict[str, Any] = {}
         self._lock = threading.Lock()
 
     @property
+    def method(self) -> str:
+        assert self.recipe.method is not None
+        return self.recipe.method
+
+    @property
     def needs_data(self) -> bool:
-        return self.method in DATA_METHODS or self.bias_correction
+        return self.recipe.needs_data
 
     @util.check_called_by("__call__")
     def call_impl(self) -> Any:
@@ -155,13 +172,15 @@ class PruneOnnx(BaseLoader):
         Returns:
             onnx.ModelProto: The pruned model (a new object).
         """
-        if not self.needs_data:
+        if not self.needs_data and self.save is None:
             return self._prune()
         import onnx
 
         with self._lock:
             if "model" not in self._cache:
                 self._cache["model"] = self._prune()
+                if self.save is not None:
+                    self._save(self._cache["model"])
             out = onnx.ModelProto()
             out.CopyFrom(self._cache["model"])
             return out
@@ -171,19 +190,26 @@ class PruneOnnx(BaseLoader):
 
         model, _ = util.invoke_if_callable(self._model)
         with _polygraphy_logging(), _as_polygraphy_errors():
-            G_LOGGER.info(f"onnx-sparse: pruning to 2:4 ({self.method}{', fc-layout' if self.fc_layout else ''})")
+            G_LOGGER.info(
+                f"onnx-sparse: pruning to 2:4 ({self.recipe.describe()}{', fc-layout' if self.recipe.fc_layout else ''})"
+            )
             return prune(
                 model,
-                method=self.method,
+                self.recipe,
                 # called with the model once the pass needs the data (after --onnx-sparse-fc-layout)
                 calibration=self._calibration_feeds if self.needs_data else None,
-                bias_correction=self.bias_correction,
-                fc_layout=self.fc_layout,
-                include=self.include,
-                exclude=self.exclude,
-                ops=self.ops,
-                min_channels=self.min_channels,
             )
+
+    def _save(self, model: Any) -> None:
+        import onnx
+
+        from onnx_sparse.io import ModelFile, save_model
+
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        with _polygraphy_logging(), _as_polygraphy_errors():
+            path = save_model(ModelFile(model=copy), str(self.save))
+            G_LOGGER.info(f"onnx-sparse: saved the pruned model to {path}")
 
     def _calibration_feeds(self, model: Any) -> list[dict[str, Any]]:
         """The calibration samples for ``model`` (called by the calibrated pass)."""
@@ -208,6 +234,18 @@ class PruneOnnx(BaseLoader):
             " (RANDOM)" if isinstance(self.data_loader, DataLoader) or self.data_loader is None else "",
         )
         return feeds
+
+
+def _as_recipe(recipe: Any) -> Recipe:
+    """A Recipe from a Recipe, its JSON text, a path to a JSON file, or None (the defaults)."""
+    if recipe is None:
+        return Recipe()
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    text = str(recipe)
+    return Recipe.from_json(text) if text.lstrip().startswith("{") else Recipe.load(text)
 
 
 # --------------------------------------------------------------------------------------
@@ -338,6 +376,32 @@ class OnnxSparsePruneArgs(BaseArgs):
             action="store_true",
             default=None,
         )
+        self.group.add_argument(
+            "--onnx-sparse-recipe",
+            help="Read the pruning recipe from this JSON file (as `onnx-sparse prune --save-recipe` writes it); "
+            "the --onnx-sparse-* options above, where given, override its values.",
+            metavar="PATH",
+            default=None,
+        )
+        self.group.add_argument(
+            "--onnx-sparse-runners",
+            help="Prune only for these runners; the others run the dense model, so one run compares dense "
+            "and sparse (e.g. --onnxrt --trt --onnx-sparse-runners trt: dense ONNX-Runtime against the sparse "
+            "TensorRT engine). A runner is named by its option without dashes (trt, onnxrt: every runner of "
+            "that kind) or by its position among the runners given, counting from 1 (--onnxrt --onnxrt "
+            "--onnx-sparse-runners 2: dense against pruned ONNX-Runtime). Default: every runner.",
+            nargs="+",
+            action="extend",
+            metavar="RUNNER",
+            default=None,
+        )
+        self.group.add_argument(
+            "--onnx-sparse-save",
+            help="Also save the pruned model here (atomic, checked by onnx.checker and onnxruntime). Unlike "
+            "--save-onnx, it saves the pruned model even when some runners run the dense one.",
+            metavar="PATH",
+            default=None,
+        )
 
     def parse_impl(self, args: Any) -> None:
         """
@@ -361,6 +425,9 @@ class OnnxSparsePruneArgs(BaseArgs):
         self.ops = args_util.get(args, "onnx_sparse_ops")
         self.min_channels = args_util.get(args, "onnx_sparse_min_channels")
         self.bias_correction = args_util.get(args, "onnx_sparse_bias_correction")
+        self.recipe_path = args_util.get(args, "onnx_sparse_recipe")
+        self.runners = args_util.get(args, "onnx_sparse_runners")
+        self.save = args_util.get(args, "onnx_sparse_save")
 
         options = {
             "--onnx-sparse-method": self.method,
@@ -370,16 +437,22 @@ class OnnxSparsePruneArgs(BaseArgs):
             "--onnx-sparse-ops": self.ops,
             "--onnx-sparse-min-channels": self.min_channels,
             "--onnx-sparse-bias-correction": self.bias_correction,
+            "--onnx-sparse-recipe": self.recipe_path,
+            "--onnx-sparse-runners": self.runners,
+            "--onnx-sparse-save": self.save,
         }
         given = [flag for flag, value in options.items() if value is not None]
         if given and not self.prune:
             G_LOGGER.critical(f"{', '.join(given)} given without --onnx-sparse-prune: nothing would be pruned")
-        for flag, patterns in (("--onnx-sparse-include", self.include), ("--onnx-sparse-exclude", self.exclude)):
-            for pattern in patterns or ():
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    G_LOGGER.critical(f"{flag} {pattern!r} is not a regular expression: {exc}")
+        # One Recipe from the flags (and the file), validated here, once: a bad regex or value fails at parse time.
+        try:
+            base = Recipe.load(self.recipe_path) if self.recipe_path else Recipe()
+            flags = dict(method=self.method, fc_layout=self.fc_layout, include=self.include, exclude=self.exclude,
+                         ops=self.ops, min_channels=self.min_channels, bias_correction=self.bias_correction)  # fmt: skip
+            self.recipe = base.replace(**{k: v for k, v in flags.items() if v is not None}).resolve(has_data=False)
+        except OnnxSparseError as exc:
+            G_LOGGER.critical(f"onnx-sparse: {exc}")
+        self.positions: set[int] | None = None  # runner positions (1-based) that get the pruned model
 
         if OnnxLoadArgs not in self.arg_groups:  # only `polygraphy run` loads plugins; be safe anyway
             return
@@ -395,19 +468,67 @@ class OnnxSparsePruneArgs(BaseArgs):
                 f"--onnx-sparse-prune works on ONNX models; {model_args.path} is a {model_args.model_type} model"
             )
         _hook(onnx_args, self)
+        self._select_runners()
         self._hint_sparse_weights(args)
 
     @property
     def needs_data(self) -> bool:
-        return self.method in DATA_METHODS or bool(self.bias_correction)
+        return self.recipe.needs_data
 
-    def _hint_sparse_weights(self, args: Any) -> None:
+    def _run_runners(self) -> list[str]:
+        """The runner options of this run, in order (``["onnxrt", "trt"]``)."""
         from polygraphy.tools.args.backend.runner_select import RunnerSelectArgs
 
         if RunnerSelectArgs not in self.arg_groups:
+            return []
+        return list(self.arg_groups[RunnerSelectArgs].runners.keys())
+
+    def _select_runners(self) -> None:
+        """Resolve --onnx-sparse-runners to runner positions and mark, while each runner adds itself
+        to the script, whether it is one of them (see :func:`_hook`)."""
+        if self.runners is None:
             return
-        runners = self.arg_groups[RunnerSelectArgs].runners
-        if "trt" in runners.keys() and not args_util.get(args, "sparse_weights"):
+        order = self._run_runners()
+        positions: set[int] = set()
+        for name in self.runners:
+            if name.isdigit():
+                k = int(name)
+                if not 1 <= k <= len(order):
+                    G_LOGGER.critical(
+                        f"--onnx-sparse-runners {name}: this run has {len(order)} runner(s) ({', '.join(order)})"
+                    )
+                positions.add(k)
+            else:
+                hits = {k for k, opt in enumerate(order, 1) if opt == name}
+                if not hits:
+                    G_LOGGER.critical(
+                        f"--onnx-sparse-runners {name}: not a runner of this run "
+                        f"(runners: {', '.join(order) or 'none'}; name them by option, e.g. trt, or by position)"
+                    )
+                positions |= hits
+        self.positions = positions
+        dense = [f"{k}:{opt}" for k, opt in enumerate(order, 1) if k not in positions]
+        sparse = [f"{k}:{opt}" for k, opt in enumerate(order, 1) if k in positions]
+        G_LOGGER.info(
+            f"onnx-sparse: pruned model for runner(s) {', '.join(sparse)}; dense for {', '.join(dense) or 'none'}"
+        )
+        counter = {"k": 0}
+        seen: set[int] = set()
+        for group in self.arg_groups.values():
+            if isinstance(group, BaseRunnerArgs) and id(group) not in seen:
+                seen.add(id(group))
+                _mark_runner(group, self, counter)
+
+    def prunes_current_runner(self) -> bool:
+        """Whether the runner now being added to the script gets the pruned model."""
+        return self.positions is None or self.current_runner in self.positions
+
+    current_runner = 0
+
+    def _hint_sparse_weights(self, args: Any) -> None:
+        order = self._run_runners()
+        pruned = [opt for k, opt in enumerate(order, 1) if self.positions is None or k in self.positions]
+        if "trt" in pruned and not args_util.get(args, "sparse_weights"):
             G_LOGGER.warning(
                 "--onnx-sparse-prune with --trt but without --sparse-weights: TensorRT will run the pruned "
                 "weights with dense kernels. Add --sparse-weights to let it pick 2:4 kernels."
@@ -441,6 +562,8 @@ class OnnxSparsePruneArgs(BaseArgs):
                 min_channels=self.min_channels,
                 bias_correction=self.bias_correction,
                 data_loader=data_loader,
+                recipe=self.recipe_path,
+                save=self.save,
             ),
             "prune_onnx",
         )
@@ -475,6 +598,7 @@ def _hook(onnx_args: OnnxLoadArgs, prune_args: OnnxSparsePruneArgs) -> None:
     def add_to_script_impl(script: Any, *args: Any, **kwargs: Any) -> Any:
         model_path = onnx_args.arg_groups[ModelArgs].path
         added: list[Any] = []
+        dense: list[Any] = []
         if infer_args is None:
             return _not_found(model_path)
         original_infer = infer_args.add_to_script_impl
@@ -483,6 +607,9 @@ def _hook(onnx_args: OnnxLoadArgs, prune_args: OnnxSparsePruneArgs) -> None:
             out = original_infer(script_, loader_name, *a, **k)
             if added or loader_name != model_path:
                 return out  # not the call that starts OnnxLoadArgs' chain
+            if not prune_args.prunes_current_runner():
+                dense.append(out)  # --onnx-sparse-runners: this runner runs the dense model
+                return out
             if out == loader_name:  # no shape inference: load the file as OnnxLoadArgs would
                 script_.add_import(imports=["OnnxFromPath"], frm="polygraphy.backend.onnx")
                 out = script_.add_loader(
@@ -500,12 +627,31 @@ def _hook(onnx_args: OnnxLoadArgs, prune_args: OnnxSparsePruneArgs) -> None:
 
         with _instance_attr(infer_args, "add_to_script_impl", infer_then_prune):
             name = original_add(script, *args, **kwargs)
-        if not added:
+        if not added and not dense:
             return _not_found(model_path)
         return name
 
     onnx_args.must_use_onnx_loader = must_use_onnx_loader  # type: ignore[method-assign]
     onnx_args.add_to_script_impl = add_to_script_impl  # type: ignore[method-assign]
+
+
+def _mark_runner(group: BaseRunnerArgs, prune_args: OnnxSparsePruneArgs, counter: dict[str, int]) -> None:
+    """Count this runner group's additions to the script (``RunnerSelectArgs`` adds the runners one
+    by one, in command-line order), so that the loader hook knows which runner it is building."""
+    if getattr(vars(group).get("add_to_script_impl"), _HOOK, False):
+        delattr(group, "add_to_script_impl")  # an earlier parse's mark
+    original = group.add_to_script_impl
+
+    @_mark
+    def add_to_script_impl(script: Any, *args: Any, **kwargs: Any) -> Any:
+        counter["k"] += 1
+        prune_args.current_runner = counter["k"]
+        try:
+            return original(script, *args, **kwargs)
+        finally:
+            prune_args.current_runner = 0
+
+    group.add_to_script_impl = add_to_script_impl  # type: ignore[method-assign]
 
 
 def _not_found(model_path: Any) -> Any:
