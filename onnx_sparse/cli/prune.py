@@ -267,10 +267,9 @@ def _add_calibration_args(parser: argparse.ArgumentParser) -> None:
         "--refit-head",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="(On by default in the default recipe.) "
-        "After the layer-wise fits, refit a pruned MatMul/Gemm whose output feeds a softmax the model "
+        help="After the layer-wise fits, refit a pruned MatMul/Gemm whose output feeds a softmax the model "
         "returns (a classifier head) to the dense model's probabilities by KL divergence (kept weights and "
-        "bias; the step is chosen on held-out calibration samples).",
+        "bias; the step is chosen on held-out calibration samples; on by default in the default recipe).",
     )
     group.add_argument("--damp", type=float, help="SparseGPT relative damping (default 0.01).")
     group.add_argument("--blocksize", type=int, help="SparseGPT lazy-update block size (default 128).")
