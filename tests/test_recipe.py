@@ -185,6 +185,34 @@ def test_cli_save_recipe_then_recipe_reproduces_bytes(run_cli, tmp_path: Path) -
     assert "calibration data: 5 samples, sha256:" in text
 
 
+def test_cli_default_recipe_reproduces_bytes(run_cli, tmp_path: Path) -> None:
+    """No --method with data: the default recipe, saved resolved; --recipe gives the same file."""
+    onnx.save(mlp(), tmp_path / "m.onnx")
+    save_json(mlp_data(0, 4), tmp_path / "in.json")
+    a, b, r = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "r.json"
+    rc, text = run_cli(["prune", tmp_path / "m.onnx", "-o", a, "--load-inputs", tmp_path / "in.json",
+                        "--save-recipe", r])  # fmt: skip
+    assert rc == 0, text
+    assert Recipe.load(r) == DEFAULT_CALIBRATED
+    rc, text = run_cli(["prune", tmp_path / "m.onnx", "-o", b, "--load-inputs", tmp_path / "in.json", "--recipe", r])
+    assert rc == 0, text
+    assert b.read_bytes() == a.read_bytes()
+    rc, text = run_cli(["prune", tmp_path / "m.onnx", "-o", b, "--save-recipe", tmp_path / "no" / "r.json"])
+    assert rc == 2 and "output folder does not exist" in text
+
+
+def test_plugin_loader_takes_a_recipe() -> None:
+    from onnx_sparse.handoff.plugin import PruneOnnx
+
+    model = mlp()
+    loader = PruneOnnx(model, recipe=Recipe(method="sparsegpt", exclude=("fc3",)), data_loader=mlp_data(1, 6))
+    assert loader.recipe.method == "sparsegpt" and loader.needs_data
+    out = loader()
+    ref = api.prune(model, Recipe(method="sparsegpt", exclude=("fc3",)), calibration=mlp_data(1, 6))
+    assert out.SerializeToString(deterministic=True) == ref.SerializeToString(deterministic=True)
+    assert PruneOnnx(model, recipe=Recipe(method="wanda"), method="magnitude").recipe.method == "magnitude"
+
+
 def test_cli_bad_recipe_file(run_cli, tmp_path: Path) -> None:
     onnx.save(mlp(), tmp_path / "m.onnx")
     bad = tmp_path / "r.json"

@@ -78,6 +78,8 @@ class PruneTool(Tool):
         measure_only = recipe.sensitivity and recipe.target_cosine is None and args.output is None and not args.in_place
         if args.output is None and not args.in_place and not measure_only:
             raise OnnxSparseError("no output path", hint="pass -o OUT, or --in-place to overwrite the input")
+        if args.save_recipe and not Path(args.save_recipe).resolve().parent.is_dir():
+            raise OnnxSparseError(f"{args.save_recipe}: output folder does not exist", hint="--save-recipe PATH")
         if not needs_data and (data_given or args.input_shapes or args.iterations or args.mask_input):
             logger.warning("calibration data options are ignored: magnitude pruning needs no data")
         if given.method is None and data_given:
