@@ -588,8 +588,8 @@ def _refit_words(refit_damp: float | None) -> str:
     if refit_damp is None:
         return ""
     if refit_damp == float("inf"):
-        return ", no dense refit (cross-validation kept the dense weights; refit damp inf)"
-    return f", dense refit with ridge damp {refit_damp:g} (by cross-validation)"
+        return ", no dense refit (cross-validation kept the dense weights)"
+    return f", dense refit with ridge damp {refit_damp:g} (cross-validated)"
 
 
 def _with_view(g: LayerGroup, view: LayerView | None) -> LayerGroup:
@@ -755,7 +755,7 @@ class CalibratedPrunePass(Pass):
             extra += f", damp {fit.damp:g} by cross-validation" if fit.damp is not None else ""
             if fit.method in ("sparsegpt", "asym") and grp.view is not None and fit.rows < grp.view.cols:
                 starved.append(f"{grp.sites[0].node} ({fit.rows} rows < {grp.view.cols} inputs)")
-                extra += f", starved: fewer rows than its {grp.view.cols} inputs"
+                extra += f", starved: rows < {grp.view.cols} inputs"
             if fit.acc is not None and fit.acc.masked:
                 extra += f", padding left out of {fit.acc.masked} samples"
             logger.info(
@@ -843,7 +843,8 @@ class CalibratedPrunePass(Pass):
             default = (r.method, r.bias_correction, r.refit_head) == (d.method, d.bias_correction, d.refit_head)
             logger.log(
                 logging.INFO if default else logging.WARNING,
-                "--refit-head: no pruned layer feeds a softmax that the model returns; nothing refitted",
+                "%s: no pruned layer feeds a softmax that the model returns; nothing refitted",
+                "head refit (default recipe)" if default else "--refit-head",
             )
 
     def ensures(self, result: PassResult) -> None:
