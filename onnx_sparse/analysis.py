@@ -7,12 +7,13 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.graph.locate import WeightSite, find_weight_sites
 from onnx_sparse.graph.weights import weight_stats
 from onnx_sparse.io import ModelFile
 from onnx_sparse.passes.annotate import read_annotations
 
-__all__ = ["layout", "layer_records", "summarize", "select_sites"]
+__all__ = ["layout", "layer_records", "summarize", "select_sites", "compile_patterns"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,17 @@ def layout(site: WeightSite) -> str:
     return "-"
 
 
+def compile_patterns(patterns: Sequence[str], what: str) -> list[re.Pattern[str]]:
+    """Compile layer-selection regexes; a bad one is a clear error naming the option."""
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as exc:
+            raise OnnxSparseError(f"{what} {p!r}: not a valid regular expression ({exc})") from None
+    return out
+
+
 def select_sites(
     sites: Sequence[WeightSite],
     include: Sequence[str] = (),
@@ -43,8 +55,8 @@ def select_sites(
     """Sites whose node name matches an ``include`` regex (all if none) and no ``exclude``
     regex, whose op is in ``ops`` (all if empty), and whose reduction axis and output
     channels are both at least ``min_channels``."""
-    inc = [re.compile(p) for p in include]
-    exc = [re.compile(p) for p in exclude]
+    inc = compile_patterns(include, "--include")
+    exc = compile_patterns(exclude, "--exclude")
     out = []
     for s in sites:
         if inc and not any(p.search(s.node) for p in inc):

@@ -4,19 +4,28 @@ Log lines look like Polygraphy's (``[V]``, ``[I]``, ``[W]``, ``[E]``); ``-v`` / 
 the level (and ``-v`` shows tracebacks); every command ends with a ``PASSED`` or
 ``FAILED`` line. Exit status: 0 passed, 1 the check failed (e.g. weights not 2:4,
 outputs differ), 2 a user error (bad file, bad option), 3 an internal error.
+
+Every line goes through one formatter, which escapes control characters, bidi overrides and
+NUL (names in a model are data, not terminal commands). SIGTERM (what ``timeout`` and CI
+cancellation send) ends a run like Ctrl-C: temporary files are removed, exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 
 from onnx_sparse import __version__
 from onnx_sparse.cli.base import Tool
 from onnx_sparse.errors import OnnxSparseError
+from onnx_sparse.report import printable
 
 __all__ = ["main", "build_parser"]
 
@@ -48,11 +57,31 @@ EXIT_INTERNAL_ERROR = 3
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         letter = _LETTERS.get(record.levelno, "I")
-        text = record.getMessage()
-        lines = [f"[{letter}] {line}" for line in text.splitlines() or [""]]
+        text = printable(record.getMessage(), keep="\n")
+        lines = [f"[{letter}] {line}" for line in text.split("\n")]
         if record.exc_info:
-            lines.append(self.formatException(record.exc_info))
+            lines.append(printable(self.formatException(record.exc_info), keep="\n"))
         return "\n".join(lines)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is so that ``finally`` blocks clean up."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_exception() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _Handler(logging.StreamHandler):
@@ -122,12 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     command = "onnx-sparse " + " ".join(argv)
     try:
-        status = args.tool.run(args)
+        with _sigterm_as_exception():
+            status = args.tool.run(args)
     except OnnxSparseError as exc:
         logger.error("%s", exc, exc_info=verbosity > 0)
         status = EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        logger.error("interrupted")
+    except KeyboardInterrupt as exc:
+        logger.error("%s", "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted")
         status = EXIT_FAILED
     except Exception as exc:  # an internal bug: say so, show the traceback only with -v
         logger.error(

@@ -15,7 +15,7 @@ from typing import Any
 
 from onnx_sparse.api import prune_file
 from onnx_sparse.cli.base import Tool
-from onnx_sparse.cli.common import add_model_arg, add_selection_args, selection_kwargs
+from onnx_sparse.cli.common import add_model_arg, add_selection_args, preflight, script_path, selection_kwargs
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.passes.prune import totals
 from onnx_sparse.report import fmt_count, format_table, write_json
@@ -63,6 +63,12 @@ class PruneTool(Tool):
         measure_only = sensitivity and args.target_cosine is None and args.output is None and not args.in_place
         if args.output is None and not args.in_place and not measure_only:
             raise OnnxSparseError("no output path", hint="pass -o OUT, or --in-place to overwrite the input")
+        preflight(
+            args, models=[args.model], json_reads=[("--load-inputs", p) for p in args.load_inputs],
+            reads=[("--data-loader-script", script_path(args.data_loader_script))],
+            writes=[("--report", args.report), ("--sensitivity-json", args.sensitivity_json)],
+            model_output=None if measure_only else (args.output or args.model), in_place=args.in_place,
+        )  # fmt: skip
         if not needs_data and (data_given or args.input_shapes or args.iterations or args.mask_input):
             logger.warning("calibration data options are ignored: magnitude pruning needs no data")
         real = {"value": True}
