@@ -419,6 +419,7 @@ def save_model(
     atomic.clean_stale(folder)
     tmp = atomic.temp_dir(folder)
     data_name = None
+    placed = None  # a data file we moved beside the output that no model reads yet
     try:
         if external:
             data_name = _write_external(mf, tmp, out.name, externalize_all=not _uses_external(mf.model))
@@ -437,9 +438,12 @@ def save_model(
             verify_model(tmp / out.name, reference=reference)
         stale = _old_data_files(final)
         if data_name is not None:
+            if not (folder / data_name).exists():  # else: the same content is there already
+                placed = folder / data_name
             os.replace(tmp / data_name, folder / data_name)
             stale.discard(folder / data_name)
         os.replace(tmp / out.name, final)
+        placed = None
         mf.path = out
         for old in stale:
             if not any(old.exists() and _same_file(old, k) for k in keep):
@@ -449,6 +453,9 @@ def save_model(
         raise OnnxSparseError(f"{out}: could not write the model ({exc.strerror or exc})") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if placed is not None:
+            with contextlib.suppress(OSError):
+                placed.unlink()
     logger.debug("wrote %s%s", out, f" (+ {data_name})" if data_name else "")
     return out
 
