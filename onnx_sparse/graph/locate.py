@@ -28,6 +28,7 @@ import onnx
 from onnx import TensorProto
 
 from onnx_sparse.graph import rules
+from onnx_sparse.io import read_tensor
 
 __all__ = ["WeightSite", "Quant", "find_weight_sites", "LOOK_THROUGH"]
 
@@ -194,6 +195,14 @@ class _Trace:
     failure: str = ""
 
 
+def _small_values(t: TensorProto | None) -> np.ndarray | None:
+    """The value of a small constant stored in the protobuf (shapes, axes, zero points); None when
+    there is none or it is external data (read only through io, with the model's folder)."""
+    if t is None or t.data_location == TensorProto.EXTERNAL:
+        return None
+    return read_tensor(t)
+
+
 def _const_tensor(scope: _Scope, name: str) -> TensorProto | None:
     """A constant input (initializer or Constant node), for shapes, axes and zero points."""
     if not name:
@@ -265,9 +274,10 @@ def _reshape_target(node: onnx.NodeProto, scope: _Scope, in_shape: tuple[int, ..
             axes = list(attrs["axes"])
         elif len(node.input) > 1 and node.input[1]:
             t = _const_tensor(scope, node.input[1])
-            if t is None:
-                return f"{op} axes are computed at run time"
-            axes = [int(v) for v in onnx.numpy_helper.to_array(t).ravel()]
+            values = _small_values(t)
+            if values is None:
+                return f"{op} axes are computed at run time or stored outside the model"
+            axes = [int(v) for v in values.ravel()]
         elif op == "Squeeze":
             return tuple(d for d in in_shape if d != 1)
         else:
@@ -280,10 +290,10 @@ def _reshape_target(node: onnx.NodeProto, scope: _Scope, in_shape: tuple[int, ..
         it = iter(in_shape)
         return tuple(1 if i in inserted else next(it) for i in range(rank))
     # Reshape
-    t = _const_tensor(scope, node.input[1]) if len(node.input) > 1 else None
-    if t is None:
-        return "Reshape target shape is computed at run time"
-    target = [int(v) for v in onnx.numpy_helper.to_array(t).ravel()]
+    values = _small_values(_const_tensor(scope, node.input[1]) if len(node.input) > 1 else None)
+    if values is None:
+        return "Reshape target shape is computed at run time or stored outside the model"
+    target = [int(v) for v in values.ravel()]
     if not attrs.get("allowzero", 0):
         target = [in_shape[i] if v == 0 and i < len(in_shape) else v for i, v in enumerate(target)]
     if target.count(-1) == 1:
@@ -355,10 +365,10 @@ def _quant(tr: _Trace) -> tuple[Quant | None, str]:
     zps = []
     for n in tr.chain:
         if n.op_type in ("DequantizeLinear", "QuantizeLinear") and len(n.input) > 2 and n.input[2]:
-            t = _const_tensor(tr.owner, n.input[2])
-            if t is None:
-                return None, f"{n.op_type} zero point is computed at run time"
-            zps.append(onnx.numpy_helper.to_array(t))
+            zp_values = _small_values(_const_tensor(tr.owner, n.input[2]))
+            if zp_values is None:
+                return None, f"{n.op_type} zero point is computed at run time or stored outside the model"
+            zps.append(zp_values)
         if n.op_type in ("DequantizeLinear", "QuantizeLinear") and len(n.input) > 1:
             if _const_tensor(tr.owner, n.input[1]) is None:
                 return None, f"{n.op_type} scale is computed at run time"
