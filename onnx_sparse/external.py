@@ -37,6 +37,7 @@ __all__ = [
     "external_ref",
     "external_location",
     "check_inline",
+    "check_tensor",
     "PACKED_4BIT",
 ]
 
@@ -180,8 +181,13 @@ def check_inline(t: TensorProto) -> None:
     Typed fields (``float_data`` ...) are checked when they are read.
     """
     count = element_count(t)
-    if not t.raw_data or t.data_type == TensorProto.STRING:
+    if not t.raw_data:
         return
+    if t.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+        raise OnnxSparseError(
+            f"{_label(t)}: a {TensorProto.DataType.Name(t.data_type)} tensor cannot hold raw_data",
+            hint="the model file is corrupt",
+        )
     try:
         nbytes = stored_nbytes(t)
     except OnnxSparseError:
@@ -192,3 +198,14 @@ def check_inline(t: TensorProto) -> None:
             f"({count} elements) needs {nbytes}",
             hint="the model file is corrupt or truncated",
         )
+
+
+def check_tensor(t: TensorProto, base_dir: Path | None) -> None:
+    """Every rule above for one tensor of a model being loaded (data type known to onnx,
+    external data inside the model's folder and consistent, inline data the right size)."""
+    if t.data_type not in TensorProto.DataType.values():
+        raise OnnxSparseError(f"{_label(t)}: unknown data type {t.data_type}", hint="the model file is corrupt")
+    if t.data_location == TensorProto.EXTERNAL:
+        external_ref(t, base_dir)
+    else:
+        check_inline(t)

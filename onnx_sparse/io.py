@@ -32,6 +32,7 @@ from onnx_sparse.errors import OnnxSparseError, first_line
 from onnx_sparse.external import (
     PACKED_4BIT,
     check_inline,
+    check_tensor,
     external_location,
     external_ref,
     tensor_dtype,
@@ -120,13 +121,33 @@ def load_model(path: str | os.PathLike[str]) -> ModelFile:
             f"{p}: not a valid ONNX model (no IR version or no graph)",
             hint="the file may be truncated or not an ONNX protobuf",
         )
+    bad = _non_utf8_field(model, "model")
+    if bad is not None:
+        raise OnnxSparseError(f"{p}: not a valid ONNX model (text field {bad} is not UTF-8)", hint="the file is corrupt")
     mf = ModelFile(model=model, base_dir=p.resolve().parent, path=p)
     for t in iter_tensors(model):
-        if t.data_location == TensorProto.EXTERNAL:
-            external_ref(t, mf.base_dir)  # raises on foreign, missing, short or inconsistent data
-        else:
-            check_inline(t)
+        check_tensor(t, mf.base_dir)  # foreign, missing, short or inconsistent data: one clear error
     return mf
+
+
+def _non_utf8_field(msg, where: str) -> str | None:
+    """The first string field of ``msg`` that protobuf could not decode as UTF-8 (proto2 hands
+    those over as bytes, which nothing downstream expects), or None."""
+    for fd, value in msg.ListFields():
+        if fd.type not in (fd.TYPE_STRING, fd.TYPE_MESSAGE):
+            continue
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+        values = value if repeated else [value]
+        for i, v in enumerate(values):
+            name = f"{where}.{fd.name}" + (f"[{i}]" if repeated else "")
+            if fd.type == fd.TYPE_STRING:
+                if isinstance(v, bytes):
+                    return name
+            else:
+                found = _non_utf8_field(v, name)
+                if found is not None:
+                    return found
+    return None
 
 
 def iter_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:

@@ -70,6 +70,7 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Write ``obj`` as indented JSON, atomically (temporary file, then rename)."""
     out = Path(path)
     folder = atomic.check_writable_folder(out)
+    atomic.clean_stale(folder)
     fd, tmp = atomic.temp_file(folder, suffix=".json")
     try:
         with os.fdopen(fd, "w") as f:
