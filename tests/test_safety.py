@@ -498,3 +498,18 @@ def test_json_outputs_get_normal_permissions(run_cli, tmp_path: Path) -> None:
         os.umask(old)
     for name in ("i.json", "r.json", "o.onnx"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_sigterm_wrapped_by_a_c_extension_is_still_a_termination(run_cli, monkeypatch) -> None:
+    """SIGTERM during an import of a C extension surfaces as ImportError caused by ours."""
+    from onnx_sparse.cli import check, main
+
+    def run(args):
+        try:
+            raise main.Terminated()
+        except main.Terminated as exc:
+            raise ImportError("initialization failed") from exc
+
+    monkeypatch.setattr(check.TOOL, "run", run)
+    rc, text = run_cli(["check", case_path("mlp.onnx")])
+    assert rc == 1 and "terminated (SIGTERM)" in text and "internal error" not in text

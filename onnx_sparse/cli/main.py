@@ -141,6 +141,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _caused_by_sigterm(exc: BaseException) -> bool:
+    seen = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, Terminated):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def _internal_error(exc: Exception, verbosity: int) -> int:
+    logger.error(
+        "internal error: %s: %s (rerun with -v for the traceback)",
+        type(exc).__name__,
+        exc,
+        exc_info=verbosity > 0,
+    )
+    return EXIT_INTERNAL_ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
@@ -153,20 +174,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _sigterm_as_exception():
             status = args.tool.run(args)
-    except OnnxSparseError as exc:
-        logger.error("%s", exc, exc_info=verbosity > 0)
-        status = EXIT_USER_ERROR
     except KeyboardInterrupt as exc:
         logger.error("%s", "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted")
         status = EXIT_FAILED
-    except Exception as exc:  # an internal bug: say so, show the traceback only with -v
-        logger.error(
-            "internal error: %s: %s (rerun with -v for the traceback)",
-            type(exc).__name__,
-            exc,
-            exc_info=verbosity > 0,
-        )
-        status = EXIT_INTERNAL_ERROR
+    except Exception as exc:
+        if _caused_by_sigterm(exc):  # e.g. a C extension or a wrapper turned ours into its own exception
+            logger.error("terminated (SIGTERM)", exc_info=verbosity > 0)
+            status = EXIT_FAILED
+        elif isinstance(exc, OnnxSparseError):
+            logger.error("%s", exc, exc_info=verbosity > 0)
+            status = EXIT_USER_ERROR
+        else:  # an internal bug: say so, show the traceback only with -v
+            status = _internal_error(exc, verbosity)
     runtime = time.perf_counter() - start
     word = "PASSED" if status == 0 else "FAILED"
     line = f"{word} | Runtime: {runtime:.3f}s | Command: {command}"
