@@ -17,6 +17,7 @@ node's name and the attribute (``If_3/then_branch/``), nodes of a model-local fu
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.graph import rules
 from onnx_sparse.io import read_tensor
 
@@ -145,12 +147,36 @@ class _Scope:
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    """A node's attributes by name; one whose type is not what the operator's schema says (a
+    corrupt or hand-edited model) is a clear error rather than a wrong value downstream."""
     out: dict[str, Any] = {}
+    expected = _schema_attribute_types(node.op_type, node.domain)
     for a in node.attribute:
         if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
             continue
+        want = expected.get(a.name)
+        known = a.type in onnx.AttributeProto.AttributeType.values() and a.type != onnx.AttributeProto.UNDEFINED
+        if not known or (want is not None and a.type != want):
+            got = onnx.AttributeProto.AttributeType.Name(a.type) if known else f"{a.type} (undefined)"
+            raise OnnxSparseError(
+                f"node {node.name or node.op_type!r}: attribute {a.name!r} has type {got}"
+                + (f", {node.op_type} needs {onnx.AttributeProto.AttributeType.Name(want)}" if want else ""),
+                hint="the model is invalid (onnx.checker rejects it)",
+            )
         out[a.name] = onnx.helper.get_attribute_value(a)
     return out
+
+
+@functools.cache
+def _schema_attribute_types(op_type: str, domain: str) -> Mapping[str, int]:
+    """Attribute name -> AttributeProto type for a standard operator (empty when unknown)."""
+    if domain not in ("", "ai.onnx"):
+        return {}
+    try:
+        schema = onnx.defs.get_schema(op_type, domain="")
+    except onnx.defs.SchemaError:
+        return {}
+    return {name: attr.type.value for name, attr in schema.attributes.items()}
 
 
 def _walk_scopes(model: onnx.ModelProto) -> Iterator[_Scope]:
