@@ -176,7 +176,7 @@ def _schema_attribute_types(op_type: str, domain: str) -> Mapping[str, int]:
         schema = onnx.defs.get_schema(op_type, domain="")
     except onnx.defs.SchemaError:
         return {}
-    return {name: attr.type.value for name, attr in schema.attributes.items()}
+    return {name: int(attr.type) for name, attr in schema.attributes.items()}  # type: ignore[call-overload]
 
 
 def _walk_scopes(model: onnx.ModelProto) -> Iterator[_Scope]:
