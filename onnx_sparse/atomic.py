@@ -49,15 +49,16 @@ def umask_mode(mode: int = 0o666) -> int:
     return mode & ~current
 
 
-def check_writable_folder(path: str | os.PathLike[str], what: str = "output") -> Path:
-    """The resolved folder that will hold ``path``; refused unless it exists and we may write in it."""
+def check_writable_folder(path: str | os.PathLike[str], what: str = "output", folder_ok: bool = False) -> Path:
+    """The resolved folder that will hold ``path``; refused unless it exists and we may write in it
+    (and, unless ``folder_ok``, unless ``path`` is not itself a folder)."""
     out = Path(path)
     folder = Path(os.path.realpath(out.parent if str(out.parent) else "."))
     if not folder.is_dir():
         raise OnnxSparseError(f"{out}: output folder does not exist ({what})", hint=f"create {out.parent} first")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OnnxSparseError(f"{out}: output folder {folder} is not writable ({what})", hint="choose another path")
-    if out.is_dir():
+    if out.is_dir() and not folder_ok:
         raise OnnxSparseError(f"{out}: is a folder ({what})", hint="give a file path")
     return folder
 

@@ -22,6 +22,7 @@ from onnx_sparse.errors import OnnxSparseError, first_line
 
 __all__ = ["check_run_paths", "check_json_input"]
 
+_FOLDER_OUTPUTS = ("--save-inputs",)  # Polygraphy writes one file per iteration into a folder path
 _PICKLE_MAGIC = (b"\x80", b"(dp", b"(lp", b"cnumpy")
 
 Labelled = tuple[str, "str | os.PathLike[str] | None"]
@@ -117,7 +118,7 @@ def check_run_paths(
         out = Path(model_output)
         data_name = (os.path.realpath(out.parent), re.compile(re.escape(out.name) + r"(\.[0-9a-f]{16})?\.data"))
     for what, p in all_writes:
-        check_writable_folder(p, what)
+        check_writable_folder(p, what, folder_ok=what in _FOLDER_OUTPUTS)
         key = _key(p)
         if key in read_keys and not (in_place and what == "-o" and key == model_key):
             raise OnnxSparseError(
