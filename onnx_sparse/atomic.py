@@ -77,7 +77,8 @@ def temp_file(folder: Path, suffix: str = "") -> tuple[int, Path]:
         fd, name = tempfile.mkstemp(prefix=_prefix(), suffix=suffix, dir=folder)
     except OSError as exc:
         raise OnnxSparseError(f"{folder}: cannot create a temporary file ({exc.strerror})") from exc
-    os.fchmod(fd, umask_mode())
+    if hasattr(os, "fchmod"):  # POSIX; elsewhere mkstemp's mode is what the platform gives
+        os.fchmod(fd, umask_mode())
     return fd, Path(name)
 
 
