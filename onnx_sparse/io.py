@@ -472,6 +472,7 @@ def save_model(
             if not any(old.exists() and _same_file(old, k) for k in keep):
                 with contextlib.suppress(OSError):
                     old.unlink()
+        _report_orphans(folder, out.name, data_name)
     except OSError as exc:
         raise OnnxSparseError(f"{out}: could not write the model ({exc.strerror or exc})") from exc
     finally:
@@ -481,6 +482,17 @@ def save_model(
                 placed.unlink()
     logger.debug("wrote %s%s", out, f" (+ {data_name})" if data_name else "")
     return out
+
+
+def _report_orphans(folder: Path, model_name: str, data_name: str | None) -> None:
+    """Warn about ``<model>.<hash>.data`` files the model just written does not read: a run
+    killed between placing its data file and renaming its model leaves one. They are reported,
+    not removed (a copy of an older model may still read one)."""
+    ours = _our_data_file(model_name)
+    for entry in os.scandir(folder):
+        if entry.name != data_name and entry.name != model_name + ".data" and ours.fullmatch(entry.name):
+            logger.warning("%s is not used by %s (left by an interrupted run?); remove it if nothing else reads it",
+                           Path(entry.path), model_name)  # fmt: skip
 
 
 def _same_file(a: Path, b: Path) -> bool:

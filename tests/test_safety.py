@@ -279,6 +279,15 @@ def test_the_next_run_removes_what_a_killed_run_left(run_cli, tmp_path: Path) ->
     assert not left[0].exists() and mine.is_dir() and (out_dir / ".onnx-sparse-notours").is_dir()
 
 
+def test_an_orphan_data_file_is_reported(run_cli, tmp_path: Path) -> None:
+    orphan = tmp_path / "o.onnx.0123456789abcdef.data"
+    orphan.write_bytes(b"\0" * 16)
+    src = _mlp_mlp_conv_with_data(tmp_path)
+    rc, text = run_cli(["prune", src, "-o", tmp_path / "o.onnx"])
+    assert rc == 0 and "[W]" in text and orphan.name in text and "not used by o.onnx" in text, text
+    assert orphan.exists()  # reported, not removed
+
+
 # --------------------------------------------------------------------------- 5: clear errors, exit 2
 
 
