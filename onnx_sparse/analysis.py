@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,6 +10,7 @@ from onnx_sparse.graph.locate import WeightSite, find_weight_sites
 from onnx_sparse.graph.weights import weight_stats
 from onnx_sparse.io import ModelFile
 from onnx_sparse.passes.annotate import read_annotations
+from onnx_sparse.recipe import compile_patterns
 
 __all__ = ["layout", "layer_records", "summarize", "select_sites"]
 
@@ -43,8 +43,8 @@ def select_sites(
     """Sites whose node name matches an ``include`` regex (all if none) and no ``exclude``
     regex, whose op is in ``ops`` (all if empty), and whose reduction axis and output
     channels are both at least ``min_channels``."""
-    inc = [re.compile(p) for p in include]
-    exc = [re.compile(p) for p in exclude]
+    inc = compile_patterns(include, "--include")
+    exc = compile_patterns(exclude, "--exclude")
     out = []
     for s in sites:
         if inc and not any(p.search(s.node) for p in inc):

@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import onnx
 
 from onnx_sparse.errors import OnnxSparseError
-from onnx_sparse.io import ModelFile, finalize_inline, iter_tensors, load_model, read_tensor, save_model, write_tensor
+from onnx_sparse.io import (
+    ModelFile,
+    check_input_model,
+    finalize_inline,
+    iter_tensors,
+    load_model,
+    read_tensor,
+    save_model,
+    write_tensor,
+)
 from onnx_sparse.passes.annotate import AnnotatePass
 from onnx_sparse.passes.base import Pass, PassResult, Sequential, as_model_file
 from onnx_sparse.passes.prune import PrunePass, SiteRecord
@@ -215,14 +223,17 @@ def prune_file(
     calibration: Any = None,
     **options: Any,
 ) -> PassResult:
-    """Prune ``src`` into ``dst`` (atomic, verified). Refuses to overwrite ``src`` unless ``in_place``.
+    """Prune ``src`` into ``dst`` (atomic, verified). Refuses to overwrite ``src`` unless ``in_place``,
+    and refuses an input that ``onnx.checker`` rejects (before any work).
 
     Options are those of :func:`prune`. The result's ``recipe`` attribute is not set; the
     resolved recipe is in the output's metadata.
     """
+    from onnx_sparse.guard import check_run_paths
+
     pipeline, resolved, calib, made = _plan(recipe, method, calibration, options)
-    if Path(src).resolve() == Path(dst).resolve() and not in_place:
-        raise OnnxSparseError(f"{dst}: refusing to overwrite the input model", hint="pass --in-place to allow it")
+    check_run_paths(models=[src], model_output=dst, in_place=in_place)
+    check_input_model(src)
     mf = load_model(src)
     result = run_pipeline(pipeline, mf)
     if made and result.modified:

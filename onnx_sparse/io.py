@@ -12,10 +12,12 @@ model is touched.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
+import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,16 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, numpy_helper
 
+from onnx_sparse import atomic
 from onnx_sparse.errors import OnnxSparseError, first_line
+from onnx_sparse.external import (
+    PACKED_4BIT,
+    check_inline,
+    check_tensor,
+    external_location,
+    external_ref,
+    tensor_dtype,
+)
 
 __all__ = [
     "ModelFile",
@@ -37,6 +48,10 @@ __all__ = [
     "save_model",
     "verify_model",
     "finalize_inline",
+    "data_files",
+    "data_file_name",
+    "model_problem",
+    "check_input_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -106,11 +121,35 @@ def load_model(path: str | os.PathLike[str]) -> ModelFile:
             f"{p}: not a valid ONNX model (no IR version or no graph)",
             hint="the file may be truncated or not an ONNX protobuf",
         )
+    bad = _non_utf8_field(model, "model")
+    if bad is not None:
+        raise OnnxSparseError(
+            f"{p}: not a valid ONNX model (text field {bad} is not UTF-8)", hint="the file is corrupt"
+        )
     mf = ModelFile(model=model, base_dir=p.resolve().parent, path=p)
     for t in iter_tensors(model):
-        if t.data_location == TensorProto.EXTERNAL:
-            _external_range(t, mf.base_dir)  # raises on missing or short files
+        check_tensor(t, mf.base_dir)  # foreign, missing, short or inconsistent data: one clear error
     return mf
+
+
+def _non_utf8_field(msg, where: str) -> str | None:
+    """The first string field of ``msg`` that protobuf could not decode as UTF-8 (proto2 hands
+    those over as bytes, which nothing downstream expects), or None."""
+    for fd, value in msg.ListFields():
+        if fd.type not in (fd.TYPE_STRING, fd.TYPE_MESSAGE):
+            continue
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+        values = value if repeated else [value]
+        for i, v in enumerate(values):
+            name = f"{where}.{fd.name}" + (f"[{i}]" if repeated else "")
+            if fd.type == fd.TYPE_STRING:
+                if isinstance(v, bytes):
+                    return name
+            else:
+                found = _non_utf8_field(v, name)
+                if found is not None:
+                    return found
+    return None
 
 
 def iter_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
@@ -139,55 +178,11 @@ def iter_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
         yield from from_nodes(fn.node)
 
 
-def tensor_dtype(t: TensorProto) -> np.dtype:
-    """The numpy dtype of a tensor (ml_dtypes types for bfloat16 and float8)."""
-    try:
-        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
-    except (KeyError, ValueError, TypeError) as exc:
-        name = TensorProto.DataType.Name(t.data_type) if t.data_type in TensorProto.DataType.values() else t.data_type
-        raise OnnxSparseError(f"tensor {t.name!r}: unsupported data type {name}") from exc
-
-
 def _shape(t: TensorProto) -> tuple[int, ...]:
     return tuple(int(d) for d in t.dims)
 
 
-# 4-bit types are stored two elements per byte; numpy (ml_dtypes) holds one per byte.
-_PACKED_4BIT = frozenset(
-    getattr(TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(TensorProto, name)
-)
-
-
-def _nbytes(t: TensorProto) -> int:
-    count = int(np.prod(_shape(t), dtype=np.int64))
-    return (count + 1) // 2 if t.data_type in _PACKED_4BIT else count * tensor_dtype(t).itemsize
-
-
-def _external_range(t: TensorProto, base_dir: Path | None) -> tuple[Path, int, int]:
-    info = {e.key: e.value for e in t.external_data}
-    if "location" not in info:
-        raise OnnxSparseError(f"tensor {t.name!r}: external data without a location")
-    if base_dir is None:
-        raise OnnxSparseError(
-            f"tensor {t.name!r} refers to external data {info['location']!r} but the model was not loaded from a file",
-            hint="load the model with onnx_sparse.io.load_model(path)",
-        )
-    file = base_dir / info["location"]
-    offset = int(info.get("offset", 0))
-    nbytes = _nbytes(t)
-    length = int(info.get("length", nbytes))
-    if not file.is_file():
-        raise OnnxSparseError(
-            f"tensor {t.name!r}: external data file {file} is missing",
-            hint="copy the model's .data file next to the .onnx file",
-        )
-    size = file.stat().st_size
-    if offset + length > size or length < nbytes:
-        raise OnnxSparseError(
-            f"tensor {t.name!r}: external data file {file} is too short (needs {offset + nbytes} bytes, has {size})",
-            hint="the data file may be truncated",
-        )
-    return file, offset, nbytes
+_PACKED_4BIT = PACKED_4BIT
 
 
 def read_tensor(t: TensorProto, base_dir: Path | None = None, mmap: bool = True) -> np.ndarray:
@@ -197,7 +192,8 @@ def read_tensor(t: TensorProto, base_dir: Path | None = None, mmap: bool = True)
     if t.data_type in _PACKED_4BIT:
         return _read_packed(t, base_dir)
     if t.data_location == TensorProto.EXTERNAL:
-        file, offset, nbytes = _external_range(t, base_dir)
+        ref = external_ref(t, base_dir)
+        file, offset, nbytes = ref.file, ref.offset, ref.length
         count = nbytes // dtype.itemsize
         arr: np.ndarray
         if mmap and count:
@@ -206,9 +202,10 @@ def read_tensor(t: TensorProto, base_dir: Path | None = None, mmap: bool = True)
             arr = np.fromfile(file, dtype=dtype, count=count, offset=offset)
             arr.flags.writeable = False
         return arr.reshape(shape)
+    check_inline(t)
     if t.raw_data:
         return np.frombuffer(t.raw_data, dtype=dtype).reshape(shape)
-    arr = numpy_helper.to_array(t)
+    arr = _typed_to_array(t)
     if arr.dtype != dtype:
         arr = arr.astype(dtype)
     arr.flags.writeable = False
@@ -218,16 +215,30 @@ def read_tensor(t: TensorProto, base_dir: Path | None = None, mmap: bool = True)
 def _read_packed(t: TensorProto, base_dir: Path | None) -> np.ndarray:
     """A 4-bit tensor, unpacked by onnx (one element per byte)."""
     if t.data_location == TensorProto.EXTERNAL:
-        file, offset, nbytes = _external_range(t, base_dir)
+        ref = external_ref(t, base_dir)
+        file, offset, nbytes = ref.file, ref.offset, ref.length
         inline = TensorProto()
         inline.CopyFrom(t)
         inline.ClearField("external_data")
         inline.data_location = TensorProto.DEFAULT
         inline.raw_data = np.fromfile(file, dtype=np.uint8, count=nbytes, offset=offset).tobytes()
         t = inline
-    arr = numpy_helper.to_array(t)
+    else:
+        check_inline(t)
+    arr = _typed_to_array(t)
     arr.flags.writeable = False
     return arr
+
+
+def _typed_to_array(t: TensorProto) -> np.ndarray:
+    """``numpy_helper.to_array`` on an inline tensor, with a corrupt one as a clear error."""
+    try:
+        return numpy_helper.to_array(t)
+    except (ValueError, TypeError) as exc:
+        raise OnnxSparseError(
+            f"tensor {t.name!r}: its data does not match dtype x shape {list(t.dims)} ({first_line(exc)})",
+            hint="the model file is corrupt or truncated",
+        ) from exc
 
 
 _TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
@@ -274,14 +285,33 @@ def _uses_external(model: onnx.ModelProto) -> bool:
     return any(len(t.external_data) > 0 for t in iter_tensors(model))
 
 
-def _copy_range(src: Path, offset: int, length: int, dst) -> None:
+class _HashingWriter:
+    """A binary file that hashes what is written to it (the data file's name is its hash)."""
+
+    def __init__(self, path: Path) -> None:
+        self._f = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._hash = hashlib.sha256()  # hardware-accelerated on most CPUs: ~1 GB/s
+
+    def write(self, data) -> None:
+        self._f.write(data)
+        self._hash.update(data)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def close(self) -> str:
+        self._f.close()
+        return self._hash.hexdigest()[:16]
+
+
+def _copy_range(src: Path, offset: int, length: int, dst: _HashingWriter) -> None:
     with open(src, "rb") as f:
         f.seek(offset)
         left = length
         while left:
             chunk = f.read(min(left, _COPY_CHUNK))
             if not chunk:
-                raise OnnxSparseError(f"external data file {src} ended early")
+                raise OnnxSparseError(f"external data file {src} ended early (changed while reading?)")
             dst.write(chunk)
             left -= len(chunk)
 
@@ -295,9 +325,26 @@ def _set_external(t: TensorProto, location: str, offset: int, length: int) -> No
     t.data_location = TensorProto.EXTERNAL
 
 
-def _write_external(mf: ModelFile, folder: Path, data_name: str, externalize_all: bool) -> None:
+def data_file_name(model_name: str, digest: str) -> str:
+    """The name of a saved model's data file: ``<model name>.<content hash>.data``.
+
+    A fresh name per content means a new data file never replaces the one an existing model
+    reads, and the same content always gets the same name (pruning twice gives identical files).
+    """
+    return f"{model_name}.{digest}.data"
+
+
+def _our_data_file(model_name: str) -> re.Pattern[str]:
+    return re.compile(re.escape(model_name) + r"(\.[0-9a-f]{16})?\.data")
+
+
+def _write_external(mf: ModelFile, folder: Path, model_name: str, externalize_all: bool) -> str:
+    """Write every external (and pending) tensor into one data file in ``folder``; returns its name."""
     model = mf.model
-    with open(folder / data_name, "wb") as out:
+    partial = folder / "data.partial"
+    out = _HashingWriter(partial)
+    placed: list[tuple[TensorProto, int, int]] = []
+    try:
         for t in iter_tensors(model):
             pos = out.tell()
             if pos % _ALIGN:
@@ -306,11 +353,11 @@ def _write_external(mf: ModelFile, folder: Path, data_name: str, externalize_all
             if id(t) in mf.pending:
                 value = mf.pending[id(t)][1]
                 out.write(value.view(np.uint8).reshape(-1).data)
-                _set_external(t, data_name, pos, value.nbytes)
+                placed.append((t, pos, value.nbytes))
             elif t.data_location == TensorProto.EXTERNAL:
-                src, offset, nbytes = _external_range(t, mf.base_dir)
-                _copy_range(src, offset, nbytes, out)
-                _set_external(t, data_name, pos, nbytes)
+                ref = external_ref(t, mf.base_dir)
+                _copy_range(ref.file, ref.offset, ref.length, out)
+                placed.append((t, pos, ref.length))
             elif _is_pending_external(t) or (externalize_all and len(t.raw_data) >= 1024):
                 if not t.raw_data:
                     t.raw_data = read_tensor(t).tobytes()
@@ -319,7 +366,42 @@ def _write_external(mf: ModelFile, folder: Path, data_name: str, externalize_all
                 data = t.raw_data
                 out.write(data)
                 t.ClearField("raw_data")
-                _set_external(t, data_name, pos, len(data))
+                placed.append((t, pos, len(data)))
+    finally:
+        digest = out.close()
+    data_name = data_file_name(model_name, digest)
+    os.replace(partial, folder / data_name)
+    for t, pos, length in placed:
+        _set_external(t, data_name, pos, length)
+    return data_name
+
+
+def data_files(mf: ModelFile) -> set[Path]:
+    """The resolved external data files ``mf`` reads (each checked by the external-data rules)."""
+    return {
+        external_ref(t, mf.base_dir).file for t in iter_tensors(mf.model) if t.data_location == TensorProto.EXTERNAL
+    }
+
+
+def _old_data_files(out: Path) -> set[Path]:
+    """Data files in ``out``'s folder named after ``out`` that the model now at ``out`` reads.
+
+    These are ours to remove once a new model has replaced ``out`` (files with other names may
+    belong to someone else and are left alone).
+    """
+    if not out.is_file():
+        return set()
+    try:
+        old = onnx.load(str(out), load_external_data=False)
+    except Exception:  # whatever is there, it is not a model we can read: nothing to clean
+        return set()
+    ours = _our_data_file(out.name)
+    found = set()
+    for t in iter_tensors(old):
+        location = external_location(t)
+        if location is not None and ours.fullmatch(location):
+            found.add(out.parent / location)
+    return found
 
 
 def save_model(
@@ -330,11 +412,17 @@ def save_model(
     verify: bool = True,
     reference: str | os.PathLike[str] | None = None,
 ) -> Path:
-    """Write ``mf`` to ``path`` atomically (temporary folder beside it, verify, then rename).
+    """Write ``mf`` to ``path`` atomically and crash-safely.
+
+    Everything is written into a temporary folder beside the output and verified there. Then
+    the data file (named after its content, :func:`data_file_name`) is moved beside the output,
+    the model is renamed over ``path`` last, and only then is the data file the old model at
+    ``path`` used removed. Killed at any moment, ``path`` is either the complete old model with
+    its data or the complete new one; a model on disk never reads a data file that is not its own.
 
     Args:
         mf: the model; after saving, its external data entries point at the new file.
-        path: output .onnx path. External data (if any) goes to ``<name>.data`` beside it.
+        path: output .onnx path. External data (if any) goes to ``<name>.<hash>.data`` beside it.
         external: force external data on/off; default: external if the model had external
             data or is too large for one protobuf (2 GB).
         verify: run ``onnx.checker`` and open an onnxruntime session on the output first.
@@ -345,22 +433,19 @@ def save_model(
         OnnxSparseError: the output could not be written or did not verify.
     """
     out = Path(path)
-    folder = out.resolve().parent
-    if not folder.is_dir():
-        raise OnnxSparseError(f"{out}: output folder does not exist")
+    folder = atomic.check_writable_folder(out)
+    final = folder / out.name
     if external is None:
         external = _uses_external(mf.model) or mf.model.ByteSize() > _PROTOBUF_LIMIT - (64 << 20)
-    data_name = out.name + ".data"
-    if external and _reads_from(mf, folder / data_name) and not (mf.path and Path(mf.path).resolve() == out.resolve()):
-        # Replacing it would leave the input model pointing at the output's data.
-        raise OnnxSparseError(
-            f"{out}: its data file {folder / data_name} is the input model's external data file",
-            hint="write the output under another name or into another folder",
-        )
-    tmp = Path(tempfile.mkdtemp(prefix=".onnx-sparse-", dir=folder))
+    in_place = mf.path is not None and final.exists() and _same_file(Path(mf.path), final)
+    keep = set() if in_place else data_files(mf)  # never remove what another input still reads
+    atomic.clean_stale(folder)
+    tmp = atomic.temp_dir(folder)
+    data_name = None
+    placed = None  # a data file we moved beside the output that no model reads yet
     try:
         if external:
-            _write_external(mf, tmp, data_name, externalize_all=not _uses_external(mf.model))
+            data_name = _write_external(mf, tmp, out.name, externalize_all=not _uses_external(mf.model))
             mf.pending.clear()
         else:
             mf.flush_pending()
@@ -374,29 +459,73 @@ def save_model(
             mf.base_dir = folder  # entries now name data_name, which lands in folder
         if verify:
             verify_model(tmp / out.name, reference=reference)
-        if external:
+        stale = _old_data_files(final)
+        if data_name is not None:
+            if not (folder / data_name).exists():  # else: the same content is there already
+                placed = folder / data_name
             os.replace(tmp / data_name, folder / data_name)
-        os.replace(tmp / out.name, out)
+            stale.discard(folder / data_name)
+        os.replace(tmp / out.name, final)
+        placed = None
         mf.path = out
+        for old in stale:
+            if not any(old.exists() and _same_file(old, k) for k in keep):
+                with contextlib.suppress(OSError):
+                    old.unlink()
+        _report_orphans(folder, out.name, data_name)
     except OSError as exc:
-        raise OnnxSparseError(f"{out}: could not write the model ({exc})") from exc
+        raise OnnxSparseError(f"{out}: could not write the model ({exc.strerror or exc})") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.debug("wrote %s%s", out, f" (+ {data_name})" if external else "")
+        if placed is not None:
+            with contextlib.suppress(OSError):
+                placed.unlink()
+    logger.debug("wrote %s%s", out, f" (+ {data_name})" if data_name else "")
     return out
 
 
-def _reads_from(mf: ModelFile, file: Path) -> bool:
-    """Whether any external tensor of ``mf`` is stored in ``file``."""
-    if mf.base_dir is None:
-        return False
-    target = file.resolve()
-    for t in iter_tensors(mf.model):
-        if t.data_location == TensorProto.EXTERNAL:
-            location = next((e.value for e in t.external_data if e.key == "location"), None)
-            if location is not None and (mf.base_dir / location).resolve() == target:
-                return True
-    return False
+def _report_orphans(folder: Path, model_name: str, data_name: str | None) -> None:
+    """Warn about ``<model>.<hash>.data`` files the model just written does not read: a run
+    killed between placing its data file and renaming its model leaves one. They are reported,
+    not removed (a copy of an older model may still read one)."""
+    ours = _our_data_file(model_name)
+    for entry in os.scandir(folder):
+        if entry.name != data_name and entry.name != model_name + ".data" and ours.fullmatch(entry.name):
+            logger.warning("%s is not used by %s (left by an interrupted run?); remove it if nothing else reads it",
+                           Path(entry.path), model_name)  # fmt: skip
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def model_problem(path: str | os.PathLike[str]) -> str | None:
+    """What ``onnx.checker`` (full check, shape inference included) finds wrong with the model
+    at ``path``, or None if it passes. The path form works for models over 2 GB."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        return first_line(exc)
+    except (OSError, RuntimeError, ValueError) as exc:  # unreadable or malformed beyond the checker's words
+        return f"{type(exc).__name__}: {first_line(exc)}"
+    return None
+
+
+def check_input_model(path: str | os.PathLike[str]) -> None:
+    """Refuse an input model that onnx.checker rejects, before any work is done on it.
+
+    Raises:
+        OnnxSparseError: "the input model is invalid: ..." with the checker's first line.
+    """
+    problem = model_problem(path)
+    if problem is not None:
+        raise OnnxSparseError(
+            f"the input model is invalid: {problem}",
+            hint="fix or re-export the model; `onnx-sparse inspect` shows the same verdict",
+        )
 
 
 def verify_model(path: str | os.PathLike[str], reference: str | os.PathLike[str] | None = None) -> None:

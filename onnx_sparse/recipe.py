@@ -48,6 +48,7 @@ __all__ = [
     "DEFAULT_CALIBRATED",
     "FORMAT",
     "Recipe",
+    "compile_patterns",
     "calibration_digest",
     "provenance",
     "read_provenance",
@@ -71,6 +72,20 @@ FORMAT = 1
 META_RECIPE = "onnx_sparse.recipe"
 META_VERSION = "onnx_sparse.version"
 META_CALIBRATION = "onnx_sparse.calibration"
+
+
+def compile_patterns(patterns: Sequence[str], what: str) -> list[re.Pattern[str]]:
+    """Compile layer-selection regexes; a bad one is a clear error naming the option."""
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as exc:
+            raise OnnxSparseError(
+                f"{what} {p!r}: not a valid regular expression ({exc})",
+                hint="Python regular expressions, matched anywhere in the node name (re.search)",
+            ) from None
+    return out
 
 
 @dataclass(frozen=True)
@@ -131,14 +146,7 @@ class Recipe:
         if self.method is not None and self.method not in METHODS:
             raise OnnxSparseError(f"unknown pruning method {self.method!r}", hint=f"choose one of {', '.join(METHODS)}")
         for name in ("include", "exclude"):
-            for pattern in getattr(self, name):
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise OnnxSparseError(
-                        f"--{name} {pattern!r} is not a regular expression: {exc}",
-                        hint="Python regular expressions, matched anywhere in the node name (re.search)",
-                    ) from None
+            compile_patterns(getattr(self, name), f"--{name}")
         bad = [op for op in self.ops if op not in OPS]
         if bad:
             raise OnnxSparseError(f"unknown op type(s) {bad}", hint=f"choose among {', '.join(OPS)}")

@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from onnx_sparse import atomic
 from onnx_sparse.errors import OnnxSparseError
 
-__all__ = ["format_table", "write_json", "fmt_count", "fmt_share"]
+__all__ = ["format_table", "write_json", "fmt_count", "fmt_share", "printable"]
+
+
+def printable(text: str, keep: str = "") -> str:
+    """``text`` safe for a terminal: control characters (ESC, NUL, ...), bidi overrides and other
+    non-printable characters are written as Python escapes (``\\x1b``, ``\\u202e``); characters
+    in ``keep`` (e.g. newline) stay. JSON output keeps the exact text."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in keep else _escape(c) for c in text)
+
+
+def _escape(c: str) -> str:
+    n = ord(c)
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
 
 
 def fmt_count(n: int | None) -> str:
@@ -42,6 +56,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
             s = "x".join(str(x) for x in v) if all(isinstance(x, int) for x in v) else ",".join(map(str, v))
         else:
             s = str(v)
+        s = printable(s)
         return s if len(s) <= max_width else s[: max_width - 1] + "~"
 
     table = [[h for _, h in columns]] + [[cell(r.get(k)) for k, _ in columns] for r in rows]
@@ -54,17 +69,18 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Write ``obj`` as indented JSON, atomically (temporary file, then rename)."""
     out = Path(path)
-    folder = out.resolve().parent
-    if not folder.is_dir():
-        raise OnnxSparseError(f"{out}: output folder does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".onnx-sparse-", suffix=".json", dir=folder)
+    folder = atomic.check_writable_folder(out)
+    atomic.clean_stale(folder)
+    fd, tmp = atomic.temp_file(folder, suffix=".json")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, default=_default)
             f.write("\n")
-        os.replace(tmp, out)
-    except BaseException:
+        os.replace(tmp, folder / out.name)
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OnnxSparseError(f"{out}: could not write ({exc.strerror or exc})") from exc
         raise
     return out
 

@@ -56,7 +56,7 @@ def test_inspect_table_and_json(name: str, run_cli, tmp_path: Path) -> None:
     assert _closing(text).startswith("[I] PASSED | Runtime:")
 
     data = _inspect_json(run_cli, case_path(name), tmp_path)
-    assert set(data) == {"model", "layers", "summary"}
+    assert set(data) == {"model", "layers", "summary", "checker"} and data["checker"] == "valid"
     assert data["model"] == str(case_path(name))
     assert len(data["layers"]) == len(EXPECTED[name])
     for layer in data["layers"]:

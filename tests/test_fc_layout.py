@@ -600,7 +600,13 @@ def test_external_data_file_round_trip(tmp_path: Path) -> None:
     result = FcLayoutPass()(mf)
     assert {r.weight for r in result.records} == {"W1", "W2", "W3q"}
     dst = save_model(result.model, tmp_path / "mlp.fc.onnx")
-    assert (tmp_path / "mlp.fc.onnx.data").is_file()
+    locations = {
+        e.value
+        for t in onnx.load(dst, load_external_data=False).graph.initializer
+        for e in t.external_data
+        if e.key == "location"
+    }
+    assert [(tmp_path / loc).is_file() for loc in locations] == [True]
     onnx.checker.check_model(str(dst), full_check=True)
     _assert_same_outputs(src, dst, _feed(_mlp()))
     # idempotent on the saved file too

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -75,6 +76,14 @@ def _save_external(src: Path, dst: Path, location: str = "weights.bin", threshol
     return model
 
 
+def _data_name(model_path: Path) -> str:
+    """The one data file a saved model reads."""
+    model = onnx.load(model_path, load_external_data=False)
+    names = {e.value for t in io.iter_tensors(model) for e in t.external_data if e.key == "location"}
+    assert len(names) == 1, names
+    return names.pop()
+
+
 def test_missing_external_data(tmp_path: Path) -> None:
     path = tmp_path / "m.onnx"
     _save_external(case_path("conv_bn_folded.onnx"), path)
@@ -131,7 +140,9 @@ def test_save_keeps_external_external_and_inline_inline(tmp_path: Path) -> None:
     out = tmp_path / "out" / "sparse.onnx"
     out.parent.mkdir()
     io.save_model(mf, out)
-    assert sorted(p.name for p in out.parent.iterdir()) == ["sparse.onnx", "sparse.onnx.data"]
+    data_name = _data_name(out)
+    assert re.fullmatch(r"sparse\.onnx\.[0-9a-f]{16}\.data", data_name)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["sparse.onnx", data_name]
     saved = onnx.load(out, load_external_data=False)
     locations = {t.name: t.data_location for t in saved.graph.initializer}
     assert locations == {
@@ -141,7 +152,7 @@ def test_save_keeps_external_external_and_inline_inline(tmp_path: Path) -> None:
     }
     for t in saved.graph.initializer:
         if t.data_location == TensorProto.EXTERNAL:
-            assert {e.key: e.value for e in t.external_data}["location"] == "sparse.onnx.data"
+            assert {e.key: e.value for e in t.external_data}["location"] == data_name
     full = onnx.load(out)
     ref = onnx.load(case_path("conv_bn_folded.onnx"))
     for a, b in zip(full.graph.initializer, ref.graph.initializer, strict=True):
@@ -318,18 +329,26 @@ def test_finalize_inline_drops_external_markers(tmp_path: Path) -> None:
     onnx.checker.check_model(mf.model, full_check=True)
 
 
-def test_save_refuses_to_replace_the_inputs_data_file(tmp_path: Path) -> None:
+def test_save_never_replaces_the_inputs_data_file(tmp_path: Path) -> None:
+    """The input's data file is named like the output's old-style data file: it stays untouched,
+    because a saved model's data file is named after its content (``out.onnx.<hash>.data``)."""
     src = tmp_path / "m.onnx"
     _save_external(case_path("conv_bn_folded.onnx"), src, location="out.onnx.data")
     digests = {p.name: sha256(p) for p in tmp_path.iterdir()}
-    mf = io.load_model(src)
-    with pytest.raises(OnnxSparseError, match="input model's external data file"):
-        io.save_model(mf, tmp_path / "out.onnx")
-    assert {p.name: sha256(p) for p in tmp_path.iterdir()} == digests
-    # Saving over the input itself (in place) may replace its data file.
-    io.save_model(io.load_model(src), tmp_path / "other.onnx")  # no collision: fine
-    mf = io.load_model(tmp_path / "other.onnx")
-    io.save_model(mf, tmp_path / "other.onnx")
+    io.save_model(io.load_model(src), tmp_path / "out.onnx")
+    assert {p.name: sha256(p) for p in tmp_path.iterdir() if p.name in digests} == digests
+    assert _data_name(tmp_path / "out.onnx") != "out.onnx.data"
     ref = onnx.load(case_path("conv_bn_folded.onnx"))
-    for a, b in zip(onnx.load(tmp_path / "other.onnx").graph.initializer, ref.graph.initializer, strict=True):
-        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+    for path in (src, tmp_path / "out.onnx"):
+        for a, b in zip(onnx.load(path).graph.initializer, ref.graph.initializer, strict=True):
+            np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+    # Saving over a model (in place) replaces its data file by a new one and removes the old one.
+    io.save_model(io.load_model(src), tmp_path / "other.onnx")
+    first = _data_name(tmp_path / "other.onnx")
+    mf = io.load_model(tmp_path / "other.onnx")
+    t = mf.model.graph.initializer[0]
+    mf.write(t, np.zeros_like(mf.read(t)))
+    io.save_model(mf, tmp_path / "other.onnx")
+    second = _data_name(tmp_path / "other.onnx")
+    assert second != first and not (tmp_path / first).exists() and (tmp_path / second).is_file()
+    assert not np.any(numpy_helper.to_array(onnx.load(tmp_path / "other.onnx").graph.initializer[0]))

@@ -356,11 +356,19 @@ def test_refuses_to_overwrite_the_input(run_cli, tmp_path: Path) -> None:
     shutil.copy(case_path("mlp.onnx"), src)
     digest = sha256(src)
     rc, text = run_cli(["prune", src, "-o", src])
-    assert rc == 2 and "refusing to overwrite" in text and "--in-place" in text
+    assert rc == 2 and "refusing to overwrite the input model" in text and "--in-place" in text
     assert len(error_lines(text)) == 1
     rc, text = run_cli(["prune", src])
     assert rc == 2 and "no output path" in text
     assert sha256(src) == digest and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def _data_name(model_path: Path) -> str:
+    """The one data file a saved model reads (``<name>.<content hash>.data``)."""
+    model = onnx.load(model_path, load_external_data=False)
+    names = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    assert len(names) == 1, names
+    return names.pop()
 
 
 def test_in_place(run_cli, tmp_path: Path) -> None:
@@ -380,7 +388,9 @@ def test_in_place_with_external_data(run_cli, tmp_path: Path) -> None:
     rc, text = run_cli(["prune", src, "--in-place"])
     assert rc == 0, text
     assert run_cli(["check", src])[0] == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    # the old data file is replaced by one named after the new content, then removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", _data_name(src)]
+    assert _data_name(src) != "m.onnx.data"
     want = nm.prune_2_4(stored_weight(onnx.load(case_path("mlp.onnx")), "fc0.weight"), 0)
     np.testing.assert_array_equal(stored_weight(onnx.load(src), "fc0.weight"), want)
 
@@ -392,8 +402,10 @@ def test_output_never_replaces_the_inputs_data_file(run_cli, tmp_path: Path) -> 
     )
     digests = {p.name: sha256(p) for p in tmp_path.iterdir()}
     rc, text = run_cli(["prune", src, "-o", tmp_path / "out.onnx"])
-    assert rc == 2 and len(error_lines(text)) == 1 and "external data" in text
-    assert {p.name: sha256(p) for p in tmp_path.iterdir()} == digests
+    assert rc == 0, text
+    assert {p.name: sha256(p) for p in tmp_path.iterdir() if p.name in digests} == digests
+    assert _data_name(tmp_path / "out.onnx") != "out.onnx.data"
+    assert run_cli(["check", tmp_path / "out.onnx"])[0] == 0
 
 
 def test_no_output_left_behind_on_error(run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -432,7 +444,7 @@ def test_external_data_model(run_cli, tmp_path: Path) -> None:
     out = out_dir / "sparse.onnx"
     _prune(run_cli, src, out)
     assert {p.name: sha256(p) for p in src_dir.iterdir()} == digests
-    assert sorted(p.name for p in out_dir.iterdir()) == ["sparse.onnx", "sparse.onnx.data", "sparse.report.json"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["sparse.onnx", _data_name(out), "sparse.report.json"]
     skeleton = onnx.load(out, load_external_data=False)
     locations = {t.name: t.data_location for t in skeleton.graph.initializer}
     assert locations == {
@@ -451,7 +463,8 @@ def test_external_data_model(run_cli, tmp_path: Path) -> None:
     again_dir.mkdir()
     _prune(run_cli, out, again_dir / "sparse.onnx")
     assert (again_dir / "sparse.onnx").read_bytes() == out.read_bytes()
-    assert (again_dir / "sparse.onnx.data").read_bytes() == (out_dir / "sparse.onnx.data").read_bytes()
+    assert _data_name(again_dir / "sparse.onnx") == _data_name(out)
+    assert (again_dir / _data_name(out)).read_bytes() == (out_dir / _data_name(out)).read_bytes()
 
 
 def test_model_without_eligible_layers(run_cli, tmp_path: Path) -> None:
@@ -551,7 +564,7 @@ def test_api_prune_graphsurgeon_graph() -> None:
 def test_prune_file_refuses_in_place_without_flag(tmp_path: Path) -> None:
     src = tmp_path / "m.onnx"
     shutil.copy(case_path("mlp.onnx"), src)
-    with pytest.raises(OnnxSparseError, match="refusing to overwrite"):
+    with pytest.raises(OnnxSparseError, match="refusing to overwrite the input model"):
         api.prune_file(src, src)
     result = api.prune_file(src, src, in_place=True)
     assert result.modified and nm.is_2_4(stored_weight(onnx.load(src), "fc0.weight"), 0)

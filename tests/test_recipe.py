@@ -46,7 +46,7 @@ def test_validated_once_and_frozen() -> None:
         r.damp = 0.2  # type: ignore[misc]
     for bad, match in [
         (dict(method="obs"), "unknown pruning method"),
-        (dict(include=["("]), "not a regular expression"),
+        (dict(include=["("]), "not a valid regular expression"),
         (dict(ops=["Relu"]), "unknown op type"),
         (dict(blocksize=6), "multiple of 4"),
         (dict(damp=-1.0), "non-negative"),
@@ -221,7 +221,7 @@ def test_cli_bad_recipe_file(run_cli, tmp_path: Path) -> None:
     assert rc == 2 and "unknown recipe key(s) ['bias']" in text and "Traceback" not in text
     assert len(error_lines(text)) <= 2 and not (tmp_path / "o.onnx").exists()
     rc, text = run_cli(["prune", tmp_path / "m.onnx", "-o", tmp_path / "o.onnx", "--include", "("])
-    assert rc == 2 and "is not a regular expression" in text and "internal error" not in text
+    assert rc == 2 and "not a valid regular expression" in text and "internal error" not in text
 
 
 # --------------------------------------------------------------------------- starved fits, log words

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from onnx_sparse.cli.base import Tool
-from onnx_sparse.cli.common import add_model_arg
+from onnx_sparse.cli.common import add_model_arg, preflight
 from onnx_sparse.errors import OnnxSparseError
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,10 @@ class BuildTool(Tool):
         from onnx_sparse.handoff.trt import require_trt
 
         version = require_trt()  # first: without TensorRT this is the one error to show
+        preflight(
+            args, models=[args.model],
+            writes=[("--save-engine", args.save_engine), ("--save-log", args.save_log), ("--report", args.report)],
+        )  # fmt: skip
         from onnx_sparse.graph.locate import find_weight_sites
         from onnx_sparse.handoff.trt import build_engine, plan_precision, time_engine
         from onnx_sparse.handoff.trtlog import parse_trt_log

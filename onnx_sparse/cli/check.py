@@ -7,7 +7,7 @@ import logging
 
 from onnx_sparse.analysis import layer_records, select_sites
 from onnx_sparse.cli.base import Tool
-from onnx_sparse.cli.common import add_model_arg, add_selection_args, selection_kwargs
+from onnx_sparse.cli.common import add_model_arg, add_selection_args, preflight, selection_kwargs
 from onnx_sparse.graph.locate import find_weight_sites
 from onnx_sparse.io import load_model
 from onnx_sparse.report import fmt_share, format_table
@@ -24,6 +24,7 @@ class CheckTool(Tool):
         add_selection_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
+        preflight(args, models=[args.model])
         mf = load_model(args.model)
         sites = [s for s in select_sites(find_weight_sites(mf.model), **selection_kwargs(args)) if s.eligible]
         records = layer_records(mf, sites)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
-__all__ = ["add_model_arg", "add_selection_args", "selection_kwargs"]
+__all__ = ["add_model_arg", "add_selection_args", "selection_kwargs", "preflight"]
 
 
 def add_model_arg(parser: argparse.ArgumentParser) -> None:
@@ -46,3 +48,23 @@ def add_selection_args(parser: argparse.ArgumentParser) -> None:
 
 def selection_kwargs(args: argparse.Namespace) -> dict:
     return dict(include=args.include, exclude=args.exclude, ops=args.ops, min_channels=args.min_channels)
+
+
+def script_path(spec: str | None) -> str | None:
+    """The file of a ``SCRIPT[:FUNC]`` option value (None if not given)."""
+    if not spec:
+        return None
+    if ":" in spec and not Path(spec).exists():
+        return spec.rsplit(":", 1)[0]
+    return spec
+
+
+def preflight(args: argparse.Namespace, **paths: Any) -> None:
+    """The checks every tool runs before any work: selection regexes compile, and no output
+    replaces an input or another output (see :func:`onnx_sparse.guard.check_run_paths`)."""
+    from onnx_sparse.guard import check_run_paths
+    from onnx_sparse.recipe import compile_patterns
+
+    compile_patterns(getattr(args, "include", ()) or (), "--include")
+    compile_patterns(getattr(args, "exclude", ()) or (), "--exclude")
+    check_run_paths(**paths)

@@ -13,6 +13,7 @@ import numbers
 from typing import Any
 
 from onnx_sparse.cli.base import Tool
+from onnx_sparse.cli.common import preflight, script_path
 from onnx_sparse.errors import OnnxSparseError
 
 logger = logging.getLogger(__name__)
@@ -200,6 +201,11 @@ class CompareTool(Tool):
 
         if len(args.models) > 2:
             raise OnnxSparseError(f"at most two models (DENSE SPARSE), got {len(args.models)}")
+        preflight(
+            args, models=args.models, reads=[("--data-loader-script", script_path(args.data_loader_script))],
+            json_reads=[("--load-inputs", p) for p in args.load_inputs] + [("--load-outputs", p) for p in args.load_outputs],
+            writes=[("--save-outputs", args.save_outputs), ("--save-inputs", args.save_inputs), ("--report", args.report)],
+        )  # fmt: skip
         if args.fp16 and args.backend != "trt":
             raise OnnxSparseError("--fp16 applies to TensorRT engines only", hint="add --trt, or drop --fp16")
         stats = _parse_dict(args.check_error_stat, "--check-error-stat", number=False)

@@ -8,10 +8,10 @@ import logging
 
 from onnx_sparse.analysis import layer_records, select_sites, summarize
 from onnx_sparse.cli.base import Tool
-from onnx_sparse.cli.common import add_model_arg, add_selection_args, selection_kwargs
+from onnx_sparse.cli.common import add_model_arg, add_selection_args, preflight, selection_kwargs
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.graph.locate import find_weight_sites
-from onnx_sparse.io import load_model
+from onnx_sparse.io import load_model, model_problem
 from onnx_sparse.recipe import Recipe, read_provenance
 from onnx_sparse.report import fmt_count, fmt_share, format_table, write_json
 
@@ -95,6 +95,7 @@ class InspectTool(Tool):
         parser.add_argument("--json", metavar="PATH", help="Also write the records as JSON.")
 
     def run(self, args: argparse.Namespace) -> int:
+        preflight(args, models=[args.model], writes=[("--json", args.json)])
         mf = load_model(args.model)
         sites = select_sites(find_weight_sites(mf.model), **selection_kwargs(args))
         records = layer_records(mf, sites)
@@ -107,8 +108,13 @@ class InspectTool(Tool):
         made = read_provenance({p.key: p.value for p in mf.model.metadata_props})
         if made is not None:
             logger.info("%s", provenance_line(made))
+        problem = model_problem(args.model)
+        if problem is None:
+            logger.info("onnx.checker (full check): the model is valid")
+        else:
+            logger.warning("onnx.checker (full check): the model is invalid: %s", problem)
         if args.json:
-            doc = {"model": str(args.model), "layers": records, "summary": summary}
+            doc = {"model": str(args.model), "layers": records, "summary": summary, "checker": problem or "valid"}
             if made is not None:
                 doc["made_by"] = made
             write_json(args.json, doc)

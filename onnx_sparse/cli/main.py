@@ -4,19 +4,28 @@ Log lines look like Polygraphy's (``[V]``, ``[I]``, ``[W]``, ``[E]``); ``-v`` / 
 the level (and ``-v`` shows tracebacks); every command ends with a ``PASSED`` or
 ``FAILED`` line. Exit status: 0 passed, 1 the check failed (e.g. weights not 2:4,
 outputs differ), 2 a user error (bad file, bad option), 3 an internal error.
+
+Every line goes through one formatter, which escapes control characters, bidi overrides and
+NUL (names in a model are data, not terminal commands). SIGTERM (what ``timeout`` and CI
+cancellation send) ends a run like Ctrl-C: temporary files are removed, exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 
 from onnx_sparse import __version__
 from onnx_sparse.cli.base import Tool
 from onnx_sparse.errors import OnnxSparseError
+from onnx_sparse.report import printable
 
 __all__ = ["main", "build_parser"]
 
@@ -48,11 +57,31 @@ EXIT_INTERNAL_ERROR = 3
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         letter = _LETTERS.get(record.levelno, "I")
-        text = record.getMessage()
-        lines = [f"[{letter}] {line}" for line in text.splitlines() or [""]]
+        text = printable(record.getMessage(), keep="\n")
+        lines = [f"[{letter}] {line}" for line in text.split("\n")]
         if record.exc_info:
-            lines.append(self.formatException(record.exc_info))
+            lines.append(printable(self.formatException(record.exc_info), keep="\n"))
         return "\n".join(lines)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is so that ``finally`` blocks clean up."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_exception() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _Handler(logging.StreamHandler):
@@ -112,6 +141,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _caused_by_sigterm(exc: BaseException) -> bool:
+    seen = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, Terminated):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def _internal_error(exc: Exception, verbosity: int) -> int:
+    logger.error(
+        "internal error: %s: %s (rerun with -v for the traceback)",
+        type(exc).__name__,
+        exc,
+        exc_info=verbosity > 0,
+    )
+    return EXIT_INTERNAL_ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
@@ -122,21 +172,20 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     command = "onnx-sparse " + " ".join(argv)
     try:
-        status = args.tool.run(args)
-    except OnnxSparseError as exc:
-        logger.error("%s", exc, exc_info=verbosity > 0)
-        status = EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        logger.error("interrupted")
+        with _sigterm_as_exception():
+            status = args.tool.run(args)
+    except KeyboardInterrupt as exc:
+        logger.error("%s", "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted")
         status = EXIT_FAILED
-    except Exception as exc:  # an internal bug: say so, show the traceback only with -v
-        logger.error(
-            "internal error: %s: %s (rerun with -v for the traceback)",
-            type(exc).__name__,
-            exc,
-            exc_info=verbosity > 0,
-        )
-        status = EXIT_INTERNAL_ERROR
+    except Exception as exc:
+        if _caused_by_sigterm(exc):  # e.g. a C extension or a wrapper turned ours into its own exception
+            logger.error("terminated (SIGTERM)", exc_info=verbosity > 0)
+            status = EXIT_FAILED
+        elif isinstance(exc, OnnxSparseError):
+            logger.error("%s", exc, exc_info=verbosity > 0)
+            status = EXIT_USER_ERROR
+        else:  # an internal bug: say so, show the traceback only with -v
+            status = _internal_error(exc, verbosity)
     runtime = time.perf_counter() - start
     word = "PASSED" if status == 0 else "FAILED"
     line = f"{word} | Runtime: {runtime:.3f}s | Command: {command}"

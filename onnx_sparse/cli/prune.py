@@ -15,7 +15,7 @@ from typing import Any
 
 from onnx_sparse.api import prune_file
 from onnx_sparse.cli.base import Tool
-from onnx_sparse.cli.common import add_model_arg, add_selection_args
+from onnx_sparse.cli.common import add_model_arg, add_selection_args, preflight, script_path
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.passes.prune import totals
 from onnx_sparse.recipe import DEFAULT_MAX_ROWS, METHODS, Recipe
@@ -78,8 +78,14 @@ class PruneTool(Tool):
         measure_only = recipe.sensitivity and recipe.target_cosine is None and args.output is None and not args.in_place
         if args.output is None and not args.in_place and not measure_only:
             raise OnnxSparseError("no output path", hint="pass -o OUT, or --in-place to overwrite the input")
-        if args.save_recipe and not Path(args.save_recipe).resolve().parent.is_dir():
-            raise OnnxSparseError(f"{args.save_recipe}: output folder does not exist", hint="--save-recipe PATH")
+        preflight(
+            args, models=[args.model],
+            json_reads=[("--load-inputs", p) for p in args.load_inputs] + [("--recipe", p) for p in [args.recipe] if p],
+            reads=[("--data-loader-script", script_path(args.data_loader_script))],
+            writes=[("--report", args.report), ("--sensitivity-json", args.sensitivity_json),
+                    ("--save-recipe", args.save_recipe)],
+            model_output=None if measure_only else (args.output or args.model), in_place=args.in_place,
+        )  # fmt: skip
         if not needs_data and (data_given or args.input_shapes or args.iterations or args.mask_input):
             logger.warning("calibration data options are ignored: magnitude pruning needs no data")
         if given.method is None and data_given:

@@ -17,6 +17,7 @@ node's name and the attribute (``If_3/then_branch/``), nodes of a model-local fu
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -27,7 +28,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.graph import rules
+from onnx_sparse.io import read_tensor
 
 __all__ = ["WeightSite", "Quant", "find_weight_sites", "LOOK_THROUGH"]
 
@@ -144,12 +147,36 @@ class _Scope:
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    """A node's attributes by name; one whose type is not what the operator's schema says (a
+    corrupt or hand-edited model) is a clear error rather than a wrong value downstream."""
     out: dict[str, Any] = {}
+    expected = _schema_attribute_types(node.op_type, node.domain)
     for a in node.attribute:
         if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
             continue
+        want = expected.get(a.name)
+        known = a.type in onnx.AttributeProto.AttributeType.values() and a.type != onnx.AttributeProto.UNDEFINED
+        if not known or (want is not None and a.type != want):
+            got = onnx.AttributeProto.AttributeType.Name(a.type) if known else f"{a.type} (undefined)"
+            raise OnnxSparseError(
+                f"node {node.name or node.op_type!r}: attribute {a.name!r} has type {got}"
+                + (f", {node.op_type} needs {onnx.AttributeProto.AttributeType.Name(want)}" if want else ""),
+                hint="the model is invalid (onnx.checker rejects it)",
+            )
         out[a.name] = onnx.helper.get_attribute_value(a)
     return out
+
+
+@functools.cache
+def _schema_attribute_types(op_type: str, domain: str) -> Mapping[str, int]:
+    """Attribute name -> AttributeProto type for a standard operator (empty when unknown)."""
+    if domain not in ("", "ai.onnx"):
+        return {}
+    try:
+        schema = onnx.defs.get_schema(op_type, domain="")
+    except onnx.defs.SchemaError:
+        return {}
+    return {name: int(attr.type) for name, attr in schema.attributes.items()}  # type: ignore[call-overload]
 
 
 def _walk_scopes(model: onnx.ModelProto) -> Iterator[_Scope]:
@@ -192,6 +219,14 @@ class _Trace:
     weight: str = ""
     owner: _Scope | None = None
     failure: str = ""
+
+
+def _small_values(t: TensorProto | None) -> np.ndarray | None:
+    """The value of a small constant stored in the protobuf (shapes, axes, zero points); None when
+    there is none or it is external data (read only through io, with the model's folder)."""
+    if t is None or t.data_location == TensorProto.EXTERNAL:
+        return None
+    return read_tensor(t)
 
 
 def _const_tensor(scope: _Scope, name: str) -> TensorProto | None:
@@ -265,9 +300,10 @@ def _reshape_target(node: onnx.NodeProto, scope: _Scope, in_shape: tuple[int, ..
             axes = list(attrs["axes"])
         elif len(node.input) > 1 and node.input[1]:
             t = _const_tensor(scope, node.input[1])
-            if t is None:
-                return f"{op} axes are computed at run time"
-            axes = [int(v) for v in onnx.numpy_helper.to_array(t).ravel()]
+            values = _small_values(t)
+            if values is None:
+                return f"{op} axes are computed at run time or stored outside the model"
+            axes = [int(v) for v in values.ravel()]
         elif op == "Squeeze":
             return tuple(d for d in in_shape if d != 1)
         else:
@@ -280,10 +316,10 @@ def _reshape_target(node: onnx.NodeProto, scope: _Scope, in_shape: tuple[int, ..
         it = iter(in_shape)
         return tuple(1 if i in inserted else next(it) for i in range(rank))
     # Reshape
-    t = _const_tensor(scope, node.input[1]) if len(node.input) > 1 else None
-    if t is None:
-        return "Reshape target shape is computed at run time"
-    target = [int(v) for v in onnx.numpy_helper.to_array(t).ravel()]
+    values = _small_values(_const_tensor(scope, node.input[1]) if len(node.input) > 1 else None)
+    if values is None:
+        return "Reshape target shape is computed at run time or stored outside the model"
+    target = [int(v) for v in values.ravel()]
     if not attrs.get("allowzero", 0):
         target = [in_shape[i] if v == 0 and i < len(in_shape) else v for i, v in enumerate(target)]
     if target.count(-1) == 1:
@@ -355,10 +391,10 @@ def _quant(tr: _Trace) -> tuple[Quant | None, str]:
     zps = []
     for n in tr.chain:
         if n.op_type in ("DequantizeLinear", "QuantizeLinear") and len(n.input) > 2 and n.input[2]:
-            t = _const_tensor(tr.owner, n.input[2])
-            if t is None:
-                return None, f"{n.op_type} zero point is computed at run time"
-            zps.append(onnx.numpy_helper.to_array(t))
+            zp_values = _small_values(_const_tensor(tr.owner, n.input[2]))
+            if zp_values is None:
+                return None, f"{n.op_type} zero point is computed at run time or stored outside the model"
+            zps.append(zp_values)
         if n.op_type in ("DequantizeLinear", "QuantizeLinear") and len(n.input) > 1:
             if _const_tensor(tr.owner, n.input[1]) is None:
                 return None, f"{n.op_type} scale is computed at run time"
