@@ -30,6 +30,7 @@ COLUMNS = [
 WIDE_COLUMNS = [
     ("node", "node"),
     ("op", "op"),
+    ("weight", "weight"),
     ("source_s", "source"),
     ("shape", "shape"),
     ("axis", "axis"),

@@ -15,7 +15,7 @@ from typing import Any
 
 from onnx_sparse.api import prune_file
 from onnx_sparse.cli.base import Tool
-from onnx_sparse.cli.common import add_model_arg, add_selection_args, selection_kwargs
+from onnx_sparse.cli.common import add_model_arg, add_selection_args, add_table_args, selection_kwargs, table_width
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.passes.prune import totals
 from onnx_sparse.report import fmt_count, format_table, write_json
@@ -46,6 +46,7 @@ class PruneTool(Tool):
             help="Skip the onnx.checker and onnxruntime checks of the output (not recommended).",
         )
         _add_calibration_args(parser)
+        add_table_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         from onnx_sparse.passes.calibrated import make_prune_pass
@@ -127,7 +128,7 @@ class PruneTool(Tool):
             ]
             cols = [("nodes", "node(s)"), ("weight", "weight"), ("method", "method"), ("axis", "axis"),
                     ("changed", "groups changed"), ("retained", "retained |w|")]  # fmt: skip
-            logger.info("%s", format_table(rows, cols))
+            logger.info("%s", format_table(rows, cols, width=table_width(args), keep=("nodes",)))
         else:
             logger.warning("no eligible layers selected: nothing to prune")
         for report in reports:
@@ -158,7 +159,8 @@ class PruneTool(Tool):
         held = f", fidelity on {report.held_out} held out" if report.held_out else ""
         logger.info(
             "sensitivity (%s, each layer pruned alone, %d calibration feeds%s, outputs %s):\n%s",
-            report.method, report.samples, held, ", ".join(report.outputs), format_table(rows, cols),
+            report.method, report.samples, held, ", ".join(report.outputs),
+            format_table(rows, cols, width=table_width(args), keep=("nodes",)),
         )  # fmt: skip
         if report.target_cosine is not None and report.measured is not None:
             logger.info(
