@@ -45,21 +45,22 @@ def terminal_width() -> int:
     return shutil.get_terminal_size(fallback=(NOT_A_TERMINAL_WIDTH, 24)).columns
 
 
-def shorten(text: str, width: int) -> str:
+def shorten(text: str, width: int, prefer: Sequence[int] = ()) -> str:
     """``text`` cut in the middle to at most ``width`` characters, keeping what tells names apart.
 
     A path (``/a/b/c``, no spaces) keeps its last component, then the last component that holds
     a digit (``layer.0``), then the others from the end, and writes ``...`` for each run it left
     out: ``/model/.../layer.0/.../self/MatMul_1``. Text with spaces first shortens the paths
     inside it (``(by Add /model/.../layer.0/.../key/Add)``). What still does not fit keeps its
-    start and its end joined by ``...``.
+    start and its end joined by ``...``. ``prefer``: path components (negative indices, from the
+    end) to keep right after the last one (what tells this name from a similar one).
     """
     if len(text) <= width:
         return text
     if width <= 3:
         return text[-width:] if width > 0 else ""
     if " " not in text and text.count("/") >= 2:
-        short = _shorten_path(text, width)
+        short = _shorten_path(text, width, prefer)
         if short is not None:
             return short
     elif " " in text:
@@ -78,10 +79,10 @@ def shorten(text: str, width: int) -> str:
     return text[:front] + "..." + text[len(text) - (keep - front) :]
 
 
-def _shorten_path(text: str, width: int) -> str | None:
+def _shorten_path(text: str, width: int, prefer: Sequence[int] = ()) -> str | None:
     parts = text.split("/")
     last = len(parts) - 1
-    order = [last]
+    order = [last] + [len(parts) + k for k in prefer if -len(parts) <= k < -1]
     order += [i for i in range(last - 1, -1, -1) if any(ch.isdigit() for ch in parts[i])][:1]
     order += [i for i in range(last - 1, -1, -1) if i not in order]
     kept: set[int] = set()
@@ -186,8 +187,37 @@ def format_table(
     room = limit - 2 * (ncols - 1)
     natural = [max(len(row[i]) for row in table) for i in range(ncols)]
     widths = _fit(natural, [len(h) for h in table[0]], room, [k in keep for k in keys])
-    table = [[shorten(c, w) for c, w in zip(row, widths, strict=True)] for row in table]
-    return _render(table)
+    short = [[shorten(c, w) for c, w in zip(row, widths, strict=True)] for row in table]
+    for i, w in enumerate(widths):
+        _tell_apart(table, short, i, w)
+    return _render(short)
+
+
+def _tell_apart(full: list[list[str]], short: list[list[str]], col: int, width: int) -> None:
+    """Re-shorten cells of a column whose different names came out the same, keeping the components
+    (counted from the end) where they differ; a few rounds, since a fix can make new twins."""
+    prefer: dict[int, tuple[int, ...]] = {}
+    for _ in range(4):
+        groups: dict[str, list[int]] = {}
+        for r in range(1, len(full)):
+            groups.setdefault(short[r][col], []).append(r)
+        changed = False
+        for rows in groups.values():
+            names = {full[r][col] for r in rows}
+            if len(names) < 2:
+                continue
+            split = [n.split("/") for n in names]
+            depth = min(len(p) for p in split)
+            taken = set(prefer.get(rows[0], ()))
+            differ = next((k for k in range(2, depth + 1) if -k not in taken and len({p[-k] for p in split}) > 1), None)
+            if differ is None:
+                continue
+            for r in rows:
+                prefer[r] = (*prefer.get(r, ()), -differ)
+                short[r][col] = shorten(full[r][col], width, prefer=prefer[r])
+            changed = True
+        if not changed:
+            return
 
 
 def _drop_common_prefix(table: list[list[str]], col: int) -> None:

@@ -49,7 +49,7 @@ def test_inspect_table_and_json(name: str, run_cli, tmp_path: Path) -> None:
     assert rc == 0
     lines = text.splitlines()
     header = next(line for line in lines if "eligible" in line)
-    assert header.startswith("[I] node") and "source" in header and "axis" in header
+    assert header.startswith("[I] node") and "source" in header and "shape" in header
     for e in EXPECTED[name]:
         assert any(line.startswith(f"[I] {e.node} ") for line in lines), e.node
     assert "layers eligible" in text

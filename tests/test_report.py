@@ -13,7 +13,14 @@ from onnx_sparse.report import LOG_PREFIX, format_table, shorten, terminal_width
 MINILM = [
     f"/model/model.0/auto_model/encoder/layer.{i}/{part}/MatMul"
     for i in range(3)
-    for part in ("attention/self/query", "attention/self/key", "attention/self/value", "attention/output/dense")
+    for part in (
+        "attention/self/query",
+        "attention/self/key",
+        "attention/self/value",
+        "attention/output/dense",
+        "intermediate/dense",
+        "output/dense",
+    )
 ] + [f"/model/model.0/auto_model/encoder/layer.{i}/attention/self/MatMul_1" for i in range(3)]
 
 

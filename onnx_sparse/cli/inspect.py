@@ -19,7 +19,6 @@ COLUMNS = [
     ("op", "op"),
     ("source_s", "source"),
     ("shape", "shape"),
-    ("axis", "axis"),
     ("verdict", "eligible"),
     ("sparse_s", "2:4"),
     ("macs_s", "MACs"),
