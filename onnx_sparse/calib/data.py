@@ -261,18 +261,23 @@ def random_data_shapes(
         out[s.name] = tuple(d if isinstance(d, int) else 1 for d in dims)
     if dynamic:
         names = ", ".join(f"{s.name} {_fmt_shape(s.shape or ())}" for s in dynamic)
-        logger.warning(
-            "dynamic input dimensions without --input-shapes (%s): random data uses size 1 for each, "
-            "e.g. one token or one pixel row; give real sizes, e.g. --input-shapes %s",
+        batch_only = all(isinstance(d, int) for s in dynamic for d in (s.shape or ())[1:])
+        logger.log(
+            logging.INFO if batch_only else logging.WARNING,
+            "dynamic input dimensions without --input-shapes (%s): random data uses size 1 for each%s; "
+            "give real sizes, e.g. --input-shapes %s",
             names,
-            input_shapes_example(specs, given),
+            " (a batch of one)" if batch_only else " (a sequence of one token, an image one pixel high)",
+            input_shapes_example(specs, given, batch=8 if batch_only else 1),
         )
     return out
 
 
-def input_shapes_example(specs: Sequence[InputSpec], given: Mapping[str, Sequence[int]] | None = None) -> str:
-    """An ``--input-shapes`` value for ``specs``: fixed dims kept, a dynamic batch as 1, other dynamic dims as
-    224 for images (rank 4) and 128 otherwise (a sequence length)."""
+def input_shapes_example(
+    specs: Sequence[InputSpec], given: Mapping[str, Sequence[int]] | None = None, batch: int = 1
+) -> str:
+    """An ``--input-shapes`` value for ``specs``: fixed dims kept, a dynamic batch as ``batch``, other dynamic
+    dims as 224 for images (rank 4) and 128 otherwise (a sequence length)."""
     parts = []
     for s in specs:
         if given and s.name in given:
@@ -280,7 +285,7 @@ def input_shapes_example(specs: Sequence[InputSpec], given: Mapping[str, Sequenc
         else:
             rank = len(s.shape or ())
             guess = 224 if rank == 4 else 128
-            dims = [d if isinstance(d, int) else (1 if i == 0 else guess) for i, d in enumerate(s.shape or ())]
+            dims = [d if isinstance(d, int) else (batch if i == 0 else guess) for i, d in enumerate(s.shape or ())]
         parts.append(f"{s.name}:[{','.join(str(d) for d in dims)}]")
     return " ".join(parts)
 
