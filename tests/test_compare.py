@@ -458,6 +458,9 @@ def test_bad_options_are_user_errors(models, run_cli) -> None:
         (["--atol", "x:abc"], "not a number"),
         (["--val-range", "[1]"], "--val-range"),
         (["--fp16"], "--fp16 applies to TensorRT"),
+        (["--min-top1", "90"], "must be between 0 and 1"),
+        (["--min-cosine", "b:1.5"], "--min-cosine: 1.5 is out of range (for b)"),
+        (["--max-rel-l2", "-0.1"], "must be at least 0"),
     ):
         rc, out = run_cli(["compare", models["dense"], models["copy"], *argv])
         assert rc == 2, argv

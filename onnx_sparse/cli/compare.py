@@ -45,6 +45,18 @@ def _parse_dict(values: list[str] | None, what: str, number: bool = True) -> dic
     return parsed
 
 
+def _in_range(parsed: dict[str, Any] | None, what: str, low: float, high: float | None) -> dict[str, Any] | None:
+    """``parsed`` unchanged when every value lies in [low, high]; a user error otherwise."""
+    for name, value in (parsed or {}).items():
+        if value < low or (high is not None and value > high):
+            bounds = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
+            raise OnnxSparseError(
+                f"{what}: {value} is out of range (for {name or 'all outputs'}); it must be {bounds}",
+                hint="shares are fractions: 0.9 means 90%" if high == 1.0 else None,
+            )
+    return parsed
+
+
 def _parse_val_range(values: list[str] | None) -> dict[str, tuple] | None:
     if values is None:
         return None
@@ -249,9 +261,9 @@ class CompareTool(Tool):
             iterations=args.iterations,
         )
         criteria = Criteria(
-            min_cosine=_parse_dict(args.min_cosine, "--min-cosine"),
-            min_top1=_parse_dict(args.min_top1, "--min-top1"),
-            max_rel_l2=_parse_dict(args.max_rel_l2, "--max-rel-l2"),
+            min_cosine=_in_range(_parse_dict(args.min_cosine, "--min-cosine"), "--min-cosine", -1.0, 1.0),
+            min_top1=_in_range(_parse_dict(args.min_top1, "--min-top1"), "--min-top1", 0.0, 1.0),
+            max_rel_l2=_in_range(_parse_dict(args.max_rel_l2, "--max-rel-l2"), "--max-rel-l2", 0.0, None),
             atol=_parse_dict(args.atol, "--atol"),
             rtol=_parse_dict(args.rtol, "--rtol"),
             check_error_stat=stats,
