@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -51,7 +52,8 @@ def shorten(text: str, width: int, prefer: Sequence[int] = ()) -> str:
     A path (``/a/b/c``, no spaces) keeps its last component, then the last component that holds
     a digit (``layer.0``), then the others from the end, and writes ``...`` for each run it left
     out: ``/model/.../layer.0/.../self/MatMul_1``. Text with spaces first shortens the paths
-    inside it (``(by Add /model/.../layer.0/.../key/Add)``). What still does not fit keeps its
+    inside it (``(by Add /model/.../layer.0/.../key/Add)``), then writes ``(...)`` for what is in
+    parentheses (``not supported (...)``). What still does not fit keeps its
     start and its end joined by ``...``. ``prefer``: path components (negative indices, from the
     end) to keep right after the last one (what tells this name from a similar one).
     """
@@ -74,6 +76,9 @@ def shorten(text: str, width: int, prefer: Sequence[int] = ()) -> str:
                 text = " ".join(tokens)
                 if len(text) <= width:
                     return text
+        bare = re.sub(r"\(([^()]*)\)", lambda m: "(...)" if len(m.group(1)) > 3 else m.group(0), text)
+        if len(bare) <= width:  # the words outside parentheses usually say what; the inside, details
+            return bare
     keep = width - 3
     front = keep // 2
     return text[:front] + "..." + text[len(text) - (keep - front) :]
@@ -163,7 +168,7 @@ def format_table(
     Args:
         rows: one dict per row; a missing or None value prints as ``-``.
         columns: (key, header) pairs, in order.
-        max_width: longest cell before it is shortened (ignored when ``width`` is 0).
+        max_width: longest cell once the table has to shrink (ignored when it fits, or ``width`` is 0).
         width: widest line allowed. None: the terminal's width less the log prefix
             (:func:`terminal_width`, 100 when not a terminal); 0: no limit and no cell shortened
             (``--wide``). To fit, columns that are empty in every row are left out, then the
@@ -175,8 +180,10 @@ def format_table(
     if width == 0:
         return _render(table)
     limit = (terminal_width() - LOG_PREFIX) if width is None else width
+    if _line_width(table) <= limit:
+        return _render(table)
     keys = [k for k, _ in columns]
-    if _line_width(table) > limit and rows:
+    if rows:
         shown = [i for i in range(len(columns)) if any(row[i] != "-" for row in table[1:])]
         table = [[row[i] for i in shown] for row in table]
         keys = [keys[i] for i in shown]

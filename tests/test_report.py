@@ -51,6 +51,9 @@ def test_shorten_keeps_the_distinguishing_end() -> None:
     short = shorten(reason, 80)
     assert short.startswith("weight is computed at run time (by Add /") and short.endswith("/key/Add)")
     assert "layer.0" in short and len(short) <= 80
+    # Details in parentheses go before the words that say what.
+    text = "weight dtype int4 is not supported (float32/float16/bfloat16, or int8/fp8 behind DequantizeLinear)"
+    assert shorten(text, 50) == "weight dtype int4 is not supported (...)"
     # Plain text keeps its start and its end.
     assert shorten("abcdefghijklmnopqrstuvwxyz", 11) == "abcd...wxyz"
 
@@ -86,6 +89,8 @@ def test_wide_table_keeps_everything() -> None:
 def test_short_table_is_untouched() -> None:
     rows = [{"a": "x", "b": 1.5}, {"a": "yy", "b": None}]
     assert format_table(rows, [("a", "A"), ("b", "B")], width=80) == "A   B\n--  ---\nx   1.5\nyy  -"
+    long = [{"a": "x" * 90}]
+    assert format_table(long, [("a", "A")], width=100).splitlines()[-1] == "x" * 90  # fits: no cell cut
 
 
 def test_default_width_is_the_terminal_less_the_log_prefix(monkeypatch) -> None:
