@@ -66,7 +66,7 @@ def run(cmd: list[str], show: int | None = None, keep: tuple[str, ...] = ()) -> 
 def _short(arg: str) -> str:
     """A path relative to the current folder when it lies below it (shorter command lines)."""
     try:
-        return str(Path(arg).resolve().relative_to(Path.cwd()))
+        return str(Path(arg).absolute().relative_to(Path.cwd()))
     except ValueError:
         return arg
 
