@@ -162,6 +162,7 @@ def format_table(
     max_width: int = 60,
     width: int | None = None,
     keep: Sequence[str] = (),
+    optional: Sequence[str] = (),
 ) -> str:
     """A plain text table that fits a width; ``columns`` are (key, header) pairs.
 
@@ -175,6 +176,8 @@ def format_table(
             widest columns are shortened in the middle (:func:`shorten`), so names keep their
             distinguishing end.
         keep: keys of columns shortened last (the names a reader tells rows apart by).
+        optional: keys of columns left out, in this order, while different names in a ``keep``
+            column still come out the same (``--wide`` shows them again).
     """
     table = [[h for _, h in columns]] + [[_cell(r.get(k)) for k, _ in columns] for r in rows]
     if width == 0:
@@ -190,6 +193,18 @@ def format_table(
         for i in range(len(keys)):
             _drop_common_prefix(table, i)
     table = [[shorten(c, max_width) for c in row] for row in table]
+    drop = [k for k in optional if k in keys]
+    while True:
+        short = _shrink(table, keys, limit, keep)
+        twins = any(_has_twins(table, short, i) for i, k in enumerate(keys) if k in keep)
+        if not twins or not drop:
+            return _render(short)
+        gone = keys.index(drop.pop(0))
+        table = [row[:gone] + row[gone + 1 :] for row in table]
+        keys = keys[:gone] + keys[gone + 1 :]
+
+
+def _shrink(table: list[list[str]], keys: list[str], limit: int, keep: Sequence[str]) -> list[list[str]]:
     ncols = len(table[0])
     room = limit - 2 * (ncols - 1)
     natural = [max(len(row[i]) for row in table) for i in range(ncols)]
@@ -197,7 +212,15 @@ def format_table(
     short = [[shorten(c, w) for c, w in zip(row, widths, strict=True)] for row in table]
     for i, w in enumerate(widths):
         _tell_apart(table, short, i, w)
-    return _render(short)
+    return short
+
+
+def _has_twins(full: list[list[str]], short: list[list[str]], col: int) -> bool:
+    seen: dict[str, str] = {}
+    for row_full, row_short in zip(full[1:], short[1:], strict=True):
+        if seen.setdefault(row_short[col], row_full[col]) != row_full[col]:
+            return True
+    return False
 
 
 def _tell_apart(full: list[list[str]], short: list[list[str]], col: int, width: int) -> None:

@@ -77,6 +77,23 @@ def test_table_lines_fit_and_names_stay_distinguishable(width: int) -> None:
         assert all(n.endswith("MatMul") or n.endswith("MatMul_1") for n in nodes)
 
 
+def test_optional_columns_make_room_for_names() -> None:
+    rows = [r | {"macs": "589.82K", "kind": "reduction-first"} for r in _rows()]
+    cols = [("node", "node"), ("op", "op"), ("shape", "shape"), ("macs", "MACs"), ("kind", "layout")]
+
+    def nodes(text: str) -> list[str]:
+        return [line.split("  ")[0].strip() for line in text.splitlines()[2:]]
+
+    crowded = format_table(rows, cols, width=60, keep=("node",))
+    assert len(set(nodes(crowded))) < len(MINILM)  # too little room: twins
+    roomy = format_table(rows, cols, width=60, keep=("node",), optional=("kind", "macs", "shape"))
+    assert len(set(nodes(roomy))) == len(MINILM), roomy
+    assert "layout" not in roomy.splitlines()[0] and "node" in roomy.splitlines()[0]
+    assert max(len(line) for line in roomy.splitlines()) <= 60
+    # Nothing is dropped when the names already differ.
+    assert "layout" in format_table(rows, cols, width=140, keep=("node",), optional=("kind",)).splitlines()[0]
+
+
 def test_wide_table_keeps_everything() -> None:
     text = format_table(_rows(), COLS, width=0)
     for name in MINILM:

@@ -45,7 +45,7 @@ class CheckTool(Tool):
                 "%d of %d eligible layers are not 2:4:\n%s",
                 len(bad),
                 len(records),
-                format_table(rows, cols, width=table_width(args), keep=("node",)),
+                format_table(rows, cols, width=table_width(args), keep=("node",), optional=("weight", "axis", "op")),
             )
             return 1
         logger.info("all %d eligible layers are 2:4", len(records))

@@ -105,7 +105,13 @@ class InspectTool(Tool):
             width = table_width(args)
             logger.info(
                 "%s",
-                format_table(table_rows(records), WIDE_COLUMNS if width == 0 else COLUMNS, width=width, keep=("node",)),
+                format_table(
+                    table_rows(records),
+                    WIDE_COLUMNS if width == 0 else COLUMNS,
+                    width=width,
+                    keep=("node",),
+                    optional=("macs_s", "shape", "op"),
+                ),
             )
         else:
             logger.info("no Conv, ConvTranspose, Gemm or MatMul layers found")

@@ -128,7 +128,12 @@ class PruneTool(Tool):
             ]
             cols = [("nodes", "node(s)"), ("weight", "weight"), ("method", "method"), ("axis", "axis"),
                     ("changed", "groups changed"), ("retained", "retained |w|")]  # fmt: skip
-            logger.info("%s", format_table(rows, cols, width=table_width(args), keep=("nodes",)))
+            logger.info(
+                "%s",
+                format_table(
+                    rows, cols, width=table_width(args), keep=("nodes",), optional=("weight", "axis", "method")
+                ),
+            )
         else:
             logger.warning("no eligible layers selected: nothing to prune")
         for report in reports:
