@@ -177,7 +177,8 @@ def format_table(
             distinguishing end.
         keep: keys of columns shortened last (the names a reader tells rows apart by).
         optional: keys of columns left out, in this order, while different names in a ``keep``
-            column still come out the same (``--wide`` shows them again).
+            column still come out the same or short columns (numbers) would have to be cut
+            (``--wide`` shows them again).
     """
     table = [[h for _, h in columns]] + [[_cell(r.get(k)) for k, _ in columns] for r in rows]
     if width == 0:
@@ -195,16 +196,17 @@ def format_table(
     table = [[shorten(c, max_width) for c in row] for row in table]
     drop = [k for k in optional if k in keys]
     while True:
-        short = _shrink(table, keys, limit, keep)
+        short, cramped = _shrink(table, keys, limit, keep)
         twins = any(_has_twins(table, short, i) for i, k in enumerate(keys) if k in keep)
-        if not twins or not drop:
+        if not (twins or cramped) or not drop:
             return _render(short)
         gone = keys.index(drop.pop(0))
         table = [row[:gone] + row[gone + 1 :] for row in table]
         keys = keys[:gone] + keys[gone + 1 :]
 
 
-def _shrink(table: list[list[str]], keys: list[str], limit: int, keep: Sequence[str]) -> list[list[str]]:
+def _shrink(table: list[list[str]], keys: list[str], limit: int, keep: Sequence[str]) -> tuple[list[list[str]], bool]:
+    """The table's cells shortened to fit ``limit``, and whether even short columns (numbers) had to be cut."""
     ncols = len(table[0])
     room = limit - 2 * (ncols - 1)
     natural = [max(len(row[i]) for row in table) for i in range(ncols)]
@@ -212,7 +214,7 @@ def _shrink(table: list[list[str]], keys: list[str], limit: int, keep: Sequence[
     short = [[shorten(c, w) for c, w in zip(row, widths, strict=True)] for row in table]
     for i, w in enumerate(widths):
         _tell_apart(table, short, i, w)
-    return short
+    return short, any(n <= 12 and w < n for n, w in zip(natural, widths, strict=True))
 
 
 def _has_twins(full: list[list[str]], short: list[list[str]], col: int) -> bool:

@@ -301,12 +301,16 @@ class CompareTool(Tool):
         if elementwise:
             cols.append(("elementwise", "elemwise"))
         cols.append(("result", "result"))
-        title = f"{report.sparse} vs. {report.dense} ({report.iterations} iteration(s))"
         if report.runtimes:
-            title += "; mean time per iteration: " + ", ".join(
-                f"{name} {1000 * t:.1f} ms" for name, t in report.runtimes.items()
+            logger.info(
+                "mean time per iteration: %s",
+                ", ".join(f"{name} {1000 * t:.1f} ms" for name, t in report.runtimes.items()),
             )
-        logger.log(RESULT, "%s\n%s", title, format_table(rows, cols, width=table_width(args), keep=("output",)))
+        title = f"{report.sparse} vs. {report.dense}, {report.iterations} iteration(s)"
+        table = format_table(
+            rows, cols, width=table_width(args), keep=("output",), optional=("dtype", "max_abs", "exact", "shape")
+        )
+        logger.log(RESULT, "%s\n%s", title, table)
         logger.log(RESULT, "%s", criteria_line(report.criteria, report.defaults))
         for o in report.outputs:
             for reason in o.reasons:
@@ -338,17 +342,17 @@ def criteria_line(criteria: Any, defaults: bool) -> str:
     if criteria.max_rel_l2 is not None:
         parts.append(f"rel L2 <= {_per(criteria.max_rel_l2)}")
     if criteria.min_top1 is not None:
-        where = " on class probabilities (p)" if criteria.probabilities_only else ""
+        where = " on (p) outputs" if criteria.probabilities_only else ""
         parts.append(f"top-1 >= {_per(criteria.min_top1)}{where}")
     if criteria.elementwise:
         parts.append(
-            f"element-wise atol {_per(criteria.atol if criteria.atol is not None else 1e-5)}, "
+            f"element-wise atol {_per(criteria.atol if criteria.atol is not None else 1e-5)} "
             f"rtol {_per(criteria.rtol if criteria.rtol is not None else 1e-5)} "
             f"({_per(criteria.check_error_stat or 'elemwise')})"
         )
-    parts.append("integer/bool outputs exact")
-    head = "criteria (defaults; see --help to set your own)" if defaults else "criteria"
-    return f"{head}: " + "; ".join(parts)
+    parts.append("integers exact")
+    head = "criteria (defaults)" if defaults else "criteria"
+    return f"{head}: " + ", ".join(parts)
 
 
 TOOL = CompareTool()
