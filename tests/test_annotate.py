@@ -121,7 +121,7 @@ def test_extra_keys_are_merged(tmp_path: Path) -> None:
 def test_inspect_shows_annotations(tmp_path: Path, run_cli) -> None:
     out, _ = _annotate("custom_domain.onnx", tmp_path)
     report = tmp_path / "r.json"
-    rc, text = run_cli(["inspect", out, "--json", report])
+    rc, text = run_cli(["inspect", out, "--json", report, "--wide"])  # the narrow table shortens long cells
     assert rc == 0
     layers = {r["node"]: r for r in json.loads(report.read_text())["layers"]}
     assert layers["fc1"]["annotations"]["eligible"] == "true"

@@ -91,6 +91,23 @@ def test_random_feeds_warn_and_follow_input_shapes(caplog) -> None:
         random_feeds(convnet(), input_shapes={"y": (1,)})
 
 
+def test_dynamic_inputs_without_shapes_get_one_line_naming_input_shapes(capsys, caplog) -> None:
+    from onnx_sparse.calib.data import input_shapes_example, random_data_shapes
+
+    specs = model_inputs(convnet())  # x [n, 8, h, w]
+    assert input_shapes_example(specs) == "x:[1,8,224,224]"
+    assert input_shapes_example(specs, {"x": (2, 8, 5, 5)}) == "x:[2,8,5,5]"
+    with caplog.at_level(logging.WARNING, logger="onnx_sparse"):
+        assert random_data_shapes(specs, {"x": (2, 8, 5, 5)}) == {"x": (2, 8, 5, 5)}
+    assert not caplog.records  # shapes given: nothing to say
+    with caplog.at_level(logging.WARNING, logger="onnx_sparse"):
+        feeds = random_feeds(convnet(), seed=0, iterations=8)
+    hints = [r.getMessage() for r in caplog.records if "--input-shapes" in r.getMessage()]
+    assert len(hints) == 1 and "x [n,8,h,w]" in hints[0] and "--input-shapes x:[1,8,224,224]" in hints[0]
+    assert feeds[0]["x"].shape == (1, 8, 1, 1)  # Polygraphy's size for dynamic dims, now said once
+    assert "Dynamic shapes cannot be used" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("feed", "message"),
     [

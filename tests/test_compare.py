@@ -1,4 +1,5 @@
-"""``compare``: Polygraphy's accuracy check plus our figures, Polygraphy's data options and JSON formats."""
+"""``compare``: model-level criteria (defaults, given), Polygraphy's element-wise check on request, interface
+check, quiet output, Polygraphy's data options and JSON formats."""
 
 from __future__ import annotations
 
@@ -14,7 +15,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_sparse.errors import OnnxSparseError
-from onnx_sparse.handoff.compare import DataSpec, compare_models, load_run_results, output_figures
+from onnx_sparse.handoff.compare import (
+    DEFAULT_CRITERIA,
+    Criteria,
+    DataSpec,
+    check_same_interface,
+    compare_models,
+    load_run_results,
+    output_figures,
+)
 
 FLOAT, INT64 = TensorProto.FLOAT, TensorProto.INT64
 
@@ -72,7 +81,24 @@ def models(tmp_path: Path) -> dict[str, Path]:
         # same floats, integer output off by one
         "int_off": make_model(tmp_path / "int_off.onnx", W_A, W_B, offset=1),
         "dynamic": make_model(tmp_path / "dynamic.onnx", W_A, W_B, batch="N"),
+        # b badly off (cosine ~0.7): what a bad prune looks like
+        "broken": make_model(tmp_path / "broken.onnx", W_A, W_B + 1.0 * NOISE_B),
     }
+
+
+def other_interface(path: Path, *, out_name: str = "a", dtype: int = FLOAT, rank: int = 2) -> Path:
+    """x -> Identity -> out: a model whose interface differs from make_model's in name, dtype or rank."""
+    shape = [4, 16] if rank == 2 else [4, 16, 1]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], [out_name])],
+        "g",
+        [helper.make_tensor_value_info("x", dtype, shape)],
+        [helper.make_tensor_value_info(out_name, dtype, shape)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
 
 
 def polygraphy_cli() -> str:
@@ -121,10 +147,12 @@ def test_identical_models_pass(models) -> None:
     assert [o.name for o in report.outputs] == ["a", "b", "cls"]
     a = report.output("a")
     assert a.cosine == pytest.approx(1.0) and a.rel_l2 == 0.0 and a.max_abs == 0.0 and a.top1 == 1.0
-    assert a.polygraphy_passed and a.kind == "float" and a.shape == (4, 10)
+    assert a.polygraphy_passed is None and a.kind == "float" and a.shape == (4, 10)  # element-wise off
     cls = report.output("cls")
     assert cls.kind == "exact" and cls.mismatches == 0 and cls.passed
-    assert "Accuracy Summary" in report.log
+    assert report.defaults and report.criteria == DEFAULT_CRITERIA and report.log == ""
+    report = compare_models(models["dense"], models["copy"], criteria=Criteria(atol=1e-5))
+    assert report.output("a").polygraphy_passed and "Accuracy Summary" in report.log and not report.defaults
     assert report.dense == "onnxrt-dense" and report.sparse == "onnxrt-sparse"
 
 
@@ -136,41 +164,164 @@ def test_perturbed_copy_fails_min_cosine(models, run_cli) -> None:
     rc, _ = run_cli(["compare", models["dense"], models["perturbed"], "--min-cosine", "0.99",
                      "--atol", "10", "--rtol", "10"])  # fmt: skip
     assert rc == 0
-    report = compare_models(models["dense"], models["perturbed"], atol=10, rtol=10, min_cosine=0.9999)
+    report = compare_models(
+        models["dense"], models["perturbed"], criteria=Criteria(atol=10, rtol=10, min_cosine=0.9999)
+    )
     b = report.output("b")
     assert 0.99 < b.cosine < 0.9999 and b.polygraphy_passed and not b.passed
     assert report.output("a").passed and not report.passed
 
 
 def test_per_output_tolerances(models, run_cli) -> None:
-    report = compare_models(models["dense"], models["perturbed"])
+    report = compare_models(models["dense"], models["perturbed"], criteria=Criteria(atol=1e-5))
     assert [o.name for o in report.outputs if not o.passed] == ["b"]
     assert not report.output("b").polygraphy_passed
     # Per-output Polygraphy syntax: "" (no name) is the default for the other outputs.
-    report = compare_models(models["dense"], models["perturbed"], atol={"": 1e-5, "b": 1.0}, rtol={"b": 1.0})
+    report = compare_models(
+        models["dense"], models["perturbed"], criteria=Criteria(atol={"": 1e-5, "b": 1.0}, rtol={"b": 1.0})
+    )
     assert report.passed
     rc, _ = run_cli(["compare", models["dense"], models["perturbed"], "--atol", "1e-5", "b:1.0",
                      "--rtol", "b:1.0", "--check-error-stat", "b:max"])  # fmt: skip
     assert rc == 0
     # Per-output min-cosine: only b is held to it.
-    report = compare_models(models["dense"], models["perturbed"], atol=10, rtol=10, min_cosine={"a": 0.9999})
+    report = compare_models(
+        models["dense"], models["perturbed"], criteria=Criteria(atol=10, rtol=10, min_cosine={"a": 0.9999})
+    )
     assert report.passed
-    report = compare_models(models["dense"], models["perturbed"], atol=10, rtol=10, min_cosine={"b": 0.9999})
+    report = compare_models(
+        models["dense"], models["perturbed"], criteria=Criteria(atol=10, rtol=10, min_cosine={"b": 0.9999})
+    )
     assert not report.passed
 
 
 def test_check_error_stat_mean(models) -> None:
-    report = compare_models(models["dense"], models["perturbed"], atol=0.2, rtol=10, check_error_stat="mean")
+    report = compare_models(
+        models["dense"], models["perturbed"], criteria=Criteria(atol=0.2, rtol=10, check_error_stat="mean")
+    )
     assert report.output("b").polygraphy_passed
 
 
 def test_integer_outputs_compare_exactly(models) -> None:
-    report = compare_models(models["dense"], models["int_off"], atol=100, rtol=100)
+    report = compare_models(models["dense"], models["int_off"], criteria=Criteria(atol=100, rtol=100))
     cls = report.output("cls")
     assert cls.polygraphy_passed  # within Polygraphy's tolerance...
     assert not cls.passed and cls.mismatches == 4  # ...but integers must match exactly
     assert "must match exactly" in cls.reasons[0]
     assert report.output("a").passed and not report.passed
+
+
+def test_default_criteria_pass_a_close_model_and_fail_a_broken_one(models, run_cli) -> None:
+    # No criteria: cosine >= 0.9 and rel L2 <= 0.5 decide, not Polygraphy's 1e-5 element-wise.
+    report = compare_models(models["dense"], models["perturbed"])
+    assert report.passed and report.defaults and report.output("b").polygraphy_passed is None
+    report = compare_models(models["dense"], models["broken"])
+    b = report.output("b")
+    assert not report.passed and b.cosine < 0.9 and any("min-cosine 0.9" in r for r in b.reasons)
+    rc, out = run_cli(["compare", models["dense"], models["perturbed"]])
+    assert rc == 0 and "criteria (defaults" in out and "elemwise" not in out
+    rc, out = run_cli(["compare", models["dense"], models["broken"]])
+    assert rc == 1 and "output 'b': cosine" in out
+
+
+def test_given_criteria_replace_the_element_wise_check(models, run_cli) -> None:
+    # The issue's case: a model-level criterion alone decides; Polygraphy's 1e-5 is not applied.
+    rc, out = run_cli(["compare", models["dense"], models["perturbed"], "--min-cosine", "0.95"])
+    assert rc == 0 and "Difference exceeds tolerance" not in out and "elemwise" not in out
+    # ...unless asked for.
+    rc, out = run_cli(["compare", models["dense"], models["perturbed"], "--min-cosine", "0.95", "--atol", "1e-5"])
+    assert rc == 1 and "element-wise: difference exceeds" in out and "elemwise" in out
+    # Given criteria replace ALL defaults: a loose cosine floor passes the broken model.
+    report = compare_models(models["dense"], models["broken"], criteria=Criteria(min_cosine=0.5))
+    assert report.passed and not report.defaults
+
+
+def test_max_rel_l2_and_min_top1(models, run_cli) -> None:
+    report = compare_models(models["dense"], models["broken"], criteria=Criteria(max_rel_l2=0.5))
+    b = report.output("b")
+    assert not b.passed and b.rel_l2 > 0.5 and "max-rel-l2 0.5" in b.reasons[0]
+    assert report.output("a").passed  # a is unchanged
+    report = compare_models(models["dense"], models["perturbed"], criteria=Criteria(max_rel_l2={"b": 0.001}))
+    assert [o.name for o in report.outputs if not o.passed] == ["b"]
+    # top-1 floor: applies to every class-score-like output when given (b: 8 columns).
+    report = compare_models(models["dense"], models["broken"], criteria=Criteria(min_top1=1.0))
+    assert not report.output("b").passed and report.output("a").passed
+    rc, out = run_cli(["compare", models["dense"], models["broken"], "--min-top1", "b:1.0"])
+    assert rc == 1 and "min-top1 100.0%" in out
+    rc, out = run_cli(["compare", models["dense"], models["broken"], "--max-rel-l2", "abc"])
+    assert rc == 2 and "not a number" in out
+
+
+def test_default_top1_only_on_class_probabilities() -> None:
+    from onnx_sparse.handoff.compare import compare_results
+
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((64, 5))
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    noisy = logits + 0.7 * rng.standard_normal(logits.shape)
+    probs_noisy = np.exp(noisy) / np.exp(noisy).sum(-1, keepdims=True)
+    f = output_figures([probs], [probs_noisy])
+    assert f["probabilities"] and f["top1"] < 0.9 and f["cosine"] > 0.9
+    assert not output_figures([logits], [noisy])["probabilities"]  # logits do not sum to 1
+    assert not output_figures([np.abs(logits)], [np.abs(noisy)])["probabilities"]
+
+    class Iteration(dict):
+        runtime = 0.01
+
+    def results(ref, cand):
+        from polygraphy.comparator import RunResults
+
+        r = RunResults()
+        r.append(("dense", [Iteration(y=ref.astype(np.float32))]))
+        r.append(("sparse", [Iteration(y=cand.astype(np.float32))]))
+        return r
+
+    probs_report = compare_results(results(probs, probs_noisy))
+    y = probs_report.output("y")
+    assert not probs_report.passed and y.probabilities and any("min-top1" in r for r in y.reasons)
+    # The same argmax change on logits is not judged by top-1 under the defaults (it could be an embedding).
+    logits_report = compare_results(results(logits, logits + 0.3 * rng.standard_normal(logits.shape)))
+    assert not any("min-top1" in r for r in logits_report.output("y").reasons)
+    assert logits_report.runtimes == {"dense": 0.01, "sparse": 0.01}
+
+
+def test_different_interfaces_are_refused_in_one_line(models, tmp_path, run_cli) -> None:
+    from conftest import error_lines
+
+    cases = {
+        "name": (other_interface(tmp_path / "name.onnx", out_name="logits"), "outputs only in the dense model"),
+        "dtype": (other_interface(tmp_path / "dtype.onnx", dtype=TensorProto.DOUBLE), "input 'x' is float in"),
+        "rank": (other_interface(tmp_path / "rank.onnx", rank=3), "input 'x' has rank 2 in the dense model, 3"),
+    }
+    for what, (path, text) in cases.items():
+        with pytest.raises(OnnxSparseError, match="do not have the same interface"):
+            check_same_interface(models["dense"], path)
+        rc, out = run_cli(["compare", models["dense"], path])
+        assert rc == 2, what
+        assert len(error_lines(out)) == 1 and text in error_lines(out)[0], (what, out)
+        assert "Traceback" not in out and "Inference" not in out  # refused before running anything
+    check_same_interface(models["dense"], models["perturbed"])  # same interface: no error
+    check_same_interface(models["dense"], models["dynamic"])  # a dynamic batch is the same rank
+
+
+def test_quiet_output_and_no_third_party_noise(models, run_cli) -> None:
+    argv = ["compare", models["dense"], models["broken"], "--iterations", "2", "--atol", "1e-5"]
+    rc, out = run_cli(argv)
+    assert rc == 1
+    for noise in ("Difference exceeds tolerance", "Accuracy Summary", "RuntimeWarning", "colored",
+                  "Histogram", "Activating and starting inference", "[dtype=float32"):  # fmt: skip
+        assert noise not in out, noise
+    assert "output 'b': element-wise: difference exceeds" in out
+    # -q: our table, the reasons and the verdict, nothing else.
+    rc, quiet = run_cli([*argv, "-q"])
+    lines = quiet.splitlines()
+    assert rc == 1 and any(line.split()[1:2] == ["output"] for line in lines if line.startswith("[I]"))
+    assert lines[-1].startswith("[E] FAILED") and "criteria:" in quiet
+    rc, ok = run_cli(["compare", models["dense"], models["copy"], "-q"])
+    assert rc == 0 and ok.splitlines()[-1].startswith("[I] PASSED") and "cosine" in ok
+    # -v: Polygraphy's per-iteration report is there.
+    rc, verbose = run_cli([*argv, "-v"])
+    assert rc == 1 and "Difference exceeds tolerance" in verbose and "Accuracy Summary" in verbose
 
 
 # --------------------------------------------------------------------------- inputs
@@ -185,7 +336,13 @@ def test_input_shapes_for_dynamic_dims(models, run_cli) -> None:
     report = compare_models(models["dynamic"], models["dynamic"], data=DataSpec(input_shapes={"x": (3, 16)}))
     assert report.output("a").shape == (3, 10)
     rc, out = run_cli(["compare", models["dynamic"], models["dynamic"], "--input-shapes", "x:[5,16]"])
-    assert rc == 0 and "5x10" in out
+    assert rc == 0 and "5x10" in out and "[W]" not in out and "Will generate" not in out
+    # Without shapes: ONE line that names --input-shapes with an example, not Polygraphy's warning per sample
+    # (INFO: only the batch is dynamic here, and a batch of one is a fair default for a comparison).
+    rc, out = run_cli(["compare", models["dynamic"], models["dynamic"], "--iterations", "3"])
+    hints = [line for line in out.splitlines() if "--input-shapes" in line]
+    assert rc == 0 and len(hints) == 1 and hints[0].startswith("[I]") and "x:[8,16]" in hints[0], out
+    assert "Dynamic shapes cannot be used" not in out and "[W]" not in out
 
 
 def test_save_and_load_inputs(models, tmp_path, run_cli) -> None:
@@ -235,7 +392,9 @@ def test_load_polygraphy_run_outputs(models, tmp_path) -> None:
     report = compare_models(None, models["copy"], load_outputs=[saved])
     assert report.passed and report.dense.startswith("onnxrt-runner")
     assert report.output("a").max_abs == 0.0
-    report = compare_models(None, models["perturbed"], load_outputs=[saved], atol=10, rtol=10, min_cosine=0.9999)
+    report = compare_models(
+        None, models["perturbed"], load_outputs=[saved], criteria=Criteria(atol=10, rtol=10, min_cosine=0.9999)
+    )
     assert not report.output("b").passed
 
 
@@ -253,7 +412,7 @@ def test_polygraphy_run_loads_our_outputs(models, tmp_path) -> None:
     assert "onnxrt-dense" in proc.stdout and "onnxrt-sparse" in proc.stdout
 
     bad = tmp_path / "bad.json"
-    compare_models(models["dense"], models["perturbed"], save_outputs=bad)
+    assert compare_models(models["dense"], models["perturbed"], save_outputs=bad).passed  # by our defaults
     proc = subprocess.run(
         [polygraphy_cli(), "run", str(models["dense"]), "--onnxrt", "--load-outputs", str(bad)],
         capture_output=True,
@@ -265,10 +424,10 @@ def test_polygraphy_run_loads_our_outputs(models, tmp_path) -> None:
 
 def test_our_outputs_round_trip(models, tmp_path, run_cli) -> None:
     saved = tmp_path / "runs.json"
-    live = compare_models(models["dense"], models["perturbed"], save_outputs=saved, atol=10, rtol=10)
+    live = compare_models(models["dense"], models["perturbed"], save_outputs=saved, criteria=Criteria(atol=10, rtol=10))
     results = load_run_results(saved)
     assert list(results.keys()) == ["onnxrt-dense", "onnxrt-sparse"]
-    again = compare_models(None, None, load_outputs=[saved], atol=10, rtol=10)
+    again = compare_models(None, None, load_outputs=[saved], criteria=Criteria(atol=10, rtol=10))
     assert again.outputs == live.outputs
     rc, out = run_cli(["compare", "--load-outputs", saved, "--min-cosine", "0.9999", "--atol", "10", "--rtol", "10"])
     assert rc == 1 and "min-cosine" in out
@@ -299,6 +458,9 @@ def test_bad_options_are_user_errors(models, run_cli) -> None:
         (["--atol", "x:abc"], "not a number"),
         (["--val-range", "[1]"], "--val-range"),
         (["--fp16"], "--fp16 applies to TensorRT"),
+        (["--min-top1", "90"], "must be between 0 and 1"),
+        (["--min-cosine", "b:1.5"], "--min-cosine: 1.5 is out of range (for b)"),
+        (["--max-rel-l2", "-0.1"], "must be at least 0"),
     ):
         rc, out = run_cli(["compare", models["dense"], models["copy"], *argv])
         assert rc == 2, argv

@@ -40,6 +40,7 @@ __all__ = [
     "load_inputs",
     "load_data_script",
     "random_feeds",
+    "random_data_shapes",
     "validate_feeds",
     "split_holdout",
     "load_calibration",
@@ -228,16 +229,65 @@ def random_feeds(
             hint=f"the model's inputs are {[s.name for s in specs]}",
         )
     meta = TensorMetadata()
-    for s in specs:
-        shape = shapes.get(s.name)
-        if shape is None:
-            shape = tuple(d if isinstance(d, int) else (d or "?") for d in (s.shape or ()))
-        meta.add(s.name, dtype=s.dtype, shape=shape)
+    for name, shape in random_data_shapes(specs, shapes).items():
+        meta.add(name, dtype=next(s.dtype for s in specs if s.name == name), shape=shape)
     logger.warning("%s", RANDOM_DATA_WARNING)
     feeds = _polygraphy_call(
         "random data", lambda: list(DataLoader(seed=seed, iterations=iterations, input_metadata=meta))
     )
     return [_as_feed(f, f"random feed {i}") for i, f in enumerate(feeds)]
+
+
+def random_data_shapes(
+    specs: Sequence[InputSpec], input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Static shapes for random data: ``input_shapes`` where given, else the model's, dynamic dims as 1.
+
+    When an input has dynamic dimensions and no given shape, logs ONE warning that names
+    ``--input-shapes`` with an example built from the model's inputs (instead of Polygraphy's
+    "Dynamic shapes cannot be used to generate inference data", once per sample). Size 1 is
+    what Polygraphy would pick.
+    """
+    given = dict(input_shapes or {})
+    out: dict[str, tuple[int, ...]] = {}
+    dynamic: list[InputSpec] = []
+    for s in specs:
+        if s.name in given:
+            out[s.name] = tuple(int(d) for d in given[s.name])
+            continue
+        dims = s.shape or ()
+        if any(not isinstance(d, int) for d in dims):
+            dynamic.append(s)
+        out[s.name] = tuple(d if isinstance(d, int) else 1 for d in dims)
+    if dynamic:
+        names = ", ".join(f"{s.name} {_fmt_shape(s.shape or ())}" for s in dynamic)
+        batch_only = all(isinstance(d, int) for s in dynamic for d in (s.shape or ())[1:])
+        logger.log(
+            logging.INFO if batch_only else logging.WARNING,
+            "dynamic input dimensions without --input-shapes (%s): random data uses size 1 for each%s; "
+            "give real sizes, e.g. --input-shapes %s",
+            names,
+            " (a batch of one)" if batch_only else " (a sequence of one token, an image one pixel high)",
+            input_shapes_example(specs, given, batch=8 if batch_only else 1),
+        )
+    return out
+
+
+def input_shapes_example(
+    specs: Sequence[InputSpec], given: Mapping[str, Sequence[int]] | None = None, batch: int = 1
+) -> str:
+    """An ``--input-shapes`` value for ``specs``: fixed dims kept, a dynamic batch as ``batch``, other dynamic
+    dims as 224 for images (rank 4) and 128 otherwise (a sequence length)."""
+    parts = []
+    for s in specs:
+        if given and s.name in given:
+            dims: Sequence[int | str | None] = tuple(given[s.name])
+        else:
+            rank = len(s.shape or ())
+            guess = 224 if rank == 4 else 128
+            dims = [d if isinstance(d, int) else (batch if i == 0 else guess) for i, d in enumerate(s.shape or ())]
+        parts.append(f"{s.name}:[{','.join(str(d) for d in dims)}]")
+    return " ".join(parts)
 
 
 def _as_feed(obj: Any, where: str) -> Feed:

@@ -7,7 +7,14 @@ import logging
 
 from onnx_sparse.analysis import layer_records, select_sites
 from onnx_sparse.cli.base import Tool
-from onnx_sparse.cli.common import add_model_arg, add_selection_args, preflight, selection_kwargs
+from onnx_sparse.cli.common import (
+    add_model_arg,
+    add_selection_args,
+    add_table_args,
+    preflight,
+    selection_kwargs,
+    table_width,
+)
 from onnx_sparse.graph.locate import find_weight_sites
 from onnx_sparse.io import load_model
 from onnx_sparse.report import fmt_share, format_table
@@ -22,6 +29,7 @@ class CheckTool(Tool):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_model_arg(parser)
         add_selection_args(parser)
+        add_table_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         preflight(args, models=[args.model])
@@ -41,7 +49,12 @@ class CheckTool(Tool):
                 ("axis", "axis"),
                 ("violating", "groups > 2 of 4"),
             ]
-            logger.error("%d of %d eligible layers are not 2:4:\n%s", len(bad), len(records), format_table(rows, cols))
+            logger.error(
+                "%d of %d eligible layers are not 2:4:\n%s",
+                len(bad),
+                len(records),
+                format_table(rows, cols, width=table_width(args), keep=("node",), optional=("weight", "axis", "op")),
+            )
             return 1
         logger.info("all %d eligible layers are 2:4", len(records))
         return 0

@@ -6,7 +6,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_model_arg", "add_selection_args", "selection_kwargs", "preflight"]
+__all__ = [
+    "add_model_arg",
+    "add_selection_args",
+    "selection_kwargs",
+    "preflight",
+    "script_path",
+    "add_table_args",
+    "table_width",
+]
 
 
 def add_model_arg(parser: argparse.ArgumentParser) -> None:
@@ -68,3 +76,17 @@ def preflight(args: argparse.Namespace, **paths: Any) -> None:
     compile_patterns(getattr(args, "include", ()) or (), "--include")
     compile_patterns(getattr(args, "exclude", ()) or (), "--exclude")
     check_run_paths(**paths)
+
+
+def add_table_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wide",
+        action="store_true",
+        help="Print tables with every column and full names (default: fit the terminal, 100 columns when not "
+        "a terminal, shortening long names in the middle; -v also prints them wide).",
+    )
+
+
+def table_width(args: argparse.Namespace) -> int | None:
+    """``width`` for :func:`onnx_sparse.report.format_table`: 0 (no limit) with --wide or -v, else the terminal's."""
+    return 0 if getattr(args, "wide", False) or getattr(args, "verbose", 0) > 0 else None

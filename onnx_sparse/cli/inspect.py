@@ -8,7 +8,14 @@ import logging
 
 from onnx_sparse.analysis import layer_records, select_sites, summarize
 from onnx_sparse.cli.base import Tool
-from onnx_sparse.cli.common import add_model_arg, add_selection_args, preflight, selection_kwargs
+from onnx_sparse.cli.common import (
+    add_model_arg,
+    add_selection_args,
+    add_table_args,
+    preflight,
+    selection_kwargs,
+    table_width,
+)
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.graph.locate import find_weight_sites
 from onnx_sparse.io import load_model, model_problem
@@ -20,7 +27,20 @@ logger = logging.getLogger(__name__)
 COLUMNS = [
     ("node", "node"),
     ("op", "op"),
+    ("source_s", "source"),
+    ("shape", "shape"),
+    ("verdict", "eligible"),
+    ("sparse_s", "2:4"),
+    ("macs_s", "MACs"),
+    ("notes", "annotations"),
+]
+"""What fits a terminal; ``--wide`` (and -v) prints :data:`WIDE_COLUMNS`."""
+
+WIDE_COLUMNS = [
+    ("node", "node"),
+    ("op", "op"),
     ("weight", "weight"),
+    ("source_s", "source"),
     ("shape", "shape"),
     ("axis", "axis"),
     ("layout", "layout"),
@@ -32,20 +52,33 @@ COLUMNS = [
     ("notes", "annotations"),
 ]
 
+_SOURCES = {"initializer": "init", "outer_initializer": "outer init", "constant": "Constant"}
+_PATH_OPS = {"DequantizeLinear": "DQ", "QuantizeLinear": "Q"}
+
+
+def source_text(source: str, path: list[str] | tuple[str, ...]) -> str:
+    """Where a weight comes from, tensor first: ``init``, ``Constant``, ``init>DQ>Transpose``, ``init>Cast``
+    (``-`` when the weight is not a stored tensor)."""
+    if not source:
+        return "-"
+    return ">".join([_SOURCES.get(source, source), *(_PATH_OPS.get(op, op) for op in path)])
+
 
 def table_rows(records):
     rows = []
     for r in records:
         verdict = (
-            ("yes" + (" (likely sparse kernel)" if r["likely_sparse_kernel"] else ""))
-            if r["eligible"]
-            else ("no: " + r["reason"])
+            ("yes" + (" (large)" if r["likely_sparse_kernel"] else "")) if r["eligible"] else ("no: " + r["reason"])
         )
         rows.append(
             r
             | {
                 "verdict": verdict,
                 "violating": None if r["violating_fraction"] is None else fmt_share(r["violating_fraction"]),
+                "source_s": source_text(r["source"], r["path"]),
+                "sparse_s": None
+                if r["sparse_2of4"] is None
+                else ("yes" if r["sparse_2of4"] else f"no ({100 * (r['violating_fraction'] or 0):.0f}%)"),
                 "params_s": fmt_count(r["params"]),
                 "macs_s": fmt_count(r["macs"]),
                 "notes": ",".join(f"{k}={v}" for k, v in sorted(r["annotations"].items()) if k != "reason") or None,
@@ -93,6 +126,7 @@ class InspectTool(Tool):
         add_model_arg(parser)
         add_selection_args(parser)
         parser.add_argument("--json", metavar="PATH", help="Also write the records as JSON.")
+        add_table_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         preflight(args, models=[args.model], writes=[("--json", args.json)])
@@ -101,7 +135,17 @@ class InspectTool(Tool):
         records = layer_records(mf, sites)
         summary = summarize(records)
         if records:
-            logger.info("%s", format_table(table_rows(records), COLUMNS))
+            width = table_width(args)
+            logger.info(
+                "%s",
+                format_table(
+                    table_rows(records),
+                    WIDE_COLUMNS if width == 0 else COLUMNS,
+                    width=width,
+                    keep=("node",),
+                    optional=("macs_s", "shape", "op"),
+                ),
+            )
         else:
             logger.info("no Conv, ConvTranspose, Gemm or MatMul layers found")
         logger.info("%s", summary_line(summary))

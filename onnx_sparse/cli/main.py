@@ -105,6 +105,9 @@ def _setup_logging(verbosity: int) -> None:
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
+    from onnx_sparse.cli.noise import quiet_third_party
+
+    quiet_third_party()
 
 
 def _tools() -> list[Tool]:
@@ -190,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     word = "PASSED" if status == 0 else "FAILED"
     line = f"{word} | Runtime: {runtime:.3f}s | Command: {command}"
     if status == 0:
-        logger.info("%s", line)
+        from onnx_sparse.report import RESULT
+
+        logger.log(RESULT, "%s", line)  # kept by -q, like the result it closes
     else:
         logger.error("%s", line)
     return status

@@ -15,7 +15,14 @@ from typing import Any
 
 from onnx_sparse.api import prune_file
 from onnx_sparse.cli.base import Tool
-from onnx_sparse.cli.common import add_model_arg, add_selection_args, preflight, script_path
+from onnx_sparse.cli.common import (
+    add_model_arg,
+    add_selection_args,
+    add_table_args,
+    preflight,
+    script_path,
+    table_width,
+)
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.passes.prune import totals
 from onnx_sparse.recipe import DEFAULT_MAX_ROWS, METHODS, Recipe
@@ -69,6 +76,7 @@ class PruneTool(Tool):
             help="Write the recipe this run used (defaults resolved) as JSON; --recipe PATH with the same model "
             "and data reproduces the output byte for byte.",
         )
+        add_table_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         data_given = bool(args.load_inputs or args.data_loader_script)
@@ -146,7 +154,12 @@ class PruneTool(Tool):
             ]
             cols = [("nodes", "node(s)"), ("weight", "weight"), ("method", "method"), ("axis", "axis"),
                     ("changed", "groups changed"), ("retained", "retained |w|")]  # fmt: skip
-            logger.info("%s", format_table(rows, cols))
+            logger.info(
+                "%s",
+                format_table(
+                    rows, cols, width=table_width(args), keep=("nodes",), optional=("weight", "axis", "method")
+                ),
+            )
         else:
             logger.warning("no eligible layers selected: nothing to prune")
         for report in reports:
@@ -181,7 +194,8 @@ class PruneTool(Tool):
         held = f", fidelity on {report.held_out} held out" if report.held_out else ""
         logger.info(
             "sensitivity (%s, each layer pruned alone, %d calibration feeds%s, outputs %s):\n%s",
-            report.method, report.samples, held, ", ".join(report.outputs), format_table(rows, cols),
+            report.method, report.samples, held, ", ".join(report.outputs),
+            format_table(rows, cols, width=table_width(args), keep=("nodes",)),
         )  # fmt: skip
         if report.target_cosine is not None and report.measured is not None:
             logger.info(
