@@ -401,6 +401,24 @@ def test_ridge_cv_scores_on_a_row_subset_are_the_scaled_scores_of_those_rows():
     np.testing.assert_allclose(ridge_cv_scores(w, folds, rows=100), ridge_cv_scores(w, folds, rows=None))
 
 
+def test_ridge_cv_scores_held_out_folds_limit_which_folds_are_scored():
+    rng = np.random.default_rng(4)
+    cols = 16
+    mix = rng.standard_normal((cols, cols)) * 0.5 + np.eye(cols)
+    w = rng.standard_normal((6, cols))
+    folds = cv_folds(rng, 10, 4, cols, mix, np.eye(cols) + 0.2 * rng.standard_normal((cols, cols)))
+    got = ridge_cv_scores(w, folds, DEFAULT_REFIT_GRID, rows=None, held_out=1)
+    train = PairedStats.total(folds[1:])
+    want = [
+        refit_error(w, asymmetric_refit(w, train.pp, train.pd, lam), folds[0]) / folds[0].n
+        for lam in DEFAULT_REFIT_GRID
+    ]
+    np.testing.assert_allclose(got, want, rtol=1e-7)
+    # the budget decides how many folds are held out: a tiny one still holds out one
+    tiny = choose_refit_damp(w, folds, rows=None, unimodal=False, budget=1.0)
+    np.testing.assert_allclose(tiny.scores, want, rtol=1e-7)
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_unimodal_search_finds_the_exhaustive_choice(seed):
     rng = np.random.default_rng(100 + seed)

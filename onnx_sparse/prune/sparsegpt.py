@@ -381,6 +381,12 @@ def refit_error(w_target: Array, w_candidate: Array, stats: PairedStats) -> floa
 #: error is a sum of independent per-row ridge problems, so a seeded subset of rows estimates
 #: it (scaled up) at a fraction of the cost of the solves.
 SELECT_ROWS = 128
+#: Work budget of :func:`choose_refit_damp` per weight, in multiply-adds of the Cholesky
+#: factorisations (``cols^3 / 6`` each, about 5 candidates per held-out fold): folds are held
+#: out in turn while the budget allows, at least one. 1.5e10 keeps all 4 folds up to about
+#: 1,500 columns and holds out one fold of a 3,072-column FFN projection (about what one
+#: SparseGPT run of that layer costs).
+SELECT_BUDGET = 1.5e10
 
 
 def ridge_cv_scores(
@@ -390,6 +396,7 @@ def ridge_cv_scores(
     rows: int | None = SELECT_ROWS,
     seed: int = 0,
     unimodal: bool = False,
+    held_out: int | None = None,
 ) -> tuple[float, ...]:
     """Held-out error of the dense ridge refit (:func:`asymmetric_refit`) for every damping.
 
@@ -414,6 +421,8 @@ def ridge_cv_scores(
         unimodal: Assume the score is unimodal in the damping: start at the middle finite
             candidate and walk towards the better neighbour until neither is better (about 3
             of 5 candidates factorised instead of all); candidates not visited score ``nan``.
+        held_out: Hold out only the first this many folds in turn (each trained on all the
+            other folds); None: every fold.
 
     Returns:
         Per damping, the held-out error summed over folds and divided by the held-out rows.
@@ -433,13 +442,14 @@ def ridge_cv_scores(
     at = np.ascontiguousarray(a.T)  # [cols, k]
     every = PairedStats.total(used)
     prepared = []
-    for held in used:
+    tested = used if held_out is None else used[: max(1, held_out)]
+    for held in tested:
         g = every.pp - held.pp
         r = (every.pd - held.pd - g) @ at  # the right-hand side (C - G) W^T
         e = (held.pp - held.pd) @ at
         base = float(np.einsum("ij,ij->", held.pp @ at - 2.0 * (held.pd @ at), at))
         prepared.append((held, g, r, e, base, float(np.mean(np.diag(g)))))
-    n_rows = sum(f.n for f in used)
+    n_rows = sum(f.n for f in tested)
 
     def score(lam: float) -> float:
         total = 0.0
@@ -496,6 +506,7 @@ def choose_refit_damp(
     damp: float = 0.01,
     rows: int | None = SELECT_ROWS,
     unimodal: bool = True,
+    budget: float | None = SELECT_BUDGET,
 ) -> RefitCV:
     """Choose the refit ridge damping by K-fold cross-validation.
 
@@ -520,6 +531,8 @@ def choose_refit_damp(
         rows: Output rows scored without ``prune`` (see :func:`ridge_cv_scores`).
         unimodal: Without ``prune``, factorise only the candidates a descent from the middle
             of the grid visits (see :func:`ridge_cv_scores`; the others score ``nan``).
+        budget: Without ``prune``, hold out folds in turn only while ``folds x 5 x cols^3 / 6``
+            multiply-adds stay within this (at least one fold; None: every fold).
 
     Returns:
         The chosen damping with every candidate's score.
@@ -530,7 +543,9 @@ def choose_refit_damp(
     if not grid:
         raise ValueError("the damping grid is empty")
     if not prune:
-        scores = list(ridge_cv_scores(w, used, grid, rows=rows, unimodal=unimodal))
+        cols = np.shape(w)[1]
+        held = None if budget is None else max(1, int(budget // (5 * cols**3 / 6)))
+        scores = list(ridge_cv_scores(w, used, grid, rows=rows, unimodal=unimodal, held_out=held))
     else:
         rows_total = sum(f.n for f in used)
         trains = [PairedStats.total([g for j, g in enumerate(used) if j != i]) for i in range(len(used))]
