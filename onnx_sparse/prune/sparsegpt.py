@@ -320,6 +320,8 @@ def asymmetric_refit(w: Array, pp: npt.ArrayLike, pd: npt.ArrayLike, damp: float
     # W'^T = W^T + (pp + lambda I)^{-1} (pd - pp) W^T: the same solution, written as a
     # correction of W so that damp = 0 can use the minimum-norm correction.
     rhs = (c - g) @ w64.T
+    if not np.any(rhs):  # the same input in both models: nothing to refit
+        return w64
     if damp == 0:
         delta = np.linalg.lstsq(g, rhs, rcond=None)[0]
     else:
@@ -448,7 +450,9 @@ def ridge_cv_scores(
         r = (every.pd - held.pd - g) @ at  # the right-hand side (C - G) W^T
         e = (held.pp - held.pd) @ at
         base = float(np.einsum("ij,ij->", held.pp @ at - 2.0 * (held.pd @ at), at))
-        prepared.append((held, g, r, e, base, float(np.mean(np.diag(g)))))
+        # r = 0 (the layer sees the same input in both models, e.g. the first layer): W' = W
+        scale = float(np.mean(np.diag(g))) if np.any(r) else 0.0
+        prepared.append((held, g, r, e, base, scale))
     n_rows = sum(f.n for f in tested)
 
     def score(lam: float) -> float:
