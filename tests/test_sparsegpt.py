@@ -136,6 +136,31 @@ def test_loss_is_the_obs_estimate_of_the_output_error():
     np.testing.assert_allclose(stats.loss, np.sum((x @ dw.T) ** 2) / 300, rtol=1e-6)
 
 
+def _column_walk(w, h, damp=0.01):
+    """SparseGPT's walk one column at a time with eager updates (the textbook form)."""
+    u = upper_cholesky_inverse(h + damp * np.mean(np.diag(h)) * np.eye(h.shape[0]))
+    w = w.astype(np.float64).copy()
+    prune = None
+    for j in range(w.shape[1]):
+        if j % 4 == 0:
+            prune = ~nm.keep_top2((w[:, j : j + 4] / np.diag(u)[j : j + 4]) ** 2, 1)
+        q = np.where(prune[:, j % 4], 0.0, w[:, j])
+        e = (w[:, j] - q) / u[j, j]
+        w[:, j] = q
+        w[:, j + 1 :] -= np.outer(e, u[j, j + 1 :])
+    return w
+
+
+@pytest.mark.parametrize("blocksize", [4, 12, 128])
+def test_grouped_walk_equals_the_column_by_column_walk(blocksize):
+    rng = np.random.default_rng(21)
+    x = correlated(rng, 300, 40)
+    h = x.T @ x
+    w = rng.standard_normal((7, 40))
+    got, _ = sparsegpt_2_4(w, h, blocksize=blocksize)
+    np.testing.assert_allclose(got, _column_walk(w, h), rtol=1e-9, atol=1e-9)
+
+
 def test_blocksize_does_not_change_the_result():
     rng = np.random.default_rng(4)
     w = rng.standard_normal((10, 40))

@@ -13,7 +13,8 @@ Wanda do it. Methods:
 * ``asym``: asymmetric reconstruction: first refit the dense weights so that the layer,
   fed the inputs it sees in the PRUNED model, reproduces the DENSE model's output of that
   layer (ridge, damping chosen per layer by K-fold cross-validation over the calibration
-  samples), then SparseGPT on the refit weights. Needs captures of both models.
+  samples, scoring the dense refit: :func:`onnx_sparse.prune.sparsegpt.ridge_cv_scores`), then
+  SparseGPT once on the refit weights. Needs captures of both models.
 
 Weights are read and written through their stored tensors (:mod:`onnx_sparse.calib.layers`
 explains the matrix view, and what happens to fp16/bf16 and quantized weights), with
@@ -45,7 +46,7 @@ on magika's classifier head took held-out top-1 agreement from below magnitude p
 to above it.
 
 Speed: the per-layer solves (Cholesky factorisations, triangular solves, the column walk)
-run with one BLAS thread (:func:`_one_blas_thread`, numpy's bundled OpenBLAS): on a busy
+run with one BLAS thread (:func:`_one_blas_thread`, numpy's and scipy's bundled OpenBLAS): on a busy
 machine multi-threaded LAPACK on these mid-sized matrices was up to 100x slower (PP-OCRv4
 det: 38 s -> 9 s on 2 loaded cores). The large ``X^T X`` products keep every thread.
 """

@@ -24,7 +24,13 @@ to reproduce the dense output from the pruned input (:func:`asymmetric_refit`), 
 SparseGPT on the refit weights with ``H ~ Xp^T Xp`` (:func:`asymmetric_sparsegpt_2_4`). The
 ridge damping of the refit can be chosen by K-fold cross-validation over per-fold
 :class:`~onnx_sparse.core.hessian.PairedStats` (:func:`choose_refit_damp`,
-:func:`asymmetric_cv_2_4`).
+:func:`asymmetric_cv_2_4`): the held-out error of the dense refit for each candidate comes
+from one Cholesky factorisation per fold and candidate (:func:`ridge_cv_scores`), and
+SparseGPT runs once, on the chosen refit.
+
+Linear algebra: LAPACK through numpy and scipy (``scipy.linalg``: ``cho_factor``/``cho_solve``
+for the positive definite solves, ``lapack.dtrtri`` for the triangular inverse), which numpy
+alone does not offer; a general solve (LU) costs about three times as much.
 
 All functions are pure: inputs are never modified; everything is computed in float64.
 """
