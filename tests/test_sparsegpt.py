@@ -23,6 +23,7 @@ from onnx_sparse.prune.sparsegpt import (
     asymmetric_sparsegpt_2_4,
     choose_refit_damp,
     refit_error,
+    ridge_cv_scores,
     sparsegpt_2_4,
     upper_cholesky_inverse,
 )
@@ -133,6 +134,31 @@ def test_loss_is_the_obs_estimate_of_the_output_error():
         np.testing.assert_allclose(stats.loss, 0.5 * np.einsum("ij,ij->", dw @ hd, dw), rtol=1e-9)
     # Undamped, it is the mean squared output error per row.
     np.testing.assert_allclose(stats.loss, np.sum((x @ dw.T) ** 2) / 300, rtol=1e-6)
+
+
+def _column_walk(w, h, damp=0.01):
+    """SparseGPT's walk one column at a time with eager updates (the textbook form)."""
+    u = upper_cholesky_inverse(h + damp * np.mean(np.diag(h)) * np.eye(h.shape[0]))
+    w = w.astype(np.float64).copy()
+    prune = None
+    for j in range(w.shape[1]):
+        if j % 4 == 0:
+            prune = ~nm.keep_top2((w[:, j : j + 4] / np.diag(u)[j : j + 4]) ** 2, 1)
+        q = np.where(prune[:, j % 4], 0.0, w[:, j])
+        e = (w[:, j] - q) / u[j, j]
+        w[:, j] = q
+        w[:, j + 1 :] -= np.outer(e, u[j, j + 1 :])
+    return w
+
+
+@pytest.mark.parametrize("blocksize", [4, 12, 128])
+def test_grouped_walk_equals_the_column_by_column_walk(blocksize):
+    rng = np.random.default_rng(21)
+    x = correlated(rng, 300, 40)
+    h = x.T @ x
+    w = rng.standard_normal((7, 40))
+    got, _ = sparsegpt_2_4(w, h, blocksize=blocksize)
+    np.testing.assert_allclose(got, _column_walk(w, h), rtol=1e-9, atol=1e-9)
 
 
 def test_blocksize_does_not_change_the_result():
@@ -358,6 +384,81 @@ def test_cv_choice_generalises_better_than_the_weakest_damping():
     assert chosen < test_err[math.inf]  # the refit still helps
     assert chosen <= 1.25 * min(test_err.values())  # close to the best in hindsight
     assert nm.is_2_4(out, 1) and not stats.fallback
+
+
+def _direct_cv(w, folds, grid):
+    """Held-out refit error per damping, by explicit ridge solves (the definition)."""
+    used = [f for f in folds if f.n > 0]
+    out = []
+    for lam in grid:
+        total = 0.0
+        for i, held in enumerate(used):
+            train = PairedStats.total([g for j, g in enumerate(used) if j != i])
+            total += refit_error(w, asymmetric_refit(w, train.pp, train.pd, lam), held)
+        out.append(total / sum(f.n for f in used))
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(3, 40), k=st.integers(2, 4))
+def test_ridge_cv_scores_equal_direct_ridge_solves(seed, n, k):
+    rng = np.random.default_rng(seed)
+    cols, rows = 16, 6
+    mix = rng.standard_normal((cols, cols)) * 0.5 + np.eye(cols)
+    distort = np.eye(cols) + 0.3 * rng.standard_normal((cols, cols))
+    w = rng.standard_normal((rows, cols))
+    folds = cv_folds(rng, n, k, cols, mix, distort)
+    grid = (0.0, *DEFAULT_REFIT_GRID)
+    got = ridge_cv_scores(w, folds, grid, rows=None)
+    np.testing.assert_allclose(got, _direct_cv(w, folds, grid), rtol=1e-7, atol=1e-7 * abs(got[-1]))
+
+
+def test_ridge_cv_scores_on_a_row_subset_are_the_scaled_scores_of_those_rows():
+    rng = np.random.default_rng(3)
+    cols = 16
+    mix = rng.standard_normal((cols, cols)) * 0.5 + np.eye(cols)
+    w = rng.standard_normal((12, cols))
+    folds = cv_folds(rng, 10, 3, cols, mix, np.eye(cols) + 0.2 * rng.standard_normal((cols, cols)))
+    got = ridge_cv_scores(w, folds, DEFAULT_REFIT_GRID, rows=4, seed=7)
+    pick = np.sort(np.random.default_rng(7).choice(12, size=4, replace=False))
+    np.testing.assert_allclose(got, np.array(_direct_cv(w[pick], folds, DEFAULT_REFIT_GRID)) * 3.0, rtol=1e-7)
+    # more rows than the weight has: exact
+    np.testing.assert_allclose(ridge_cv_scores(w, folds, rows=100), ridge_cv_scores(w, folds, rows=None))
+
+
+def test_ridge_cv_scores_held_out_folds_limit_which_folds_are_scored():
+    rng = np.random.default_rng(4)
+    cols = 16
+    mix = rng.standard_normal((cols, cols)) * 0.5 + np.eye(cols)
+    w = rng.standard_normal((6, cols))
+    folds = cv_folds(rng, 10, 4, cols, mix, np.eye(cols) + 0.2 * rng.standard_normal((cols, cols)))
+    got = ridge_cv_scores(w, folds, DEFAULT_REFIT_GRID, rows=None, held_out=1)
+    train = PairedStats.total(folds[1:])
+    want = [
+        refit_error(w, asymmetric_refit(w, train.pp, train.pd, lam), folds[0]) / folds[0].n
+        for lam in DEFAULT_REFIT_GRID
+    ]
+    np.testing.assert_allclose(got, want, rtol=1e-7)
+    # the budget decides how many folds are held out: a tiny one still holds out one
+    tiny = choose_refit_damp(w, folds, rows=None, unimodal=False, budget=1.0)
+    np.testing.assert_allclose(tiny.scores, want, rtol=1e-7)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_unimodal_search_finds_the_exhaustive_choice(seed):
+    rng = np.random.default_rng(100 + seed)
+    cols = 24
+    mix = rng.standard_normal((cols, cols)) * 0.5 + np.eye(cols)
+    distort = np.eye(cols) + rng.uniform(0.05, 0.5) * rng.standard_normal((cols, cols))
+    w = rng.standard_normal((10, cols))
+    folds = cv_folds(rng, int(rng.integers(4, 60)), 4, cols, mix, distort)
+    full = choose_refit_damp(w, folds, rows=None, unimodal=False)
+    fast = choose_refit_damp(w, folds, rows=None, unimodal=True)
+    assert fast.damp == full.damp
+    visited = [i for i, v in enumerate(fast.scores) if not math.isnan(v)]
+    assert len(visited) < len(full.scores)
+    for i in visited:
+        assert fast.scores[i] == pytest.approx(full.scores[i])
 
 
 def test_cv_needs_two_folds_with_rows():

@@ -13,7 +13,8 @@ Wanda do it. Methods:
 * ``asym``: asymmetric reconstruction: first refit the dense weights so that the layer,
   fed the inputs it sees in the PRUNED model, reproduces the DENSE model's output of that
   layer (ridge, damping chosen per layer by K-fold cross-validation over the calibration
-  samples), then SparseGPT on the refit weights. Needs captures of both models.
+  samples, scoring the dense refit: :func:`onnx_sparse.prune.sparsegpt.ridge_cv_scores`), then
+  SparseGPT once on the refit weights. Needs captures of both models.
 
 Weights are read and written through their stored tensors (:mod:`onnx_sparse.calib.layers`
 explains the matrix view, and what happens to fp16/bf16 and quantized weights), with
@@ -45,7 +46,7 @@ on magika's classifier head took held-out top-1 agreement from below magnitude p
 to above it.
 
 Speed: the per-layer solves (Cholesky factorisations, triangular solves, the column walk)
-run with one BLAS thread (:func:`_one_blas_thread`, numpy's bundled OpenBLAS): on a busy
+run with one BLAS thread (:func:`_one_blas_thread`, numpy's and scipy's bundled OpenBLAS): on a busy
 machine multi-threaded LAPACK on these mid-sized matrices was up to 100x slower (PP-OCRv4
 det: 38 s -> 9 s on 2 loaded cores). The large ``X^T X`` products keep every thread.
 """
@@ -291,38 +292,42 @@ class LayerFit:
 
 @contextlib.contextmanager
 def _one_blas_thread() -> Iterator[None]:
-    """Run the block with one OpenBLAS thread in this thread (best effort: a no-op when numpy's
-    BLAS is not an OpenBLAS with ``openblas_set_num_threads_local``)."""
-    fn = _blas_local_threads()
-    if fn is None:
-        yield
-        return
-    old = fn(1)
+    """Run the block with one OpenBLAS thread in this thread, in numpy's and in scipy's
+    OpenBLAS (each wheel bundles its own) (best effort: a no-op for a library without
+    ``openblas_set_num_threads_local``)."""
+    fns = _blas_local_threads()
+    olds = [fn(1) for fn in fns]
     try:
         yield
     finally:
-        fn(old if old > 0 else 0)
+        for fn, old in zip(fns, olds, strict=True):
+            fn(old if old > 0 else 0)
 
 
 @functools.lru_cache(maxsize=1)
-def _blas_local_threads() -> Any:
+def _blas_local_threads() -> tuple[Any, ...]:
     import ctypes
     import glob
     import os
 
-    libs = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
-    for path in sorted(
-        glob.glob(os.path.join(libs, "libscipy_openblas*.so*")) + glob.glob(os.path.join(libs, "libopenblas*.so*"))
-    ):
-        try:
-            lib = ctypes.CDLL(path)
-            fn = lib.openblas_set_num_threads_local
-        except (OSError, AttributeError):
-            continue
-        fn.argtypes = [ctypes.c_int]
-        fn.restype = ctypes.c_int
-        return fn
-    return None
+    import scipy
+
+    found = []
+    for pkg in (np, scipy):
+        libs = os.path.join(os.path.dirname(os.path.dirname(pkg.__file__)), f"{pkg.__name__}.libs")
+        for path in sorted(
+            glob.glob(os.path.join(libs, "libscipy_openblas*.so*")) + glob.glob(os.path.join(libs, "libopenblas*.so*"))
+        ):
+            try:
+                lib = ctypes.CDLL(path)
+                fn = lib.openblas_set_num_threads_local
+            except (OSError, AttributeError):
+                continue
+            fn.argtypes = [ctypes.c_int]
+            fn.restype = ctypes.c_int
+            found.append(fn)
+            break
+    return tuple(found)
 
 
 def _drain(gen: Iterator[Any]) -> None:
@@ -481,17 +486,20 @@ class Calibrator:
         folds = sorted({f for f, _ in rows})
         data = {f: np.concatenate([r for g, r in rows if g == f]).astype(np.float64) for f in folds}
         grid = sorted({d for d in DAMP_GRID if d >= self.damp} | {self.damp})
-        scores = []
-        for d in grid:
-            total = 0.0
-            for f in folds:
-                train = np.concatenate([data[g] for g in folds if g != f])
-                st = RunningStats(w.shape[1], track_xtx=True)
-                st.update(train)
-                new_w, _ = sparsegpt_2_4(w, st.hessian(damp=0.0), blocksize=self.blocksize, damp=d, dead=st.dead)
-                err = data[f] @ (w - new_w).T
-                total += float(np.einsum("ij,ij->", err, err))
-            scores.append(total)
+        # each fold's Gram matrix once; a training set's is the total minus the held-out one
+        grams = {f: data[f].T @ data[f] for f in folds}
+        every = sum(grams.values())
+        scores = [0.0] * len(grid)
+        for f in folds:
+            train = every - grams[f]
+            dead = np.diag(train) == 0
+            h = train * (2.0 / sum(len(data[g]) for g in folds if g != f))
+            h.flat[:: h.shape[0] + 1] += dead  # dead columns get 1 on the diagonal, as RunningStats.hessian
+            for k, d in enumerate(grid):
+                new_w, _ = sparsegpt_2_4(w, h, blocksize=self.blocksize, damp=d, dead=dead)
+                diff = w - new_w
+                # ||X_f (W - W')^T||^2 from the held-out Gram matrix
+                scores[k] += float(np.einsum("ij,ij->", diff @ grams[f], diff))
         best = min(range(len(grid)), key=lambda i: (scores[i], -grid[i]))
         logger.debug("damping by %d-fold CV (%d rows): %s -> %g", len(folds), sum(len(r) for _, r in rows),
                      dict(zip(grid, scores, strict=True)), grid[best])  # fmt: skip
