@@ -67,8 +67,8 @@ def shorten(text: str, width: int, prefer: Sequence[int] = ()) -> str:
     a digit (``layer.0``), then the others from the end, and writes ``...`` for each run it left
     out: ``/model/.../layer.0/.../self/MatMul_1``. Text with spaces first shortens the paths
     inside it (``(by Add /model/.../layer.0/.../key/Add)``), then writes ``(...)`` for what is in
-    parentheses (``not supported (...)``). What still does not fit keeps its
-    start and its end joined by ``...``. ``prefer``: path components (negative indices, from the
+    parentheses (``not supported (...)``), and what still does not fit keeps its start. Other text
+    that does not fit keeps its start and its end joined by ``...``. ``prefer``: path components (negative indices, from the
     end) to keep right after the last one (what tells this name from a similar one).
     """
     if len(text) <= width:
@@ -93,6 +93,7 @@ def shorten(text: str, width: int, prefer: Sequence[int] = ()) -> str:
         bare = re.sub(r"\(([^()]*)\)", lambda m: "(...)" if len(m.group(1)) > 3 else m.group(0), text)
         if len(bare) <= width:  # the words outside parentheses usually say what; the inside, details
             return bare
+        return bare[: width - 3] + "..."  # a sentence: its start says what ("no: weight is computed...")
     keep = width - 3
     front = keep // 2
     return text[:front] + "..." + text[len(text) - (keep - front) :]
