@@ -50,12 +50,12 @@ def run(cmd: list[str], show: int | None = None, keep: tuple[str, ...] = ()) -> 
         if dash is None:
             print("\n".join(lines))
         else:
-            rows = [i for i in range(dash + 1, len(lines)) if "layers eligible" not in lines[i]][:-1]
-            cut = rows[show:]
+            end = next((i for i in range(dash + 1, len(lines)) if "layers eligible" in lines[i]), len(lines))
+            cut = end - (dash + 1) - show  # the table's rows end at the summary line
             print("\n".join(lines[: dash + 1 + show]))
-            if cut:
-                print(f"    ({len(cut)} more rows)")
-            print("\n".join(lines[dash + 1 + len(rows) :]))
+            if cut > 0:
+                print(f"    ({cut} more rows)")
+            print("\n".join(lines[end:]))
     else:
         print("\n".join(lines))
     if proc.returncode not in (0, 1):
