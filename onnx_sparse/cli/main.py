@@ -28,6 +28,7 @@ _TOOL_MODULES = (
     "onnx_sparse.cli.inspect",
     "onnx_sparse.cli.check",
     "onnx_sparse.cli.prune",
+    "onnx_sparse.cli.quantize",
     "onnx_sparse.cli.compare",
     "onnx_sparse.cli.build",
 )

@@ -16,6 +16,7 @@ from typing import Any
 from onnx_sparse.api import prune_file
 from onnx_sparse.cli.base import Tool
 from onnx_sparse.cli.common import add_model_arg, add_selection_args, selection_kwargs
+from onnx_sparse.cli.quantize import Int8Staging, add_quantize_args, quantize_options
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.passes.prune import totals
 from onnx_sparse.report import fmt_count, format_table, write_json
@@ -46,6 +47,12 @@ class PruneTool(Tool):
             help="Skip the onnx.checker and onnxruntime checks of the output (not recommended).",
         )
         _add_calibration_args(parser)
+        parser.add_argument(
+            "--int8",
+            action="store_true",
+            help="Then quantize the pruned model to INT8 Q/DQ (as `onnx-sparse quantize`) on the same calibration data.",
+        )
+        add_quantize_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         from onnx_sparse.passes.calibrated import make_prune_pass
@@ -63,11 +70,13 @@ class PruneTool(Tool):
         measure_only = sensitivity and args.target_cosine is None and args.output is None and not args.in_place
         if args.output is None and not args.in_place and not measure_only:
             raise OnnxSparseError("no output path", hint="pass -o OUT, or --in-place to overwrite the input")
-        if not needs_data and (data_given or args.input_shapes or args.iterations or args.mask_input):
+        if not needs_data and not args.int8 and (data_given or args.input_shapes or args.iterations or args.mask_input):
             logger.warning("calibration data options are ignored: magnitude pruning needs no data")
         real = {"value": True}
 
         def feeds(model: Any) -> list[dict]:
+            if "feeds" in real:  # loaded once, shared by pruning and --int8
+                return real["feeds"]  # type: ignore[return-value]
             from onnx_sparse.calib.data import load_calibration
 
             loaded, real["value"] = load_calibration(
@@ -79,6 +88,7 @@ class PruneTool(Tool):
                 iterations=args.iterations,
                 limit=args.calib_samples,
             )
+            real["feeds"] = loaded  # type: ignore[assignment]
             return loaded
 
         reports: list[Any] = []
@@ -102,9 +112,10 @@ class PruneTool(Tool):
                 holdout=args.holdout, sensitivity=sensitivity, sensitivity_report=reports.append, **selection_kwargs(args),
             )  # fmt: skip
         out = Path(args.output) if args.output else Path(args.model)
+        staging = Int8Staging(out) if args.int8 else None
         result = prune_file(
             args.model,
-            out,
+            staging.pruned if staging else out,
             in_place=args.in_place,
             verify=not args.no_verify,
             fc_layout=args.fc_layout,
@@ -112,6 +123,8 @@ class PruneTool(Tool):
             prune_pass=prune_pass,
             **selection_kwargs(args),
         )
+        if staging:
+            staging.quantize(out, feeds, quantize_options(args, selection_kwargs(args)), verify=not args.no_verify)
         records = [r for r in result.records if hasattr(r, "retained_magnitude")]
         if records:
             rows = [
@@ -142,8 +155,8 @@ class PruneTool(Tool):
                 doc["sensitivity"] = reports[-1].to_json()
             write_json(args.report, doc)
             logger.info("wrote %s", args.report)
-        if needs_data:
-            _random_reminder(real["value"])
+        if needs_data or args.int8:
+            _random_reminder(bool(real["value"]))
         return 0
 
     @staticmethod

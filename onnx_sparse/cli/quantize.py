@@ -1,0 +1,180 @@
+"""``onnx-sparse quantize MODEL -o OUT``: INT8 Q/DQ for sparse INT8 TensorRT engines.
+
+Calibration data as for ``prune`` (``--load-inputs``, ``--data-loader-script``, or seeded
+random data with a loud warning). See :mod:`onnx_sparse.quant.static` for the settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from onnx_sparse.cli.base import Tool
+from onnx_sparse.cli.common import add_model_arg
+from onnx_sparse.errors import OnnxSparseError
+from onnx_sparse.report import format_table, write_json
+
+__all__ = ["QuantizeTool", "Int8Staging", "add_quantize_args", "quantize_options", "report_layers", "TOOL"]
+
+logger = logging.getLogger(__name__)
+
+
+def add_quantize_args(parser: argparse.ArgumentParser) -> None:
+    """The quantization options (shared with ``prune --int8``)."""
+    from onnx_sparse.quant import CALIBRATION_METHODS
+
+    group = parser.add_argument_group("INT8 quantization")
+    group.add_argument(
+        "--act-calibration",
+        choices=CALIBRATION_METHODS,
+        default="minmax",
+        help="How activation ranges are set from the calibration data (onnxruntime's calibrators; default minmax).",
+    )
+    group.add_argument(
+        "--act-percentile",
+        type=float,
+        default=99.999,
+        metavar="P",
+        help="With --act-calibration percentile: the share of values the range covers (default 99.999).",
+    )
+
+
+def quantize_options(args: argparse.Namespace, selection: dict[str, Any] | None = None) -> Any:
+    from onnx_sparse.quant import QuantizeOptions
+
+    sel = selection or {}
+    return QuantizeOptions(
+        calibration=args.act_calibration,
+        percentile=args.act_percentile,
+        include=tuple(sel.get("include", ())),
+        exclude=tuple(sel.get("exclude", ())),
+        ops=tuple(sel.get("ops", ())),
+    )
+
+
+def report_layers(layers: Sequence[Any]) -> None:
+    """Log the per-layer INT8 table and a summary line."""
+    rows = []
+    for layer in layers:
+        if layer.sparse_int8:
+            state = "sparse INT8 possible"
+        elif not layer.quantized:
+            state = f"float: {layer.reason}"
+        elif layer.int8 is None:
+            state = "INT8 (not analysed)"
+        elif layer.int8.possible:
+            state = "INT8 (not 2:4)" if layer.eligible else "INT8 (not 2:4 eligible)"
+        else:
+            state = f"INT8 weight; not INT8: {layer.int8.reason}"
+        rows.append({"node": layer.node, "op": layer.op, "state": state})
+    if rows:
+        logger.info("%s", format_table(rows, [("node", "node"), ("op", "op"), ("state", "INT8 state")]))
+    sparse = sum(1 for layer in layers if layer.sparse_int8)
+    eligible = sum(1 for layer in layers if layer.eligible)
+    out = [layer for layer in layers if not layer.quantized]
+    logger.info(
+        "%d of %d layers INT8; %d of %d 2:4-eligible layers sparse INT8 possible (INT8 in, weight, out)",
+        sum(1 for layer in layers if layer.quantized), len(layers), sparse, eligible,
+    )  # fmt: skip
+    for layer in out:
+        logger.info("left in float: %s (%s)", layer.node, layer.reason)
+
+
+class Int8Staging:
+    """``prune --int8``: the pruned model goes to a temporary folder beside the output, then is
+    quantized into the output, so a failed quantization never leaves a half-finished output."""
+
+    def __init__(self, out: Path) -> None:
+        import tempfile
+
+        folder = out.resolve().parent
+        if not folder.is_dir():
+            raise OnnxSparseError(f"{out}: output folder does not exist")
+        self._tmp = tempfile.TemporaryDirectory(prefix=".onnx-sparse-int8-", dir=folder)
+        self.pruned = Path(self._tmp.name) / out.name
+
+    def quantize(self, out: Path, feeds: Any, options: Any, *, verify: bool = True) -> Any:
+        """Quantize the pruned model into ``out`` with the calibration feeds ``feeds(model)`` (loaded once)."""
+        from onnx_sparse.io import load_model
+        from onnx_sparse.quant import quantize_file
+
+        try:
+            data = feeds(load_model(self.pruned).model)
+            result = quantize_file(self.pruned, out, data, options, in_place=True, verify=verify)
+            report_layers(result.layers)
+            return result
+        finally:
+            self._tmp.cleanup()
+
+
+class QuantizeTool(Tool):
+    name = "quantize"
+    help = "Quantize a (pruned) model to INT8 Q/DQ so TensorRT can run its 2:4 layers with sparse INT8 kernels."
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        add_model_arg(parser)
+        parser.add_argument("-o", "--output", metavar="PATH", help="Where to write the Q/DQ model.")
+        parser.add_argument("--in-place", action="store_true", help="Overwrite the input model (only with this flag).")
+        parser.add_argument("--report", metavar="PATH", help="Write a JSON report (per layer).")
+        parser.add_argument(
+            "--no-verify", action="store_true", help="Skip the onnx.checker and onnxruntime checks of the output."
+        )
+        from onnx_sparse.cli.common import add_selection_args
+
+        add_selection_args(parser)
+        data = parser.add_argument_group("Calibration data (as for prune)")
+        data.add_argument("--load-inputs", nargs="+", default=[], metavar="PATH", help="Polygraphy JSON feeds.")
+        data.add_argument(
+            "--data-loader-script",
+            metavar="SCRIPT[:FUNC]",
+            help="Python script whose function (default load_data) returns an iterable of {input name: array}.",
+        )
+        data.add_argument(
+            "--input-shapes", nargs="+", default=[], metavar="NAME:[SHAPE]", help="Shapes for random data."
+        )
+        data.add_argument("--seed", type=int, help="Seed of the random data.")
+        data.add_argument("--iterations", type=int, help="Number of random samples (default 8).")
+        data.add_argument("--calib-samples", type=int, metavar="N", help="Use at most N calibration samples.")
+        add_quantize_args(parser)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from onnx_sparse.calib.data import RANDOM_DATA_WARNING, load_calibration
+        from onnx_sparse.cli.common import selection_kwargs
+        from onnx_sparse.io import load_model
+        from onnx_sparse.quant import quantize_file
+
+        if args.output is None and not args.in_place:
+            raise OnnxSparseError("no output path", hint="pass -o OUT, or --in-place to overwrite the input")
+        out = Path(args.output) if args.output else Path(args.model)
+        options = quantize_options(args, selection_kwargs(args))
+        if args.min_channels:
+            logger.warning("--min-channels is ignored by quantize")
+        mf = load_model(args.model)
+        feeds, real = load_calibration(
+            mf.model,
+            load_inputs_paths=args.load_inputs,
+            data_loader_script=args.data_loader_script,
+            input_shapes=args.input_shapes,
+            seed=args.seed,
+            iterations=args.iterations,
+            limit=args.calib_samples,
+        )
+        result = quantize_file(args.model, out, feeds, options, in_place=args.in_place, verify=not args.no_verify)
+        report_layers(result.layers)
+        logger.info("wrote %s", out)
+        if args.report:
+            write_json(
+                args.report,
+                {"model": str(args.model), "output": str(out), "calibration": {"random": not real, "samples": len(feeds)},
+                 "layers": [layer.to_json() for layer in result.layers]},
+            )  # fmt: skip
+            logger.info("wrote %s", args.report)
+        if not real:
+            logger.warning("%s", RANDOM_DATA_WARNING)
+        return 0
+
+
+TOOL = QuantizeTool()
