@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from onnx_sparse.analysis import layer_records, select_sites, summarize
+from onnx_sparse.analysis import int8_cell, layer_records, select_sites, summarize
 from onnx_sparse.cli.base import Tool
 from onnx_sparse.cli.common import add_model_arg, add_selection_args, selection_kwargs
 from onnx_sparse.graph.locate import find_weight_sites
@@ -23,6 +23,7 @@ COLUMNS = [
     ("layout", "layout"),
     ("verdict", "eligible / reason"),
     ("sparse_2of4", "2:4"),
+    ("int8", "INT8"),
     ("violating", "violating"),
     ("params_s", "params"),
     ("macs_s", "MACs"),
@@ -45,6 +46,7 @@ def table_rows(records):
                 "violating": None if r["violating_fraction"] is None else fmt_share(r["violating_fraction"]),
                 "params_s": fmt_count(r["params"]),
                 "macs_s": fmt_count(r["macs"]),
+                "int8": int8_cell(r),
                 "notes": ",".join(f"{k}={v}" for k, v in sorted(r["annotations"].items()) if k != "reason") or None,
             }
         )
@@ -79,6 +81,11 @@ class InspectTool(Tool):
         else:
             logger.info("no Conv, ConvTranspose, Gemm or MatMul layers found")
         logger.info("%s", summary_line(summary))
+        if summary["int8_layers"]:
+            logger.info(
+                "%d of %d eligible layers sparse INT8 possible (INT8 input, weight and output)",
+                summary["sparse_int8_possible_layers"], summary["eligible_layers"],
+            )  # fmt: skip
         if args.json:
             write_json(args.json, {"model": str(args.model), "layers": records, "summary": summary})
             logger.info("wrote %s", args.json)
