@@ -155,9 +155,14 @@ def test_cli_prune_int8_loads_the_data_once(run_cli, tmp_path: Path, monkeypatch
     src = case_path("mlp.onnx")
     out = tmp_path / "m.int8.onnx"
     rc, text = run_cli(["prune", src, "-o", out, "--method", "wanda", "--int8",
-                        "--load-inputs", _inputs_json(src, tmp_path)])  # fmt: skip
+                        "--load-inputs", _inputs_json(src, tmp_path), "--report", tmp_path / "r.json"])  # fmt: skip
     assert rc == 0, text
     assert len(calls) == 1
+    import json
+
+    report = json.loads((tmp_path / "r.json").read_text())
+    (tmp_path / "r.json").unlink()
+    assert {x["node"] for x in report["int8"] if x["sparse_int8_possible"]} == {"fc0", "Gemm_1", "Gemm_3"}
     assert run_cli(["check", out])[0] == 0
     sites = {s.node: s for s in find_weight_sites(onnx.load(out))}
     assert all(sites[n].int8 is not None and sites[n].int8.possible for n in ("fc0", "Gemm_1", "Gemm_3"))

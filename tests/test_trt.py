@@ -239,6 +239,12 @@ def test_plan_int8_uses_the_qdq_model(tmp_path: Path, version: str, fp16: bool, 
     assert not plan.converted and "Q/DQ" in plan.note
 
 
+def test_plan_trt11_qdq_fp16_converts_the_float_parts(tmp_path: Path) -> None:
+    plan = trt.plan_precision(_qdq_model(tmp_path), True, tmp_path, int8=True, version="11.0")
+    assert plan.converted and plan.strongly_typed and plan.qdq and not (plan.fp16 or plan.int8)
+    assert "Q/DQ" in plan.note
+
+
 def test_plan_int8_refuses_a_float_model(tmp_path: Path) -> None:
     with pytest.raises(OnnxSparseError, match="no QuantizeLinear") as err:
         trt.plan_precision(MODELS_DIR / "conv_bn_folded.onnx", False, tmp_path, int8=True, version="10.14")

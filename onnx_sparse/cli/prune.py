@@ -123,8 +123,10 @@ class PruneTool(Tool):
             prune_pass=prune_pass,
             **selection_kwargs(args),
         )
+        quantized = None
         if staging:
-            staging.quantize(out, feeds, quantize_options(args, selection_kwargs(args)), verify=not args.no_verify)
+            opts = quantize_options(args, selection_kwargs(args))
+            quantized = staging.quantize(out, feeds, opts, verify=not args.no_verify)
         records = [r for r in result.records if hasattr(r, "retained_magnitude")]
         if records:
             rows = [
@@ -153,6 +155,8 @@ class PruneTool(Tool):
                 doc["calibration"] = {"random": not real["value"]}
             if reports:
                 doc["sensitivity"] = reports[-1].to_json()
+            if quantized is not None:
+                doc["int8"] = [layer.to_json() for layer in quantized.layers]
             write_json(args.report, doc)
             logger.info("wrote %s", args.report)
         if needs_data or args.int8:

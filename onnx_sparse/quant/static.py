@@ -26,6 +26,7 @@ selection leaves out.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import tempfile
@@ -207,17 +208,22 @@ class _Reader:
 @contextlib.contextmanager
 def _quiet_root() -> Iterator[None]:
     """onnxruntime's quantizer logs advice through the root logger (``logging.warning``), which would
-    also install a default handler on it; hold both off while it runs (its errors still raise)."""
+    also install a default handler on it, and prints progress; hold all of it off while it runs (its
+    errors still raise; the printed lines go to DEBUG)."""
     root = logging.getLogger()
     null = logging.NullHandler()
     level = root.level
     root.addHandler(null)
     root.setLevel(logging.ERROR)
+    printed = io.StringIO()  # its calibrators print progress to stdout
     try:
-        yield
+        with contextlib.redirect_stdout(printed):
+            yield
     finally:
         root.removeHandler(null)
         root.setLevel(level)
+        if printed.getvalue().strip():
+            logger.debug("onnxruntime quantizer: %s", " | ".join(printed.getvalue().split("\n")))
 
 
 def _ort_quantize(model: onnx.ModelProto, nodes: list[str], feeds: Sequence[Any], options: QuantizeOptions) -> Any:
