@@ -207,3 +207,16 @@ def test_real_models_every_eligible_layer_sparse_int8(name: str, real_model) -> 
     for layer in result.layers:
         assert layer.quantized or layer.reason
     ort_run(result.model.model, _feeds(pruned, n=1)[0])
+
+
+def test_ineligible_layers_stay_float_unless_all() -> None:
+    pruned = api.prune(onnx.load(case_path("grouped_depthwise.onnx")))
+    feeds = _feeds(pruned)
+    by_node = {layer.node: layer for layer in quantize(pruned, feeds).layers}
+    assert by_node["gconv"].sparse_int8
+    for node in ("dwconv", "g6conv"):
+        assert not by_node[node].quantized and "not 2:4 eligible" in by_node[node].reason
+    every = {layer.node: layer for layer in quantize(pruned, feeds, QuantizeOptions(layers="all")).layers}
+    assert all(layer.quantized for layer in every.values()) and every["gconv"].sparse_int8
+    with pytest.raises(OnnxSparseError, match="layer set"):
+        QuantizeOptions(layers="some")

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 def add_quantize_args(parser: argparse.ArgumentParser) -> None:
     """The quantization options (shared with ``prune --int8``)."""
-    from onnx_sparse.quant import CALIBRATION_METHODS
+    from onnx_sparse.quant import CALIBRATION_METHODS, LAYER_SETS
 
     group = parser.add_argument_group("INT8 quantization")
     group.add_argument(
@@ -32,6 +32,13 @@ def add_quantize_args(parser: argparse.ArgumentParser) -> None:
         choices=CALIBRATION_METHODS,
         default="minmax",
         help="How activation ranges are set from the calibration data (onnxruntime's calibrators; default minmax).",
+    )
+    group.add_argument(
+        "--int8-layers",
+        choices=LAYER_SETS,
+        default="eligible",
+        help="eligible (default): quantize the 2:4-eligible layers and leave the rest in float; "
+        "all: every Conv/Gemm/MatMul with a weight (more INT8, less accuracy).",
     )
     group.add_argument(
         "--act-percentile",
@@ -49,6 +56,7 @@ def quantize_options(args: argparse.Namespace, selection: dict[str, Any] | None 
     return QuantizeOptions(
         calibration=args.act_calibration,
         percentile=args.act_percentile,
+        layers=args.int8_layers,
         include=tuple(sel.get("include", ())),
         exclude=tuple(sel.get("exclude", ())),
         ops=tuple(sel.get("ops", ())),

@@ -2,6 +2,7 @@
 
 from onnx_sparse.quant.static import (
     CALIBRATION_METHODS,
+    LAYER_SETS,
     LayerQuant,
     QuantizeOptions,
     QuantizeResult,
@@ -9,4 +10,12 @@ from onnx_sparse.quant.static import (
     quantize_file,
 )
 
-__all__ = ["CALIBRATION_METHODS", "LayerQuant", "QuantizeOptions", "QuantizeResult", "quantize", "quantize_file"]
+__all__ = [
+    "CALIBRATION_METHODS",
+    "LAYER_SETS",
+    "LayerQuant",
+    "QuantizeOptions",
+    "QuantizeResult",
+    "quantize",
+    "quantize_file",
+]
