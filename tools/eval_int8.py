@@ -52,12 +52,19 @@ def verdict(metrics: dict[str, float]) -> dict[str, Any]:
     return {"within_0.02_of_sparse": near, "no_worse_than_sum": additive, "meets": near and additive}
 
 
-def evaluate(name: str, method: str, quick: bool, calibration: str, calibration_size: int | None) -> dict[str, Any]:
+def evaluate(
+    name: str,
+    method: str,
+    quick: bool,
+    calibration: str,
+    calibration_size: int | None,
+    exclude: Sequence[str] = (),
+) -> dict[str, Any]:
     from onnx_sparse.quant import QuantizeOptions, quantize
 
     data = eval_real.load(name, quick, calibration_size)
-    options = QuantizeOptions(calibration=calibration)
-    row: dict[str, Any] = {"model": name, "method": method, "act_calibration": calibration,
+    options = QuantizeOptions(calibration=calibration, exclude=tuple(exclude))
+    row: dict[str, Any] = {"model": name, "method": method, "act_calibration": calibration, "exclude": list(exclude),
                            "calibration_feeds": len(data.calibration), "evaluation_feeds": len(data.evaluation)}  # fmt: skip
     t0 = time.perf_counter()
     sparse, _ = eval_real.prune(data.dense, method, data.calibration, False)
@@ -86,8 +93,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [head, "|" + "---|" * 9]
     for r in rows:
         m = r["metrics"]
+        excluded = f" ({len(r['exclude'])} pattern(s) left float)" if r.get("exclude") else ""
         lines.append(
-            f"| {r['model']} | {r['metric_name']} | {m['dense']:.4f} | {m['dense-int8']:.4f} | {m['sparse']:.4f} | "
+            f"| {r['model']}{excluded} | {r['metric_name']} | {m['dense']:.4f} | {m['dense-int8']:.4f} | {m['sparse']:.4f} | "
             f"{m['sparse-int8']:.4f} | {r['sparse_int8_layers']}/{r['eligible_layers']} | "
             f"{'yes' if r['within_0.02_of_sparse'] else 'NO'} | {'yes' if r['no_worse_than_sum'] else 'NO'} |"
         )
@@ -98,7 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(realdata.MODELS), choices=realdata.MODELS)
     parser.add_argument("--method", default="wanda", choices=eval_real.METHODS, help="pruning method (default wanda)")
-    parser.add_argument("--act-calibration", default="minmax", choices=("minmax", "percentile", "entropy"))
+    parser.add_argument("--act-calibration", default="percentile", choices=("minmax", "percentile", "entropy"))
+    parser.add_argument(
+        "--exclude", action="append", default=[], metavar="REGEX", help="layers to leave out of INT8 (repeatable)"
+    )
     parser.add_argument("--quick", action="store_true", help="the smaller evaluation sets of eval_real --quick")
     parser.add_argument("--calibration-size", type=int, help="calibration feeds per model (default: realdata's)")
     parser.add_argument("--json", metavar="PATH", help="write every result as JSON")
@@ -108,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for name in args.models:
         logger.info("== %s", name)
-        rows.append(evaluate(name, args.method, args.quick, args.act_calibration, args.calibration_size))
+        rows.append(evaluate(name, args.method, args.quick, args.act_calibration, args.calibration_size, args.exclude))
         logger.info("%s", format_table(rows[-1:]))
         if args.json:  # after each model, so a long run keeps what it has
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)

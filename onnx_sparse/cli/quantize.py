@@ -30,8 +30,9 @@ def add_quantize_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--act-calibration",
         choices=CALIBRATION_METHODS,
-        default="minmax",
-        help="How activation ranges are set from the calibration data (onnxruntime's calibrators; default minmax).",
+        default="percentile",
+        help="How activation ranges are set from the calibration data (onnxruntime's calibrators; "
+        "default percentile, see --act-percentile).",
     )
     group.add_argument(
         "--int8-layers",

@@ -84,8 +84,10 @@ class QuantizeOptions:
     """How to quantize.
 
     Attributes:
-        calibration: activation range method: ``minmax`` (default), ``percentile`` or ``entropy``
-            (onnxruntime's calibrators).
+        calibration: activation range method: ``percentile`` (default), ``minmax`` or ``entropy``
+            (onnxruntime's calibrators). Percentile 99.999 kept more of the dense model's answers than
+            min/max on the real models (magika top-1 agreement 0.953 -> 0.969, PP-OCRv4 cls 0.922 ->
+            0.953, MiniLM unchanged; tools/eval_int8.py, quick sets); it costs more calibration time.
         percentile: with ``percentile``, the share of values the range covers (e.g. 99.999).
         include / exclude / ops: layer selection as in ``prune`` (regexes on node names, op types).
         layers: ``eligible`` (default): quantize the 2:4-eligible layers, the ones a sparse INT8
@@ -96,7 +98,7 @@ class QuantizeOptions:
             tools/eval_int8.py).
     """
 
-    calibration: str = "minmax"
+    calibration: str = "percentile"
     percentile: float = 99.999
     layers: str = "eligible"
     include: tuple[str, ...] = ()
@@ -206,20 +208,25 @@ def _name_nodes(model: onnx.ModelProto) -> None:
 
 
 class _Reader:
-    """onnxruntime's CalibrationDataReader over a list of feeds."""
+    """onnxruntime's CalibrationDataReader over a list of feeds, with ``set_range`` for its strided
+    collection (which we use one feed at a time, see :func:`_ort_quantize`)."""
 
     def __init__(self, feeds: Sequence[dict[str, np.ndarray]]) -> None:
         self._feeds = list(feeds)
         self._i = 0
+        self._end = len(self._feeds)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._i >= len(self._feeds):
+        if self._i >= self._end:
             return None
         self._i += 1
         return self._feeds[self._i - 1]
 
     def rewind(self) -> None:
         self._i = 0
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._i, self._end = start_index, min(end_index, len(self._feeds))
 
     def __len__(self) -> int:
         return len(self._feeds)
@@ -286,6 +293,10 @@ def _ort_quantize(model: onnx.ModelProto, nodes: list[str], feeds: Sequence[Any]
                 "QuantizeBias": False,
                 "QDQKeepRemovableActivations": True,
                 "CalibPercentile": options.percentile,
+                # One feed per collection step: the histogram calibrators stack each step's values
+                # into one array, which fails when feeds differ in shape (sequence lengths, image
+                # sizes); the min/max calibrator then also holds one feed's activations at a time.
+                "CalibStridedMinMax": 1,
                 "CalibTensorRangeSymmetric": True,
                 # MatMul B [.., K, N]: scales per output column N (onnxruntime's default, 1, is K for rank 3).
                 "QDQOpTypePerChannelSupportToAxis": {"MatMul": -1},
