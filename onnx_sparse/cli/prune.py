@@ -113,6 +113,10 @@ class PruneTool(Tool):
             )  # fmt: skip
         out = Path(args.output) if args.output else Path(args.model)
         staging = Int8Staging(out) if args.int8 else None
+        if staging and not needs_data:  # bad calibration data fails before the pruning, not after it
+            from onnx_sparse.io import load_model
+
+            feeds(load_model(args.model).model)
         result = prune_file(
             args.model,
             staging.pruned if staging else out,
