@@ -337,7 +337,9 @@ def quantize(
     nodes = sorted(n for n, r in reasons.items() if not r)
     if not nodes:
         raise OnnxSparseError(
-            "no layer to quantize", hint="the model has no Conv/Gemm/MatMul with a float32 initializer weight"
+            "no layer to quantize",
+            hint="the model has no 2:4-eligible Conv/Gemm/MatMul with a float32 weight the quantizer can reach "
+            "(--int8-layers all also takes the ineligible ones; --include/--exclude may have left all out)",
         )
     logger.info("quantizing %d layer(s) to INT8 Q/DQ on %d calibration sample(s)", len(nodes), len(feeds))
     try:
@@ -371,8 +373,6 @@ def _check(result: ModelFile, before: dict[str, Any], reasons: dict[str, str]) -
         if was is not None and was.sparse_2of4 and reasons.get(s.node) == "":
             assert stats is not None and stats.sparse_2of4, f"{s.node}: the 2:4 pattern did not survive quantization"
         reason = reasons.get(s.node, "added by the quantizer")
-        if reason and s.dtype == "int8" and s.node in reasons and reason != reasons.get(s.node):
-            reason = ""
         if not reason and s.dtype != "int8":
             reason = "the quantizer left it in float"
         layers.append(
