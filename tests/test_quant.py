@@ -220,3 +220,34 @@ def test_ineligible_layers_stay_float_unless_all() -> None:
     assert all(layer.quantized for layer in every.values()) and every["gconv"].sparse_int8
     with pytest.raises(OnnxSparseError, match="layer set"):
         QuantizeOptions(layers="some")
+
+
+def test_int8_errors_are_measured_per_layer() -> None:
+    pruned = api.prune(onnx.load(case_path("conv_bn_folded.onnx")))
+    result = quantize(pruned, _feeds(pruned))
+    for layer in result.layers:
+        assert layer.error is not None and layer.error.input is not None and layer.error.output is not None
+        # conv2's input is Relu of conv1's already-quantized output: requantizing it can lose nothing
+        assert 0.0 <= layer.error.input < 0.1 and 0.0 < layer.error.output < 0.1
+    assert result.layers[0].error.input > 0.0
+    assert result.layers[0].to_json()["int8_error_output"] == result.layers[0].error.output
+
+
+def test_max_error_leaves_the_worst_layers_float() -> None:
+    pruned = api.prune(onnx.load(case_path("mlp.onnx")))
+    feeds = _feeds(pruned)
+    first = {x.node: x.error.worst for x in quantize(pruned, feeds).layers if x.error is not None}
+    assert len(first) == 3
+    limit = sorted(first.values())[1] - 1e-9  # the two worst are above it
+    result = quantize(pruned, feeds, QuantizeOptions(max_error=limit))
+    by_node = {x.node: x for x in result.layers}
+    above = {n for n, e in first.items() if e > limit}
+    assert len(above) == 2
+    for n in first:
+        assert by_node[n].quantized is (n not in above)
+        if n in above:
+            assert "INT8 error" in by_node[n].reason and by_node[n].error is not None
+    with pytest.raises(OnnxSparseError, match="every layer"):
+        quantize(pruned, feeds, QuantizeOptions(max_error=1e-12))
+    with pytest.raises(OnnxSparseError, match="positive"):
+        QuantizeOptions(max_error=0.0)

@@ -42,6 +42,13 @@ def add_quantize_args(parser: argparse.ArgumentParser) -> None:
         "all: every Conv/Gemm/MatMul with a weight (more INT8, less accuracy).",
     )
     group.add_argument(
+        "--int8-max-error",
+        type=float,
+        metavar="E",
+        help="Leave float every layer whose INT8 input or output loses more than this relative L2 error on the "
+        "calibration data (e.g. 0.05), then quantize again; the table shows each layer's error.",
+    )
+    group.add_argument(
         "--act-percentile",
         type=float,
         default=99.999,
@@ -58,6 +65,7 @@ def quantize_options(args: argparse.Namespace, selection: dict[str, Any] | None 
         calibration=args.act_calibration,
         percentile=args.act_percentile,
         layers=args.int8_layers,
+        max_error=args.int8_max_error,
         include=tuple(sel.get("include", ())),
         exclude=tuple(sel.get("exclude", ())),
         ops=tuple(sel.get("ops", ())),
@@ -78,9 +86,12 @@ def report_layers(layers: Sequence[Any]) -> None:
             state = "INT8 (not 2:4)" if layer.eligible else "INT8 (not 2:4 eligible)"
         else:
             state = f"INT8 weight; not INT8: {layer.int8.reason}"
-        rows.append({"node": layer.node, "op": layer.op, "state": state})
+        err = layer.error
+        error = None if err is None else "/".join("-" if e is None else f"{e:.1%}" for e in (err.input, err.output))
+        rows.append({"node": layer.node, "op": layer.op, "state": state, "error": error})
     if rows:
-        logger.info("%s", format_table(rows, [("node", "node"), ("op", "op"), ("state", "INT8 state")]))
+        cols = [("node", "node"), ("op", "op"), ("state", "INT8 state"), ("error", "INT8 error in/out")]
+        logger.info("%s", format_table(rows, cols))
     sparse = sum(1 for layer in layers if layer.sparse_int8)
     eligible = sum(1 for layer in layers if layer.eligible)
     out = [layer for layer in layers if not layer.quantized]

@@ -79,8 +79,16 @@ class GraphIndex:
                     self.consumers.setdefault(name, []).append(node)
 
     def constant(self, name: str) -> np.ndarray | None:
+        """A small constant's value (zero points); None if absent or stored as external data."""
         t = self.constants.get(name)
-        return None if t is None else numpy_helper.to_array(t)
+        if t is None or t.data_location == TensorProto.EXTERNAL:
+            return None
+        return numpy_helper.to_array(t)
+
+    def size(self, name: str) -> int | None:
+        """A constant's element count, from its dims (never reads the data)."""
+        t = self.constants.get(name)
+        return None if t is None else int(np.prod(t.dims))
 
     def elem_type(self, name: str) -> int | None:
         """The element type of a stored tensor or graph input, if known."""
@@ -143,8 +151,8 @@ def _weight_reason(index: GraphIndex, name: str, reduction_axis: int | None) -> 
         return why, True
     if node.input[0] not in index.constants:
         return "quantized at run time (QuantizeLinear on a float weight), not stored INT8", True
-    scale = index.constant(node.input[1]) if len(node.input) > 1 else None
-    if scale is not None and scale.size > 1 and reduction_axis is not None:
+    scales = index.size(node.input[1]) if len(node.input) > 1 else None
+    if scales is not None and scales > 1 and reduction_axis is not None:
         rank = len(index.constants[node.input[0]].dims)
         axis = _attr(node, "axis", 1) % max(rank, 1)
         if axis == reduction_axis:
