@@ -59,12 +59,13 @@ def evaluate(
     calibration: str,
     calibration_size: int | None,
     exclude: Sequence[str] = (),
+    max_error: float | None = None,
 ) -> dict[str, Any]:
     from onnx_sparse.quant import QuantizeOptions, quantize
 
     data = eval_real.load(name, quick, calibration_size)
-    options = QuantizeOptions(calibration=calibration, exclude=tuple(exclude))
-    row: dict[str, Any] = {"model": name, "method": method, "act_calibration": calibration, "exclude": list(exclude),
+    options = QuantizeOptions(calibration=calibration, exclude=tuple(exclude), max_error=max_error)
+    row: dict[str, Any] = {"model": name, "method": method, "act_calibration": calibration, "exclude": list(exclude), "max_error": max_error,
                            "calibration_feeds": len(data.calibration), "evaluation_feeds": len(data.evaluation)}  # fmt: skip
     t0 = time.perf_counter()
     sparse, _ = eval_real.prune(data.dense, method, data.calibration, False)
@@ -94,6 +95,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     for r in rows:
         m = r["metrics"]
         excluded = f" ({len(r['exclude'])} pattern(s) left float)" if r.get("exclude") else ""
+        if r.get("max_error") is not None:
+            excluded += f" (--int8-max-error {r['max_error']})"
         lines.append(
             f"| {r['model']}{excluded} | {r['metric_name']} | {m['dense']:.4f} | {m['dense-int8']:.4f} | {m['sparse']:.4f} | "
             f"{m['sparse-int8']:.4f} | {r['sparse_int8_layers']}/{r['eligible_layers']} | "
@@ -112,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="the smaller evaluation sets of eval_real --quick")
     parser.add_argument("--calibration-size", type=int, help="calibration feeds per model (default: realdata's)")
+    parser.add_argument("--int8-max-error", type=float, metavar="E", help="quantize's --int8-max-error")
     parser.add_argument("--json", metavar="PATH", help="write every result as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
