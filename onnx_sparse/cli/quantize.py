@@ -94,13 +94,10 @@ def report_layers(layers: Sequence[Any]) -> None:
         logger.info("%s", format_table(rows, cols))
     sparse = sum(1 for layer in layers if layer.sparse_int8)
     eligible = sum(1 for layer in layers if layer.eligible)
-    out = [layer for layer in layers if not layer.quantized]
     logger.info(
         "%d of %d layers INT8; %d of %d 2:4-eligible layers sparse INT8 possible (INT8 in, weight, out)",
         sum(1 for layer in layers if layer.quantized), len(layers), sparse, eligible,
     )  # fmt: skip
-    for layer in out:
-        logger.info("left in float: %s (%s)", layer.node, layer.reason)
 
 
 class Int8Staging:
