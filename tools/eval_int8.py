@@ -123,7 +123,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for name in args.models:
         logger.info("== %s", name)
-        rows.append(evaluate(name, args.method, args.quick, args.act_calibration, args.calibration_size, args.exclude))
+        rows.append(
+            evaluate(
+                name,
+                args.method,
+                args.quick,
+                args.act_calibration,
+                args.calibration_size,
+                args.exclude,
+                args.int8_max_error,
+            )  # fmt: skip
+        )
         logger.info("%s", format_table(rows[-1:]))
         if args.json:  # after each model, so a long run keeps what it has
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
