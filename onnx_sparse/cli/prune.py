@@ -73,10 +73,11 @@ class PruneTool(Tool):
         if not needs_data and not args.int8 and (data_given or args.input_shapes or args.iterations or args.mask_input):
             logger.warning("calibration data options are ignored: magnitude pruning needs no data")
         real = {"value": True}
+        loaded_once: list[list[dict]] = []  # the feeds, loaded once and shared by pruning and --int8
 
         def feeds(model: Any) -> list[dict]:
-            if "feeds" in real:  # loaded once, shared by pruning and --int8
-                return real["feeds"]  # type: ignore[return-value]
+            if loaded_once:
+                return loaded_once[0]
             from onnx_sparse.calib.data import load_calibration
 
             loaded, real["value"] = load_calibration(
@@ -88,7 +89,7 @@ class PruneTool(Tool):
                 iterations=args.iterations,
                 limit=args.calib_samples,
             )
-            real["feeds"] = loaded  # type: ignore[assignment]
+            loaded_once.append(loaded)
             return loaded
 
         reports: list[Any] = []
@@ -164,7 +165,7 @@ class PruneTool(Tool):
             write_json(args.report, doc)
             logger.info("wrote %s", args.report)
         if needs_data or args.int8:
-            _random_reminder(bool(real["value"]))
+            _random_reminder(real["value"])
         return 0
 
     @staticmethod
