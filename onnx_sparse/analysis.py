@@ -12,7 +12,7 @@ from onnx_sparse.io import ModelFile
 from onnx_sparse.passes.annotate import read_annotations
 from onnx_sparse.recipe import compile_patterns
 
-__all__ = ["layout", "layer_records", "summarize", "select_sites"]
+__all__ = ["layout", "layer_records", "summarize", "select_sites", "int8_fields", "int8_cell"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ def layer_records(mf: ModelFile, sites: Sequence[WeightSite] | None = None) -> l
                 "eligible": s.eligible,
                 "reason": s.reason,
                 "likely_sparse_kernel": s.likely_sparse_kernel,
+                **int8_fields(s),
                 "sparse_2of4": None if stats is None else stats.sparse_2of4,
                 "violating_fraction": None if stats is None else stats.violating_fraction,
                 "zero_fraction": None if stats is None else stats.zero_fraction,
@@ -92,6 +93,38 @@ def layer_records(mf: ModelFile, sites: Sequence[WeightSite] | None = None) -> l
             }
         )
     return records
+
+
+def int8_fields(site: WeightSite) -> dict[str, Any]:
+    """The INT8 record fields: is each of input, weight, output INT8, and is sparse INT8 possible.
+
+    ``None`` values where the layer was not analysed (subgraphs and functions).
+    """
+    io = site.int8
+    if io is None:
+        return {"int8_input": None, "int8_weight": None, "int8_output": None, "int8_missing": None,
+                "sparse_int8_possible": None}  # fmt: skip
+    return {
+        "int8_input": not io.input,
+        "int8_weight": not io.weight,
+        "int8_output": not io.output,
+        "int8_missing": io.reason,
+        "sparse_int8_possible": bool(site.eligible and io.possible),
+    }
+
+
+def int8_cell(record: dict[str, Any]) -> str | None:
+    """The compact INT8 column: ``yes`` (sparse INT8 possible), ``no: in,out`` (which are not INT8),
+    or None for a float layer no Q/DQ touches (and layers not analysed)."""
+    if record.get("int8_input") is None:
+        return None
+    short = {"int8_input": "in", "int8_weight": "w", "int8_output": "out"}
+    missing = [v for k, v in short.items() if not record[k]]
+    if len(missing) == 3:
+        return None
+    if not missing:
+        return "yes" if record["eligible"] else "int8"
+    return "no: " + ",".join(missing)
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -115,4 +148,6 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "eligible_macs_share": (e_macs / macs if macs else 0.0) if macs_known else None,
         "sparse_eligible_share": len(sparse) / len(eligible) if eligible else 0.0,
         "sparse_params_share": sum(r["params"] for r in sparse) / e_params if e_params else 0.0,
+        "int8_layers": sum(1 for r in records if int8_cell(r) is not None),
+        "sparse_int8_possible_layers": sum(1 for r in eligible if r.get("sparse_int8_possible")),
     }

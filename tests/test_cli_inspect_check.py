@@ -227,3 +227,20 @@ def test_bad_option_exits_2(run_cli) -> None:
     with pytest.raises(SystemExit) as err:
         run_cli(["inspect", case_path("mlp.onnx"), "--op", "Relu"])
     assert err.value.code == 2
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly():
+    """``onnx-sparse inspect m.onnx | head -1``: no "Logging error" traceback per remaining line."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "onnx_sparse", "inspect", str(Path(__file__).resolve().parent.parent / "models" / "mlp.onnx")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader goes away before anything is written (the CLI takes ~0.5 s to start)
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Logging error" not in err and "BrokenPipeError" not in err, err

@@ -111,7 +111,32 @@ def test_channels_rule(op: str, axis_len: int, group: int, reason: str | None) -
 )
 def test_likely_sparse_kernel(cin: int, cout: int, likely: bool) -> None:
     assert rules.likely_sparse_kernel(cin, cout) is likely
+    assert rules.likely_sparse_kernel(cin, cout, int8=True) is likely
     assert rules.LIKELY_SPARSE_MIN_CHANNELS == 256
+
+
+@pytest.mark.parametrize(
+    ("cin", "cout", "likely"), [(4096, 4096, True), (4096, 11008, True), (1536, 384, False), (2048, 4096, False)]
+)
+def test_likely_sparse_kernel_fp16(cin: int, cout: int, likely: bool) -> None:
+    """Not INT8 in/weight/out: the measured FP16 floor of 4096 applies."""
+    assert rules.likely_sparse_kernel(cin, cout, int8=False) is likely
+
+
+@pytest.mark.parametrize(
+    ("elem", "zp", "reason"),
+    [
+        (onnx.TensorProto.INT8, None, None),
+        (onnx.TensorProto.INT8, np.zeros(3, np.int8), None),
+        (onnx.TensorProto.INT8, np.array([0, 1], np.int8), "zero point"),
+        (onnx.TensorProto.UINT8, None, "uint8"),
+        (onnx.TensorProto.FLOAT8E4M3FN, None, "float8"),
+        (None, None, "unknown"),
+    ],
+)
+def test_int8_tensor_rule(elem: int | None, zp: np.ndarray | None, reason: str | None) -> None:
+    got = rules.int8_tensor_rule(elem, zp)
+    assert got is None if reason is None else (got is not None and reason in got)
 
 
 # --------------------------------------------------------------------------- applied in the graph

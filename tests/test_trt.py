@@ -15,6 +15,8 @@ from onnx_sparse.core.nm import prune_2_4
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.handoff import trt
 
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
 TRT_REASON = "TensorRT is not installed (it needs an NVIDIA GPU); engine builds cannot be tested here"
 
 
@@ -123,6 +125,24 @@ def test_build_sparse_engine_and_parse_its_log(tensorrt, tmp_path) -> None:
     log = parse_trt_log(built.log)
     assert log.found, "no (Sparsity) lines in the captured builder log"
     assert trt.time_engine(built.engine, iterations=5, warmup=2) > 0
+    layers = trt.engine_layers(built.engine)  # profilingVerbosity=DETAILED: tactic names are there
+    assert layers and any(x.tactic for x in layers)
+
+
+def test_build_int8_qdq_model(tensorrt, tmp_path, run_cli) -> None:
+    """prune --int8 output builds as INT8 (INT8 flag on TensorRT 10, strongly typed on 11)."""
+    model = sparse_mlp(tmp_path / "mlp.onnx")
+    feeds = tmp_path / "calib.json"
+    from polygraphy.json import save_json
+
+    save_json(
+        [{"x": np.random.default_rng(i).standard_normal((256, 512)).astype(np.float32)} for i in range(2)], str(feeds)
+    )
+    q = tmp_path / "mlp.int8.onnx"
+    assert run_cli(["quantize", model, "-o", q, "--load-inputs", feeds])[0] == 0
+    rc, out = run_cli(["build", q, "--int8", "--iterations", "5"])
+    assert rc == 0, out
+    assert "sparse INT8 (ours)" in out
 
 
 def test_precision_flags_refused_on_trt11(tensorrt, tmp_path) -> None:
@@ -176,3 +196,90 @@ def test_gpu_check_layers_and_synthetic_model(tmp_path) -> None:
 
     sites = find_weight_sites(model)
     assert len(sites) == len(gpu_check.TRT_CHAIN) - 1 and all(s.eligible for s in sites)
+
+
+# --------------------------------------------------------------------------- fakes: inspector JSON, precision plans
+
+
+# The shape of IEngineInspector's JSON with profilingVerbosity=DETAILED, as in a public engine dump
+# (one Conv layer; fields shortened to the ones we read).
+LAYER_INFO = """{"Layers": [{"Name": "conv1 + relu1", "LayerType": "CaskConvolution", "HasSparseWeights": 1,
+ "TacticName": "sm80_xmma_fprop_sparse_conv_interleaved_i8i8_i8i32_f32_nchw_vect_c_32kcrs_vect_c_32",
+ "TacticValue": "0x1"}, {"Name": "fc", "HasSparseWeights": 0,
+ "TacticName": "sm80_xmma_fprop_implicit_gemm_interleaved_i8f32_i8i32_f32"}],
+ "Bindings": ["x", "y"]}"""
+
+
+def test_parse_layer_info_detailed_and_names_only() -> None:
+    layers = trt.parse_layer_info(LAYER_INFO)
+    assert [(x.name, x.sparse_weights, x.sparse_tactic) for x in layers] == [
+        ("conv1 + relu1", True, True),
+        ("fc", False, False),
+    ]
+    assert trt.parse_layer_info('{"Layers": ["a", "b"]}') == [trt.EngineLayer("a"), trt.EngineLayer("b")]
+
+
+def _qdq_model(tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copy(MODELS_DIR / "qdq_conv.onnx", tmp_path / "q.onnx"))
+
+
+@pytest.mark.parametrize(
+    ("version", "fp16", "flags", "typed"),
+    [
+        ("10.14.1", False, (False, True), False),
+        ("10.14.1", True, (True, True), False),
+        ("11.0.0", False, (False, False), True),
+    ],
+)
+def test_plan_int8_uses_the_qdq_model(tmp_path: Path, version: str, fp16: bool, flags, typed: bool) -> None:
+    plan = trt.plan_precision(_qdq_model(tmp_path), fp16, tmp_path, int8=True, version=version)
+    assert (plan.fp16, plan.int8) == flags and plan.strongly_typed is typed and plan.qdq
+    assert not plan.converted and "Q/DQ" in plan.note
+
+
+def test_plan_trt11_qdq_fp16_converts_the_float_parts(tmp_path: Path) -> None:
+    plan = trt.plan_precision(_qdq_model(tmp_path), True, tmp_path, int8=True, version="11.0")
+    assert plan.converted and plan.strongly_typed and plan.qdq and not (plan.fp16 or plan.int8)
+    assert "Q/DQ" in plan.note
+
+
+def test_plan_int8_refuses_a_float_model(tmp_path: Path) -> None:
+    with pytest.raises(OnnxSparseError, match="no QuantizeLinear") as err:
+        trt.plan_precision(MODELS_DIR / "conv_bn_folded.onnx", False, tmp_path, int8=True, version="10.14")
+    assert "onnx-sparse quantize" in (err.value.hint or "")
+
+
+def test_plan_trt11_fp32_converts_to_fp16(tmp_path: Path) -> None:
+    plan = trt.plan_precision(MODELS_DIR / "conv_bn_folded.onnx", True, tmp_path, version="11.0")
+    assert plan.converted and plan.strongly_typed and not (plan.fp16 or plan.int8)
+
+
+def test_build_command_with_a_fake_tensorrt(run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole `build --int8` report path on TensorRT 11 with the builder, timer and inspector faked."""
+    import json
+
+    calls = []
+
+    def fake_build(path, sparse=True, **kw):
+        calls.append((sparse, kw))
+        log = "[I] [TRT] (Sparsity) Found 1 layer(s) eligible to use sparse tactics\n[I] [TRT] (Sparsity) Chose 1 layer(s) using sparse tactics\n"
+        return trt.EngineBuild(b"engine", log if sparse else "")
+
+    monkeypatch.setattr(trt, "require_trt", lambda: "11.0.0")
+    monkeypatch.setattr(trt, "build_engine", fake_build)
+    monkeypatch.setattr(trt, "time_engine", lambda engine, iterations=1: 1.0)
+    monkeypatch.setattr(
+        trt, "engine_layers", lambda engine: [trt.EngineLayer("conv", "sm80_xmma_fprop_sparse_conv_i8", True)]
+    )
+    report = tmp_path / "r.json"
+    rc, out = run_cli(["build", _qdq_model(tmp_path), "--int8", "--dense-too", "--report", report])
+    assert rc == 0, out
+    assert [c[0] for c in calls] == [True, False]
+    assert all(c[1]["strongly_typed"] and not c[1]["fp16"] and not c[1]["int8"] for c in calls)
+    doc = json.loads(report.read_text())
+    (node,) = doc["nodes"]
+    assert (node["trt_eligible"], node["trt_picked"], node["tactic_sparse"]) == (True, True, True)
+    assert doc["trt_eligible_count"] == 1 and "strongly typed" in doc["precision"]
+    assert "1 layer(s) eligible for sparse tactics, 1 chose them" in out

@@ -260,3 +260,59 @@ def test_node_names_with_commas_are_rejoined() -> None:
 
 def test_unknown_layers_map_to_nothing() -> None:
     assert map_layers_to_nodes(["Conv_404", "(Unnamed Layer* 3) [Constant]"], ["Conv_1"]) == {}
+
+
+# --------------------------------------------------------------------------- TensorRT 10 / 11 lines
+
+# NVIDIA TensorRT-Model-Optimizer, examples/sparse_quant_trt/README.md (PR #1664, TensorRT 10.14):
+# the two lines as that README documents them (N, M and the lists are placeholders there).
+MODELOPT_FORM = """\
+(Sparsity) Found N layer(s) eligible to use sparse tactics: ...
+(Sparsity) Chose M layer(s) using sparse tactics: ...
+"""
+# A public 2:4 experiment write-up on GitHub (trtexec, TensorRT 10, Jetson): counts, no names, none chosen.
+ZERO_CHOSEN = """\
+(Sparsity) Found 39 layer(s) eligible to use sparse tactics
+(Sparsity) Chose 0 layer(s) using sparse tactics
+"""
+
+
+def test_trt10_counts_without_names_and_zero_chosen() -> None:
+    got = parse_trt_log("[12/01/2025-10:00:00] [I] [TRT] " + ZERO_CHOSEN.replace("\n", "\n[I] [TRT] ", 1))
+    assert got.eligible_seen and got.picked_seen
+    assert (got.eligible_counts, got.picked_counts) == ([39], [0])
+    assert (got.eligible_count, got.picked_count) == (39, 0)
+    assert got.eligible == [] and got.eligible_unnamed and not got.eligible_known
+    assert got.picked == [] and not got.picked_unnamed and got.picked_known  # "Chose 0" is a complete none
+
+
+def test_trt10_with_names_repeated_per_region() -> None:
+    text = """\
+[I] [TRT] (Sparsity) Found 2 layer(s) eligible to use sparse tactics: /l0/fc1/MatMul, /l0/fc2/MatMul
+[I] [TRT] (Sparsity) Chose 1 layer(s) using sparse tactics: /l0/fc1/MatMul
+[I] [TRT] Total Activation Memory: 1
+[I] [TRT] (Sparsity) Found 1 layer(s) eligible to use sparse tactics: {ForeignNode[/l1/fc1/MatMul.../l1/fc2/MatMul]}
+[I] [TRT] (Sparsity) Chose 0 layer(s) using sparse tactics:
+"""
+    got = parse_trt_log(text)
+    assert got.eligible == ["/l0/fc1/MatMul", "/l0/fc2/MatMul", "{ForeignNode[/l1/fc1/MatMul.../l1/fc2/MatMul]}"]
+    assert got.picked == ["/l0/fc1/MatMul"]
+    assert (got.eligible_counts, got.picked_counts) == ([2, 1], [1, 0])
+    assert got.eligible_known and got.picked_known and got.eligible_count == 3
+
+
+def test_trt10_placeholder_form_and_wrapped_list() -> None:
+    got = parse_trt_log(MODELOPT_FORM.replace("N", "2", 1).replace("M", "1", 1))
+    # "..." is what the README prints in place of names: it parses as one (unknown) layer name
+    assert got.eligible_counts == [2] and got.picked_counts == [1] and got.eligible == ["..."]
+    wrapped = (
+        "[I] [TRT] (Sparsity) Found 3 layer(s) eligible to use sparse tactics: Conv_1 + Relu_2, Conv_3, Mat\n"
+        "Mul_4\n[I] [TRT] done\n"
+    )
+    assert parse_trt_log(wrapped).eligible == ["Conv_1 + Relu_2", "Conv_3", "MatMul_4"]
+
+
+def test_both_formats_in_one_log() -> None:
+    got = parse_trt_log(PYTHON_LOGGER_1403 + ZERO_CHOSEN)
+    assert got.eligible == ["Conv_0"] and got.eligible_counts == [39] and got.eligible_unnamed
+    assert got.picked == [] and got.picked_counts == [0]

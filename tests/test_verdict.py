@@ -171,3 +171,56 @@ def test_real_sites_on_the_mlp_fixture() -> None:
     assert disagreements(rows) == []
     not_eligible = [r for r in rows if not r.eligible]
     assert not_eligible and all(r.trt_eligible is False for r in not_eligible)
+
+
+# --------------------------------------------------------------------------- TensorRT 10/11 and the engine inspector
+
+
+def test_counts_without_names_leave_per_node_unknown_unless_the_inspector_says() -> None:
+    from onnx_sparse.handoff.trt import EngineLayer
+
+    counted = parse_trt_log("(Sparsity) Found 2 layer(s) eligible to use sparse tactics\n"
+                            "(Sparsity) Chose 1 layer(s) using sparse tactics\n")  # fmt: skip
+    sites = [Site("conv1", "Conv", True, likely_sparse_kernel=True), Site("fc", "MatMul", True)]
+    rows = by_node(reconcile(sites, counted, NODES))
+    assert rows["conv1"].trt_eligible is None and rows["conv1"].trt_picked is None and rows["conv1"].agrees
+    layers = [
+        EngineLayer("conv1 + relu1", "sm80_xmma_fprop_sparse_conv_interleaved_i8i8_i8i32_f32", True),
+        EngineLayer("fc", "sm80_xmma_gemm_i8i8_i8i32_f32_tn_n_tilesize64x64x64", True),
+    ]
+    rows = by_node(reconcile(sites, counted, NODES, engine_layers=layers))
+    assert (rows["conv1"].trt_eligible, rows["conv1"].trt_picked, rows["conv1"].tactic_sparse) == (True, True, True)
+    assert rows["conv1"].tactic.startswith("sm80_xmma_fprop_sparse")
+    assert (rows["fc"].trt_eligible, rows["fc"].trt_picked, rows["fc"].tactic_sparse) == (True, False, False)
+    assert rows["conv1"].agrees and rows["fc"].agrees
+    text = format_verdict(list(rows.values()))
+    assert "tactic" in text and "TRT chose" in text
+
+
+def test_zero_chosen_marks_every_node_dense() -> None:
+    zero = parse_trt_log("(Sparsity) Found 0 layer(s) eligible to use sparse tactics\n"
+                         "(Sparsity) Chose 0 layer(s) using sparse tactics\n")  # fmt: skip
+    (row,) = reconcile([Site("conv1", "Conv", True, likely_sparse_kernel=True)], zero, NODES)
+    assert (row.trt_eligible, row.trt_picked) == (False, False)
+    assert any("did not list it" in f for f in row.flags)
+
+
+def test_log_and_tactic_disagreement_is_flagged() -> None:
+    from onnx_sparse.handoff.trt import EngineLayer
+
+    named = parse_trt_log("(Sparsity) Found 1 layer(s) eligible to use sparse tactics: conv1\n"
+                          "(Sparsity) Chose 1 layer(s) using sparse tactics: conv1\n")  # fmt: skip
+    dense_tactic = [EngineLayer("conv1", "sm80_xmma_fprop_implicit_gemm_i8i8", False)]
+    (row,) = reconcile(
+        [Site("conv1", "Conv", True, likely_sparse_kernel=True)], named, NODES, engine_layers=dense_tactic
+    )
+    assert row.trt_picked is True and row.tactic_sparse is False
+    assert any("tactic disagree" in f for f in row.flags)
+
+
+def test_sparse_int8_column_from_sites() -> None:
+    pruned_q = MODELS / "qdq_conv.onnx"
+    sites = find_weight_sites(onnx.load(pruned_q))
+    (row,) = reconcile(sites, log(None, None), ["conv"])
+    assert row.sparse_int8 is False  # its output is a float model output
+    assert row.to_json()["sparse_int8_possible"] is False

@@ -16,6 +16,13 @@ then builds the dense and the sparse engine of a model (MODEL, or a synthetic fp
 with :mod:`onnx_sparse.handoff.trt`, times both and prints our per-node prediction against
 TensorRT's eligible/picked lists.
 
+INT8 (``--precision int8`` or ``both``): the same per-layer comparison for INT8 x INT8, the
+kernel TensorRT runs for a layer that is INT8 in, weight and out: the sparse product is
+``to_sparse_semi_structured`` of an int8 weight (cuSPARSELt; int8 output, saturated), the dense
+baseline ``torch._int_mm`` (cuBLAS int8 GEMM, int32 output). Correctness: the sparse result must
+equal the dense int32 result clamped to int8 exactly (weights and inputs in {-1, 0, 1}). Shapes:
+:func:`int8_layers` (the real models' MatMul/Gemm shapes, BERT-base/large, LLaMA-7B).
+
 Runs offline, one case at a time (a failing case prints its error and the run goes on), and
 stops starting new cases when ``--budget`` seconds have passed (default 150: the whole run fits
 in 3 minutes on an H100).
@@ -55,6 +62,24 @@ SYNTHETIC = (
     ("llama.mlp.up_proj", 11008, 4096),
     ("llama.mlp.down_proj", 4096, 11008),
 )
+# INT8 shapes (name, out_features, in_features): the real models' fully connected layers
+# (MiniLM-L3: hidden 384, FFN 1536; magika's dense head), BERT-base, BERT-large, LLaMA-7B.
+INT8_SHAPES = (
+    ("minilm_l3.attention.qkvo", 384, 384),
+    ("minilm_l3.intermediate", 1536, 384),
+    ("minilm_l3.output", 384, 1536),
+    ("magika.dense", 512, 256),
+    ("bert-base.attention", 768, 768),
+    ("bert-base.intermediate", 3072, 768),
+    ("bert-base.output", 768, 3072),
+    ("bert-large.attention", 1024, 1024),
+    ("bert-large.intermediate", 4096, 1024),
+    ("bert-large.output", 1024, 4096),
+    ("llama.self_attn.o_proj", 4096, 4096),
+    ("llama.mlp.up_proj", 11008, 4096),
+    ("llama.mlp.down_proj", 4096, 11008),
+)
+PRECISIONS = ("fp16", "int8")
 # Synthetic TensorRT model: a chain of MatMul -> Relu with these widths (kept small enough to
 # build twice within the budget).
 TRT_CHAIN = (768, 768, 3072, 768, 4096, 4096)
@@ -78,6 +103,7 @@ class Row:
     shape: str
     tokens: int
     backend: str
+    precision: str = "fp16"
     dense_ms: float | None = None
     sparse_ms: float | None = None
     speedup: float | None = None
@@ -301,14 +327,102 @@ def torch_cases(torch: Any, layers: list[Layer], tokens: list[int], args: argpar
     return rows
 
 
+def int8_layers(model_layers: list[Layer] | None = None) -> list[Layer]:
+    """The INT8 cases: each distinct shape of ``model_layers`` (if given), then :data:`INT8_SHAPES`."""
+    out: list[Layer] = []
+    seen: set[tuple[int, int]] = set()
+    for layer in list(model_layers or []) + [Layer(n, "MatMul", o, i) for n, o, i in INT8_SHAPES]:
+        key = (layer.out_features, layer.in_features)
+        if key not in seen:
+            seen.add(key)
+            out.append(Layer(layer.name, layer.op, layer.out_features, layer.in_features, None, layer.source))
+    return out
+
+
+def int8_mismatch(out: Any, dense_int32: Any) -> float:
+    """Share of entries where a sparse INT8 GEMM result ``out`` differs from the dense int32 result.
+
+    An int8 ``out`` may hold the int32 result saturated to [-128, 127] or wrapped modulo 256 (the
+    kernels' documentation does not say which); an entry matches if it equals either. Takes numpy
+    arrays or torch tensors.
+    """
+    if not str(out.dtype).endswith("int8"):
+        same = out == dense_int32
+    else:
+        sat = dense_int32.clip(-128, 127)
+        wrap = (dense_int32 + 128) % 256 - 128
+        wide = out.astype("int32") if hasattr(out, "astype") else out.to(dense_int32.dtype)
+        same = (wide == sat) | (wide == wrap)
+    return 1.0 - float(same.mean() if hasattr(same, "astype") else same.float().mean())
+
+
+def int8_cases(torch: Any, layers: list[Layer], tokens: list[int], args: argparse.Namespace, t0: float) -> list[Row]:
+    """INT8 x INT8: cuSPARSELt 2:4 (int8 out) vs cuBLAS ``torch._int_mm`` (int32 out), per layer and token count."""
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    rows: list[Row] = []
+    forced = SparseSemiStructuredTensor._FORCE_CUTLASS
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for layer in layers:
+        shape = f"{layer.out_features}x{layer.in_features}"
+        if time.monotonic() - t0 > args.budget:
+            rows.append(Row(layer.name, shape, 0, "-", "int8", status="skipped: time budget used up"))
+            continue
+        if layer.in_features % 64 or layer.out_features % 32:
+            rows.append(Row(layer.name, shape, 0, "-", "int8", status="skipped: needs out % 32 == 0 and in % 64 == 0"))
+            continue
+        try:
+            w = torch.randint(-1, 2, (layer.out_features, layer.in_features), generator=gen, device="cuda")
+            w = prune_2_4_torch(torch, w.float()).to(torch.int8)
+            for t in tokens:
+                row = Row(layer.name, shape, t, "cusparselt", "int8")
+                try:
+                    x = torch.randint(-1, 2, (t, layer.in_features), generator=gen, device="cuda").to(torch.int8)
+                    xt = x.t().contiguous()  # row-major [in, tokens] for cuBLAS
+                    xcol = x.t()  # the same values column-major, as PyTorch's int8 semi-structured tests pass them
+                    dense = torch._int_mm(w, xt)  # [out, tokens] int32
+                    row.dense_ms = bench(torch, lambda w=w, xt=xt: torch._int_mm(w, xt), args.iterations, args.warmup)
+                    row.dense_graph_ms = bench_graph(
+                        torch, lambda w=w, xt=xt: torch._int_mm(w, xt), args.iterations, args.warmup
+                    )
+                    SparseSemiStructuredTensor._FORCE_CUTLASS = False
+                    ws = to_sparse_semi_structured(w)
+                    out = torch.mm(ws, xcol)
+                    row.rel_err = int8_mismatch(out, dense)  # share of differing entries
+                    row.sparse_ms = bench(
+                        torch, lambda ws=ws, xcol=xcol: torch.mm(ws, xcol), args.iterations, args.warmup
+                    )
+                    row.speedup = row.dense_ms / row.sparse_ms
+                    row.sparse_graph_ms = bench_graph(
+                        torch, lambda ws=ws, xcol=xcol: torch.mm(ws, xcol), args.iterations, args.warmup
+                    )
+                    if row.sparse_graph_ms and row.dense_graph_ms:
+                        row.graph_speedup = row.dense_graph_ms / row.sparse_graph_ms
+                    row.status = "ok" if row.rel_err == 0.0 else "MISMATCH (int8 results differ)"
+                    del x, xt, xcol, dense, ws, out
+                except Exception as exc:
+                    row.status = f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                finally:
+                    SparseSemiStructuredTensor._FORCE_CUTLASS = forced
+                rows.append(row)
+            del w
+            torch.cuda.empty_cache()
+        except Exception as exc:
+            rows.append(Row(layer.name, shape, 0, "-", "int8", status=f"FAILED: {type(exc).__name__}: {exc}"))
+            if args.verbose:
+                traceback.print_exc()
+    return rows
+
+
 def print_rows(rows: list[Row]) -> None:
     def f(x: float | None, spec: str) -> str:
         return "-" if x is None else format(x, spec)
 
-    table = [("layer", "shape [out x in]", "tokens", "backend", "dense ms", "sparse ms", "speedup",
+    table = [("layer", "shape [out x in]", "tokens", "precision", "backend", "dense ms", "sparse ms", "speedup",
               "dense graph ms", "sparse graph ms", "graph speedup", "rel err", "status")]  # fmt: skip
     for r in rows:
-        table.append((r.layer, r.shape, str(r.tokens or "-"), r.backend, f(r.dense_ms, ".4f"), f(r.sparse_ms, ".4f"),
+        table.append((r.layer, r.shape, str(r.tokens or "-"), r.precision, r.backend, f(r.dense_ms, ".4f"),
+                      f(r.sparse_ms, ".4f"),
                       f(r.speedup, ".2f") + ("x" if r.speedup else ""), f(r.dense_graph_ms, ".4f"),
                       f(r.sparse_graph_ms, ".4f"), f(r.graph_speedup, ".2f") + ("x" if r.graph_speedup else ""),
                       f(r.rel_err, ".1e"), r.status))  # fmt: skip
@@ -417,6 +531,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-layers", type=int, default=12, help="At most this many layers of MODEL.")
     parser.add_argument("--no-trt", action="store_true", help="Skip the TensorRT part.")
     parser.add_argument(
+        "--precision",
+        choices=("fp16", "int8", "both"),
+        default="both",
+        help="fp16: half-precision 2:4 vs dense; int8: INT8 x INT8 2:4 vs dense (the INT8_SHAPES set); both (default).",
+    )
+    parser.add_argument(
         "--dump-layers",
         type=Path,
         metavar="JSON",
@@ -481,9 +601,17 @@ def main(argv: list[str] | None = None) -> int:
     if not layers:
         layers = [Layer(name, "MatMul", out_f, in_f) for name, out_f, in_f in SYNTHETIC]
 
-    say(f"\n== PyTorch: dense torch.mm vs to_sparse_semi_structured (fp16), {len(layers)} layers, tokens {tokens}")
-    rows = torch_cases(torch, layers, tokens, args, t0)
-    print_rows(rows)
+    rows: list[Row] = []
+    if args.precision in ("fp16", "both"):
+        say(f"\n== PyTorch: dense torch.mm vs to_sparse_semi_structured (fp16), {len(layers)} layers, tokens {tokens}")
+        rows += torch_cases(torch, layers, tokens, args, t0)
+        print_rows(rows)
+    if args.precision in ("int8", "both"):
+        i8 = int8_layers([x for x in layers if x.source != "synthetic"])
+        say(f"\n== PyTorch: INT8 x INT8, torch._int_mm vs to_sparse_semi_structured (cuSPARSELt), {len(i8)} layers")
+        int8_rows = int8_cases(torch, i8, tokens, args, t0)
+        print_rows(int8_rows)
+        rows += int8_rows
     trt_result: dict[str, Any] = {}
     if not args.no_trt:
         say("\n== TensorRT: dense vs sparse engine")

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from onnx_sparse.analysis import layer_records, select_sites, summarize
+from onnx_sparse.analysis import int8_cell, layer_records, select_sites, summarize
 from onnx_sparse.cli.base import Tool
 from onnx_sparse.cli.common import (
     add_model_arg,
@@ -31,10 +31,11 @@ COLUMNS = [
     ("shape", "shape"),
     ("verdict", "eligible"),
     ("sparse_s", "2:4"),
+    ("int8", "INT8"),
     ("macs_s", "MACs"),
     ("notes", "annotations"),
 ]
-"""What fits a terminal; ``--wide`` (and -v) prints :data:`WIDE_COLUMNS`."""
+"""What fits a terminal (a column empty in every row, e.g. INT8 on a float model, is left out); ``--wide`` (and -v) prints :data:`WIDE_COLUMNS`."""
 
 WIDE_COLUMNS = [
     ("node", "node"),
@@ -46,6 +47,7 @@ WIDE_COLUMNS = [
     ("layout", "layout"),
     ("verdict", "eligible / reason"),
     ("sparse_2of4", "2:4"),
+    ("int8", "INT8"),
     ("violating", "violating"),
     ("params_s", "params"),
     ("macs_s", "MACs"),
@@ -81,6 +83,7 @@ def table_rows(records):
                 else ("yes" if r["sparse_2of4"] else f"no ({100 * (r['violating_fraction'] or 0):.0f}%)"),
                 "params_s": fmt_count(r["params"]),
                 "macs_s": fmt_count(r["macs"]),
+                "int8": int8_cell(r),
                 "notes": ",".join(f"{k}={v}" for k, v in sorted(r["annotations"].items()) if k != "reason") or None,
             }
         )
@@ -149,6 +152,11 @@ class InspectTool(Tool):
         else:
             logger.info("no Conv, ConvTranspose, Gemm or MatMul layers found")
         logger.info("%s", summary_line(summary))
+        if summary["int8_layers"]:
+            logger.info(
+                "%d of %d eligible layers sparse INT8 possible (INT8 input, weight and output)",
+                summary["sparse_int8_possible_layers"], summary["eligible_layers"],
+            )  # fmt: skip
         made = read_provenance({p.key: p.value for p in mf.model.metadata_props})
         if made is not None:
             logger.info("%s", provenance_line(made))

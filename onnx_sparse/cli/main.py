@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -37,6 +38,7 @@ _TOOL_MODULES = (
     "onnx_sparse.cli.inspect",
     "onnx_sparse.cli.check",
     "onnx_sparse.cli.prune",
+    "onnx_sparse.cli.quantize",
     "onnx_sparse.cli.compare",
     "onnx_sparse.cli.build",
 )
@@ -92,6 +94,16 @@ class _Handler(logging.StreamHandler):
 
         with suspended():
             super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A reader that went away (``onnx-sparse inspect m.onnx | head``) ends the output quietly:
+        the rest goes to /dev/null instead of a "Logging error" traceback per line."""
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+            return
+        super().handleError(record)
 
 
 def _setup_logging(verbosity: int) -> None:

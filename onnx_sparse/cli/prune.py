@@ -23,6 +23,7 @@ from onnx_sparse.cli.common import (
     script_path,
     table_width,
 )
+from onnx_sparse.cli.quantize import Int8Staging, add_quantize_args, quantize_options
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.passes.prune import totals
 from onnx_sparse.recipe import DEFAULT_MAX_ROWS, METHODS, Recipe
@@ -77,6 +78,12 @@ class PruneTool(Tool):
             "and data reproduces the output byte for byte.",
         )
         add_table_args(parser)
+        parser.add_argument(
+            "--int8",
+            action="store_true",
+            help="Then quantize the pruned model to INT8 Q/DQ (as `onnx-sparse quantize`) on the same calibration data.",
+        )
+        add_quantize_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         data_given = bool(args.load_inputs or args.data_loader_script)
@@ -94,15 +101,18 @@ class PruneTool(Tool):
                     ("--save-recipe", args.save_recipe)],
             model_output=None if measure_only else (args.output or args.model), in_place=args.in_place,
         )  # fmt: skip
-        if not needs_data and (data_given or args.input_shapes or args.iterations or args.mask_input):
+        if not needs_data and not args.int8 and (data_given or args.input_shapes or args.iterations or args.mask_input):
             logger.warning("calibration data options are ignored: magnitude pruning needs no data")
         if given.method is None and data_given:
             logger.info(
                 "recipe: %s (the default with calibration data; --method picks a single method)", recipe.describe()
             )
         real = {"value": True}
+        loaded_once: list[list[dict]] = []  # the feeds, loaded once and shared by pruning and --int8
 
         def feeds(model: Any) -> list[dict]:
+            if loaded_once:
+                return loaded_once[0]
             from onnx_sparse.calib.data import load_calibration
 
             loaded, real["value"] = load_calibration(
@@ -114,6 +124,7 @@ class PruneTool(Tool):
                 iterations=args.iterations,
                 limit=recipe.calib_samples,
             )
+            loaded_once.append(loaded)
             return loaded
 
         reports: list[Any] = []
@@ -130,15 +141,29 @@ class PruneTool(Tool):
             _random_reminder(real["value"])
             return 0
         out = Path(args.output) if args.output else Path(args.model)
-        result = prune_file(
-            args.model,
-            out,
-            recipe,
-            in_place=args.in_place,
-            verify=not args.no_verify,
-            calibration=feeds if needs_data else None,
-            sensitivity_report=reports.append,
-        )
+        staging = Int8Staging(out) if args.int8 else None
+        if staging and not needs_data:  # bad calibration data fails before the pruning, not after it
+            from onnx_sparse.io import load_model
+
+            feeds(load_model(args.model).model)
+        try:
+            result = prune_file(
+                args.model,
+                staging.pruned if staging else out,
+                recipe,
+                in_place=args.in_place,
+                verify=not args.no_verify,
+                calibration=feeds if needs_data else None,
+                sensitivity_report=reports.append,
+            )
+        except BaseException:
+            if staging:
+                staging.cleanup()
+            raise
+        quantized = None
+        if staging:
+            opts = quantize_options(args, {"include": recipe.include, "exclude": recipe.exclude, "ops": recipe.ops})
+            quantized = staging.quantize(out, feeds, opts, verify=not args.no_verify)
         records = [r for r in result.records if hasattr(r, "retained_magnitude")]
         if records:
             rows = [
@@ -173,12 +198,14 @@ class PruneTool(Tool):
                 doc["calibration"] = {"random": not real["value"]}
             if reports:
                 doc["sensitivity"] = reports[-1].to_json()
+            if quantized is not None:
+                doc["int8"] = [layer.to_json() for layer in quantized.layers]
             write_json(args.report, doc)
             logger.info("wrote %s", args.report)
         if args.save_recipe:
             recipe.save(args.save_recipe)
             logger.info("wrote %s", args.save_recipe)
-        if needs_data:
+        if needs_data or args.int8:
             _random_reminder(real["value"])
         return 0
 

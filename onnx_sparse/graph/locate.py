@@ -29,7 +29,7 @@ import onnx
 from onnx import TensorProto
 
 from onnx_sparse.errors import OnnxSparseError
-from onnx_sparse.graph import rules
+from onnx_sparse.graph import qdq, rules
 from onnx_sparse.io import read_tensor
 
 __all__ = ["WeightSite", "Quant", "find_weight_sites", "LOOK_THROUGH"]
@@ -75,6 +75,7 @@ class WeightSite:
         params: weight element count; macs: per-sample MACs where shapes are known.
         attributes: the node's attributes (group, strides, transB, ...).
         quant: the DequantizeLinear on the path, if any.
+        int8: whether input, weight and output are INT8 (main graph only; None elsewhere).
         tensor: the stored TensorProto (for reading and writing the weight).
     """
 
@@ -99,6 +100,7 @@ class WeightSite:
     macs: int | None
     attributes: Mapping[str, Any] = field(compare=False, repr=False)
     quant: Quant | None = field(default=None, compare=False)
+    int8: qdq.Int8IO | None = field(default=None, compare=False)
     tensor: TensorProto | None = field(default=None, compare=False, repr=False)
     node_proto: onnx.NodeProto | None = field(default=None, compare=False, repr=False)
 
@@ -505,10 +507,18 @@ def find_weight_sites(model: onnx.ModelProto, macs: bool = True) -> list[WeightS
         _apply_sharing(key, group, uses, outputs)
 
     sites = []
+    index = qdq.GraphIndex(model)
     for f in pending:
+        if not f["scope"] and f["node_proto"] is not None and f["node_proto"].input:
+            node = f["node_proto"]
+            f["int8"] = qdq.int8_io(index, node, f["activation"], node.input[f["input_index"]], f["axis"])
+        feat: tuple[int, int] | None = f["_features"]
         f = {k: v for k, v in f.items() if not k.startswith("_")}
         f["eligible"] = not f["reason"]
-        f["likely_sparse_kernel"] = f["eligible"] and f["likely_sparse_kernel"]
+        int8 = f["int8"] is not None and f["int8"].possible
+        f["likely_sparse_kernel"] = (
+            f["eligible"] and feat is not None and rules.likely_sparse_kernel(feat[0], feat[1], int8=int8)
+        )
         sites.append(WeightSite(**f))
     return sites
 
@@ -549,11 +559,13 @@ def _site_fields(scope: _Scope, node: onnx.NodeProto, shapes) -> dict[str, Any]:
         macs=None,
         attributes=MappingProxyType(attrs),
         quant=None,
+        int8=None,
         tensor=tr.tensor,
         node_proto=node,
         _owner=tr.owner,
         _chain=tr.chain,
         _scope=scope,
+        _features=None,
     )
 
     def verdict() -> str:
@@ -607,7 +619,7 @@ def _site_fields(scope: _Scope, node: onnx.NodeProto, shapes) -> dict[str, Any]:
             out_feat = (
                 consumer_shape[1 - consumer_axis] if len(consumer_shape) == 2 and consumer_axis is not None else 0
             )
-        f["likely_sparse_kernel"] = rules.likely_sparse_kernel(in_feat, out_feat)
+        f["_features"] = (in_feat, out_feat)
         return ""
 
     f["reason"] = verdict()

@@ -14,11 +14,20 @@ Sources:
   [TRT-3849] NVIDIA/TensorRT issues #3849, #4065 (maintainer): sparse kernels beat dense
             only when input and output channels are large (about >= 256); a 3x3 kernel
             counts 9x on the input side. #2169: eligible layers may still run dense.
+  [TRT-I8]  NVIDIA TensorRT-Model-Optimizer ``examples/sparse_quant_trt`` (PR #1664) and
+            NVIDIA/TensorRT #4694: a sparse INT8 kernel is chosen only when the layer's input,
+            weight and output are INT8 (the example turns on output quantizers for this);
+            otherwise the layer dequantizes in its epilogue and a dense kernel wins.
+  [GPU-5]   Our GPU check (issue #5, ``tools/gpu_check.py``; H100, PyTorch + cuSPARSELt, FP16):
+            2:4 matmuls at MiniLM's 384/1536 widths ran 0.33-1.03x the speed of dense, at
+            4096-wide LLM shapes 1.00-1.33x. So in FP16 a sparse kernel is likely only at
+            LLM widths.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from onnx_sparse.core.nm import GROUP_SIZE
 
@@ -34,6 +43,9 @@ __all__ = [
     "zero_point_rule",
     "channels_rule",
     "likely_sparse_kernel",
+    "LIKELY_SPARSE_MIN_CHANNELS_FP16",
+    "INT8_EPILOGUE_OPS",
+    "int8_tensor_rule",
 ]
 
 # Ops whose constant weight TensorRT may run with sparse kernels, plus ConvTranspose,
@@ -44,8 +56,14 @@ WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 QUANT_DTYPES = ("int8", "float8_e4m3fn")
 
-# [TRT-3849]: both sides at least this large before sparse kernels tend to win.
+# [TRT-3849]: both sides at least this large before sparse kernels tend to win (INT8 layers).
 LIKELY_SPARSE_MIN_CHANNELS = 256
+# [GPU-5]: in FP16 (a float model that TensorRT builds in FP16), both sides at least this large.
+LIKELY_SPARSE_MIN_CHANNELS_FP16 = 4096
+
+# [TRT-I8]: pointwise ops after a layer that TensorRT fuses into its epilogue, so a QuantizeLinear
+# after them still makes the layer's output INT8: bias/scale by a constant, and activations.
+INT8_EPILOGUE_OPS = ("Add", "Mul", "Relu", "Clip", "LeakyRelu", "BatchNormalization")
 
 
 def reduction_axis(op: str, input_index: int, attrs: dict[str, int]) -> int | None:
@@ -121,7 +139,24 @@ def channels_rule(op: str, axis_len: int, group: int = 1) -> str | None:
     return None
 
 
-def likely_sparse_kernel(in_features: int, out_features: int) -> bool:
-    """Rough guide [TRT-3849]: sparse kernels tend to win only when both the effective input
-    size (C/g x kernel positions) and the output channels are >= 256."""
-    return in_features >= LIKELY_SPARSE_MIN_CHANNELS and out_features >= LIKELY_SPARSE_MIN_CHANNELS
+def likely_sparse_kernel(in_features: int, out_features: int, int8: bool = True) -> bool:
+    """Rough guide whether TensorRT would pick a sparse kernel for an eligible layer.
+
+    ``in_features`` is the effective input size (C/g x kernel positions for a Conv).
+    ``int8``: the layer is INT8 in, weight and out (sparse INT8 possible) [TRT-I8]; then both
+    sides must be >= 256 [TRT-3849]. Otherwise it runs in FP16 (or dequantizes to it), where
+    we measured 2:4 no faster than dense below LLM widths [GPU-5]: both sides >= 4096.
+    """
+    floor = LIKELY_SPARSE_MIN_CHANNELS if int8 else LIKELY_SPARSE_MIN_CHANNELS_FP16
+    return in_features >= floor and out_features >= floor
+
+
+def int8_tensor_rule(elem_type: int | None, zero_point: np.ndarray | None) -> str | None:
+    """An activation or weight counts as INT8 when its Q/DQ type is int8 with zero point 0
+    [TRT-Q][TRT-I8] (uint8 and fp8 do not run sparse INT8 kernels)."""
+    if elem_type != onnx.TensorProto.INT8:
+        name = onnx.TensorProto.DataType.Name(elem_type).lower() if elem_type else "unknown"
+        return f"quantized to {name}, not int8"
+    if zero_point is not None and np.any(zero_point.astype(np.int32) != 0):
+        return "non-zero zero point"
+    return None

@@ -45,6 +45,9 @@ __all__ = [
     "time_engine",
     "PrecisionPlan",
     "plan_precision",
+    "EngineLayer",
+    "parse_layer_info",
+    "engine_layers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -193,6 +196,7 @@ def build_engine(
     int8: bool = False,
     save_path: str | os.PathLike[str] | None = None,
     strongly_typed: bool | None = None,
+    detailed: bool = True,
 ) -> EngineBuild:
     """Build a TensorRT engine from an ONNX file with Polygraphy, capturing the builder log.
 
@@ -202,6 +206,8 @@ def build_engine(
         fp16, int8: precision flags; TensorRT < 11 only (int8 for Q/DQ models: no calibration).
         save_path: write the serialized engine there and return its path instead of the bytes.
         strongly_typed: build a strongly typed network (TensorRT 11 always does).
+        detailed: ``profilingVerbosity=DETAILED``, so the engine inspector reports each layer's
+            tactic (:func:`engine_layers`).
 
     Returns:
         :class:`EngineBuild`: the engine (bytes, or ``save_path``) and the builder log.
@@ -222,7 +228,13 @@ def build_engine(
     if not path.is_file():
         raise OnnxSparseError(f"{path}: no such file", hint="check the model path")
     network = NetworkFromOnnxPath(str(path), strongly_typed=strongly_typed)
-    config = CreateConfig(sparse_weights=sparse, fp16=fp16 or None, int8=int8 or None)
+    extra: dict[str, Any] = {}
+    if detailed:
+        import tensorrt
+
+        extra["profiling_verbosity"] = tensorrt.ProfilingVerbosity.DETAILED
+    # int8 here is explicit quantization (a Q/DQ model); no calibrator is ever set.
+    config = CreateConfig(sparse_weights=sparse, fp16=fp16 or None, int8=int8 or None, **extra)
     what = f"{'sparse' if sparse else 'dense'} engine for {path.name}"
     flags = "".join(f", {name}" for name, on in (("FP16", fp16), ("INT8", int8)) if on)
     logger.info("building the %s (TensorRT %s%s)", what, version, flags)
@@ -336,9 +348,11 @@ class PrecisionPlan:
 
     Attributes:
         path: the model file to build (a converted fp16 copy when ``converted``).
-        fp16, int8: builder flags to set (TensorRT < 11 only).
+        fp16, int8: builder flags to set (TensorRT < 11 only; int8 only for a Q/DQ model).
         converted: the model was converted to fp16 for a strongly typed build.
         note: one line on what was decided, for the log.
+        strongly_typed: build a strongly typed network (TensorRT >= 11).
+        qdq: the model is explicitly quantized (Q/DQ).
     """
 
     path: Path
@@ -346,36 +360,121 @@ class PrecisionPlan:
     int8: bool
     converted: bool
     note: str
+    strongly_typed: bool = False
+    qdq: bool = False
 
 
-def plan_precision(model_path: str | os.PathLike[str], fp16: bool, workdir: str | os.PathLike[str]) -> PrecisionPlan:
-    """Decide flags or conversion for ``fp16`` on the installed TensorRT.
+INT8_NEEDS_QDQ_HINT = (
+    "quantize it first: `onnx-sparse quantize MODEL -o MODEL.int8.onnx --load-inputs calib.json` "
+    "(or `onnx-sparse prune ... --int8`); implicit INT8 calibration in TensorRT is not used"
+)
 
-    TensorRT < 11: ``fp16`` sets the FP16 flag; a Q/DQ model also gets INT8 (explicit
-    quantization needs it). TensorRT >= 11: no flags; ``fp16`` converts the model to fp16 (into
-    ``workdir``) with :func:`onnx_sparse.passes.fp16.to_fp16`.
+
+def plan_precision(
+    model_path: str | os.PathLike[str],
+    fp16: bool,
+    workdir: str | os.PathLike[str],
+    *,
+    int8: bool = False,
+    version: str | None = None,
+) -> PrecisionPlan:
+    """Decide flags or conversion for ``fp16``/``int8`` on the installed TensorRT (or ``version``).
+
+    * ``int8`` needs an explicitly quantized (Q/DQ) model: INT8 always comes from the model's
+      Q/DQ, never from TensorRT's implicit calibration.
+    * TensorRT < 11: ``fp16`` sets the FP16 flag; a Q/DQ model gets the INT8 flag (explicit
+      quantization needs it; no calibrator is set).
+    * TensorRT >= 11: strongly typed, no flags. A Q/DQ model builds as it is (its float parts in
+      fp32 unless ``fp16``); ``fp16`` converts the float parts to fp16 (into ``workdir``) with
+      :func:`onnx_sparse.passes.fp16.to_fp16`.
     """
-    version = require_trt()
+    version = version or require_trt()
     from onnx_sparse.io import load_model
     from onnx_sparse.passes.fp16 import has_qdq, is_fp16
 
     path = Path(model_path)
     mf = load_model(path)
     qdq = has_qdq(mf.model)
+    if int8 and not qdq:
+        raise OnnxSparseError(f"--int8: {path} has no QuantizeLinear/DequantizeLinear", hint=INT8_NEEDS_QDQ_HINT)
     if has_precision_flags(version):
         flags = [name for name, on in (("FP16", fp16), ("INT8", qdq)) if on]
         if flags:
-            note = f"TensorRT {version}: builder flags {'+'.join(flags)}{' (Q/DQ model)' if qdq else ''}"
+            note = (
+                f"TensorRT {version}: builder flags {'+'.join(flags)}{' (Q/DQ model, no calibration)' if qdq else ''}"
+            )
         else:
             note = f"TensorRT {version}: fp32 build; TensorRT runs sparse kernels only in FP16 or INT8 (pass --fp16)"
-        return PrecisionPlan(path, fp16=fp16, int8=qdq, converted=False, note=note)
+        return PrecisionPlan(path, fp16=fp16, int8=qdq, converted=False, note=note, qdq=qdq)
+    typed = f"TensorRT {version} (strongly typed, no precision flags)"
     if not fp16 or is_fp16(mf.model):
-        why = "model already fp16" if is_fp16(mf.model) else "fp32 tensors stay fp32 (pass --fp16 for sparse kernels)"
-        return PrecisionPlan(path, False, False, False, f"TensorRT {version} (strongly typed): {why}")
+        if qdq:
+            why = "INT8 from the model's Q/DQ" + ("" if not fp16 else ", float parts already fp16")
+        elif is_fp16(mf.model):
+            why = "model already fp16"
+        else:
+            why = "fp32 tensors stay fp32 (pass --fp16 for sparse kernels)"
+        return PrecisionPlan(path, False, False, False, f"{typed}: {why}", strongly_typed=True, qdq=qdq)
     from onnx_sparse.io import save_model
     from onnx_sparse.passes.fp16 import Fp16Pass
 
     result = Fp16Pass()(mf)
     out = Path(workdir) / (path.stem + ".fp16.onnx")
     save_model(result.model, out, verify=False)
-    return PrecisionPlan(out, False, False, True, f"TensorRT {version} (strongly typed): model converted to fp16")
+    what = "float parts converted to fp16, INT8 from the model's Q/DQ" if qdq else "model converted to fp16"
+    return PrecisionPlan(out, False, False, True, f"{typed}: {what}", strongly_typed=True, qdq=qdq)
+
+
+# --------------------------------------------------------------------------- engine inspector
+
+
+@dataclass(frozen=True)
+class EngineLayer:
+    """One layer of a built engine, from the engine inspector (``IEngineInspector``, JSON).
+
+    Attributes:
+        name: the TensorRT layer name (the same names the builder log uses).
+        tactic: ``TacticName`` ("" unless built with ``profilingVerbosity=DETAILED``).
+        sparse_weights: ``HasSparseWeights`` where the layer reports it, else None.
+    """
+
+    name: str
+    tactic: str = ""
+    sparse_weights: bool | None = None
+
+    @property
+    def sparse_tactic(self) -> bool:
+        """Whether the chosen tactic is a sparse kernel (its name says ``sparse``)."""
+        return "sparse" in self.tactic.lower()
+
+
+def parse_layer_info(info: str | Mapping[str, Any]) -> list[EngineLayer]:
+    """The layers of the inspector's JSON (``{"Layers": [...]}``; items are dicts when DETAILED,
+    names only otherwise)."""
+    import json
+
+    doc = json.loads(info) if isinstance(info, str) else info
+    layers = doc.get("Layers", []) if isinstance(doc, Mapping) else []
+    out = []
+    for item in layers:
+        if isinstance(item, str):
+            out.append(EngineLayer(item))
+        elif isinstance(item, Mapping):
+            sw = item.get("HasSparseWeights")
+            out.append(
+                EngineLayer(
+                    str(item.get("Name", "")), str(item.get("TacticName", "") or ""), None if sw is None else bool(sw)
+                )
+            )
+    return out
+
+
+def engine_layers(engine: Any) -> list[EngineLayer]:
+    """Per-layer tactic names of a built engine (bytes, path, :class:`EngineBuild` or ``ICudaEngine``)."""
+    require_trt()
+    import tensorrt
+
+    loaded = _engine_loader(engine)
+    cuda_engine = loaded() if callable(loaded) else loaded
+    inspector = cuda_engine.create_engine_inspector()
+    return parse_layer_info(inspector.get_engine_information(tensorrt.LayerInformationFormat.JSON))

@@ -6,6 +6,19 @@ its own VERBOSE level)::
     [08/05/2024-12:06:54] [I] [TRT] (Sparsity) Layers eligible for sparse math: MatMul_401, Conv_619 + Relu_620
     [08/05/2024-12:06:54] [I] [TRT] (Sparsity) TRT inference plan picked sparse implementation for layers: Conv_619 + Relu_620
 
+TensorRT 10 (with Myelin) and 11 log instead, once per tactic-selection pass or Myelin region,
+so a build may print several pairs; the list after the colon may be absent::
+
+    [TRT] (Sparsity) Found 39 layer(s) eligible to use sparse tactics
+    [TRT] (Sparsity) Chose 0 layer(s) using sparse tactics
+    (Sparsity) Found N layer(s) eligible to use sparse tactics: <names>
+    (Sparsity) Chose M layer(s) using sparse tactics: <names>
+
+Both formats are read. Names from every pair are merged (in order, without repeats); counts are
+kept per pair. Where a pair gives a non-zero count without names, the per-layer lists are
+incomplete and per-node answers are unknown (:attr:`SparsityLog.eligible_known`); a pair with
+count 0 is a complete "none".
+
 The prefix varies (trtexec, ``[TensorRT] INFO:`` from TensorRT 8's Python logger, Polygraphy's
 ``[V]``, a logging framework's own), so the markers are found anywhere in a line. A list may be
 empty, and may run over several lines: a terminal or issue tracker wraps it at a fixed width,
@@ -36,6 +49,8 @@ from dataclasses import dataclass, field
 __all__ = [
     "ELIGIBLE_MARKER",
     "PICKED_MARKER",
+    "FOUND_MARKER",
+    "CHOSE_MARKER",
     "SparsityLog",
     "parse_trt_log",
     "split_layer_list",
@@ -47,9 +62,15 @@ __all__ = [
 ELIGIBLE_MARKER = "(Sparsity) Layers eligible for sparse math:"
 PICKED_MARKER = "(Sparsity) TRT inference plan picked sparse implementation for layers:"
 
+FOUND_MARKER = "(Sparsity) Found {n} layer(s) eligible to use sparse tactics"
+CHOSE_MARKER = "(Sparsity) Chose {n} layer(s) using sparse tactics"
+
 _MARKERS = (
     ("eligible", re.compile(r"\(Sparsity\)\s*Layers eligible for sparse math\s*:")),
     ("picked", re.compile(r"\(Sparsity\)\s*TRT inference plan picked sparse implementation for layers\s*:")),
+    # TensorRT 10/11: a count, then an optional ": names"
+    ("eligible", re.compile(r"\(Sparsity\)\s*Found\s+(?P<n>\d+)\s+layer\(s\)\s+eligible to use sparse tactics\s*:?")),
+    ("picked", re.compile(r"\(Sparsity\)\s*Chose\s+(?P<n>\d+)\s+layer\(s\)\s+using sparse tactics\s*:?")),
 )
 
 # The start of a new log record: "[...]" tokens (timestamps, letters, [TRT]), trtexec's "&&&&",
@@ -71,12 +92,38 @@ class SparsityLog:
         picked: layer names for which the plan "picked sparse implementation".
         eligible_seen / picked_seen: whether the log had that line at all (an empty list after
             the marker is a real "none"; no marker means the log cannot tell).
+        eligible_counts / picked_counts: the N of each TensorRT 10/11 "Found N" / "Chose N" line.
+        eligible_unnamed / picked_unnamed: some such line had a non-zero count and no names.
     """
 
     eligible: list[str] = field(default_factory=list)
     picked: list[str] = field(default_factory=list)
     eligible_seen: bool = False
     picked_seen: bool = False
+    eligible_counts: list[int] = field(default_factory=list)
+    picked_counts: list[int] = field(default_factory=list)
+    eligible_unnamed: bool = False
+    picked_unnamed: bool = False
+
+    @property
+    def eligible_known(self) -> bool:
+        """Whether the eligible list is complete (seen, and no count came without its names)."""
+        return self.eligible_seen and not self.eligible_unnamed
+
+    @property
+    def picked_known(self) -> bool:
+        """Whether the picked list is complete."""
+        return self.picked_seen and not self.picked_unnamed
+
+    @property
+    def eligible_count(self) -> int:
+        """Eligible layers: the counts summed over the reports (TensorRT 10/11), else the names."""
+        return sum(self.eligible_counts) if self.eligible_counts else len(self.eligible)
+
+    @property
+    def picked_count(self) -> int:
+        """Layers run with sparse tactics: the counts summed over the reports, else the names."""
+        return sum(self.picked_counts) if self.picked_counts else len(self.picked)
 
     @property
     def found(self) -> bool:
@@ -152,16 +199,23 @@ def parse_trt_log(text: str | Iterable[str]) -> SparsityLog:
     lines = text.splitlines() if isinstance(text, str) else [str(x).rstrip("\r\n") for x in text]
     lists: dict[str, list[str]] = {"eligible": [], "picked": []}
     seen = {"eligible": False, "picked": False}
+    counts: dict[str, list[int]] = {"eligible": [], "picked": []}
+    unnamed = {"eligible": False, "picked": False}
     kind: str | None = None
+    count: int | None = None
     buf = ""
 
     def flush() -> None:
-        nonlocal kind, buf
+        nonlocal kind, buf, count
         if kind is not None:
-            for name in split_layer_list(buf):
+            names = split_layer_list(buf)
+            for name in names:
                 if name not in lists[kind]:
                     lists[kind].append(name)
-        kind, buf = None, ""
+            if count is not None:
+                counts[kind].append(count)
+                unnamed[kind] |= count > 0 and not names
+        kind, buf, count = None, "", None
 
     for raw in lines:
         line = raw.rstrip("\r\n")
@@ -175,6 +229,7 @@ def parse_trt_log(text: str | Iterable[str]) -> SparsityLog:
             flush()
             kind, m = hit
             seen[kind] = True
+            count = int(m.group("n")) if "n" in m.groupdict() else None
             buf = line[m.end() :]
             continue
         if kind is None:
@@ -194,6 +249,10 @@ def parse_trt_log(text: str | Iterable[str]) -> SparsityLog:
         picked=lists["picked"],
         eligible_seen=seen["eligible"],
         picked_seen=seen["picked"],
+        eligible_counts=counts["eligible"],
+        picked_counts=counts["picked"],
+        eligible_unnamed=unnamed["eligible"],
+        picked_unnamed=unnamed["picked"],
     )
 
 

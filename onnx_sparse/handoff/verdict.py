@@ -14,6 +14,12 @@ Disagreements (``flags``):
 * TensorRT picked a sparse kernel for a layer it did not list as eligible (a cut log?);
 * an eligible or picked layer whose ONNX nodes we cannot find, or that holds no weight we know.
 
+A second source, where given: the engine inspector's per-layer ``TacticName`` (and
+``HasSparseWeights``), which names the kernel each layer runs. Its layers are mapped to nodes the
+same way; a tactic whose name says ``sparse`` is a sparse kernel. Where the log cannot tell per
+node (no lines, or TensorRT 10/11 counts without names), TensorRT's eligible/chose columns come
+from the inspector; where both tell and disagree on "chose", that is flagged too.
+
 Where the log has no ``(Sparsity)`` lines at all (built without SPARSE_WEIGHTS, or the log
 level hid them), the TensorRT columns are unknown and nothing is flagged. Nodes TensorRT
 names only as part of a Myelin ``{ForeignNode[A...B]}`` range are marked "in range": TensorRT
@@ -48,6 +54,9 @@ class VerdictRow:
         in_range: TensorRT named it only as part of a ``{ForeignNode[A...B]}`` range.
         layers: the TensorRT layer names that contain this node.
         flags: every disagreement, one sentence each.
+        sparse_int8: our view: sparse INT8 possible (INT8 input, weight, output); None if unknown.
+        tactic: the engine inspector's tactic name(s) for the layer(s) holding this node.
+        tactic_sparse: whether that tactic is a sparse kernel (None without the inspector).
     """
 
     node: str
@@ -60,6 +69,9 @@ class VerdictRow:
     in_range: bool = False
     layers: tuple[str, ...] = ()
     flags: tuple[str, ...] = ()
+    sparse_int8: bool | None = None
+    tactic: str = ""
+    tactic_sparse: bool | None = None
 
     @property
     def agrees(self) -> bool:
@@ -77,6 +89,9 @@ class VerdictRow:
             "in_range": self.in_range,
             "layers": list(self.layers),
             "flags": list(self.flags),
+            "sparse_int8_possible": self.sparse_int8,
+            "tactic": self.tactic,
+            "tactic_sparse": self.tactic_sparse,
         }
 
 
@@ -87,6 +102,7 @@ class _Node:
     eligible: bool
     likely: bool
     reasons: list[str]
+    int8: bool | None = None
 
 
 def _site_nodes(sites: Iterable[Any]) -> tuple[dict[str, _Node], dict[str, str], dict[str, str]]:
@@ -100,6 +116,9 @@ def _site_nodes(sites: Iterable[Any]) -> tuple[dict[str, _Node], dict[str, str],
             n = nodes[s.node] = _Node(s.node, s.op, False, False, [])
         n.eligible |= bool(s.eligible)
         n.likely |= bool(getattr(s, "likely_sparse_kernel", False))
+        io = getattr(s, "int8", None)
+        if io is not None:
+            n.int8 = bool(n.int8) or bool(s.eligible and io.possible)
         if not s.eligible and s.reason and s.reason not in n.reasons:
             n.reasons.append(s.reason)
         proto = getattr(s, "node_proto", None)
@@ -137,6 +156,7 @@ def reconcile(
     trt_log_result: SparsityLog,
     node_names: Sequence[str],
     outputs: Mapping[str, str] | None = None,
+    engine_layers: Sequence[Any] = (),
 ) -> list[VerdictRow]:
     """Set our per-node prediction against TensorRT's eligible/picked lists.
 
@@ -147,6 +167,8 @@ def reconcile(
         trt_log_result: the parsed builder log.
         node_names: every node name of the model that was built, in graph order.
         outputs: optional tensor name -> producing node name, for tensor-named layers.
+        engine_layers: the engine inspector's layers (:class:`onnx_sparse.handoff.trt.EngineLayer`:
+            ``name``, ``tactic``, ``sparse_weights``, ``sparse_tactic``), if TensorRT was there.
 
     Returns:
         Rows in graph order (nodes not in ``node_names`` last), then unmatched layers.
@@ -159,13 +181,23 @@ def reconcile(
     elig_map, elig_range, elig_layers = _map(log.eligible, names, all_outputs, aliases)
     pick_map, pick_range, pick_layers = _map(log.picked, names, all_outputs, aliases)
 
+    by_name = {layer.name: layer for layer in engine_layers}
+    insp_map, _, _ = _map(list(by_name), names, all_outputs, aliases)
+
     order = {n: i for i, n in enumerate(names)}
     rows: list[VerdictRow] = []
     for name in sorted(nodes, key=lambda n: order.get(n, len(order))):
         n = nodes[name]
         layers = tuple(dict.fromkeys(elig_map.get(name, []) + pick_map.get(name, [])))
-        trt_e: bool | None = (name in elig_map) if log.eligible_seen else None
-        trt_p: bool | None = (name in pick_map) if log.picked_seen else None
+        trt_e: bool | None = (name in elig_map) if log.eligible_known else None
+        trt_p: bool | None = (name in pick_map) if log.picked_known else None
+        held = [by_name[x] for x in insp_map.get(name, [])]
+        tactic = " | ".join(dict.fromkeys(x.tactic for x in held if x.tactic))
+        tactic_sparse: bool | None = any(x.sparse_tactic for x in held) if tactic else None
+        if trt_p is None and tactic_sparse is not None:
+            trt_p = tactic_sparse
+        if trt_e is None and any(x.sparse_weights is not None for x in held):
+            trt_e = any(bool(x.sparse_weights) for x in held)
         only_range = (name in elig_map and set(elig_map[name]) <= elig_range.get(name, set())) or (
             name in pick_map and set(pick_map[name]) <= pick_range.get(name, set())
         )
@@ -182,6 +214,8 @@ def reconcile(
                 flags.append("TensorRT picked a sparse kernel where we expected dense")
             if trt_p and trt_e is False:
                 flags.append("TensorRT picked a sparse kernel for a layer it did not list as eligible")
+            if log.picked_known and tactic_sparse is not None and (name in pick_map) != tactic_sparse:
+                flags.append("the builder log and the engine's tactic disagree on whether it runs sparse")
         rows.append(
             VerdictRow(
                 node=name,
@@ -194,6 +228,9 @@ def reconcile(
                 in_range=only_range,
                 layers=layers,
                 flags=tuple(flags),
+                sparse_int8=n.int8,
+                tactic=tactic,
+                tactic_sparse=tactic_sparse,
             )
         )
 
@@ -245,15 +282,17 @@ def format_verdict(rows: Sequence[VerdictRow]) -> str:
             "node": r.node or "-",
             "op": r.op or "-",
             "ours": _yn(r.eligible),
+            "int8": _yn(r.sparse_int8),
             "likely": _yn(r.likely_sparse),
             "trt_eligible": _yn(r.trt_eligible, r.in_range),
             "trt_picked": _yn(r.trt_picked, r.in_range),
             "layer": " | ".join(r.layers) or "-",
+            "tactic": r.tactic or "-",
             "note": "; ".join(r.flags) or r.reason,
         }
         for r in rows
     ]
-    cols = [("flag", ""), ("node", "node"), ("op", "op"), ("ours", "eligible (ours)"),
-            ("likely", "sparse kernel (ours)"), ("trt_eligible", "TRT eligible"), ("trt_picked", "TRT picked"),
-            ("layer", "TRT layer"), ("note", "disagreement / reason")]  # fmt: skip
+    cols = [("flag", ""), ("node", "node"), ("op", "op"), ("ours", "eligible (ours)"), ("int8", "sparse INT8 (ours)"),
+            ("likely", "sparse kernel (ours)"), ("trt_eligible", "TRT eligible"), ("trt_picked", "TRT chose"),
+            ("layer", "TRT layer"), ("tactic", "tactic"), ("note", "disagreement / reason")]  # fmt: skip
     return format_table(table, cols, max_width=100)

@@ -1,0 +1,206 @@
+"""``onnx-sparse quantize MODEL -o OUT``: INT8 Q/DQ for sparse INT8 TensorRT engines.
+
+Calibration data as for ``prune`` (``--load-inputs``, ``--data-loader-script``, or seeded
+random data with a loud warning). See :mod:`onnx_sparse.quant.static` for the settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from onnx_sparse.cli.base import Tool
+from onnx_sparse.cli.common import add_model_arg, preflight, script_path
+from onnx_sparse.errors import OnnxSparseError
+from onnx_sparse.report import format_table, write_json
+
+__all__ = ["QuantizeTool", "Int8Staging", "add_quantize_args", "quantize_options", "report_layers", "TOOL"]
+
+logger = logging.getLogger(__name__)
+
+
+def add_quantize_args(parser: argparse.ArgumentParser) -> None:
+    """The quantization options (shared with ``prune --int8``)."""
+    from onnx_sparse.quant import CALIBRATION_METHODS, LAYER_SETS
+
+    group = parser.add_argument_group("INT8 quantization")
+    group.add_argument(
+        "--act-calibration",
+        choices=CALIBRATION_METHODS,
+        default="percentile",
+        help="How activation ranges are set from the calibration data (onnxruntime's calibrators; "
+        "default percentile, see --act-percentile).",
+    )
+    group.add_argument(
+        "--int8-layers",
+        choices=LAYER_SETS,
+        default="eligible",
+        help="eligible (default): quantize the 2:4-eligible layers and leave the rest in float; "
+        "all: every Conv/Gemm/MatMul with a weight (more INT8, less accuracy).",
+    )
+    group.add_argument(
+        "--int8-max-error",
+        type=float,
+        metavar="E",
+        help="Leave float every layer whose INT8 input or output loses more than this relative L2 error on the "
+        "calibration data (e.g. 0.05), then quantize again; the table shows each layer's error.",
+    )
+    group.add_argument(
+        "--act-percentile",
+        type=float,
+        default=99.999,
+        metavar="P",
+        help="With --act-calibration percentile: the share of values the range covers (default 99.999).",
+    )
+
+
+def quantize_options(args: argparse.Namespace, selection: dict[str, Any] | None = None) -> Any:
+    from onnx_sparse.quant import QuantizeOptions
+
+    sel = selection or {}
+    return QuantizeOptions(
+        calibration=args.act_calibration,
+        percentile=args.act_percentile,
+        layers=args.int8_layers,
+        max_error=args.int8_max_error,
+        include=tuple(sel.get("include", ())),
+        exclude=tuple(sel.get("exclude", ())),
+        ops=tuple(sel.get("ops", ())),
+    )
+
+
+def report_layers(layers: Sequence[Any]) -> None:
+    """Log the per-layer INT8 table and a summary line."""
+    rows = []
+    for layer in layers:
+        if layer.sparse_int8:
+            state = "sparse INT8 possible"
+        elif not layer.quantized:
+            state = f"float: {layer.reason}"
+        elif layer.int8 is None:
+            state = "INT8 (not analysed)"
+        elif layer.int8.possible:
+            state = "INT8 (not 2:4)" if layer.eligible else "INT8 (not 2:4 eligible)"
+        else:
+            state = f"INT8 weight; not INT8: {layer.int8.reason}"
+        err = layer.error
+        error = None if err is None else "/".join("-" if e is None else f"{e:.1%}" for e in (err.input, err.output))
+        rows.append({"node": layer.node, "op": layer.op, "state": state, "error": error})
+    if rows:
+        cols = [("node", "node"), ("op", "op"), ("state", "INT8 state"), ("error", "INT8 error in/out")]
+        logger.info("%s", format_table(rows, cols))
+    sparse = sum(1 for layer in layers if layer.sparse_int8)
+    eligible = sum(1 for layer in layers if layer.eligible)
+    logger.info(
+        "%d of %d layers INT8; %d of %d 2:4-eligible layers sparse INT8 possible (INT8 in, weight, out)",
+        sum(1 for layer in layers if layer.quantized), len(layers), sparse, eligible,
+    )  # fmt: skip
+
+
+class Int8Staging:
+    """``prune --int8``: the pruned model goes to a temporary folder beside the output, then is
+    quantized into the output, so a failed quantization never leaves a half-finished output."""
+
+    def __init__(self, out: Path) -> None:
+        from onnx_sparse import atomic
+
+        # Our pid-named temporary folder: removed below, on SIGTERM, or (after SIGKILL) by the next run.
+        self._tmp = atomic.temp_dir(atomic.check_writable_folder(out))
+        self.pruned = self._tmp / out.name
+
+    def quantize(self, out: Path, feeds: Any, options: Any, *, verify: bool = True) -> Any:
+        """Quantize the pruned model into ``out`` with the calibration feeds ``feeds(model)`` (loaded once)."""
+        from onnx_sparse.io import load_model
+        from onnx_sparse.quant import quantize_file
+
+        try:
+            data = feeds(load_model(self.pruned).model)
+            result = quantize_file(self.pruned, out, data, options, in_place=True, verify=verify)
+            report_layers(result.layers)
+            return result
+        finally:
+            self.cleanup()
+
+    def cleanup(self) -> None:
+        """Remove the temporary folder (also when the prune before the quantization failed)."""
+        import shutil
+
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+class QuantizeTool(Tool):
+    name = "quantize"
+    help = "Quantize a (pruned) model to INT8 Q/DQ so TensorRT can run its 2:4 layers with sparse INT8 kernels."
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        add_model_arg(parser)
+        parser.add_argument("-o", "--output", metavar="PATH", help="Where to write the Q/DQ model.")
+        parser.add_argument("--in-place", action="store_true", help="Overwrite the input model (only with this flag).")
+        parser.add_argument("--report", metavar="PATH", help="Write a JSON report (per layer).")
+        parser.add_argument(
+            "--no-verify", action="store_true", help="Skip the onnx.checker and onnxruntime checks of the output."
+        )
+        from onnx_sparse.cli.common import add_selection_args
+
+        add_selection_args(parser)
+        data = parser.add_argument_group("Calibration data (as for prune)")
+        data.add_argument("--load-inputs", nargs="+", default=[], metavar="PATH", help="Polygraphy JSON feeds.")
+        data.add_argument(
+            "--data-loader-script",
+            metavar="SCRIPT[:FUNC]",
+            help="Python script whose function (default load_data) returns an iterable of {input name: array}.",
+        )
+        data.add_argument(
+            "--input-shapes", nargs="+", default=[], metavar="NAME:[SHAPE]", help="Shapes for random data."
+        )
+        data.add_argument("--seed", type=int, help="Seed of the random data.")
+        data.add_argument("--iterations", type=int, help="Number of random samples (default 8).")
+        data.add_argument("--calib-samples", type=int, metavar="N", help="Use at most N calibration samples.")
+        add_quantize_args(parser)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from onnx_sparse.calib.data import RANDOM_DATA_WARNING, load_calibration
+        from onnx_sparse.cli.common import selection_kwargs
+        from onnx_sparse.io import load_model
+        from onnx_sparse.quant import quantize_file
+
+        if args.output is None and not args.in_place:
+            raise OnnxSparseError("no output path", hint="pass -o OUT, or --in-place to overwrite the input")
+        out = Path(args.output) if args.output else Path(args.model)
+        preflight(
+            args, models=[args.model], json_reads=[("--load-inputs", p) for p in args.load_inputs],
+            reads=[("--data-loader-script", script_path(args.data_loader_script))],
+            writes=[("--report", args.report)], model_output=out, in_place=args.in_place,
+        )  # fmt: skip
+        options = quantize_options(args, selection_kwargs(args))
+        if args.min_channels:
+            logger.warning("--min-channels is ignored by quantize")
+        mf = load_model(args.model)
+        feeds, real = load_calibration(
+            mf.model,
+            load_inputs_paths=args.load_inputs,
+            data_loader_script=args.data_loader_script,
+            input_shapes=args.input_shapes,
+            seed=args.seed,
+            iterations=args.iterations,
+            limit=args.calib_samples,
+        )
+        result = quantize_file(args.model, out, feeds, options, in_place=args.in_place, verify=not args.no_verify)
+        report_layers(result.layers)
+        logger.info("wrote %s", out)
+        if args.report:
+            write_json(
+                args.report,
+                {"model": str(args.model), "output": str(out), "calibration": {"random": not real, "samples": len(feeds)},
+                 "layers": [layer.to_json() for layer in result.layers]},
+            )  # fmt: skip
+            logger.info("wrote %s", args.report)
+        if not real:
+            logger.warning("%s", RANDOM_DATA_WARNING)
+        return 0
+
+
+TOOL = QuantizeTool()

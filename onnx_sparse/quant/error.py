@@ -1,0 +1,132 @@
+"""How much each layer's INT8 input and output lose: the relative error of Q/DQ on real activations.
+
+A Q/DQ model computes ``x_hat = DequantizeLinear(QuantizeLinear(x))`` wherever it quantizes an
+activation; ``||x - x_hat|| / ||x||`` over calibration feeds says how much that tensor loses. One
+onnxruntime run (optimizations off, so each Q/DQ is computed as written) with every such pair
+exposed as extra outputs measures all of them at once. A layer whose output carries outliers
+(MiniLM's first FFN output, which feeds the residual stream) stands out, so the user can leave it
+float (``quantize --int8-max-error``) at the cost of its sparse INT8 kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnx_sparse.graph import rules
+
+__all__ = ["LayerError", "int8_errors"]
+
+
+@dataclass(frozen=True)
+class LayerError:
+    """Relative L2 error of a layer's INT8 input and output (None where that side is not Q/DQ)."""
+
+    input: float | None
+    output: float | None
+
+    @property
+    def worst(self) -> float:
+        return max((e for e in (self.input, self.output) if e is not None), default=0.0)
+
+
+def _pairs(model: onnx.ModelProto) -> tuple[dict[str, str], dict[str, list[onnx.NodeProto]], dict[str, onnx.NodeProto]]:
+    """float tensor -> its fake-quantized twin (Q -> DQ), consumers, producers (main graph)."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    producers: dict[str, onnx.NodeProto] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+        for o in n.output:
+            producers[o] = n
+    pairs = {}
+    for n in model.graph.node:
+        if n.op_type != "QuantizeLinear":
+            continue
+        dqs = [c for c in consumers.get(n.output[0], []) if c.op_type == "DequantizeLinear"]
+        if dqs:
+            pairs[n.input[0]] = dqs[0].output[0]
+    return pairs, consumers, producers
+
+
+def _layer_tensors(
+    node: onnx.NodeProto,
+    activation: str,
+    pairs: dict[str, str],
+    consumers: dict[str, list[onnx.NodeProto]],
+    producers: dict[str, onnx.NodeProto],
+) -> tuple[str | None, str | None]:
+    """The float tensors whose Q/DQ make the layer's INT8 input and output."""
+    inp = None
+    dq = producers.get(activation)
+    if dq is not None and dq.op_type == "DequantizeLinear":
+        q = producers.get(dq.input[0])
+        if q is not None and q.op_type == "QuantizeLinear" and q.input[0] in pairs:
+            inp = q.input[0]
+    out = None
+    name = node.output[0] if node.output else ""
+    for _ in range(16):
+        if name in pairs:
+            out = name
+            break
+        users = consumers.get(name, [])
+        if len(users) != 1 or users[0].op_type not in rules.INT8_EPILOGUE_OPS:
+            break
+        name = users[0].output[0]
+    return inp, out
+
+
+def int8_errors(
+    model: onnx.ModelProto,
+    layers: Iterable[tuple[str, onnx.NodeProto, str]],
+    feeds: Sequence[dict[str, np.ndarray]],
+    max_feeds: int = 8,
+) -> dict[str, LayerError]:
+    """Relative L2 error of each layer's INT8 input and output on up to ``max_feeds`` feeds.
+
+    Args:
+        model: the Q/DQ model (main graph analysed).
+        layers: ``(display name, node, activation input name)`` per layer.
+        feeds: calibration feeds.
+    """
+    import onnxruntime as ort
+
+    pairs, consumers, producers = _pairs(model)
+    wanted: dict[str, tuple[str | None, str | None]] = {}
+    for name, node, activation in layers:
+        wanted[name] = _layer_tensors(node, activation, pairs, consumers, producers)
+    tensors = sorted({t for io in wanted.values() for t in io if t is not None})
+    if not tensors:
+        return {name: LayerError(None, None) for name in wanted}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    names = []
+    for t in tensors:
+        for x in (t, pairs[t]):
+            if x not in existing:
+                probe.graph.output.append(onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None))
+                existing.add(x)
+            names.append(x)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    outputs = list(dict.fromkeys(names))
+    err = dict.fromkeys(tensors, 0.0)
+    ref = dict.fromkeys(tensors, 0.0)
+    for feed in list(feeds)[:max_feeds]:
+        values = dict(zip(outputs, session.run(outputs, feed), strict=True))
+        for t in tensors:
+            x = np.asarray(values[t], dtype=np.float64)
+            xq = np.asarray(values[pairs[t]], dtype=np.float64)
+            err[t] += float(np.sum((x - xq) ** 2))
+            ref[t] += float(np.sum(x**2))
+    rel = {t: float(np.sqrt(err[t] / ref[t])) if ref[t] > 0 else 0.0 for t in tensors}
+    return {
+        name: LayerError(None if i is None else rel[i], None if o is None else rel[o])
+        for name, (i, o) in wanted.items()
+    }

@@ -1,0 +1,156 @@
+"""Per-layer INT8 state (onnx_sparse.graph.qdq) and the INT8-aware likely-sparse-kernel hint."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import case_path
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_sparse.analysis import int8_cell, layer_records, summarize
+from onnx_sparse.graph.locate import find_weight_sites
+from onnx_sparse.io import ModelFile
+
+
+def _qdq_matmul(
+    k: int = 16,
+    n: int = 16,
+    *,
+    act_type: int = TensorProto.INT8,
+    act_zp: int = 0,
+    w_axis: int = 1,
+    after: str = "q",  # q: QuantizeLinear on the output; relu_q: Relu then Q; softmax; output
+    float_weight: bool = False,
+) -> onnx.ModelProto:
+    np_act = np.int8 if act_type == TensorProto.INT8 else np.uint8
+    inits = [
+        numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+        numpy_helper.from_array(np.array(act_zp, np_act), "zp"),
+        numpy_helper.from_array(np.array(0, np.int8), "ozp"),
+        numpy_helper.from_array(np.full(n if w_axis == 1 else k, 0.01, np.float32), "ws"),
+        numpy_helper.from_array(np.zeros(n if w_axis == 1 else k, np.int8), "wzp"),
+    ]
+    w = np.random.default_rng(0).integers(-100, 100, (k, n)).astype(np.int8)
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"], name="xq"),
+        helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"], name="xd"),
+    ]
+    if float_weight:
+        inits.append(numpy_helper.from_array(w.astype(np.float32) * 0.01, "w"))
+        nodes.append(helper.make_node("QuantizeLinear", ["w", "ws", "wzp"], ["wq"], axis=w_axis, name="wq"))
+        nodes.append(helper.make_node("DequantizeLinear", ["wq", "ws", "wzp"], ["wd"], axis=w_axis, name="wd"))
+    else:
+        inits.append(numpy_helper.from_array(w, "w"))
+        nodes.append(helper.make_node("DequantizeLinear", ["w", "ws", "wzp"], ["wd"], axis=w_axis, name="wd"))
+    nodes.append(helper.make_node("MatMul", ["xd", "wd"], ["mm"], name="mm"))
+    last = "mm"
+    if after == "relu_q":
+        nodes.append(helper.make_node("Relu", ["mm"], ["r"], name="relu"))
+        last = "r"
+    if after in ("q", "relu_q"):
+        nodes.append(helper.make_node("QuantizeLinear", [last, "s", "ozp"], ["yq"], name="yq"))
+        nodes.append(helper.make_node("DequantizeLinear", ["yq", "s", "ozp"], ["y"], name="yd"))
+    elif after == "softmax":
+        nodes.append(helper.make_node("Softmax", ["mm"], ["y"], name="sm"))
+    else:
+        nodes[-1].output[0] = "y"
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def _site(model: onnx.ModelProto):
+    (s,) = find_weight_sites(model)
+    assert s.int8 is not None
+    return s
+
+
+def test_int8_in_weight_out() -> None:
+    s = _site(_qdq_matmul())
+    assert s.int8.possible and s.int8.quantized and s.int8.reason == ""
+
+
+def test_output_through_a_fused_relu_still_counts() -> None:
+    assert _site(_qdq_matmul(after="relu_q")).int8.possible
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "words"),
+    [
+        ({"after": "softmax"}, "output", "Softmax"),
+        ({"after": "output"}, "output", "model output"),
+        ({"act_type": TensorProto.UINT8}, "input", "uint8"),
+        ({"act_zp": 3}, "input", "zero point"),
+        ({"w_axis": 0}, "weight", "input-channel axis"),
+        ({"float_weight": True}, "weight", "run time"),
+    ],
+    ids=["softmax-after", "model-output", "uint8-input", "input-zero-point", "scales-on-k", "weight-qdq-at-run-time"],
+)
+def test_what_is_not_int8_and_why(kwargs: dict, field: str, words: str) -> None:
+    io = _site(_qdq_matmul(**kwargs)).int8
+    assert not io.possible and io.missing == [field]
+    assert words in getattr(io, field)
+
+
+def test_float_model_is_not_quantized_at_all() -> None:
+    sites = find_weight_sites(onnx.load(case_path("mlp.onnx")))
+    assert all(x.int8 is not None and not x.int8.quantized and not x.int8.possible for x in sites)
+
+
+def test_case_model_qdq_conv_has_float_output() -> None:
+    (s,) = find_weight_sites(onnx.load(case_path("qdq_conv.onnx")))
+    assert s.int8 is not None and s.int8.missing == ["output"]
+
+
+@pytest.mark.parametrize(("width", "int8", "likely"), [(256, True, True), (128, True, False)])
+def test_likely_hint_uses_the_int8_floor_when_int8(width: int, int8: bool, likely: bool) -> None:
+    """Sparse INT8 possible: the 256-channel floor; the same layer in float would need 4096 (test_locate)."""
+    s = _site(_qdq_matmul(width, width))
+    assert s.eligible and s.int8.possible is int8 and s.likely_sparse_kernel is likely
+
+
+def test_likely_hint_not_int8_out_uses_the_fp16_floor() -> None:
+    s = _site(_qdq_matmul(256, 256, after="softmax"))
+    assert s.eligible and not s.int8.possible and not s.likely_sparse_kernel
+
+
+def test_records_and_column() -> None:
+    model = _qdq_matmul(after="softmax")
+    (r,) = layer_records(ModelFile(model))
+    assert (r["int8_input"], r["int8_weight"], r["int8_output"]) == (True, True, False)
+    assert r["sparse_int8_possible"] is False and "Softmax" in r["int8_missing"]
+    assert int8_cell(r) == "no: out"
+    (r,) = layer_records(ModelFile(_qdq_matmul()))
+    assert int8_cell(r) == "no: out" if not r["eligible"] else int8_cell(r) == "yes"
+    assert summarize([r])["sparse_int8_possible_layers"] == (1 if r["eligible"] else 0)
+    (r,) = layer_records(ModelFile(onnx.load(case_path("conv_bn_folded.onnx"))))[:1]
+    assert int8_cell(r) is None and r["sparse_int8_possible"] is False
+
+
+def test_inspect_shows_int8(run_cli, tmp_path) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save(_qdq_matmul(after="softmax"), path)
+    rc, text = run_cli(["inspect", path])
+    assert rc == 0 and "no: out" in text and "0 of 1 eligible layers sparse INT8 possible" in text
+
+
+def test_external_data_is_never_read(tmp_path) -> None:
+    """Scales and weights stored as external data: the analysis reads dims only (no base folder needed)."""
+    model = _qdq_matmul()
+    onnx.save(model, str(tmp_path / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              size_threshold=0, location="m.onnx.data")  # fmt: skip
+    loaded = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    inline = {t.name: t for t in _qdq_matmul().graph.initializer}  # onnx.save moved the first copy out
+    for t in loaded.graph.initializer:
+        if t.name in ("zp", "ozp", "wzp"):  # zero points are read (values matter); they are tiny, kept inline
+            t.CopyFrom(inline[t.name])
+    (s,) = find_weight_sites(loaded)
+    assert s.int8 is not None and s.int8.possible

@@ -1,0 +1,253 @@
+"""INT8 Q/DQ quantization (onnx_sparse.quant) and ``onnx-sparse quantize`` / ``prune --int8``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import case_path, error_lines, ort_run, sha256
+from onnx import numpy_helper
+from polygraphy.json import save_json
+
+from onnx_sparse import api
+from onnx_sparse.core import nm
+from onnx_sparse.errors import OnnxSparseError
+from onnx_sparse.graph.locate import find_weight_sites
+from onnx_sparse.quant import QuantizeOptions, quantize, quantize_file
+
+_SHAPES = {
+    "conv_bn_folded.onnx": {"x": (2, 16, 8, 8)},
+    "mlp.onnx": {"x": (2, 64), "x3": (2, 2, 16)},
+    "constant_nodes.onnx": {"x": (2, 8, 8, 8)},
+    "grouped_depthwise.onnx": {"x": (2, 8, 8, 8)},
+}
+
+
+def _feeds(model: onnx.ModelProto, n: int = 6, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    from onnx_sparse.calib.data import model_inputs
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        feed = {}
+        for spec in model_inputs(model):
+            shape = [d if isinstance(d, int) else 2 for d in spec.shape or ()]
+            feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        out.append(feed)
+    return out
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.mark.parametrize("name", ["conv_bn_folded.onnx", "mlp.onnx", "constant_nodes.onnx"])
+def test_every_eligible_layer_is_sparse_int8(name: str, tmp_path: Path) -> None:
+    pruned = api.prune(onnx.load(case_path(name)))
+    feeds = _feeds(pruned)
+    result = quantize(pruned, feeds)
+    model = result.model.model
+    onnx.checker.check_model(model, full_check=True)
+    for layer in result.layers:
+        if layer.eligible:
+            assert layer.sparse_int8, (layer.node, layer.int8)
+            assert layer.int8 is not None and layer.int8.possible
+    # still the same function, to INT8 precision
+    for a, b in zip(ort_run(pruned, feeds[0]), ort_run(model, feeds[0]), strict=True):
+        assert _cosine(a, b) > 0.99
+
+
+@pytest.mark.parametrize("name", ["conv_bn_folded.onnx", "mlp.onnx"])
+def test_zeros_survive_exactly_with_zero_point_0_and_output_channel_scales(name: str) -> None:
+    pruned = api.prune(onnx.load(case_path(name)))
+    result = quantize(pruned, _feeds(pruned))
+    model = result.model.model
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    float_w = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    for site in find_weight_sites(model):
+        if not site.eligible:
+            continue
+        assert site.dtype == "int8" and site.quant is not None
+        q = inits[site.weight]
+        dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == site.weight)
+        assert not np.any(inits[dq.input[2]]), "zero point must be 0"
+        assert nm.is_2_4(q, site.axis)
+        # the zeros are exactly the float model's zeros
+        original = float_w[dq.output[0].removesuffix("_DequantizeLinear_Output")]
+        assert np.array_equal(q == 0, original == 0)
+        scale = inits[dq.input[1]]
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        assert scale.size == q.shape[axis] and axis != site.axis  # per output channel
+
+
+def test_input_is_not_modified_and_left_out_layers_are_listed() -> None:
+    model = onnx.load(case_path("transpose_120.onnx"))
+    before = model.SerializeToString()
+    with pytest.raises(OnnxSparseError, match="no layer to quantize"):
+        quantize(model, _feeds(model))
+    assert model.SerializeToString() == before
+    pruned = api.prune(onnx.load(case_path("mlp.onnx")))
+    before = pruned.SerializeToString()
+    result = quantize(pruned, _feeds(pruned), QuantizeOptions(exclude=("fc0",)))
+    assert pruned.SerializeToString() == before
+    by_node = {layer.node: layer for layer in result.layers}
+    assert not by_node["fc0"].quantized and "selection" in by_node["fc0"].reason
+    assert by_node["Gemm_1"].quantized and by_node["Gemm_3"].sparse_int8
+    # fc0 stays float: the next Gemm's input still comes from a DequantizeLinear (the quantizer adds it)
+    assert by_node["fc0"].int8 is not None and "not stored quantized" in by_node["fc0"].int8.weight
+
+
+def test_no_feeds_and_bad_options_are_user_errors() -> None:
+    model = onnx.load(case_path("mlp.onnx"))
+    with pytest.raises(OnnxSparseError, match="calibration data"):
+        quantize(model, [])
+    with pytest.raises(OnnxSparseError, match="calibration method"):
+        QuantizeOptions(calibration="bogus")
+
+
+def test_percentile_calibration_runs() -> None:
+    pruned = api.prune(onnx.load(case_path("conv_bn_folded.onnx")))
+    result = quantize(pruned, _feeds(pruned), QuantizeOptions(calibration="percentile", percentile=99.9))
+    assert all(layer.sparse_int8 for layer in result.layers)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _inputs_json(model_path: Path, tmp_path: Path) -> Path:
+    path = tmp_path / "calib.json"
+    save_json(_feeds(onnx.load(model_path)), str(path))
+    return path
+
+
+def test_cli_quantize_then_check(run_cli, tmp_path: Path) -> None:
+    src = case_path("conv_bn_folded.onnx")
+    pruned = tmp_path / "p.onnx"
+    assert run_cli(["prune", src, "-o", pruned])[0] == 0
+    digest = sha256(pruned)
+    out = tmp_path / "q.onnx"
+    rc, text = run_cli(["quantize", pruned, "-o", out, "--load-inputs", _inputs_json(src, tmp_path),
+                        "--report", tmp_path / "r.json"])  # fmt: skip
+    assert rc == 0, text
+    assert "sparse INT8 possible" in text and "2 of 2 2:4-eligible layers sparse INT8 possible" in text
+    assert sha256(pruned) == digest
+    assert run_cli(["check", out])[0] == 0
+    import json
+
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [layer["sparse_int8_possible"] for layer in report["layers"]] == [True, True]
+
+
+def test_cli_prune_int8_loads_the_data_once(run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnx_sparse.calib.data as data
+
+    calls = []
+    real = data.load_calibration
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data, "load_calibration", counting)
+    src = case_path("mlp.onnx")
+    out = tmp_path / "m.int8.onnx"
+    rc, text = run_cli(["prune", src, "-o", out, "--method", "wanda", "--int8",
+                        "--load-inputs", _inputs_json(src, tmp_path), "--report", tmp_path / "r.json"])  # fmt: skip
+    assert rc == 0, text
+    assert len(calls) == 1
+    import json
+
+    report = json.loads((tmp_path / "r.json").read_text())
+    (tmp_path / "r.json").unlink()
+    assert {x["node"] for x in report["int8"] if x["sparse_int8_possible"]} == {"fc0", "Gemm_1", "Gemm_3"}
+    assert run_cli(["check", out])[0] == 0
+    sites = {s.node: s for s in find_weight_sites(onnx.load(out))}
+    assert all(sites[n].int8 is not None and sites[n].int8.possible for n in ("fc0", "Gemm_1", "Gemm_3"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.json", "m.int8.onnx"]
+
+
+def test_cli_prune_int8_failure_leaves_no_output(run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnx_sparse.quant as quant
+
+    def broken(*args, **kwargs):
+        raise OnnxSparseError("quantizer broke")
+
+    monkeypatch.setattr(quant, "quantize_file", broken)
+    out = tmp_path / "m.int8.onnx"
+    rc, text = run_cli(["prune", case_path("mlp.onnx"), "-o", out, "--int8", "--input-shapes", "x:[2,64]",
+                        "x3:[2,2,16]"])  # fmt: skip
+    assert rc == 2 and error_lines(text)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_quantize_needs_an_output(run_cli) -> None:
+    rc, text = run_cli(["quantize", case_path("mlp.onnx")])
+    assert rc == 2 and "no output path" in text
+
+
+def test_quantize_file_refuses_to_overwrite_its_input(tmp_path: Path) -> None:
+    src = case_path("mlp.onnx")
+    with pytest.raises(OnnxSparseError, match="refusing"):
+        quantize_file(src, src, _feeds(onnx.load(src)))
+
+
+@pytest.mark.parametrize("name", ["ppocr_cls", "magika", "minilm_l3"])
+def test_real_models_every_eligible_layer_sparse_int8(name: str, real_model) -> None:
+    """Real models (opset 11 with Constant weights, ML domain, a transformer): all eligible layers
+    end INT8 in/weight/out and 2:4; what stays float is listed with its reason."""
+    path = real_model(name)
+    pruned = api.prune(onnx.load(path))
+    result = quantize(pruned, _feeds(pruned, n=2))
+    onnx.checker.check_model(result.model.model)
+    eligible = [layer for layer in result.layers if layer.eligible]
+    assert eligible and all(layer.sparse_int8 for layer in eligible)
+    for layer in result.layers:
+        assert layer.quantized or layer.reason
+    ort_run(result.model.model, _feeds(pruned, n=1)[0])
+
+
+def test_ineligible_layers_stay_float_unless_all() -> None:
+    pruned = api.prune(onnx.load(case_path("grouped_depthwise.onnx")))
+    feeds = _feeds(pruned)
+    by_node = {layer.node: layer for layer in quantize(pruned, feeds).layers}
+    assert by_node["gconv"].sparse_int8
+    for node in ("dwconv", "g6conv"):
+        assert not by_node[node].quantized and "not 2:4 eligible" in by_node[node].reason
+    every = {layer.node: layer for layer in quantize(pruned, feeds, QuantizeOptions(layers="all")).layers}
+    assert all(layer.quantized for layer in every.values()) and every["gconv"].sparse_int8
+    with pytest.raises(OnnxSparseError, match="layer set"):
+        QuantizeOptions(layers="some")
+
+
+def test_int8_errors_are_measured_per_layer() -> None:
+    pruned = api.prune(onnx.load(case_path("conv_bn_folded.onnx")))
+    result = quantize(pruned, _feeds(pruned))
+    for layer in result.layers:
+        assert layer.error is not None and layer.error.input is not None and layer.error.output is not None
+        # conv2's input is Relu of conv1's already-quantized output: requantizing it can lose nothing
+        assert 0.0 <= layer.error.input < 0.1 and 0.0 < layer.error.output < 0.1
+    assert result.layers[0].error.input > 0.0
+    assert result.layers[0].to_json()["int8_error_output"] == result.layers[0].error.output
+
+
+def test_max_error_leaves_the_worst_layers_float() -> None:
+    pruned = api.prune(onnx.load(case_path("mlp.onnx")))
+    feeds = _feeds(pruned)
+    first = {x.node: x.error.worst for x in quantize(pruned, feeds).layers if x.error is not None}
+    assert len(first) == 3
+    limit = sorted(first.values())[1] - 1e-9  # the two worst are above it
+    result = quantize(pruned, feeds, QuantizeOptions(max_error=limit))
+    by_node = {x.node: x for x in result.layers}
+    above = {n for n, e in first.items() if e > limit}
+    assert len(above) == 2
+    for n in first:
+        assert by_node[n].quantized is (n not in above)
+        if n in above:
+            assert "INT8 error" in by_node[n].reason and by_node[n].error is not None
+    with pytest.raises(OnnxSparseError, match="every layer"):
+        quantize(pruned, feeds, QuantizeOptions(max_error=1e-12))
+    with pytest.raises(OnnxSparseError, match="positive"):
+        QuantizeOptions(max_error=0.0)
