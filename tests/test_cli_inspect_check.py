@@ -235,7 +235,13 @@ def test_a_reader_that_goes_away_ends_the_output_quietly():
     import sys
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "onnx_sparse", "inspect", str(Path(__file__).resolve().parent.parent / "models" / "mlp.onnx")],
+        [
+            sys.executable,
+            "-m",
+            "onnx_sparse",
+            "inspect",
+            str(Path(__file__).resolve().parent.parent / "models" / "mlp.onnx"),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
