@@ -227,16 +227,39 @@ def prune_file(
     and refuses an input that ``onnx.checker`` rejects (before any work).
 
     Options are those of :func:`prune`. The result's ``recipe`` attribute is not set; the
-    resolved recipe is in the output's metadata.
+    resolved recipe is in the output's metadata. With ``recipe.int8`` the pruned model is then
+    quantized to INT8 Q/DQ on the same calibration feeds (:func:`onnx_sparse.quant.quantize_file`,
+    :meth:`Recipe.quantize_options`) before it reaches ``dst``; the per-layer INT8 results
+    (:class:`onnx_sparse.quant.LayerQuant`) are appended to the result's records.
     """
     from onnx_sparse.guard import check_run_paths
 
     pipeline, resolved, calib, made = _plan(recipe, method, calibration, options)
+    if resolved.int8 and calib is None:
+        raise OnnxSparseError("INT8 quantization needs calibration data", hint="pass calibration= (a list of feeds)")
     check_run_paths(models=[src], model_output=dst, in_place=in_place)
     check_input_model(src)
     mf = load_model(src)
     result = run_pipeline(pipeline, mf)
     if made and result.modified:
         _stamp(result.model.model, resolved, calib)
-    save_model(result.model, dst, verify=verify, reference=src)
+    if not resolved.int8:
+        save_model(result.model, dst, verify=verify, reference=src)
+        return result
+    assert calib is not None
+    from onnx_sparse import atomic
+    from onnx_sparse.quant import quantize_file
+
+    # The pruned model waits in our temporary folder (removed here, on SIGTERM, or by the next run),
+    # so a failed quantization never leaves a half-finished output.
+    tmp = atomic.temp_dir(atomic.check_writable_folder(dst))
+    try:
+        staged = save_model(result.model, tmp / os.path.basename(dst), verify=verify, reference=src)
+        feeds = calib.given if calib.given is not None else calib(load_model(staged).model)
+        quantized = quantize_file(staged, dst, feeds, resolved.quantize_options(), in_place=True, verify=verify)
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    result.records.extend(quantized.layers)
     return result

@@ -114,6 +114,12 @@ class Recipe:
         holdout: With a target: share of the calibration feeds kept out of fitting.
         fc_layout: First store fully-connected weights as ``[K_out, C_in]``.
         annotate: Write the verdict and result into the nodes' metadata.
+        int8: Then quantize the pruned model to INT8 Q/DQ on the same calibration data (the CLI's
+            ``prune --int8``; in Python, :func:`onnx_sparse.quant.quantize_file` with
+            :meth:`quantize_options`).
+        int8_calibration / int8_percentile / int8_layers / int8_max_error: the quantization
+            settings (:class:`onnx_sparse.quant.QuantizeOptions`: ``calibration``, ``percentile``,
+            ``layers``, ``max_error``); the layer selection above applies to it too.
     """
 
     method: str | None = None
@@ -134,6 +140,11 @@ class Recipe:
     holdout: float = 0.25
     fc_layout: bool = False
     annotate: bool = False
+    int8: bool = False
+    int8_calibration: str = "percentile"
+    int8_percentile: float = 99.999
+    int8_layers: str = "eligible"
+    int8_max_error: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("include", "exclude", "ops"):
@@ -164,6 +175,22 @@ class Recipe:
             raise OnnxSparseError(f"--target-cosine must be in [-1, 1], got {self.target_cosine}")
         if not 0.0 <= self.holdout <= 0.5:
             raise OnnxSparseError(f"--holdout: the held-out share must be in [0, 0.5], got {self.holdout}")
+        if self.int8 or any(getattr(self, f.name) != f.default for f in fields(self) if f.name.startswith("int8_")):
+            self.quantize_options()  # validated where the rules live
+
+    def quantize_options(self) -> Any:
+        """The :class:`onnx_sparse.quant.QuantizeOptions` of this recipe (INT8 settings and layer selection)."""
+        from onnx_sparse.quant import QuantizeOptions
+
+        return QuantizeOptions(
+            calibration=self.int8_calibration,
+            percentile=self.int8_percentile,
+            layers=self.int8_layers,
+            max_error=self.int8_max_error,
+            include=self.include,
+            exclude=self.exclude,
+            ops=self.ops,
+        )
 
     # ------------------------------------------------------------------ defaults
 
@@ -303,6 +330,11 @@ _TYPES: dict[str, str] = {
     "holdout": "float",
     "fc_layout": "bool",
     "annotate": "bool",
+    "int8": "bool",
+    "int8_calibration": "str",
+    "int8_percentile": "float",
+    "int8_layers": "str",
+    "int8_max_error": "float?",
 }
 assert list(_TYPES) == [f.name for f in fields(Recipe)], "keep _TYPES in step with Recipe"
 

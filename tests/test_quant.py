@@ -251,3 +251,33 @@ def test_max_error_leaves_the_worst_layers_float() -> None:
         quantize(pruned, feeds, QuantizeOptions(max_error=1e-12))
     with pytest.raises(OnnxSparseError, match="positive"):
         QuantizeOptions(max_error=0.0)
+
+
+def test_the_recipe_carries_int8_from_cli_to_file_to_api(run_cli, tmp_path: Path) -> None:
+    """``prune --int8 --save-recipe`` then ``--recipe`` reproduces the Q/DQ model byte for byte, the
+    output says how it was made (INT8 included), and the Python API honours ``recipe.int8``."""
+    import json
+
+    from onnx_sparse.recipe import META_RECIPE, Recipe
+
+    src = case_path("mlp.onnx")
+    calib = _inputs_json(src, tmp_path)
+    first, again = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    rc, text = run_cli(["prune", src, "-o", first, "--method", "sparsegpt", "--int8", "--int8-layers", "all",
+                        "--load-inputs", calib, "--save-recipe", tmp_path / "r.json"])  # fmt: skip
+    assert rc == 0, text
+    saved = Recipe.load(tmp_path / "r.json")
+    assert saved.int8 and saved.int8_layers == "all"
+    assert run_cli(["prune", src, "-o", again, "--recipe", tmp_path / "r.json", "--load-inputs", calib])[0] == 0
+    assert sha256(first) == sha256(again)
+    meta = {p.key: p.value for p in onnx.load(first).metadata_props}
+    assert json.loads(meta[META_RECIPE])["int8"] is True
+    via_api = tmp_path / "c.onnx"
+    feeds = _feeds(onnx.load(src))
+    result = api.prune_file(src, via_api, saved, calibration=feeds)
+    assert any(getattr(r, "sparse_int8", False) for r in result.records)
+    assert all(s.int8 is not None for s in find_weight_sites(onnx.load(via_api)) if s.node in ("fc0", "Gemm_1"))
+    with pytest.raises(OnnxSparseError, match="needs calibration data"):
+        api.prune_file(src, tmp_path / "d.onnx", saved.replace(method="magnitude"))
+    with pytest.raises(OnnxSparseError, match="unknown layer set"):
+        Recipe(int8=True, int8_layers="some")

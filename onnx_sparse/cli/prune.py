@@ -23,9 +23,10 @@ from onnx_sparse.cli.common import (
     script_path,
     table_width,
 )
-from onnx_sparse.cli.quantize import Int8Staging, add_quantize_args, quantize_options
+from onnx_sparse.cli.quantize import add_quantize_args, report_layers
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.passes.prune import totals
+from onnx_sparse.quant import LayerQuant
 from onnx_sparse.recipe import DEFAULT_MAX_ROWS, METHODS, Recipe
 from onnx_sparse.report import fmt_count, format_table, write_json
 
@@ -81,6 +82,7 @@ class PruneTool(Tool):
         parser.add_argument(
             "--int8",
             action="store_true",
+            default=None,
             help="Then quantize the pruned model to INT8 Q/DQ (as `onnx-sparse quantize`) on the same calibration data.",
         )
         add_quantize_args(parser)
@@ -101,7 +103,11 @@ class PruneTool(Tool):
                     ("--save-recipe", args.save_recipe)],
             model_output=None if measure_only else (args.output or args.model), in_place=args.in_place,
         )  # fmt: skip
-        if not needs_data and not args.int8 and (data_given or args.input_shapes or args.iterations or args.mask_input):
+        if (
+            not needs_data
+            and not recipe.int8
+            and (data_given or args.input_shapes or args.iterations or args.mask_input)
+        ):
             logger.warning("calibration data options are ignored: magnitude pruning needs no data")
         if given.method is None and data_given:
             logger.info(
@@ -141,29 +147,22 @@ class PruneTool(Tool):
             _random_reminder(real["value"])
             return 0
         out = Path(args.output) if args.output else Path(args.model)
-        staging = Int8Staging(out) if args.int8 else None
-        if staging and not needs_data:  # bad calibration data fails before the pruning, not after it
+        if recipe.int8 and not needs_data:  # bad calibration data fails before the pruning, not after it
             from onnx_sparse.io import load_model
 
             feeds(load_model(args.model).model)
-        try:
-            result = prune_file(
-                args.model,
-                staging.pruned if staging else out,
-                recipe,
-                in_place=args.in_place,
-                verify=not args.no_verify,
-                calibration=feeds if needs_data else None,
-                sensitivity_report=reports.append,
-            )
-        except BaseException:
-            if staging:
-                staging.cleanup()
-            raise
-        quantized = None
-        if staging:
-            opts = quantize_options(args, {"include": recipe.include, "exclude": recipe.exclude, "ops": recipe.ops})
-            quantized = staging.quantize(out, feeds, opts, verify=not args.no_verify)
+        result = prune_file(
+            args.model,
+            out,
+            recipe,
+            in_place=args.in_place,
+            verify=not args.no_verify,
+            calibration=feeds if needs_data or recipe.int8 else None,
+            sensitivity_report=reports.append,
+        )
+        quantized = [r for r in result.records if isinstance(r, LayerQuant)]
+        if recipe.int8:
+            report_layers(quantized)
         records = [r for r in result.records if hasattr(r, "retained_magnitude")]
         if records:
             rows = [
@@ -198,14 +197,14 @@ class PruneTool(Tool):
                 doc["calibration"] = {"random": not real["value"]}
             if reports:
                 doc["sensitivity"] = reports[-1].to_json()
-            if quantized is not None:
-                doc["int8"] = [layer.to_json() for layer in quantized.layers]
+            if recipe.int8:
+                doc["int8"] = [layer.to_json() for layer in quantized]
             write_json(args.report, doc)
             logger.info("wrote %s", args.report)
         if args.save_recipe:
             recipe.save(args.save_recipe)
             logger.info("wrote %s", args.save_recipe)
-        if needs_data or args.int8:
+        if needs_data or recipe.int8:
             _random_reminder(real["value"])
         return 0
 
@@ -244,7 +243,8 @@ _RECIPE_FLAGS = {
     "bias_correction": "bias_correction", "refit_head": "refit_head", "damp": "damp", "blocksize": "blocksize",
     "max_rows": "max_rows", "seed": "seed", "row_mask": "mask_input", "calib_samples": "calib_samples",
     "sensitivity": "sensitivity", "target_cosine": "target_cosine", "holdout": "holdout",
-    "fc_layout": "fc_layout", "annotate": "annotate",
+    "fc_layout": "fc_layout", "annotate": "annotate", "int8": "int8", "int8_calibration": "act_calibration",
+    "int8_percentile": "act_percentile", "int8_layers": "int8_layers", "int8_max_error": "int8_max_error",
 }  # fmt: skip
 
 

@@ -17,7 +17,7 @@ from onnx_sparse.cli.common import add_model_arg, preflight, script_path
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.report import format_table, write_json
 
-__all__ = ["QuantizeTool", "Int8Staging", "add_quantize_args", "quantize_options", "report_layers", "TOOL"]
+__all__ = ["QuantizeTool", "add_quantize_args", "quantize_options", "report_layers", "TOOL"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,14 +30,14 @@ def add_quantize_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--act-calibration",
         choices=CALIBRATION_METHODS,
-        default="percentile",
+        default=None,
         help="How activation ranges are set from the calibration data (onnxruntime's calibrators; "
         "default percentile, see --act-percentile).",
     )
     group.add_argument(
         "--int8-layers",
         choices=LAYER_SETS,
-        default="eligible",
+        default=None,
         help="eligible (default): quantize the 2:4-eligible layers and leave the rest in float; "
         "all: every Conv/Gemm/MatMul with a weight (more INT8, less accuracy).",
     )
@@ -51,21 +51,21 @@ def add_quantize_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--act-percentile",
         type=float,
-        default=99.999,
+        default=None,
         metavar="P",
         help="With --act-calibration percentile: the share of values the range covers (default 99.999).",
     )
 
 
 def quantize_options(args: argparse.Namespace, selection: dict[str, Any] | None = None) -> Any:
+    """The options of ``onnx-sparse quantize``: flags given on the command line over the defaults."""
     from onnx_sparse.quant import QuantizeOptions
 
     sel = selection or {}
+    given = {"calibration": args.act_calibration, "percentile": args.act_percentile, "layers": args.int8_layers,
+             "max_error": args.int8_max_error}  # fmt: skip
     return QuantizeOptions(
-        calibration=args.act_calibration,
-        percentile=args.act_percentile,
-        layers=args.int8_layers,
-        max_error=args.int8_max_error,
+        **{k: v for k, v in given.items() if v is not None},
         include=tuple(sel.get("include", ())),
         exclude=tuple(sel.get("exclude", ())),
         ops=tuple(sel.get("ops", ())),
@@ -98,37 +98,6 @@ def report_layers(layers: Sequence[Any]) -> None:
         "%d of %d layers INT8; %d of %d 2:4-eligible layers sparse INT8 possible (INT8 in, weight, out)",
         sum(1 for layer in layers if layer.quantized), len(layers), sparse, eligible,
     )  # fmt: skip
-
-
-class Int8Staging:
-    """``prune --int8``: the pruned model goes to a temporary folder beside the output, then is
-    quantized into the output, so a failed quantization never leaves a half-finished output."""
-
-    def __init__(self, out: Path) -> None:
-        from onnx_sparse import atomic
-
-        # Our pid-named temporary folder: removed below, on SIGTERM, or (after SIGKILL) by the next run.
-        self._tmp = atomic.temp_dir(atomic.check_writable_folder(out))
-        self.pruned = self._tmp / out.name
-
-    def quantize(self, out: Path, feeds: Any, options: Any, *, verify: bool = True) -> Any:
-        """Quantize the pruned model into ``out`` with the calibration feeds ``feeds(model)`` (loaded once)."""
-        from onnx_sparse.io import load_model
-        from onnx_sparse.quant import quantize_file
-
-        try:
-            data = feeds(load_model(self.pruned).model)
-            result = quantize_file(self.pruned, out, data, options, in_place=True, verify=verify)
-            report_layers(result.layers)
-            return result
-        finally:
-            self.cleanup()
-
-    def cleanup(self) -> None:
-        """Remove the temporary folder (also when the prune before the quantization failed)."""
-        import shutil
-
-        shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 class QuantizeTool(Tool):

@@ -121,10 +121,10 @@ def int8_errors(
     for feed in list(feeds)[:max_feeds]:
         values = dict(zip(outputs, session.run(outputs, feed), strict=True))
         for t in tensors:
-            x = np.asarray(values[t], dtype=np.float64)
-            xq = np.asarray(values[pairs[t]], dtype=np.float64)
-            err[t] += float(np.sum((x - xq) ** 2))
-            ref[t] += float(np.sum(x**2))
+            exact = np.asarray(values[t], dtype=np.float64)
+            through_qdq = np.asarray(values[pairs[t]], dtype=np.float64)
+            err[t] += float(np.sum((exact - through_qdq) ** 2))
+            ref[t] += float(np.sum(exact**2))
     rel = {t: float(np.sqrt(err[t] / ref[t])) if ref[t] > 0 else 0.0 for t in tensors}
     return {
         name: LayerError(None if i is None else rel[i], None if o is None else rel[o])
