@@ -14,6 +14,8 @@ __all__ = [
     "script_path",
     "add_table_args",
     "table_width",
+    "add_data_args",
+    "load_feeds",
 ]
 
 
@@ -90,3 +92,44 @@ def add_table_args(parser: argparse.ArgumentParser) -> None:
 def table_width(args: argparse.Namespace) -> int | None:
     """``width`` for :func:`onnx_sparse.report.format_table`: 0 (no limit) with --wide or -v, else the terminal's."""
     return 0 if getattr(args, "wide", False) or getattr(args, "verbose", 0) > 0 else None
+
+
+def add_data_args(group: Any, seed_help: str = "Seed of the random data.") -> None:
+    """The calibration-data options (Polygraphy's conventions), shared by ``prune`` and ``quantize``."""
+    group.add_argument(
+        "--load-inputs",
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help="Calibration feeds in Polygraphy JSON (e.g. from `polygraphy run --save-inputs`).",
+    )
+    group.add_argument(
+        "--data-loader-script",
+        metavar="SCRIPT[:FUNC]",
+        help="Python script whose function (default load_data) returns an iterable of {input name: array}.",
+    )
+    group.add_argument(
+        "--input-shapes",
+        nargs="+",
+        default=[],
+        metavar="NAME:[SHAPE]",
+        help="Shapes of dynamic inputs for random data, Polygraphy syntax: x:[1,3,224,224].",
+    )
+    group.add_argument("--seed", type=int, help=seed_help)
+    group.add_argument("--iterations", type=int, help="Number of random samples (default 8; random data only).")
+    group.add_argument("--calib-samples", type=int, metavar="N", help="Use at most N calibration samples.")
+
+
+def load_feeds(args: argparse.Namespace, model: Any, limit: int | None) -> tuple[list[dict], bool]:
+    """The calibration feeds named by :func:`add_data_args`'s options, and whether they are real data."""
+    from onnx_sparse.calib.data import load_calibration
+
+    return load_calibration(
+        model,
+        load_inputs_paths=args.load_inputs,
+        data_loader_script=args.data_loader_script,
+        input_shapes=args.input_shapes,
+        seed=args.seed,
+        iterations=args.iterations,
+        limit=limit,
+    )

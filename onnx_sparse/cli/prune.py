@@ -16,9 +16,11 @@ from typing import Any
 from onnx_sparse.api import prune_file
 from onnx_sparse.cli.base import Tool
 from onnx_sparse.cli.common import (
+    add_data_args,
     add_model_arg,
     add_selection_args,
     add_table_args,
+    load_feeds,
     preflight,
     script_path,
     table_width,
@@ -119,17 +121,7 @@ class PruneTool(Tool):
         def feeds(model: Any) -> list[dict]:
             if loaded_once:
                 return loaded_once[0]
-            from onnx_sparse.calib.data import load_calibration
-
-            loaded, real["value"] = load_calibration(
-                model,
-                load_inputs_paths=args.load_inputs,
-                data_loader_script=args.data_loader_script,
-                input_shapes=args.input_shapes,
-                seed=args.seed,
-                iterations=args.iterations,
-                limit=recipe.calib_samples,
-            )
+            loaded, real["value"] = load_feeds(args, model, recipe.calib_samples)
             loaded_once.append(loaded)
             return loaded
 
@@ -283,28 +275,7 @@ def _add_calibration_args(parser: argparse.ArgumentParser) -> None:
         "asym: refit to the dense model's layer output, then sparsegpt. Default with calibration data: asym + "
         "--bias-correction + --refit-head (what measured best on real models; slower); without data: magnitude.",
     )
-    group.add_argument(
-        "--load-inputs",
-        nargs="+",
-        default=[],
-        metavar="PATH",
-        help="Calibration feeds in Polygraphy JSON (e.g. from `polygraphy run --save-inputs`).",
-    )
-    group.add_argument(
-        "--data-loader-script",
-        metavar="SCRIPT[:FUNC]",
-        help="Python script whose function (default load_data) returns an iterable of {input name: array}.",
-    )
-    group.add_argument(
-        "--input-shapes",
-        nargs="+",
-        default=[],
-        metavar="NAME:[SHAPE]",
-        help="Shapes of dynamic inputs for random data, Polygraphy syntax: x:[1,3,224,224].",
-    )
-    group.add_argument("--seed", type=int, help="Seed of the random data and of the row subsampling.")
-    group.add_argument("--iterations", type=int, help="Number of random samples (default 8; random data only).")
-    group.add_argument("--calib-samples", type=int, metavar="N", help="Use at most N calibration samples.")
+    add_data_args(group, seed_help="Seed of the random data and of the row subsampling.")
     group.add_argument(
         "--bias-correction",
         action=argparse.BooleanOptionalAction,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from onnx_sparse.cli.base import Tool
-from onnx_sparse.cli.common import add_model_arg, preflight, script_path
+from onnx_sparse.cli.common import add_data_args, add_model_arg, load_feeds, preflight, script_path
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.report import format_table, write_json
 
@@ -116,22 +116,11 @@ class QuantizeTool(Tool):
 
         add_selection_args(parser)
         data = parser.add_argument_group("Calibration data (as for prune)")
-        data.add_argument("--load-inputs", nargs="+", default=[], metavar="PATH", help="Polygraphy JSON feeds.")
-        data.add_argument(
-            "--data-loader-script",
-            metavar="SCRIPT[:FUNC]",
-            help="Python script whose function (default load_data) returns an iterable of {input name: array}.",
-        )
-        data.add_argument(
-            "--input-shapes", nargs="+", default=[], metavar="NAME:[SHAPE]", help="Shapes for random data."
-        )
-        data.add_argument("--seed", type=int, help="Seed of the random data.")
-        data.add_argument("--iterations", type=int, help="Number of random samples (default 8).")
-        data.add_argument("--calib-samples", type=int, metavar="N", help="Use at most N calibration samples.")
+        add_data_args(data)
         add_quantize_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        from onnx_sparse.calib.data import RANDOM_DATA_WARNING, load_calibration
+        from onnx_sparse.calib.data import RANDOM_DATA_WARNING
         from onnx_sparse.cli.common import selection_kwargs
         from onnx_sparse.io import load_model
         from onnx_sparse.quant import quantize_file
@@ -148,15 +137,7 @@ class QuantizeTool(Tool):
         if args.min_channels:
             logger.warning("--min-channels is ignored by quantize")
         mf = load_model(args.model)
-        feeds, real = load_calibration(
-            mf.model,
-            load_inputs_paths=args.load_inputs,
-            data_loader_script=args.data_loader_script,
-            input_shapes=args.input_shapes,
-            seed=args.seed,
-            iterations=args.iterations,
-            limit=args.calib_samples,
-        )
+        feeds, real = load_feeds(args, mf.model, args.calib_samples)
         result = quantize_file(args.model, out, feeds, options, in_place=args.in_place, verify=not args.no_verify)
         report_layers(result.layers)
         logger.info("wrote %s", out)
