@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from onnx_sparse.cli.base import Tool
-from onnx_sparse.cli.common import add_model_arg, preflight
+from onnx_sparse.cli.common import add_model_arg, add_table_args, preflight, table_width
 from onnx_sparse.errors import OnnxSparseError
 
 logger = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ class BuildTool(Tool):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_model_arg(parser)
+        add_table_args(parser)
         parser.add_argument("--dense-too", action="store_true", help="Also build and time the engine without sparsity.")
         parser.add_argument("--save-engine", metavar="PATH", help="Save the sparse engine.")
         parser.add_argument(
@@ -112,7 +113,7 @@ class BuildTool(Tool):
                 version,
             )
         rows = reconcile(sites, parsed, node_names, engine_layers=layers)
-        logger.info("per node: our prediction vs. TensorRT\n%s", format_verdict(rows))
+        logger.info("per node: our prediction vs. TensorRT\n%s", format_verdict(rows, width=table_width(args)))
         bad = disagreements(rows)
         if bad:
             logger.warning("%d disagreement(s) between our prediction and TensorRT (rows marked !)", len(bad))

@@ -272,8 +272,10 @@ def _yn(v: bool | None, in_range: bool = False) -> str:
     return "?" if v is None else ("yes" if v else "no")
 
 
-def format_verdict(rows: Sequence[VerdictRow]) -> str:
-    """A text table: node, op, our verdict, TensorRT's, and a ``!`` on every disagreement."""
+def format_verdict(rows: Sequence[VerdictRow], width: int | None = None) -> str:
+    """A text table: node, op, our verdict, TensorRT's, and a ``!`` on every disagreement.
+
+    ``width``: as :func:`onnx_sparse.report.format_table` (None: the terminal's, 0: no limit)."""
     from onnx_sparse.report import format_table
 
     table = [
@@ -295,4 +297,4 @@ def format_verdict(rows: Sequence[VerdictRow]) -> str:
     cols = [("flag", ""), ("node", "node"), ("op", "op"), ("ours", "eligible (ours)"), ("int8", "sparse INT8 (ours)"),
             ("likely", "sparse kernel (ours)"), ("trt_eligible", "TRT eligible"), ("trt_picked", "TRT chose"),
             ("layer", "TRT layer"), ("tactic", "tactic"), ("note", "disagreement / reason")]  # fmt: skip
-    return format_table(table, cols, max_width=100)
+    return format_table(table, cols, width=width, keep=("node",), optional=("layer",))
