@@ -6,8 +6,8 @@ up + erf-GELU + down, residual + LayerNormalization); the input is the embedding
 ``x [batch, seq, hidden]``, so every MatMul weight is prunable. Sizes:
 
 * ``base-L``: hidden 768, FFN 3072, 12 heads, ``L`` layers (``--layers 2 4 8 12``);
-* ``large``: hidden 1024, FFN 4096, 16 heads, 24 layers, saved with external data;
-* ``big``: ``--big`` (hidden 2048, FFN 8192, 16 heads, enough layers for > 2 GB of
+* ``large``: hidden 1024, FFN 4096, 16 heads, 24 layers (``large-L``: ``L``), external data;
+* ``big``: (hidden 2048, FFN 8192, 16 heads, enough layers for > 2 GB of
   weights), external data.
 
 Calibration: ``--samples`` sequences of ``--seq`` tokens (default 32 x 128 = 4,096 rows),
@@ -58,17 +58,17 @@ SHAPES = {"base": (768, 3072, 12), "large": (1024, 4096, 16), "big": (2048, 8192
 
 
 def _size(spec: str) -> tuple[str, int]:
-    """``base-4`` -> (``base``, 4); ``large`` -> 24 layers; ``big`` -> > 2 GB of weights."""
-    if spec == "large":
-        return "large", 24
-    if spec == "big":
-        hidden, ffn, _ = SHAPES["big"]
-        per_layer = (4 * hidden * hidden + 2 * hidden * ffn) * 4
-        return "big", math.ceil(2.2e9 / per_layer)
+    """``base-4`` -> (``base``, 4); ``large`` -> 24 layers; ``big`` -> > 2 GB of weights; ``large-2``: 2 layers."""
     kind, _, n = spec.partition("-")
-    if kind not in SHAPES or not n.isdigit():
-        raise argparse.ArgumentTypeError(f"unknown size {spec!r} (base-L, large or big)")
-    return kind, int(n)
+    if kind not in SHAPES or (n and not n.isdigit()) or (kind == "base" and not n):
+        raise argparse.ArgumentTypeError(f"unknown size {spec!r} (base-L, large[-L] or big[-L])")
+    if n:
+        return kind, int(n)
+    if kind == "large":
+        return "large", 24
+    hidden, ffn, _ = SHAPES["big"]
+    per_layer = (4 * hidden * hidden + 2 * hidden * ffn) * 4
+    return "big", math.ceil(2.2e9 / per_layer)
 
 
 def build_encoder(kind: str, layers: int, seed: int = 0) -> onnx.ModelProto:
