@@ -402,6 +402,8 @@ def layer_view(site: WeightSite, mf: ModelFile, producers: Mapping[str, onnx.Nod
         raise Unsupported(f"{site.node}: the weight path is not a permutation of the stored elements")
     groups = int(attrs.get("group", 1)) if kind == "conv" else 1
     index = _to_matrices(kind, consumer_index, groups, site)
+    if stored.size < 2**31:  # views of every layer live for the whole pass: half the memory of int64
+        index = [np.ascontiguousarray(m, dtype=np.int32) for m in index]
     rows_g, cols = index[0].shape
     if cols % nm.GROUP_SIZE:
         raise Unsupported(f"{site.node}: {cols} input features are not a multiple of 4")
