@@ -328,13 +328,16 @@ def asymmetric_refit(w: Array, pp: npt.ArrayLike, pd: npt.ArrayLike, damp: float
     rhs = (c - g) @ w64.T
     if not np.any(rhs):  # the same input in both models: nothing to refit
         return w64
-    if damp == 0:
-        delta = np.linalg.lstsq(g, rhs, rcond=None)[0]
-    else:
-        a = g.copy()
-        a.flat[:: cols + 1] += damp * scale
-        delta = scipy.linalg.cho_solve(scipy.linalg.cho_factor(a, check_finite=False), rhs, check_finite=False)
-    return w64 + delta.T
+    return w64 + _ridge_solve(g, rhs, damp * scale).T
+
+
+def _ridge_solve(g: np.ndarray, rhs: np.ndarray, ridge: float) -> np.ndarray:
+    """``(g + ridge I)^{-1} rhs`` by Cholesky; ``ridge == 0``: the minimum-norm least-squares solution."""
+    if ridge == 0:
+        return np.linalg.lstsq(g, rhs, rcond=None)[0]
+    a = g.copy()
+    a.flat[:: g.shape[0] + 1] += ridge
+    return scipy.linalg.cho_solve(scipy.linalg.cho_factor(a, check_finite=False), rhs, check_finite=False)
 
 
 def asymmetric_sparsegpt_2_4(
@@ -441,7 +444,6 @@ def ridge_cv_scores(
     if not grid:
         raise ValueError("the damping grid is empty")
     a = np.asarray(w, dtype=np.float64)
-    cols = a.shape[1]
     factor = 1.0
     if rows is not None and rows < a.shape[0]:
         pick = np.sort(np.random.default_rng(seed).choice(a.shape[0], size=rows, replace=False))
@@ -468,12 +470,7 @@ def ridge_cv_scores(
                 total += base
                 continue
             try:
-                if lam == 0:
-                    d = np.linalg.lstsq(g, r, rcond=None)[0]
-                else:
-                    m = g.copy()
-                    m.flat[:: cols + 1] += lam * scale
-                    d = scipy.linalg.cho_solve(scipy.linalg.cho_factor(m, check_finite=False), r, check_finite=False)
+                d = _ridge_solve(g, r, lam * scale)
             except np.linalg.LinAlgError:
                 return math.inf
             total += base + 2.0 * float(np.einsum("ij,ij->", d, e)) + float(np.einsum("ij,ij->", held.pp @ d, d))
