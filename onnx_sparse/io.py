@@ -135,11 +135,18 @@ def load_model(path: str | os.PathLike[str]) -> ModelFile:
 def _non_utf8_field(msg, where: str) -> str | None:
     """The first string field of ``msg`` that protobuf could not decode as UTF-8 (proto2 hands
     those over as bytes, which nothing downstream expects), or None."""
-    for fd, value in msg.ListFields():
+    # Field by field from the descriptor, not ListFields(): that would copy every bytes field
+    # (all the raw weight data) into Python objects just to skip it.
+    for fd in msg.DESCRIPTOR.fields:
         if fd.type not in (fd.TYPE_STRING, fd.TYPE_MESSAGE):
             continue
         repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
-        values = value if repeated else [value]
+        if repeated:
+            values = getattr(msg, fd.name)
+        elif msg.HasField(fd.name):
+            values = [getattr(msg, fd.name)]
+        else:
+            continue
         for i, v in enumerate(values):
             name = f"{where}.{fd.name}" + (f"[{i}]" if repeated else "")
             if fd.type == fd.TYPE_STRING:
