@@ -16,6 +16,7 @@ from pathlib import Path
 from onnx_sparse.cli.base import Tool
 from onnx_sparse.cli.common import add_model_arg, add_table_args, preflight, table_width
 from onnx_sparse.errors import OnnxSparseError
+from onnx_sparse.graph.names import display_name
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class BuildTool(Tool):
             logger.info("%s", plan.note)
             built_model = load_model(plan.path).model
             sites = find_weight_sites(built_model)
-            node_names = [n.name or f"{n.op_type}_{i}" for i, n in enumerate(built_model.graph.node)]
+            node_names = [display_name(n, i) for i, n in enumerate(built_model.graph.node)]
             if not any(s.eligible for s in sites):
                 logger.warning("no eligible weight in %s: TensorRT has nothing to run sparse", args.model)
 

@@ -30,6 +30,7 @@ from onnx import TensorProto
 
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.graph import qdq, rules
+from onnx_sparse.graph.names import display_name
 from onnx_sparse.io import read_tensor
 
 __all__ = ["WeightSite", "Quant", "find_weight_sites", "LOOK_THROUGH"]
@@ -129,7 +130,7 @@ class _Scope:
         self.producers: dict[str, onnx.NodeProto] = {}
         self.names: dict[int, str] = {}
         for i, node in enumerate(self.nodes):
-            self.names[id(node)] = prefix + (node.name or f"{node.op_type}_{i}")
+            self.names[id(node)] = display_name(node, i, prefix)
             for out in node.output:
                 if out:
                     self.producers[out] = node

@@ -22,6 +22,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from onnx_sparse.graph import rules
+from onnx_sparse.graph.names import display_name
 
 __all__ = ["Int8IO", "GraphIndex", "int8_io"]
 
@@ -66,7 +67,7 @@ class GraphIndex:
         self.inputs = {i.name: i for i in g.input}
         self.names: dict[int, str] = {}
         for i, node in enumerate(g.node):
-            self.names[id(node)] = node.name or f"{node.op_type}_{i}"
+            self.names[id(node)] = display_name(node, i)
             for out in node.output:
                 if out:
                     self.producers[out] = node

@@ -40,6 +40,7 @@ import onnx
 
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.graph.locate import WeightSite, find_weight_sites
+from onnx_sparse.graph.names import display_name
 from onnx_sparse.graph.qdq import Int8IO
 from onnx_sparse.graph.weights import weight_stats
 from onnx_sparse.io import ModelFile, finalize_inline, iter_tensors, load_model, save_model, write_tensor
@@ -210,7 +211,7 @@ def _name_nodes(model: onnx.ModelProto) -> None:
     used = {n.name for n in model.graph.node if n.name}
     for i, node in enumerate(model.graph.node):
         if not node.name:
-            name = f"{node.op_type}_{i}"
+            name = display_name(node, i)
             while name in used:
                 name += "_"
             node.name = name
