@@ -38,12 +38,13 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnx_sparse.calib.capture import inline_model
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.graph.locate import WeightSite, find_weight_sites
 from onnx_sparse.graph.names import display_name
 from onnx_sparse.graph.qdq import Int8IO
 from onnx_sparse.graph.weights import weight_stats
-from onnx_sparse.io import ModelFile, finalize_inline, iter_tensors, load_model, save_model, write_tensor
+from onnx_sparse.io import ModelFile, finalize_inline, load_model, save_model
 from onnx_sparse.quant.error import LayerError, int8_errors
 
 __all__ = [
@@ -328,9 +329,7 @@ def quantize(
     if not feeds:
         raise OnnxSparseError("quantization needs calibration data", hint="pass --load-inputs or --data-loader-script")
     src = mf if isinstance(mf, ModelFile) else ModelFile(mf)
-    model = onnx.ModelProto()
-    model.CopyFrom(src.model)
-    _inline(src, model)  # onnxruntime reads one self-contained model
+    model = inline_model(src)  # onnxruntime reads one self-contained model
     model = _at_least_opset(model, _MIN_OPSET)
     _name_nodes(model)
     from onnx_sparse.analysis import select_sites
@@ -390,14 +389,6 @@ def _run(
         ) from exc
     result = ModelFile(finalize_inline(out))
     return result, _check(result, before, reasons, feeds)
-
-
-def _inline(src: ModelFile, model: onnx.ModelProto) -> None:
-    """Write every tensor's current value (pending or external) inline into ``model`` (a copy of ``src.model``)."""
-    originals = list(iter_tensors(src.model))
-    for orig, t in zip(originals, iter_tensors(model), strict=True):
-        if id(orig) in src.pending or t.data_location == onnx.TensorProto.EXTERNAL:
-            write_tensor(t, np.array(src.read(orig, mmap=False)))
 
 
 def _check(
