@@ -189,14 +189,11 @@ def _shape(t: TensorProto) -> tuple[int, ...]:
     return tuple(int(d) for d in t.dims)
 
 
-_PACKED_4BIT = PACKED_4BIT
-
-
 def read_tensor(t: TensorProto, base_dir: Path | None = None, mmap: bool = True) -> np.ndarray:
     """The value of ``t`` as a read-only numpy array (memory-mapped when external and ``mmap``)."""
     dtype = tensor_dtype(t)
     shape = _shape(t)
-    if t.data_type in _PACKED_4BIT:
+    if t.data_type in PACKED_4BIT:
         return _read_packed(t, base_dir)
     if t.data_location == TensorProto.EXTERNAL:
         ref = external_ref(t, base_dir)
@@ -261,7 +258,7 @@ def write_tensor(t: TensorProto, value: np.ndarray) -> None:
     _check_value(t, value)
     for name in _TYPED_FIELDS:
         t.ClearField(name)
-    if t.data_type in _PACKED_4BIT:
+    if t.data_type in PACKED_4BIT:
         t.raw_data = numpy_helper.from_array(np.ascontiguousarray(value)).raw_data  # packs two per byte
     else:
         t.raw_data = np.ascontiguousarray(value).astype(value.dtype.newbyteorder("<"), copy=False).tobytes()
