@@ -28,6 +28,7 @@ import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import onnx
@@ -119,7 +120,7 @@ def schedule(
     for _ in range(2):  # a second pass once cyclic groups no longer count as dependencies
         dep: dict[str, int] = {}
         deps = [0] * len(groups)
-        members_act = {}
+        members_act: dict[str, list[int]] = {}
         for g, members in enumerate(groups):
             for _, act in members:
                 members_act.setdefault(act, []).append(g)
@@ -127,11 +128,11 @@ def schedule(
             mask = 0
             for r in node_reads(node):
                 mask |= dep.get(r, 0)
-            g = site_group.get(id(node))
-            if g is not None and g not in cyclic:
-                for _, act in groups[g]:
-                    deps[g] |= dep.get(act, 0)
-                mask |= 1 << g
+            grp = site_group.get(id(node))
+            if grp is not None and grp not in cyclic:
+                for _, act in groups[grp]:
+                    deps[grp] |= dep.get(act, 0)
+                mask |= 1 << grp
             for o in node.output:
                 if o:
                     dep[o] = mask
@@ -407,7 +408,7 @@ class StagedRunner:
             values: dict[str, np.ndarray] = {}
             if sess is not None:
                 fd = {k: feed[k] for k in piece.inputs if k in self.graph_inputs}
-                fd.update({k: self.cache[k][i] for k in piece.inputs if k not in self.graph_inputs})
+                fd.update({k: cast(np.ndarray, self.cache[k][i]) for k in piece.inputs if k not in self.graph_inputs})
                 t1 = time.perf_counter()
                 outs = _run(sess, piece.outputs, fd, i)
                 run_s += time.perf_counter() - t1
@@ -423,7 +424,7 @@ class StagedRunner:
                 if t in values:
                     result[t] = values[t]
                 elif t in self.cache:
-                    result[t] = self.cache[t][i]
+                    result[t] = cast(np.ndarray, self.cache[t][i])
                 elif t in self.graph_inputs:
                     result[t] = feed[t]
                 else:
