@@ -16,9 +16,13 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from onnx_sparse.atomic import check_writable_folder
 from onnx_sparse.errors import OnnxSparseError, first_line
+
+if TYPE_CHECKING:
+    from onnx_sparse.io import ModelFile
 
 __all__ = ["check_run_paths", "check_json_input"]
 
@@ -77,7 +81,7 @@ def check_run_paths(
     writes: Sequence[Labelled] = (),
     model_output: str | os.PathLike[str] | None = None,
     in_place: bool = False,
-) -> None:
+) -> list[ModelFile]:
     """Refuse a run whose outputs would replace one of its inputs or each other.
 
     Args:
@@ -88,16 +92,22 @@ def check_run_paths(
         model_output: the model the run writes (its data files, ``<name>.<hash>.data``, are outputs too).
         in_place: the model output may be the (first) input model.
 
+    Returns:
+        The models, loaded (external data checked, not read), in order, None entries left out: a
+        caller that needs them uses these rather than parsing the files again.
+
     Raises:
         OnnxSparseError: one line naming the option and the file, before any work is done.
     """
     from onnx_sparse.io import data_files, load_model
 
     read_keys: dict[tuple[str, object], str] = {}
+    loaded: list[ModelFile] = []
     for m in models:
         if m is None:
             continue
         mf = load_model(m)  # refuses foreign, short or inconsistent external data
+        loaded.append(mf)
         read_keys.setdefault(_key(Path(m)), f"the input model {m}")
         for f in sorted(data_files(mf)):
             read_keys.setdefault(_key(f), f"the external data file {f} of {m}")
@@ -133,3 +143,4 @@ def check_run_paths(
                 f"{what} {p} is named like the data file of the output model", hint="write to another path"
             )
         seen[key] = f"{what} {p}"
+    return loaded

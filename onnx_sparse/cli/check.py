@@ -16,7 +16,6 @@ from onnx_sparse.cli.common import (
     table_width,
 )
 from onnx_sparse.graph.locate import find_weight_sites
-from onnx_sparse.io import load_model
 from onnx_sparse.report import fmt_share, format_table
 
 logger = logging.getLogger(__name__)
@@ -32,8 +31,7 @@ class CheckTool(Tool):
         add_table_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        preflight(args, models=[args.model])
-        mf = load_model(args.model)
+        (mf,) = preflight(args, models=[args.model])
         sites = [s for s in select_sites(find_weight_sites(mf.model), **selection_kwargs(args)) if s.eligible]
         records = layer_records(mf, sites)
         bad = [r for r in records if not r["sparse_2of4"]]

@@ -69,15 +69,16 @@ def script_path(spec: str | None) -> str | None:
     return spec
 
 
-def preflight(args: argparse.Namespace, **paths: Any) -> None:
+def preflight(args: argparse.Namespace, **paths: Any) -> list[Any]:
     """The checks every tool runs before any work: selection regexes compile, and no output
-    replaces an input or another output (see :func:`onnx_sparse.guard.check_run_paths`)."""
+    replaces an input or another output (see :func:`onnx_sparse.guard.check_run_paths`).
+    Returns the models it loaded (``ModelFile``, in order), for the tool to use."""
     from onnx_sparse.guard import check_run_paths
     from onnx_sparse.recipe import compile_patterns
 
     compile_patterns(getattr(args, "include", ()) or (), "--include")
     compile_patterns(getattr(args, "exclude", ()) or (), "--exclude")
-    check_run_paths(**paths)
+    return check_run_paths(**paths)
 
 
 def add_table_args(parser: argparse.ArgumentParser) -> None:

@@ -18,7 +18,7 @@ from onnx_sparse.cli.common import (
 )
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.graph.locate import find_weight_sites
-from onnx_sparse.io import load_model, model_problem
+from onnx_sparse.io import model_problem
 from onnx_sparse.recipe import Recipe, read_provenance
 from onnx_sparse.report import fmt_count, fmt_share, format_table, write_json
 
@@ -132,8 +132,7 @@ class InspectTool(Tool):
         add_table_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        preflight(args, models=[args.model], writes=[("--json", args.json)])
-        mf = load_model(args.model)
+        (mf,) = preflight(args, models=[args.model], writes=[("--json", args.json)])
         sites = select_sites(find_weight_sites(mf.model), **selection_kwargs(args))
         records = layer_records(mf, sites)
         summary = summarize(records)

@@ -97,7 +97,7 @@ class PruneTool(Tool):
         measure_only = recipe.sensitivity and recipe.target_cosine is None and args.output is None and not args.in_place
         if args.output is None and not args.in_place and not measure_only:
             raise OnnxSparseError("no output path", hint="pass -o OUT, or --in-place to overwrite the input")
-        preflight(
+        (mf,) = preflight(
             args, models=[args.model],
             json_reads=[("--load-inputs", p) for p in args.load_inputs] + [("--recipe", p) for p in [args.recipe] if p],
             reads=[("--data-loader-script", script_path(args.data_loader_script))],
@@ -127,10 +127,8 @@ class PruneTool(Tool):
 
         reports: list[Any] = []
         if measure_only:
-            from onnx_sparse.io import load_model
             from onnx_sparse.passes.sensitivity import measure_sensitivity
 
-            mf = load_model(args.model)
             report = measure_sensitivity(mf, feeds(mf.model), recipe)
             self._sensitivity(report, args)
             if args.save_recipe:
@@ -140,9 +138,7 @@ class PruneTool(Tool):
             return 0
         out = Path(args.output) if args.output else Path(args.model)
         if recipe.int8 and not needs_data:  # bad calibration data fails before the pruning, not after it
-            from onnx_sparse.io import load_model
-
-            feeds(load_model(args.model).model)
+            feeds(mf.model)
         result = prune_file(
             args.model,
             out,

@@ -122,13 +122,12 @@ class QuantizeTool(Tool):
     def run(self, args: argparse.Namespace) -> int:
         from onnx_sparse.calib.data import RANDOM_DATA_WARNING
         from onnx_sparse.cli.common import selection_kwargs
-        from onnx_sparse.io import load_model
         from onnx_sparse.quant import quantize_file
 
         if args.output is None and not args.in_place:
             raise OnnxSparseError("no output path", hint="pass -o OUT, or --in-place to overwrite the input")
         out = Path(args.output) if args.output else Path(args.model)
-        preflight(
+        (mf,) = preflight(
             args, models=[args.model], json_reads=[("--load-inputs", p) for p in args.load_inputs],
             reads=[("--data-loader-script", script_path(args.data_loader_script))],
             writes=[("--report", args.report)], model_output=out, in_place=args.in_place,
@@ -136,7 +135,6 @@ class QuantizeTool(Tool):
         options = quantize_options(args, selection_kwargs(args))
         if args.min_channels:
             logger.warning("--min-channels is ignored by quantize")
-        mf = load_model(args.model)
         feeds, real = load_feeds(args, mf.model, args.calib_samples)
         result = quantize_file(args.model, out, feeds, options, in_place=args.in_place, verify=not args.no_verify)
         report_layers(result.layers)
