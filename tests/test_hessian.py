@@ -213,9 +213,10 @@ def test_matrix_to_conv_weight_rejects_wrong_width():
     n=st.integers(1, 40),
     cols=st.integers(1, 9),
     cuts=st.lists(st.integers(0, 40), max_size=4),
+    dtype=st.sampled_from([np.float32, np.float64]),
 )
-def test_running_stats_batches_equal_one_shot(n, cols, cuts):
-    x = np.random.default_rng(6).standard_normal((n, cols)).astype(np.float32)
+def test_running_stats_batches_equal_one_shot(n, cols, cuts, dtype):
+    x = np.random.default_rng(6).standard_normal((n, cols)).astype(dtype)
     whole = RunningStats(cols, track_xtx=True)
     whole.update(x)
     parts = RunningStats(cols, track_xtx=True)
@@ -224,12 +225,32 @@ def test_running_stats_batches_equal_one_shot(n, cols, cuts):
         parts.update(x[a:b])
     x64 = x.astype(np.float64)
     assert whole.n == parts.n == n
+    # sums are reduced in float64 whatever the input; X^T X is multiplied in the rows' own
+    # precision (float32 products for float32 rows), then summed in float64
+    tol = 1e-12 if dtype == np.float64 else 1e-6 * n
     np.testing.assert_allclose(parts.sum, whole.sum, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(parts.sq, whole.sq, rtol=1e-12)
-    np.testing.assert_allclose(parts.xtx, whole.xtx, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(parts.xtx, whole.xtx, rtol=tol, atol=tol)
     np.testing.assert_allclose(whole.mean, x64.mean(axis=0), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(whole.col_norm, np.linalg.norm(x64, axis=0), rtol=1e-12)
-    np.testing.assert_allclose(whole.xtx, x64.T @ x64, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(whole.xtx, x64.T @ x64, rtol=tol, atol=tol)
+    assert whole.xtx.dtype == np.float64
+
+
+def test_paired_stats_keep_the_difference_exact():
+    # Xp^T (Xd - Xp) is accumulated directly: the float32 products of two nearly equal inputs
+    # must not lose the small difference the refit is made of (pd - pp would cancel).
+    rng = np.random.default_rng(9)
+    xp = rng.standard_normal((4096, 64)).astype(np.float32) * 100
+    xd = xp + np.float32(1e-3) * rng.standard_normal(xp.shape).astype(np.float32)
+    s = PairedStats(64)
+    for a in range(0, 4096, 1000):
+        s.update(xp[a : a + 1000], xd[a : a + 1000])
+    x64, d64 = xp.astype(np.float64), xd.astype(np.float64)
+    exact = x64.T @ (d64 - x64)
+    assert np.linalg.norm(s.pq - exact) / np.linalg.norm(exact) < 1e-4
+    ref = x64.T @ d64
+    assert np.linalg.norm(s.pd - ref) / np.linalg.norm(ref) < 1e-6
 
 
 def test_running_stats_flattens_leading_axes_and_skips_empty():
@@ -253,7 +274,8 @@ def test_running_stats_accepts_im2col_chunks():
     chunked = RunningStats(full.shape[1], track_xtx=True)
     chunked.update_chunks(c[0] for c in iter_im2col(x, *args, chunk_rows=10))
     assert chunked.n == one.n == 2 * 36
-    np.testing.assert_allclose(chunked.xtx, one.xtx, rtol=1e-12, atol=1e-12)
+    # float32 rows: float32 products (chunked and whole differ by product rounding only)
+    np.testing.assert_allclose(chunked.xtx, one.xtx, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(chunked.sq, one.sq, rtol=1e-12)
 
 

@@ -239,6 +239,15 @@ def _row_subset(total: int, rng: np.random.Generator | None, max_rows: int | Non
     return np.sort(rng.choice(total, size=max_rows, replace=False))
 
 
+def _is_permutation(index: np.ndarray, size: int) -> bool:
+    """Whether ``index`` holds every element index ``0..size-1`` exactly once (O(size), no sort)."""
+    if index.size != size or (size and (index.min() < 0 or index.max() >= size)):
+        return False
+    seen = np.zeros(size, dtype=bool)
+    seen[index] = True
+    return bool(seen.all())
+
+
 def _to_matrices(kind: str, consumer: np.ndarray, groups: int, site: WeightSite) -> list[np.ndarray]:
     if kind == "conv":
         return conv_weight_to_matrix(consumer, groups)
@@ -398,7 +407,7 @@ def layer_view(site: WeightSite, mf: ModelFile, producers: Mapping[str, onnx.Nod
         raise Unsupported(f"{site.node}: cannot replay the weight path ({type(exc).__name__}: {exc})") from exc
     if tuple(consumer_index.shape) != tuple(site.consumer_shape):
         raise Unsupported(f"{site.node}: weight path gives {consumer_index.shape}, expected {site.consumer_shape}")
-    if not np.array_equal(np.sort(consumer_index.ravel()), index_arr.ravel()):
+    if chain and not _is_permutation(consumer_index.ravel(), stored.size):
         raise Unsupported(f"{site.node}: the weight path is not a permutation of the stored elements")
     groups = int(attrs.get("group", 1)) if kind == "conv" else 1
     index = _to_matrices(kind, consumer_index, groups, site)

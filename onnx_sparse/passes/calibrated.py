@@ -194,7 +194,8 @@ class LayerStats:
         )
         self._buf: list[tuple[int, int, list[np.ndarray], list[np.ndarray] | None]] = []
         self._buf_rows = 0
-        self._flush_rows = max(256, _FLUSH_VALUES // c)
+        # asym splits a flush by fold: flush folds times later, so each fold's product stays large
+        self._flush_rows = max(256, _FLUSH_VALUES // c) * (self.folds if self.paired is not None else 1)
         # Rows kept (tagged by fold) while the layer is row-starved, for cross-validated damping.
         self.cv_folds = max(1, min(CV_FOLDS, samples))
         self.raw: list[tuple[int, list[np.ndarray]]] | None = (

@@ -319,16 +319,20 @@ def asymmetric_refit(w: Array, pp: npt.ArrayLike, pd: npt.ArrayLike, damp: float
     _check_square(c, cols, "pd")
     if not damp >= 0:
         raise ValueError(f"damp must be non-negative, got {damp}")
-    w64 = w.astype(np.float64)
-    scale = float(np.mean(np.diag(g)))
+    return _refit(w.astype(np.float64), g, c - g, damp)
+
+
+def _refit(w64: Array, pp: Array, pq: Array, damp: float) -> Array:
+    """:func:`asymmetric_refit` from ``pp`` and ``pq = pd - pp`` (``Xp^T (Xd - Xp)``)."""
+    scale = float(np.mean(np.diag(pp)))
     if math.isinf(damp) or scale <= 0:
         return w64
     # W'^T = W^T + (pp + lambda I)^{-1} (pd - pp) W^T: the same solution, written as a
     # correction of W so that damp = 0 can use the minimum-norm correction.
-    rhs = (c - g) @ w64.T
+    rhs = pq @ w64.T
     if not np.any(rhs):  # the same input in both models: nothing to refit
         return w64
-    return w64 + _ridge_solve(g, rhs, damp * scale).T
+    return w64 + _ridge_solve(pp, rhs, damp * scale).T
 
 
 def _ridge_solve(g: np.ndarray, rhs: np.ndarray, ridge: float) -> np.ndarray:
@@ -408,6 +412,7 @@ def ridge_cv_scores(
     seed: int = 0,
     unimodal: bool = False,
     held_out: int | None = None,
+    total: PairedStats | None = None,
 ) -> tuple[float, ...]:
     """Held-out error of the dense ridge refit (:func:`asymmetric_refit`) for every damping.
 
@@ -434,6 +439,7 @@ def ridge_cv_scores(
             of 5 candidates factorised instead of all); candidates not visited score ``nan``.
         held_out: Hold out only the first this many folds in turn (each trained on all the
             other folds); None: every fold.
+        total: The sum of ``folds`` when the caller has it already (saves one sum).
 
     Returns:
         Per damping, the held-out error summed over folds and divided by the held-out rows.
@@ -450,14 +456,14 @@ def ridge_cv_scores(
         factor = a.shape[0] / rows
         a = a[pick]
     at = np.ascontiguousarray(a.T)  # [cols, k]
-    every = PairedStats.total(used)
+    every = PairedStats.total(used) if total is None else total
     prepared = []
     tested = used if held_out is None else used[: max(1, held_out)]
     for held in tested:
         g = every.pp - held.pp
-        r = (every.pd - held.pd - g) @ at  # the right-hand side (C - G) W^T
-        e = (held.pp - held.pd) @ at
-        base = float(np.einsum("ij,ij->", held.pp @ at - 2.0 * (held.pd @ at), at))
+        r = every.pq @ at - held.pq @ at  # the right-hand side (C - G) W^T
+        e = -(held.pq @ at)  # (P - Pd) W^T
+        base = float(np.einsum("ij,ij->", -(held.pp @ at) - 2.0 * (held.pq @ at), at))
         # r = 0 (the layer sees the same input in both models, e.g. the first layer): W' = W
         scale = float(np.mean(np.diag(g))) if np.any(r) else 0.0
         prepared.append((held, g, r, e, base, scale))
@@ -514,6 +520,7 @@ def choose_refit_damp(
     rows: int | None = SELECT_ROWS,
     unimodal: bool = True,
     budget: float | None = SELECT_BUDGET,
+    total: PairedStats | None = None,
 ) -> RefitCV:
     """Choose the refit ridge damping by K-fold cross-validation.
 
@@ -540,6 +547,7 @@ def choose_refit_damp(
             of the grid visits (see :func:`ridge_cv_scores`; the others score ``nan``).
         budget: Without ``prune``, hold out folds in turn only while ``folds x 5 x cols^3 / 6``
             multiply-adds stay within this (at least one fold; None: every fold).
+        total: The sum of the folds with rows, when the caller has it (saves one sum).
 
     Returns:
         The chosen damping with every candidate's score.
@@ -552,7 +560,7 @@ def choose_refit_damp(
     if not prune:
         cols = np.shape(w)[1]
         held = None if budget is None else max(1, int(budget // (5 * cols**3 / 6)))
-        scores = list(ridge_cv_scores(w, used, grid, rows=rows, unimodal=unimodal, held_out=held))
+        scores = list(ridge_cv_scores(w, used, grid, rows=rows, unimodal=unimodal, held_out=held, total=total))
     else:
         rows_total = sum(f.n for f in used)
         trains = [PairedStats.total([g for j, g in enumerate(used) if j != i]) for i in range(len(used))]
@@ -583,7 +591,8 @@ def asymmetric_cv_2_4(
     Returns:
         ``(new weight in w's dtype, SparseGPT stats, cross-validation outcome)``.
     """
-    cv = choose_refit_damp(w, folds, grid, prune=prune_in_cv, blocksize=blocksize, damp=damp)
     every = PairedStats.total([f for f in folds if f.n > 0])
-    out, stats = asymmetric_sparsegpt_2_4(w, every.pp, every.pd, cv.damp, blocksize, damp)
-    return out, stats, cv
+    cv = choose_refit_damp(w, folds, grid, prune=prune_in_cv, blocksize=blocksize, damp=damp, total=every)
+    refit = _refit(w.astype(np.float64), every.pp, every.pq, cv.damp)
+    out, stats = sparsegpt_2_4(refit, every.pp, blocksize=blocksize, damp=damp)
+    return out.astype(w.dtype), stats, cv
