@@ -46,15 +46,14 @@ on magika's classifier head took held-out top-1 agreement from below magnitude p
 to above it.
 
 Speed: the per-layer solves (Cholesky factorisations, triangular solves, the column walk)
-run with one BLAS thread (:func:`_one_blas_thread`, numpy's and scipy's bundled OpenBLAS): on a busy
-machine multi-threaded LAPACK on these mid-sized matrices was up to 100x slower (PP-OCRv4
-det: 38 s -> 9 s on 2 loaded cores). The large ``X^T X`` products keep every thread.
+run with one BLAS thread each, and independent ones side by side in worker threads: the
+layers of one stage, the cross-validation folds, SparseGPT's factorisation while ``asym``
+chooses its refit (:mod:`onnx_sparse.core.blas` says why). The large ``X^T X`` products keep
+every BLAS thread.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -67,7 +66,7 @@ import onnx
 from onnx_sparse.calib.capture import StagedRunner, inline_model, run_model, schedule
 from onnx_sparse.calib.data import validate_feeds
 from onnx_sparse.calib.layers import LayerView, Unsupported, layer_view
-from onnx_sparse.core import nm
+from onnx_sparse.core import blas, nm
 from onnx_sparse.core.hessian import PairedStats, RunningStats
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.graph.locate import WeightSite, find_weight_sites
@@ -291,46 +290,6 @@ class LayerFit:
     damp: float | None = None
 
 
-@contextlib.contextmanager
-def _one_blas_thread() -> Iterator[None]:
-    """Run the block with one OpenBLAS thread in this thread, in numpy's and in scipy's
-    OpenBLAS (each wheel bundles its own) (best effort: a no-op for a library without
-    ``openblas_set_num_threads_local``)."""
-    fns = _blas_local_threads()
-    olds = [fn(1) for fn in fns]
-    try:
-        yield
-    finally:
-        for fn, old in zip(fns, olds, strict=True):
-            fn(old if old > 0 else 0)
-
-
-@functools.lru_cache(maxsize=1)
-def _blas_local_threads() -> tuple[Any, ...]:
-    import ctypes
-    import glob
-    import os
-
-    import scipy
-
-    found = []
-    for pkg in (np, scipy):
-        libs = os.path.join(os.path.dirname(os.path.dirname(pkg.__file__)), f"{pkg.__name__}.libs")
-        for path in sorted(
-            glob.glob(os.path.join(libs, "libscipy_openblas*.so*")) + glob.glob(os.path.join(libs, "libopenblas*.so*"))
-        ):
-            try:
-                lib = ctypes.CDLL(path)
-                fn = lib.openblas_set_num_threads_local
-            except (OSError, AttributeError):
-                continue
-            fn.argtypes = [ctypes.c_int]
-            fn.restype = ctypes.c_int
-            found.append(fn)
-            break
-    return tuple(found)
-
-
 def _drain(gen: Iterator[Any]) -> None:
     for _ in gen:
         pass
@@ -415,7 +374,7 @@ class Calibrator:
         """The new stored weight of one group from its statistics (magnitude without a view or data)."""
         if acc is not None:
             acc.flush()
-        with _one_blas_thread():
+        with blas.one_blas_thread():
             return self._solve(grp, acc, mf, t0)
 
     def _solve(self, grp: LayerGroup, acc: LayerStats | None, mf: ModelFile, t0: float) -> LayerFit:
@@ -576,8 +535,12 @@ class Calibrator:
                     _drain(dgen)
                 logger.debug("stage of %d tensor(s): capture %.2fs", len(members), time.perf_counter() - t_cap)
             for g in members:
-                t0 = time.perf_counter()
-                fit = self.solve(g, accs[g.key], mf, t0)
+                if accs[g.key] is not None:
+                    accs[g.key].flush()  # the last products with every BLAS thread
+            # the groups of a stage are independent: solved side by side, applied in order
+            jobs = [(g, accs[g.key]) for g in members]
+            fits = blas.parallel_map(lambda job: self.solve(job[0], job[1], mf, time.perf_counter()), jobs)
+            for g, fit in zip(members, fits, strict=True):
                 if apply is not None:
                     apply(fit, runner)
                 accs[g.key] = None  # free the statistics

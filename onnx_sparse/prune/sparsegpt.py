@@ -46,7 +46,7 @@ import numpy as np
 import numpy.typing as npt
 import scipy.linalg
 
-from onnx_sparse.core import nm
+from onnx_sparse.core import blas, nm
 from onnx_sparse.core.hessian import PairedStats
 
 __all__ = [
@@ -54,6 +54,9 @@ __all__ = [
     "RefitCV",
     "DEFAULT_REFIT_GRID",
     "upper_cholesky_inverse",
+    "InverseFactor",
+    "inverse_factor",
+    "prune_with_factor",
     "sparsegpt_2_4",
     "asymmetric_refit",
     "asymmetric_sparsegpt_2_4",
@@ -218,17 +221,37 @@ def sparsegpt_2_4(
         positions, 2:4 along axis 1.
     """
     _check_weight(w)
-    rows, cols = w.shape
+    factor = inverse_factor(h, w.shape[1], damp=damp, dead=dead)
+    return prune_with_factor(w, factor, blocksize)
+
+
+@dataclass(frozen=True)
+class InverseFactor:
+    """What SparseGPT needs from ``H``, independent of the weight: :func:`inverse_factor`.
+
+    Attributes:
+        u: Upper Cholesky factor of the damped ``H^{-1}`` (None: every damping failed).
+        dead: Boolean ``[cols]`` mask of the dead columns.
+        damp: The relative damping finally used.
+        retries: How many times the damping was raised.
+    """
+
+    u: Array | None
+    dead: Array
+    damp: float
+    retries: int
+
+
+def inverse_factor(h: npt.ArrayLike, cols: int, damp: float = 0.01, dead: npt.ArrayLike | None = None) -> InverseFactor:
+    """Dead columns, damping and the upper Cholesky factor of ``H^{-1}`` (see :func:`sparsegpt_2_4`).
+
+    Separate from the column walk so that it can be computed while something else runs (the
+    refit's cross-validation) and shared by weights that read the same input.
+    """
     hm = np.array(h, dtype=np.float64)
     _check_square(hm, cols, "H")
-    if blocksize < 1 or blocksize % nm.GROUP_SIZE:
-        raise ValueError(f"blocksize must be a positive multiple of {nm.GROUP_SIZE}, got {blocksize}")
     if not damp >= 0:
         raise ValueError(f"damp must be non-negative, got {damp}")
-    w64 = w.astype(np.float64)
-    if not np.all(np.isfinite(w64)):
-        raise ValueError("the weight holds NaN or infinite values")
-
     diag = np.diag(hm).copy()
     dead_mask = diag == 0
     if dead is not None:
@@ -237,7 +260,6 @@ def sparsegpt_2_4(
     hm[idx, :] = 0.0
     hm[:, idx] = 0.0
     hm[idx, idx] = 1.0
-    w64[:, dead_mask] = 0.0
 
     rel = float(damp)
     u = None
@@ -251,9 +273,8 @@ def sparsegpt_2_4(
         except np.linalg.LinAlgError as exc:
             if retries == _MAX_RETRIES:
                 logger.warning(
-                    "SparseGPT: Cholesky failed for a [%d, %d] weight up to damping %g (%s); "
+                    "SparseGPT: Cholesky failed for a weight with %d columns up to damping %g (%s); "
                     "falling back to magnitude pruning",
-                    rows,
                     cols,
                     rel,
                     exc,
@@ -261,8 +282,7 @@ def sparsegpt_2_4(
                 break
             new_rel = max(rel * _DAMP_GROWTH, 1e-4)
             logger.warning(
-                "SparseGPT: Cholesky failed for a [%d, %d] weight with damping %g (%s); retrying with %g",
-                rows,
+                "SparseGPT: Cholesky failed for a weight with %d columns with damping %g (%s); retrying with %g",
                 cols,
                 rel,
                 exc,
@@ -270,7 +290,22 @@ def sparsegpt_2_4(
             )
             rel = new_rel
             retries += 1
+    return InverseFactor(u=u, dead=dead_mask, damp=rel, retries=retries)
 
+
+def prune_with_factor(w: Array, factor: InverseFactor, blocksize: int = 128) -> tuple[Array, SparseGPTStats]:
+    """SparseGPT's column walk on ``w`` with a factor from :func:`inverse_factor` (of ``w``'s input)."""
+    _check_weight(w)
+    if factor.dead.shape != (w.shape[1],):
+        raise ValueError(f"the factor is for {factor.dead.shape[0]} columns; the weight has {w.shape[1]}")
+    if blocksize < 1 or blocksize % nm.GROUP_SIZE:
+        raise ValueError(f"blocksize must be a positive multiple of {nm.GROUP_SIZE}, got {blocksize}")
+    w64 = w.astype(np.float64)
+    if not np.all(np.isfinite(w64)):
+        raise ValueError("the weight holds NaN or infinite values")
+    dead_mask = factor.dead
+    w64[:, dead_mask] = 0.0
+    u = factor.u
     if u is None:
         out = nm.prune_2_4(w64, 1)
         loss = 0.0
@@ -278,7 +313,9 @@ def sparsegpt_2_4(
         pruned_t, loss = _obs_prune(np.ascontiguousarray(w64.T), u, blocksize)
         out = pruned_t.T
         out[:, dead_mask] = 0.0  # exact zeros where rounding left crumbs
-    stats = SparseGPTStats(loss=loss, damp=rel, retries=retries, fallback=u is None, dead_columns=int(dead_mask.sum()))
+    stats = SparseGPTStats(
+        loss=loss, damp=factor.damp, retries=factor.retries, fallback=u is None, dead_columns=int(dead_mask.sum())
+    )
     return out.astype(w.dtype), stats
 
 
@@ -457,56 +494,76 @@ def ridge_cv_scores(
         a = a[pick]
     at = np.ascontiguousarray(a.T)  # [cols, k]
     every = PairedStats.total(used) if total is None else total
-    prepared = []
     tested = used if held_out is None else used[: max(1, held_out)]
-    for held in tested:
+    every_r = every.pq @ at
+
+    def prepare(held: PairedStats) -> tuple[PairedStats, Array, Array, Array, float, float]:
         g = every.pp - held.pp
-        r = every.pq @ at - held.pq @ at  # the right-hand side (C - G) W^T
-        e = -(held.pq @ at)  # (P - Pd) W^T
-        base = float(np.einsum("ij,ij->", -(held.pp @ at) - 2.0 * (held.pq @ at), at))
+        hq = held.pq @ at
+        r = every_r - hq  # the right-hand side (C - G) W^T
+        e = -hq  # (P - Pd) W^T
+        base = float(np.einsum("ij,ij->", -(held.pp @ at) - 2.0 * hq, at))
         # r = 0 (the layer sees the same input in both models, e.g. the first layer): W' = W
         scale = float(np.mean(np.diag(g))) if np.any(r) else 0.0
-        prepared.append((held, g, r, e, base, scale))
+        return held, g, r, e, base, scale
+
+    # folds are independent: prepared and scored side by side (one BLAS thread each)
+    prepared = blas.parallel_map(prepare, tested)
     n_rows = sum(f.n for f in tested)
 
-    def score(lam: float) -> float:
-        total = 0.0
-        for held, g, r, e, base, scale in prepared:
-            if math.isinf(lam) or scale <= 0:
-                total += base
-                continue
-            try:
-                d = _ridge_solve(g, r, lam * scale)
-            except np.linalg.LinAlgError:
-                return math.inf
-            total += base + 2.0 * float(np.einsum("ij,ij->", d, e)) + float(np.einsum("ij,ij->", held.pp @ d, d))
-        return total * factor / n_rows
+    def fold_score(task: tuple[tuple[PairedStats, Array, Array, Array, float, float], float]) -> float:
+        (held, g, r, e, base, scale), lam = task
+        if math.isinf(lam) or scale <= 0:
+            return base
+        try:
+            d = _ridge_solve(g, r, lam * scale)
+        except np.linalg.LinAlgError:
+            return math.inf
+        return base + 2.0 * float(np.einsum("ij,ij->", d, e)) + float(np.einsum("ij,ij->", held.pp @ d, d))
+
+    def scores(lams: Sequence[float]) -> list[float]:
+        per = blas.parallel_map(fold_score, [(p, lam) for lam in lams for p in prepared])
+        k = len(prepared)
+        return [sum(per[j * k : (j + 1) * k]) * factor / n_rows for j in range(len(lams))]
 
     if not unimodal:
-        return tuple(score(float(lam)) for lam in grid)
+        return tuple(scores([float(lam) for lam in grid]))
     # Descend from the middle of the finite grid (in order of damping) until neither
-    # neighbour is better; candidates not visited score nan.
+    # neighbour is better; candidates not visited score nan. With fewer folds than worker
+    # threads, the next candidates of the walk are scored ahead, side by side (the walk, and
+    # so the choice, is the same; only idle cores do the extra work).
+    spare = len(prepared) < blas.workers()
     out = [math.nan] * len(grid)
     for i, lam in enumerate(grid):
         if math.isinf(lam):
-            out[i] = score(math.inf)
+            out[i] = scores([math.inf])[0]
     finite = sorted((i for i, lam in enumerate(grid) if not math.isinf(lam)), key=lambda i: grid[i])
+
+    def visit(positions: Sequence[int]) -> None:
+        todo = [finite[p] for p in positions if 0 <= p < len(finite) and math.isnan(out[finite[p]])]
+        for i, v in zip(todo, scores([float(grid[i]) for i in todo]), strict=True):
+            out[i] = v
+
+    walked = {i for i, lam in enumerate(grid) if math.isinf(lam)}
     if finite:
         pos = (len(finite) - 1) // 2
-        out[finite[pos]] = score(float(grid[finite[pos]]))
+        visit([pos, pos - 1, pos + 1] if spare else [pos])
+        walked.add(finite[pos])
         step = 0
         while True:
             moved = False
             for nxt in [pos - 1, pos + 1] if step == 0 else [pos + step]:
                 if 0 <= nxt < len(finite):
+                    visit([nxt, nxt + (nxt - pos)] if spare and step else [nxt])
                     i = finite[nxt]
-                    if math.isnan(out[i]):
-                        out[i] = score(float(grid[i]))
+                    walked.add(i)
                     if out[i] < out[finite[pos]]:
                         step, pos, moved = nxt - pos, nxt, True
                         break
             if not moved:
                 break
+    # what was scored ahead but not reached by the walk does not take part in the choice
+    out = [v if i in walked else math.nan for i, v in enumerate(out)]
     return tuple(out)
 
 
@@ -591,8 +648,11 @@ def asymmetric_cv_2_4(
     Returns:
         ``(new weight in w's dtype, SparseGPT stats, cross-validation outcome)``.
     """
+    _check_weight(w)
     every = PairedStats.total([f for f in folds if f.n > 0])
+    # SparseGPT's factor depends on pp only, not on the refit: computed while the damping is chosen
+    factor = blas.Background(inverse_factor, every.pp, w.shape[1], damp)
     cv = choose_refit_damp(w, folds, grid, prune=prune_in_cv, blocksize=blocksize, damp=damp, total=every)
     refit = _refit(w.astype(np.float64), every.pp, every.pq, cv.damp)
-    out, stats = sparsegpt_2_4(refit, every.pp, blocksize=blocksize, damp=damp)
+    out, stats = prune_with_factor(refit, factor.result(), blocksize)
     return out.astype(w.dtype), stats, cv
