@@ -72,7 +72,9 @@ class LayerView:
         groups: Conv groups (1 otherwise); one matrix per group.
         cols: Columns of each matrix (input features).
         rows_per_group: Rows (output channels) of each matrix.
-        index: Per group, ``[rows, cols]`` flat indices into the stored tensor.
+        index: Per group, ``[rows, cols]`` flat indices into the stored tensor (a property:
+            kept only for a weight behind a path of nodes, made on demand for a plain one, so
+            that the views of a large model do not hold a second model's worth of indices).
         mask_only: The stored values cannot take updated weights (Q/DQ on the path).
         requant: For integer weights behind a leading DequantizeLinear: its scale and zero
             point broadcast to the stored shape, used to requantize updated weights.
@@ -84,7 +86,7 @@ class LayerView:
     groups: int
     cols: int
     rows_per_group: int
-    index: list[np.ndarray]
+    path_index: list[np.ndarray] | None
     mask_only: bool
     stored_shape: tuple[int, ...]
     stored_dtype: np.dtype
@@ -100,6 +102,13 @@ class LayerView:
     pads: tuple[int, ...] = ()
     auto_pad: str = "NOTSET"
     requant: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def index(self) -> list[np.ndarray]:
+        """Per group, ``[rows, cols]`` flat indices into the stored tensor."""
+        if self.path_index is not None:
+            return self.path_index
+        return _index_matrices(self.kind, self.stored_shape, self.groups, self.site)
 
     # -------------------------------------------------------------- weights
 
@@ -246,6 +255,13 @@ def _is_permutation(index: np.ndarray, size: int) -> bool:
     seen = np.zeros(size, dtype=bool)
     seen[index] = True
     return bool(seen.all())
+
+
+def _index_matrices(kind: str, shape: tuple[int, ...], groups: int, site: WeightSite) -> list[np.ndarray]:
+    """The index matrices of a weight the node reads as stored (no path of nodes)."""
+    size = math.prod(shape)
+    arange = np.arange(size, dtype=np.int32 if size < 2**31 else np.int64).reshape(shape)
+    return _to_matrices(kind, arange, groups, site)
 
 
 def _to_matrices(kind: str, consumer: np.ndarray, groups: int, site: WeightSite) -> list[np.ndarray]:
@@ -414,6 +430,7 @@ def layer_view(site: WeightSite, mf: ModelFile, producers: Mapping[str, onnx.Nod
     if stored.size < 2**31:  # views of every layer live for the whole pass: half the memory of int64
         index = [np.ascontiguousarray(m, dtype=np.int32) for m in index]
     rows_g, cols = index[0].shape
+    del consumer_index, index_arr
     if cols % nm.GROUP_SIZE:
         raise Unsupported(f"{site.node}: {cols} input features are not a multiple of 4")
     requant = _requantizer(chain, side, stored)
@@ -427,7 +444,7 @@ def layer_view(site: WeightSite, mf: ModelFile, producers: Mapping[str, onnx.Nod
         groups=groups,
         cols=cols,
         rows_per_group=rows_g,
-        index=index,
+        path_index=index if chain else None,  # a plain weight's indices are remade on demand
         mask_only=mask_only,
         stored_shape=shape,
         stored_dtype=stored.dtype,
