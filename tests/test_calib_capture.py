@@ -133,3 +133,54 @@ def test_runner_error_names_the_sample() -> None:
     runner = StagedRunner(ModelFile(mlp()), [{"x": np.zeros((2, 31), np.float32)}])
     with pytest.raises(OnnxSparseError, match="sample 0"):
         list(runner.iter_stage(["a1"]))
+
+
+# --------------------------------------------------------------------------- spilling the frontier
+
+
+def test_spill_keeps_in_memory_up_to_the_budget_then_maps_files(tmp_path, monkeypatch) -> None:
+    from onnx_sparse.calib.spill import Spill
+
+    monkeypatch.setenv("ONNX_SPARSE_SPILL_DIR", str(tmp_path))
+    spill = Spill(budget=100)
+    small = np.arange(10, dtype=np.float32)  # 40 bytes: kept
+    big = np.arange(50, dtype=np.float32).reshape(5, 10)  # 200 bytes: over the budget
+    assert spill.keep(small) is small and spill.in_memory == 40
+    mapped = spill.keep(big)
+    assert isinstance(mapped, np.memmap) and not mapped.flags.writeable
+    np.testing.assert_array_equal(mapped, big)
+    assert spill.spilled == 200 and spill.in_memory == 40
+    # the files are unlinked as soon as they are mapped: nothing on disk, even before close
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+    spill.release(small)
+    assert spill.in_memory == 0
+    assert spill.keep(small) is small  # room again
+    spill.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_spill_budget_from_the_environment(monkeypatch) -> None:
+    from onnx_sparse.calib.spill import default_budget
+
+    monkeypatch.setenv("ONNX_SPARSE_SPILL_MB", "3")
+    assert default_budget() == 3 << 20
+    monkeypatch.setenv("ONNX_SPARSE_SPILL_MB", "lots")
+    assert default_budget() > 0  # a bad value falls back to the default (with a warning)
+    monkeypatch.delenv("ONNX_SPARSE_SPILL_MB")
+    assert default_budget() > 0
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "asym"])
+def test_spilled_calibration_gives_the_same_weights(method, tmp_path, monkeypatch) -> None:
+    from onnx_sparse.passes.calibrated import CalibratedPrunePass
+
+    model, feeds = mlp(), mlp_data(3, 8)
+    kept = CalibratedPrunePass(method, feeds)(model)
+    monkeypatch.setenv("ONNX_SPARSE_SPILL_MB", "0")  # every frontier array goes to a file
+    monkeypatch.setenv("ONNX_SPARSE_SPILL_DIR", str(tmp_path))
+    pass_ = CalibratedPrunePass(method, feeds)
+    spilled = pass_(model)
+    assert pass_.engine.last_spill is not None and pass_.engine.last_spill.spilled > 0
+    for a, b in zip(kept.model.model.graph.initializer, spilled.model.model.graph.initializer, strict=True):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+    assert list(tmp_path.iterdir()) == []  # nothing left behind

@@ -14,7 +14,8 @@ computed so far that nodes still to run will read (skip connections, attention m
 residual stream). Everything upstream of the frontier is final, because every layer that
 feeds it has already been pruned. So over a whole calibration every node runs once per
 sample, memory holds the frontier for the calibration set plus one sample's captures,
-and each captured activation is handed to the caller one sample at a time.
+and each captured activation is handed to the caller one sample at a time. A frontier larger
+than the memory budget goes to memory-mapped files (:mod:`onnx_sparse.calib.spill`).
 
 The pieces are built from the in-memory model with its current weights (pending values of
 external tensors included), so a model with external data needs no temporary files.
@@ -34,6 +35,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from onnx_sparse.calib.spill import Spill
 from onnx_sparse.errors import OnnxSparseError, first_line
 from onnx_sparse.io import ModelFile
 
@@ -241,11 +243,15 @@ class StagedRunner:
         mf: The model.
         feeds: The calibration samples.
         threads: onnxruntime intra-op threads (None: its default).
+        spill: Where the frontier's arrays live (:class:`~onnx_sparse.calib.spill.Spill`: in
+            memory up to a budget, then in memory-mapped files); share one between runners so
+            that the budget is one. None: a runner of its own with the default budget.
     """
 
     mf: ModelFile
     feeds: Sequence[Mapping[str, np.ndarray]]
     threads: int | None = None
+    spill: Spill | None = None
     nodes: list[onnx.NodeProto] = field(init=False)
     extra: dict[str, np.ndarray] = field(init=False, default_factory=dict)
     cache: dict[str, list[np.ndarray | None]] = field(init=False, default_factory=dict)
@@ -256,12 +262,19 @@ class StagedRunner:
     )
 
     def __post_init__(self) -> None:
+        if self.spill is None:
+            self.spill = Spill()
         g = self.mf.model.graph
         self.initializers = {t.name: t for t in g.initializer}
         self.graph_inputs = {vi.name: vi for vi in g.input if vi.name not in self.initializers}
         self.nodes = _toposort(list(g.node), set(self.graph_inputs) | set(self.initializers))
         self.inserted = [id(n) for n in self.nodes] != [id(n) for n in g.node]
         self._index_producers()
+
+    @property
+    def _spill(self) -> Spill:
+        assert self.spill is not None
+        return self.spill
 
     # ------------------------------------------------------------------ graph edits
 
@@ -418,7 +431,7 @@ class StagedRunner:
                         raise OnnxSparseError(
                             f"intermediate value {name!r} is not a tensor; calibration cannot split the graph there"
                         )
-                    self.cache[name][i] = values[name]
+                    self.cache[name][i] = self._spill.keep(values[name])
             result = {}
             for t in targets:
                 if t in values:
@@ -439,7 +452,9 @@ class StagedRunner:
             if id(node) not in self.done:
                 later.update(node_reads(node))
         for name in [k for k in self.cache if k not in later]:
-            del self.cache[name]
+            for a in self.cache.pop(name):
+                if a is not None:
+                    self._spill.release(a)
         logger.debug(
             "capture piece: %d nodes, %d inputs, %d outputs, frontier %d tensors (%.1f MB), run %.2fs",
             len(piece.nodes),

@@ -65,6 +65,7 @@ import onnx
 
 from onnx_sparse.calib.capture import StagedRunner, inline_model, run_model, schedule
 from onnx_sparse.calib.data import validate_feeds
+from onnx_sparse.calib.spill import Spill
 from onnx_sparse.calib.layers import LayerView, Unsupported, layer_view
 from onnx_sparse.core import blas, nm
 from onnx_sparse.core.hessian import PairedStats, RunningStats
@@ -310,6 +311,8 @@ class Calibrator:
             ``[batch, seq]``): rows of MatMul/Gemm inputs shaped ``[batch, seq, features]`` at
             those positions are left out of every statistic. Padded tokens are not data; in
             a padded batch they can outnumber the real ones.
+        spill_budget: Bytes of captured activations (both models' frontiers) kept in memory;
+            the rest goes to memory-mapped files (None: :func:`onnx_sparse.calib.spill.default_budget`).
     """
 
     def __init__(
@@ -323,6 +326,7 @@ class Calibrator:
         folds: int = 4,
         threads: int | None = None,
         row_mask: str | None = None,
+        spill_budget: int | None = None,
     ) -> None:
         if method not in METHODS:
             raise OnnxSparseError(f"unknown pruning method {method!r}", hint=f"choose one of {', '.join(METHODS)}")
@@ -340,6 +344,8 @@ class Calibrator:
         self.folds = folds
         self.threads = threads
         self.row_mask = row_mask
+        self.spill_budget = spill_budget
+        self.last_spill: Spill | None = None  # the last run's (for its counters)
 
     # ---------------------------------------------------------------- planning
 
@@ -496,8 +502,11 @@ class Calibrator:
                 hint=f"the inputs are {list(feeds[0])}",
             )
         sched = schedule(list(mf.model.graph.node), [[(s.node_proto, s.activation) for s in g.sites] for g in groups])
-        runner = StagedRunner(mf, feeds, threads=self.threads)
-        dense_runner = StagedRunner(dense, feeds, threads=self.threads) if self.method == "asym" and dense else None
+        spill = self.last_spill = Spill(self.spill_budget)  # one memory budget for both models' frontiers
+        runner = StagedRunner(mf, feeds, threads=self.threads, spill=spill)
+        dense_runner = (
+            StagedRunner(dense, feeds, threads=self.threads, spill=spill) if self.method == "asym" and dense else None
+        )
         for k in sched.cyclic:
             groups[k].note = f"{groups[k].sites[0].node}: its weight is shared by layers that feed each other"
             fit = self.solve(_with_view(groups[k], None), None, mf, time.perf_counter())
@@ -547,11 +556,13 @@ class Calibrator:
                 yield fit
         if apply is not None:
             runner.commit()
+        spill.close()
         logger.debug(
-            "capture: %d pieces, build %.2fs, onnxruntime %.2fs",
+            "capture: %d pieces, build %.2fs, onnxruntime %.2fs, %.0f MB of activations spilled to disk",
             runner.stats["pieces"],
             runner.stats["build_s"],
             runner.stats["run_s"],
+            spill.spilled / 1e6,
         )
 
 
