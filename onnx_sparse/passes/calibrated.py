@@ -65,8 +65,8 @@ import onnx
 
 from onnx_sparse.calib.capture import StagedRunner, inline_model, run_model, schedule
 from onnx_sparse.calib.data import validate_feeds
-from onnx_sparse.calib.spill import Spill
 from onnx_sparse.calib.layers import LayerView, Unsupported, layer_view
+from onnx_sparse.calib.spill import Spill
 from onnx_sparse.core import blas, nm
 from onnx_sparse.core.hessian import PairedStats, RunningStats
 from onnx_sparse.errors import OnnxSparseError
