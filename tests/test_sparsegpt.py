@@ -488,3 +488,32 @@ def _benchmark() -> None:
 
 if __name__ == "__main__":
     _benchmark()
+
+
+def test_row_chunks_give_the_same_weights_whatever_the_workers(monkeypatch) -> None:
+    # Rows are independent given U: the walk and the refit solve run in fixed pieces of rows,
+    # side by side. The pieces do not depend on the cores, so neither does the result.
+    from onnx_sparse.prune import sparsegpt as sg
+
+    rng = np.random.default_rng(5)
+    cols, rows = 64, 3 * sg.ROW_CHUNK + 7
+    x = rng.standard_normal((500, cols))
+    w = rng.standard_normal((rows, cols))
+    h = 2.0 / len(x) * (x.T @ x)
+    outs = []
+    for threads in ("1", "2"):
+        monkeypatch.setenv("ONNX_SPARSE_SOLVE_THREADS", threads)
+        outs.append(sparsegpt_2_4(w, h))
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    assert outs[0][1].loss == outs[1][1].loss
+    # and the pieces agree with the whole walk done at once (up to rounding)
+    factor = sg.inverse_factor(h, cols)
+    whole, loss = sg._obs_prune(np.ascontiguousarray(w.T), factor.u, 128)
+    np.testing.assert_allclose(outs[0][0], whole.T, rtol=1e-10, atol=1e-12)
+    assert np.isclose(outs[0][1].loss, loss, rtol=1e-10)
+    # the refit solves its many right-hand sides in pieces too
+    s = PairedStats(cols)
+    s.update(x, x + 0.1 * rng.standard_normal(x.shape))
+    a = sg.asymmetric_refit(w, s.pp, s.pd, 0.01)
+    g = s.pp + 0.01 * np.mean(np.diag(s.pp)) * np.eye(cols)
+    np.testing.assert_allclose(a, w + np.linalg.solve(g, s.pq @ w.T).T, rtol=1e-8, atol=1e-10)

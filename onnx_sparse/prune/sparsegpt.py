@@ -310,8 +310,13 @@ def prune_with_factor(w: Array, factor: InverseFactor, blocksize: int = 128) -> 
         out = nm.prune_2_4(w64, 1)
         loss = 0.0
     else:
-        pruned_t, loss = _obs_prune(np.ascontiguousarray(w64.T), u, blocksize)
-        out = pruned_t.T
+        # rows are independent given U: fixed chunks of rows, side by side (the same chunks on
+        # every machine, so the result does not depend on the number of cores)
+        parts = blas.parallel_map(
+            lambda r: _obs_prune(np.ascontiguousarray(w64[r].T), u, blocksize), _row_chunks(w64.shape[0])
+        )
+        out = np.concatenate([p.T for p, _ in parts]) if len(parts) > 1 else parts[0][0].T
+        loss = float(sum(v for _, v in parts))
         out[:, dead_mask] = 0.0  # exact zeros where rounding left crumbs
     stats = SparseGPTStats(
         loss=loss, damp=factor.damp, retries=factor.retries, fallback=u is None, dead_columns=int(dead_mask.sum())
@@ -366,19 +371,41 @@ def _refit(w64: Array, pp: Array, pq: Array, damp: float) -> Array:
         return w64
     # W'^T = W^T + (pp + lambda I)^{-1} (pd - pp) W^T: the same solution, written as a
     # correction of W so that damp = 0 can use the minimum-norm correction.
-    rhs = pq @ w64.T
+    pieces = _row_chunks(w64.shape[0])
+    rhs = (
+        np.concatenate(blas.parallel_map(lambda r: pq @ w64[r].T, pieces), axis=1) if len(pieces) > 1 else pq @ w64.T
+    )
     if not np.any(rhs):  # the same input in both models: nothing to refit
         return w64
     return w64 + _ridge_solve(pp, rhs, damp * scale).T
 
 
+#: Rows (or right-hand sides) per independent piece of a solve that is split across workers.
+ROW_CHUNK = 256
+
+
+def _row_chunks(n: int) -> list[slice]:
+    """Fixed pieces of ``n`` rows: one when ``n <= 2 * ROW_CHUNK``, else ``ROW_CHUNK`` each."""
+    if n <= 2 * ROW_CHUNK:
+        return [slice(0, n)]
+    return [slice(i, min(i + ROW_CHUNK, n)) for i in range(0, n, ROW_CHUNK)]
+
+
 def _ridge_solve(g: np.ndarray, rhs: np.ndarray, ridge: float) -> np.ndarray:
-    """``(g + ridge I)^{-1} rhs`` by Cholesky; ``ridge == 0``: the minimum-norm least-squares solution."""
+    """``(g + ridge I)^{-1} rhs`` by Cholesky; ``ridge == 0``: the minimum-norm least-squares solution.
+
+    One factorisation; many right-hand sides are solved in fixed pieces side by side.
+    """
     if ridge == 0:
         return np.linalg.lstsq(g, rhs, rcond=None)[0]
     a = g.copy()
     a.flat[:: g.shape[0] + 1] += ridge
-    return scipy.linalg.cho_solve(scipy.linalg.cho_factor(a, check_finite=False), rhs, check_finite=False)
+    factor = scipy.linalg.cho_factor(a, check_finite=False, overwrite_a=True)
+    pieces = _row_chunks(rhs.shape[1])
+    if len(pieces) == 1:
+        return scipy.linalg.cho_solve(factor, rhs, check_finite=False)
+    parts = blas.parallel_map(lambda c: scipy.linalg.cho_solve(factor, rhs[:, c], check_finite=False), pieces)
+    return np.concatenate(parts, axis=1)
 
 
 def asymmetric_sparsegpt_2_4(
