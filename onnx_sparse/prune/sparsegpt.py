@@ -372,9 +372,7 @@ def _refit(w64: Array, pp: Array, pq: Array, damp: float) -> Array:
     # W'^T = W^T + (pp + lambda I)^{-1} (pd - pp) W^T: the same solution, written as a
     # correction of W so that damp = 0 can use the minimum-norm correction.
     pieces = _row_chunks(w64.shape[0])
-    rhs = (
-        np.concatenate(blas.parallel_map(lambda r: pq @ w64[r].T, pieces), axis=1) if len(pieces) > 1 else pq @ w64.T
-    )
+    rhs = np.concatenate(blas.parallel_map(lambda r: pq @ w64[r].T, pieces), axis=1) if len(pieces) > 1 else pq @ w64.T
     if not np.any(rhs):  # the same input in both models: nothing to refit
         return w64
     return w64 + _ridge_solve(pp, rhs, damp * scale).T
