@@ -75,7 +75,8 @@ def test_one_blas_thread_restores_the_setting() -> None:
         pytest.skip("no OpenBLAS with per-thread settings in this numpy/scipy build")
     for fn in fns:
         fn(0)  # this thread: the library's default
+    default = [fn(0) for fn in fns]  # each call returns the thread count it replaces
     with blas.one_blas_thread():
-        inside = [fn(1) for fn in fns]  # each call returns the setting it replaces
+        inside = [fn(1) for fn in fns]
     assert inside == [1] * len(fns)
-    assert [fn(0) for fn in fns] == [0] * len(fns)  # the default again after the block
+    assert [fn(0) for fn in fns] == default  # the default again after the block
