@@ -517,3 +517,27 @@ def test_row_chunks_give_the_same_weights_whatever_the_workers(monkeypatch) -> N
     a = sg.asymmetric_refit(w, s.pp, s.pd, 0.01)
     g = s.pp + 0.01 * np.mean(np.diag(s.pp)) * np.eye(cols)
     np.testing.assert_allclose(a, w + np.linalg.solve(g, s.pq @ w.T).T, rtol=1e-8, atol=1e-10)
+
+
+def test_folds_never_held_out_can_live_in_one_sum(monkeypatch) -> None:
+    # A wide layer holds out fewer folds than it has (held_out_folds): the others need no
+    # statistics of their own. One sum for them ("rest") gives the same choice and weights.
+    from onnx_sparse.prune import sparsegpt as sg
+
+    rng = np.random.default_rng(11)
+    cols, rows = 32, 24
+    mix = rng.standard_normal((cols, cols)) * 0.3 + np.eye(cols)
+    distort = np.eye(cols) + 0.2 * rng.standard_normal((cols, cols))
+    folds = [paired(*perturbed_pairs(rng, 60, cols, mix, distort), track_dense=False) for _ in range(4)]
+    w = rng.standard_normal((rows, cols))
+    monkeypatch.setattr(sg, "SELECT_BUDGET", 5 * cols**3 / 6)  # room for exactly one held-out fold
+    assert sg.held_out_folds(cols, 4, sg.SELECT_BUDGET) == 1
+    apart = sg.asymmetric_cv_2_4(w, folds)
+    rest = PairedStats.total(folds[1:])
+    one_sum = sg.asymmetric_cv_2_4(w, folds[:1], rest=rest)
+    assert one_sum[2].damp == apart[2].damp
+    np.testing.assert_allclose(one_sum[2].scores, apart[2].scores, rtol=1e-9, equal_nan=True)
+    np.testing.assert_allclose(one_sum[0], apart[0], rtol=1e-9, atol=1e-12)
+    assert rest.n == sum(f.n for f in folds)  # consumed: the total was added into it
+    with pytest.raises(ValueError, match="rows outside"):
+        sg.ridge_cv_scores(w, folds[:1], total=folds[0])

@@ -289,6 +289,19 @@ class PairedStats:
             out.dd = self.dd + other.dd
         return out
 
+    def add_(self, other: PairedStats) -> None:
+        """Add ``other``'s statistics (disjoint rows) into these, in place (no new matrices)."""
+        if other.cols != self.cols:
+            raise ValueError(f"cannot add statistics of {self.cols} and {other.cols} columns")
+        self.n += other.n
+        self.pp += other.pp
+        self.pq += other.pq
+        if self.dd is not None:
+            if other.dd is None:
+                self.dd = None
+            else:
+                self.dd += other.dd
+
     @property
     def pd(self) -> Array:
         """``Xp^T Xd`` (a new array: ``pp + pq``)."""

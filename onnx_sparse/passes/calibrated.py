@@ -79,7 +79,7 @@ from onnx_sparse.passes.head import HeadLayer, head_candidates, refit_heads
 from onnx_sparse.passes.prune import PrunePass, SiteRecord, apply_site, group_by_tensor, totals
 from onnx_sparse.progress import Progress
 from onnx_sparse.prune.bias import bias_shift
-from onnx_sparse.prune.sparsegpt import asymmetric_cv_2_4, sparsegpt_2_4
+from onnx_sparse.prune.sparsegpt import asymmetric_cv_2_4, held_out_folds, sparsegpt_2_4
 from onnx_sparse.prune.wanda import wanda_2_4
 from onnx_sparse.recipe import DATA_METHODS, DEFAULT_CALIBRATED, DEFAULT_MAX_ROWS, METHODS, Recipe
 
@@ -155,7 +155,9 @@ class LayerStats:
 
     Attributes (one entry per conv group; ``None`` when the method does not need them):
         stats: :class:`RunningStats` of the pruned-model input (``X^T X`` for SparseGPT).
-        paired: Per group, one :class:`PairedStats` per cross-validation fold (``asym``).
+        paired: Per group, one :class:`PairedStats` per cross-validation fold that is held out
+            (``asym``; :func:`~onnx_sparse.prune.sparsegpt.held_out_folds`), then, when that is
+            fewer than the folds, one for all the other rows.
         mean_p / mean_d: Per member node and group, the mean input in the pruned / dense model.
         rows: Rows seen (after subsampling).
     """
@@ -187,7 +189,11 @@ class LayerStats:
             if method in ("wanda", "sparsegpt")
             else None
         )
-        self.paired = [[PairedStats(c) for _ in range(self.folds)] for _ in range(g)] if method == "asym" else None
+        # asym: the folds the refit's cross-validation holds out in turn, each apart, and every
+        # other row in one sum (the last entry) when the layer is too wide to hold out them all
+        self.held = held_out_folds(c, self.folds)
+        slots = self.folds if self.held == self.folds else self.held + 1
+        self.paired = [[PairedStats(c) for _ in range(slots)] for _ in range(g)] if method == "asym" else None
         self.mean_p = [[RunningStats(c) for _ in range(g)] for _ in range(members)] if means else None
         self.mean_d = (
             [[RunningStats(c) for _ in range(g)] for _ in range(members)] if means and method == "asym" else None
@@ -222,7 +228,7 @@ class LayerStats:
                     f"({xd.shape} vs {xp.shape}) for sample {sample}"
                 )
             pairs = zip(chunks_p, self.view.rows(xd, np.random.default_rng(seq), self.max_rows, keep), strict=True)
-        fold = sample % self.folds
+        fold = min(sample % self.folds, self.held)  # folds past the held-out ones share the last slot
         for cp, cd in pairs:
             n = cp[0].shape[0]
             if not n:
@@ -427,17 +433,22 @@ class Calibrator:
                     losses.append(info.loss)
                 else:
                     assert acc.paired is not None
-                    folds = [f for f in acc.paired[g] if f.n > 0]
-                    if len(folds) >= 2:
-                        new_w, info, cv = asymmetric_cv_2_4(w, folds, blocksize=self.blocksize, damp=self.damp)
+                    slots = acc.paired[g]
+                    held, rest = (slots, None) if len(slots) == acc.held else (slots[: acc.held], slots[acc.held])
+                    n_rows = sum(f.n for f in slots)
+                    folds = [f for f in held if f.n > 0]
+                    if len(folds) >= 2 or (folds and rest is not None and rest.n > 0):
+                        new_w, info, cv = asymmetric_cv_2_4(
+                            w, folds, blocksize=self.blocksize, damp=self.damp, rest=rest
+                        )
                         refit = cv.damp if refit is None else max(refit, cv.damp)
                     else:
-                        every = PairedStats.total(folds)
+                        every = PairedStats.total([f for f in slots if f.n > 0])
                         new_w, info = sparsegpt_2_4(w, every.pp, blocksize=self.blocksize, damp=self.damp)
                         note = note or "one calibration sample: no cross-validation, plain SparseGPT"
                     out.append(new_w)
                     # H was X^T X here, not 2/n X^T X: rescale the loss to SparseGPT's units
-                    losses.append(info.loss * 2.0 / max(1, sum(f.n for f in folds)))
+                    losses.append(info.loss * 2.0 / max(1, n_rows))
             loss = float(sum(losses)) if losses else None
             new = view.to_stored(out, stored, zero)
         assert site.axis is not None
@@ -554,6 +565,7 @@ class Calibrator:
                     apply(fit, runner)
                 accs[g.key] = None  # free the statistics
                 yield fit
+            del fits, jobs  # the stage's statistics must not live on through the next capture
         if apply is not None:
             runner.commit()
         spill.close()

@@ -142,7 +142,7 @@ def upper_cholesky_inverse(h: npt.ArrayLike) -> Array:
     a = np.asarray(h, dtype=np.float64)
     lower = np.linalg.cholesky(a[::-1, ::-1])
     # the inverse of a triangular matrix is triangular: LAPACK trtri, about a third of a Cholesky
-    inv, info = scipy.linalg.lapack.dtrtri(lower, lower=1)
+    inv, info = scipy.linalg.lapack.dtrtri(lower, lower=1, overwrite_c=1)
     if info != 0:
         raise np.linalg.LinAlgError(f"triangular inverse failed (LAPACK info {info})")
     u = inv[::-1, ::-1]
@@ -467,6 +467,24 @@ SELECT_ROWS = 128
 SELECT_BUDGET = 5e9
 
 
+def held_out_folds(cols: int, folds: int, budget: float = SELECT_BUDGET) -> int:
+    """How many of ``folds`` folds :func:`choose_refit_damp` holds out in turn for a weight with
+    ``cols`` input columns: as many as ``budget`` allows, at least one (see :data:`SELECT_BUDGET`).
+
+    A caller that knows this before it collects statistics needs to keep only these folds
+    apart, and every other row in one sum (``rest`` of :func:`asymmetric_cv_2_4`).
+    """
+    return max(1, min(folds, int(budget // (5 * cols**3 / 6))))
+
+
+def _check_folds(used: Sequence[PairedStats], total: PairedStats | None) -> None:
+    if total is None:
+        if len(used) < 2:
+            raise ValueError(f"cross-validation needs at least 2 folds with rows, got {len(used)}")
+    elif not used or any(total.n <= f.n for f in used):
+        raise ValueError("cross-validation needs a fold with rows and rows outside each fold")
+
+
 def ridge_cv_scores(
     w: Array,
     folds: Sequence[PairedStats],
@@ -502,14 +520,14 @@ def ridge_cv_scores(
             of 5 candidates factorised instead of all); candidates not visited score ``nan``.
         held_out: Hold out only the first this many folds in turn (each trained on all the
             other folds); None: every fold.
-        total: The sum of ``folds`` when the caller has it already (saves one sum).
+        total: The statistics of every row when the caller has them: the sum of ``folds``,
+            or more (rows of folds that are never held out); then one fold is enough.
 
     Returns:
         Per damping, the held-out error summed over folds and divided by the held-out rows.
     """
     used = [f for f in folds if f.n > 0]
-    if len(used) < 2:
-        raise ValueError(f"cross-validation needs at least 2 folds with rows, got {len(used)}")
+    _check_folds(used, total)
     if not grid:
         raise ValueError("the damping grid is empty")
     a = np.asarray(w, dtype=np.float64)
@@ -630,19 +648,17 @@ def choose_refit_damp(
             of the grid visits (see :func:`ridge_cv_scores`; the others score ``nan``).
         budget: Without ``prune``, hold out folds in turn only while ``folds x 5 x cols^3 / 6``
             multiply-adds stay within this (at least one fold; None: every fold).
-        total: The sum of the folds with rows, when the caller has it (saves one sum).
+        total: The statistics of every row, when the caller has them (see :func:`ridge_cv_scores`).
 
     Returns:
         The chosen damping with every candidate's score.
     """
     used = [f for f in folds if f.n > 0]
-    if len(used) < 2:
-        raise ValueError(f"cross-validation needs at least 2 folds with rows, got {len(used)}")
+    _check_folds(used, total if not prune else None)
     if not grid:
         raise ValueError("the damping grid is empty")
     if not prune:
-        cols = np.shape(w)[1]
-        held = None if budget is None else max(1, int(budget // (5 * cols**3 / 6)))
+        held = None if budget is None else held_out_folds(np.shape(w)[1], len(used), budget)
         scores = list(ridge_cv_scores(w, used, grid, rows=rows, unimodal=unimodal, held_out=held, total=total))
     else:
         rows_total = sum(f.n for f in used)
@@ -666,19 +682,36 @@ def asymmetric_cv_2_4(
     prune_in_cv: bool = False,
     blocksize: int = 128,
     damp: float = 0.01,
+    rest: PairedStats | None = None,
 ) -> tuple[Array, SparseGPTStats, RefitCV]:
     """Asymmetric SparseGPT with the refit damping chosen by :func:`choose_refit_damp`.
 
     After the choice, the final weights are fit on all folds together.
 
+    Args:
+        rest: The rows of folds that are never held out, in one sum (``folds`` are then the
+            ones held out in turn, e.g. :func:`held_out_folds` of them): four matrices
+            instead of two per fold. It is **consumed**: the total is added into it in place.
+
     Returns:
         ``(new weight in w's dtype, SparseGPT stats, cross-validation outcome)``.
     """
     _check_weight(w)
-    every = PairedStats.total([f for f in folds if f.n > 0])
+    if rest is not None and prune_in_cv:
+        raise ValueError("prune_in_cv needs every fold apart (no rest)")
+    used = [f for f in folds if f.n > 0]
+    if rest is None:
+        every = PairedStats.total(used)
+    else:
+        every = rest
+        for f in used:
+            every.add_(f)
     # SparseGPT's factor depends on pp only, not on the refit: computed while the damping is chosen
     factor = blas.Background(inverse_factor, every.pp, w.shape[1], damp)
-    cv = choose_refit_damp(w, folds, grid, prune=prune_in_cv, blocksize=blocksize, damp=damp, total=every)
+    cv = choose_refit_damp(
+        w, used, grid, prune=prune_in_cv, blocksize=blocksize, damp=damp, total=every,
+        budget=SELECT_BUDGET if rest is None else None,
+    )  # fmt: skip
     refit = _refit(w.astype(np.float64), every.pp, every.pq, cv.damp)
     out, stats = prune_with_factor(refit, factor.result(), blocksize)
     return out.astype(w.dtype), stats, cv
