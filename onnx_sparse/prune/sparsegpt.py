@@ -142,7 +142,10 @@ def upper_cholesky_inverse(h: npt.ArrayLike) -> Array:
     a = np.asarray(h, dtype=np.float64)
     lower = np.linalg.cholesky(a[::-1, ::-1])
     # the inverse of a triangular matrix is triangular: LAPACK trtri, about a third of a Cholesky
-    inv, info = scipy.linalg.lapack.dtrtri(lower, lower=1, overwrite_c=1)
+    # lower is C-ordered, so lower.T is the Fortran-ordered upper factor L^T in the same memory:
+    # LAPACK inverts it in place, and (L^T)^{-1} read back in C order is L^{-1}
+    inv_t, info = scipy.linalg.lapack.dtrtri(lower.T, lower=0, overwrite_c=1)
+    inv = inv_t.T
     if info != 0:
         raise np.linalg.LinAlgError(f"triangular inverse failed (LAPACK info {info})")
     u = inv[::-1, ::-1]
