@@ -46,6 +46,8 @@ def _local_thread_setters() -> tuple[Any, ...]:
 
     found = []
     for pkg in (np, scipy):
+        if pkg.__file__ is None:
+            continue
         libs = os.path.join(os.path.dirname(os.path.dirname(pkg.__file__)), f"{pkg.__name__}.libs")
         for path in sorted(
             glob.glob(os.path.join(libs, "libscipy_openblas*.so*")) + glob.glob(os.path.join(libs, "libopenblas*.so*"))

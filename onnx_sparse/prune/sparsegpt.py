@@ -668,11 +668,11 @@ def choose_refit_damp(
         trains = [PairedStats.total([g for j, g in enumerate(used) if j != i]) for i in range(len(used))]
         scores = []
         for lam in grid:
-            total = 0.0
-            for held, train in zip(used, trains, strict=True):
+            err = 0.0
+            for out_fold, train in zip(used, trains, strict=True):
                 cand, _ = asymmetric_sparsegpt_2_4(w, train.pp, train.pd, lam, blocksize, damp)
-                total += refit_error(w, cand, held)
-            scores.append(total / rows_total)
+                err += refit_error(w, cand, out_fold)
+            scores.append(err / rows_total)
     best = min(range(len(grid)), key=lambda i: (math.inf if math.isnan(scores[i]) else scores[i], -float(grid[i])))
     logger.debug("refit damping by %d-fold CV: %s -> %g", len(used), dict(zip(grid, scores, strict=True)), grid[best])
     return RefitCV(damp=float(grid[best]), grid=tuple(float(g) for g in grid), scores=tuple(scores))
