@@ -139,25 +139,27 @@ def upper_cholesky_inverse(h: npt.ArrayLike) -> Array:
     Raises:
         numpy.linalg.LinAlgError: When ``H`` is not (numerically) positive definite.
     """
-    a = np.asarray(h, dtype=np.float64)
-    lower = np.linalg.cholesky(a[::-1, ::-1])
+    a = np.array(np.asarray(h, dtype=np.float64)[::-1, ::-1], order="C")
+    return np.ascontiguousarray(_factor_of_reversed(a))
+
+
+def _factor_of_reversed(a: Array) -> Array:
+    """:func:`upper_cholesky_inverse` from ``a = J H J`` (C-ordered; overwritten), in place.
+
+    ``a.T`` is the same symmetric matrix in Fortran order, so LAPACK factorises it and then
+    inverts the triangular factor without a copy; the result is returned as a reversed view.
+    """
+    lower, info = scipy.linalg.lapack.dpotrf(a.T, lower=1, clean=1, overwrite_a=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"the matrix is not positive definite (LAPACK info {info})")
     # the inverse of a triangular matrix is triangular: LAPACK trtri, about a third of a Cholesky
-    # lower is C-ordered, so lower.T is the Fortran-ordered upper factor L^T in the same memory:
-    # LAPACK inverts it in place, and (L^T)^{-1} read back in C order is L^{-1}
-    inv_t, info = scipy.linalg.lapack.dtrtri(lower.T, lower=0, overwrite_c=1)
-    inv = inv_t.T
+    inv, info = scipy.linalg.lapack.dtrtri(lower, lower=1, overwrite_c=1)
     if info != 0:
         raise np.linalg.LinAlgError(f"triangular inverse failed (LAPACK info {info})")
     u = inv[::-1, ::-1]
     if not np.all(np.isfinite(u)) or not np.all(np.diag(u) > 0):
         raise np.linalg.LinAlgError("inverse Cholesky factor is not finite")
-    return np.ascontiguousarray(u)
-
-
-def _damped(h: Array, rel: float) -> Array:
-    out = h.copy()
-    out.flat[:: h.shape[0] + 1] += rel * float(np.mean(np.diag(h)))
-    return out
+    return u
 
 
 def _obs_prune(wt: Array, u: Array, blocksize: int) -> tuple[Array, float]:
@@ -175,7 +177,7 @@ def _obs_prune(wt: Array, u: Array, blocksize: int) -> tuple[Array, float]:
     for b0 in range(0, cols, blocksize):
         b1 = min(b0 + blocksize, cols)
         w1 = wt[b0:b1]  # a view: updates land in wt
-        u1 = u[b0:b1, b0:b1]
+        u1 = np.ascontiguousarray(u[b0:b1, b0:b1])  # u may be a reversed view (see inverse_factor)
         d = np.diag(u1)
         err = np.empty_like(w1)
         for i in range(0, b1 - b0, gs):
@@ -191,7 +193,7 @@ def _obs_prune(wt: Array, u: Array, blocksize: int) -> tuple[Array, float]:
             if i + gs < b1 - b0:
                 w1[i + gs :] -= u1[i : i + gs, i + gs :].T @ e
         if b1 < cols:
-            wt[b1:] -= u[b0:b1, b1:].T @ err
+            wt[b1:] -= np.ascontiguousarray(u[b0:b1, b1:]).T @ err
     return out, loss
 
 
@@ -251,27 +253,37 @@ def inverse_factor(h: npt.ArrayLike, cols: int, damp: float = 0.01, dead: npt.Ar
     Separate from the column walk so that it can be computed while something else runs (the
     refit's cross-validation) and shared by weights that read the same input.
     """
-    hm = np.array(h, dtype=np.float64)
-    _check_square(hm, cols, "H")
+    src = np.asarray(h, dtype=np.float64)
+    _check_square(src, cols, "H")
     if not damp >= 0:
         raise ValueError(f"damp must be non-negative, got {damp}")
-    diag = np.diag(hm).copy()
-    dead_mask = diag == 0
+    dead_mask = np.diag(src) == 0
     if dead is not None:
         dead_mask |= np.asarray(dead, dtype=bool).reshape(cols)
-    idx = np.flatnonzero(dead_mask)
-    hm[idx, :] = 0.0
-    hm[:, idx] = 0.0
-    hm[idx, idx] = 1.0
+    ridx = cols - 1 - np.flatnonzero(dead_mask)  # dead columns in the reversed order
 
+    def reversed_copy() -> Array:
+        # the one private copy: J H J, dead columns set to the identity (the factor works on it in place)
+        a = np.array(src[::-1, ::-1], order="C")
+        a[ridx, :] = 0.0
+        a[:, ridx] = 0.0
+        a[ridx, ridx] = 1.0
+        return a
+
+    a = reversed_copy()
+    diag = np.diag(a).copy()
+    mean = float(np.mean(diag))
     rel = float(damp)
     u = None
     retries = 0
     while True:
         try:
-            if not np.all(np.isfinite(hm)):
+            if retries:
+                a = reversed_copy()  # the failed attempt overwrote it
+            a.flat[:: cols + 1] = diag + rel * mean
+            if not np.all(np.isfinite(a)):
                 raise np.linalg.LinAlgError("H holds NaN or infinite values")
-            u = upper_cholesky_inverse(_damped(hm, rel))
+            u = _factor_of_reversed(a)
             break
         except np.linalg.LinAlgError as exc:
             if retries == _MAX_RETRIES:
