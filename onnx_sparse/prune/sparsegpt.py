@@ -413,7 +413,8 @@ def _ridge_solve(g: np.ndarray, rhs: np.ndarray, ridge: float) -> np.ndarray:
         return np.linalg.lstsq(g, rhs, rcond=None)[0]
     a = g.copy()
     a.flat[:: g.shape[0] + 1] += ridge
-    factor = scipy.linalg.cho_factor(a, check_finite=False, overwrite_a=True)
+    # a is symmetric: its Fortran view a.T is the same matrix, factorised in place (no copy)
+    factor = scipy.linalg.cho_factor(a.T, check_finite=False, overwrite_a=True)
     pieces = _row_chunks(rhs.shape[1])
     if len(pieces) == 1:
         return scipy.linalg.cho_solve(factor, rhs, check_finite=False)
