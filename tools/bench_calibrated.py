@@ -8,7 +8,8 @@ up + erf-GELU + down, residual + LayerNormalization); the input is the embedding
 * ``base-L``: hidden 768, FFN 3072, 12 heads, ``L`` layers (``--layers 2 4 8 12``);
 * ``large``: hidden 1024, FFN 4096, 16 heads, 24 layers (``large-L``: ``L``), external data;
 * ``big``: (hidden 2048, FFN 8192, 16 heads, enough layers for > 2 GB of
-  weights), external data.
+  weights), external data. Give it ``--samples 72`` (9,216 rows): with 4,096 rows its
+  8,192-wide layers are row-starved and take the much slower starved-layer damping search.
 
 Calibration: ``--samples`` sequences of ``--seq`` tokens (default 32 x 128 = 4,096 rows),
 standard normal, seeded. Each (model, method) run is its own subprocess (``--run-one``), so its
@@ -20,7 +21,7 @@ Usage::
 
     python tools/bench_calibrated.py --sizes base-2 base-4 --methods sparsegpt best --repeats 3
     python tools/bench_calibrated.py --sizes large --methods sparsegpt best --repeats 1
-    python tools/bench_calibrated.py --sizes big --methods sparsegpt --repeats 1
+    python tools/bench_calibrated.py --sizes big --methods sparsegpt --samples 72 --repeats 1
 
 Reports per size and method: median wall time, prune time, peak RSS, seconds per layer and
 the ratio to sparsegpt (same size), as a table and optionally ``--json``.
