@@ -245,13 +245,13 @@ class StagedRunner:
         threads: onnxruntime intra-op threads (None: its default).
         spill: Where the frontier's arrays live (:class:`~onnx_sparse.calib.spill.Spill`: in
             memory up to a budget, then in memory-mapped files); share one between runners so
-            that the budget is one. None: a runner of its own with the default budget.
+            that the budget is one. Default: a runner of its own with the default budget.
     """
 
     mf: ModelFile
     feeds: Sequence[Mapping[str, np.ndarray]]
     threads: int | None = None
-    spill: Spill | None = None
+    spill: Spill = field(default_factory=Spill)
     nodes: list[onnx.NodeProto] = field(init=False)
     extra: dict[str, np.ndarray] = field(init=False, default_factory=dict)
     cache: dict[str, list[np.ndarray | None]] = field(init=False, default_factory=dict)
@@ -262,19 +262,12 @@ class StagedRunner:
     )
 
     def __post_init__(self) -> None:
-        if self.spill is None:
-            self.spill = Spill()
         g = self.mf.model.graph
         self.initializers = {t.name: t for t in g.initializer}
         self.graph_inputs = {vi.name: vi for vi in g.input if vi.name not in self.initializers}
         self.nodes = _toposort(list(g.node), set(self.graph_inputs) | set(self.initializers))
         self.inserted = [id(n) for n in self.nodes] != [id(n) for n in g.node]
         self._index_producers()
-
-    @property
-    def _spill(self) -> Spill:
-        assert self.spill is not None
-        return self.spill
 
     # ------------------------------------------------------------------ graph edits
 
@@ -431,7 +424,7 @@ class StagedRunner:
                         raise OnnxSparseError(
                             f"intermediate value {name!r} is not a tensor; calibration cannot split the graph there"
                         )
-                    self.cache[name][i] = self._spill.keep(values[name])
+                    self.cache[name][i] = self.spill.keep(values[name])
             result = {}
             for t in targets:
                 if t in values:
@@ -454,7 +447,7 @@ class StagedRunner:
         for name in [k for k in self.cache if k not in later]:
             for a in self.cache.pop(name):
                 if a is not None:
-                    self._spill.release(a)
+                    self.spill.release(a)
         logger.debug(
             "capture piece: %d nodes, %d inputs, %d outputs, frontier %d tensors (%.1f MB), run %.2fs",
             len(piece.nodes),
