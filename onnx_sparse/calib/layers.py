@@ -416,21 +416,26 @@ def layer_view(site: WeightSite, mf: ModelFile, producers: Mapping[str, onnx.Nod
     opsets = tuple(o for o in opsets if o[0] == "") or (("", 17),)
     stored = np.asarray(mf.read(site.tensor))
     shape = tuple(stored.shape)
-    index_arr = np.arange(stored.size, dtype=np.int64).reshape(shape)
-    try:
-        consumer_index = _replay(chain, side, index_arr, True, opsets) if chain else index_arr
-    except Exception as exc:  # onnxruntime raises many types
-        raise Unsupported(f"{site.node}: cannot replay the weight path ({type(exc).__name__}: {exc})") from exc
-    if tuple(consumer_index.shape) != tuple(site.consumer_shape):
-        raise Unsupported(f"{site.node}: weight path gives {consumer_index.shape}, expected {site.consumer_shape}")
-    if chain and not _is_permutation(consumer_index.ravel(), stored.size):
-        raise Unsupported(f"{site.node}: the weight path is not a permutation of the stored elements")
     groups = int(attrs.get("group", 1)) if kind == "conv" else 1
-    index = _to_matrices(kind, consumer_index, groups, site)
-    if stored.size < 2**31:  # views of every layer live for the whole pass: half the memory of int64
-        index = [np.ascontiguousarray(m, dtype=np.int32) for m in index]
+    if chain:
+        index_arr = np.arange(stored.size, dtype=np.int64).reshape(shape)
+        try:
+            consumer_index = _replay(chain, side, index_arr, True, opsets)
+        except Exception as exc:  # onnxruntime raises many types
+            raise Unsupported(f"{site.node}: cannot replay the weight path ({type(exc).__name__}: {exc})") from exc
+        if tuple(consumer_index.shape) != tuple(site.consumer_shape):
+            raise Unsupported(f"{site.node}: weight path gives {consumer_index.shape}, expected {site.consumer_shape}")
+        if not _is_permutation(consumer_index.ravel(), stored.size):
+            raise Unsupported(f"{site.node}: the weight path is not a permutation of the stored elements")
+        index = _to_matrices(kind, consumer_index, groups, site)
+        if stored.size < 2**31:  # views of every layer live for the whole pass: half the memory of int64
+            index = [np.ascontiguousarray(m, dtype=np.int32) for m in index]
+        del consumer_index, index_arr
+    else:
+        if shape != tuple(site.consumer_shape):
+            raise Unsupported(f"{site.node}: weight path gives {shape}, expected {site.consumer_shape}")
+        index = _index_matrices(kind, shape, groups, site)  # the same indices the view remakes on demand
     rows_g, cols = index[0].shape
-    del consumer_index, index_arr
     if cols % nm.GROUP_SIZE:
         raise Unsupported(f"{site.node}: {cols} input features are not a multiple of 4")
     requant = _requantizer(chain, side, stored)
