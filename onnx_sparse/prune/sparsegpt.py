@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -386,8 +386,7 @@ def _refit(w64: Array, pp: Array, pq: Array, damp: float) -> Array:
         return w64
     # W'^T = W^T + (pp + lambda I)^{-1} (pd - pp) W^T: the same solution, written as a
     # correction of W so that damp = 0 can use the minimum-norm correction.
-    pieces = _row_chunks(w64.shape[0])
-    rhs = np.concatenate(blas.parallel_map(lambda r: pq @ w64[r].T, pieces), axis=1) if len(pieces) > 1 else pq @ w64.T
+    rhs = _in_pieces(lambda r: pq @ w64[r].T, w64.shape[0])
     if not np.any(rhs):  # the same input in both models: nothing to refit
         return w64
     return w64 + _ridge_solve(pp, rhs, damp * scale).T
@@ -404,6 +403,15 @@ def _row_chunks(n: int) -> list[slice]:
     return [slice(i, min(i + ROW_CHUNK, n)) for i in range(0, n, ROW_CHUNK)]
 
 
+def _in_pieces(fn: Callable[[slice], Array], n: int) -> Array:
+    """``fn`` over the fixed pieces of ``n`` (:func:`_row_chunks`), side by side, its results
+    joined along axis 1 (one piece: ``fn`` of the whole, no copy)."""
+    pieces = _row_chunks(n)
+    if len(pieces) == 1:
+        return fn(pieces[0])
+    return np.concatenate(blas.parallel_map(fn, pieces), axis=1)
+
+
 def _ridge_solve(g: np.ndarray, rhs: np.ndarray, ridge: float) -> np.ndarray:
     """``(g + ridge I)^{-1} rhs`` by Cholesky; ``ridge == 0``: the minimum-norm least-squares solution.
 
@@ -415,11 +423,7 @@ def _ridge_solve(g: np.ndarray, rhs: np.ndarray, ridge: float) -> np.ndarray:
     a.flat[:: g.shape[0] + 1] += ridge
     # a is symmetric: its Fortran view a.T is the same matrix, factorised in place (no copy)
     factor = scipy.linalg.cho_factor(a.T, check_finite=False, overwrite_a=True)
-    pieces = _row_chunks(rhs.shape[1])
-    if len(pieces) == 1:
-        return scipy.linalg.cho_solve(factor, rhs, check_finite=False)
-    parts = blas.parallel_map(lambda c: scipy.linalg.cho_solve(factor, rhs[:, c], check_finite=False), pieces)
-    return np.concatenate(parts, axis=1)
+    return _in_pieces(lambda c: scipy.linalg.cho_solve(factor, rhs[:, c], check_finite=False), rhs.shape[1])
 
 
 def asymmetric_sparsegpt_2_4(
