@@ -13,8 +13,13 @@ from onnx import TensorProto, helper, numpy_helper
 from polygraphy.json import save_json
 
 from onnx_sparse import api
+from onnx_sparse.calib import capture
 from onnx_sparse.core import nm
+from onnx_sparse.io import ModelFile
+from onnx_sparse.passes import calibrated
+from onnx_sparse.passes import head as head_pass
 from onnx_sparse.passes.calibrated import CalibratedPrunePass
+from onnx_sparse.passes.head import head_candidates, softmax_heads
 from onnx_sparse.prune.head import mean_kl, refit_softmax_head, softmax
 
 FEATURES, HIDDEN, CLASSES = 24, 32, 12
@@ -185,6 +190,36 @@ def test_not_a_softmax_is_left_alone(caplog) -> None:
     assert "no pruned layer feeds a softmax" in caplog.text
     np.testing.assert_array_equal(_head_weight(refit.model.model), _head_weight(plain.model.model))
     assert all(r.head_refit is None for r in refit.records)
+
+
+@pytest.mark.parametrize("kind", ["op", "decomposed", "log", "gemm", "nobias", "sigmoid"])
+def test_one_sample_screens_the_head_candidates(kind: str) -> None:
+    model = _classifier(kind)
+    mf = ModelFile(model)
+    p = CalibratedPrunePass("sparsegpt", _feeds(1, 4))
+    groups, _ = p.engine.groups(mf, p.selected_sites(mf))
+    cands = head_candidates(mf, [(g.sites, g.view) for g in groups])
+    assert [c.site.node for c in cands] == ["head"]  # the graph test alone cannot tell
+    kept = softmax_heads(mf, cands, _feeds(1, 1)[0])
+    assert [c.site.node for c in kept] == ([] if kind == "sigmoid" else ["head"])
+
+
+def test_a_model_without_softmax_head_is_not_run_in_full(monkeypatch) -> None:
+    """The screen's one sample is the only extra run: neither the dense outputs nor the
+    pruned model's run over every sample happen when no candidate is a softmax head."""
+    runs: list[int] = []
+
+    def counting(model, feeds, threads=None):
+        runs.append(len(feeds))
+        return capture.run_model(model, feeds, threads)
+
+    monkeypatch.setattr(head_pass, "run_model", counting)
+    monkeypatch.setattr(calibrated, "run_model", counting)
+    CalibratedPrunePass("sparsegpt", _feeds(1, 8), refit_head=True)(_classifier("sigmoid"))
+    assert runs == [1]
+    runs.clear()
+    CalibratedPrunePass("sparsegpt", _feeds(1, 8), refit_head=True)(_classifier("op"))
+    assert runs == [1, 8, 8]  # the screen, the dense outputs, the pruned model
 
 
 def test_excluded_head_is_not_refit(caplog) -> None:

@@ -75,7 +75,7 @@ from onnx_sparse.graph.weights import read_weight, zero_value
 from onnx_sparse.io import ModelFile
 from onnx_sparse.passes.base import Pass, PassResult, copy_model_file
 from onnx_sparse.passes.bias_write import shift_bias
-from onnx_sparse.passes.head import HeadLayer, head_candidates, refit_heads
+from onnx_sparse.passes.head import HeadLayer, head_candidates, refit_heads, softmax_heads
 from onnx_sparse.passes.prune import PrunePass, SiteRecord, apply_site, group_by_tensor, totals
 from onnx_sparse.progress import Progress
 from onnx_sparse.prune.bias import bias_shift
@@ -725,6 +725,10 @@ class CalibratedPrunePass(Pass):
         dense = copy_model_file(mf) if method == "asym" else None
         groups, fallback = self.engine.groups(mf, sites)
         heads = head_candidates(mf, [(g.sites, g.view) for g in groups]) if self.refit_head else []
+        # one sample screens the candidates: most models have no softmax head, and the refit's
+        # runs over every sample (dense outputs now, the pruned model's at the end) are not cheap
+        if heads and feeds:
+            heads = softmax_heads(mf, heads, feeds[0], threads=self.engine.threads, row_mask=self.engine.row_mask)
         dense_outputs = list(run_model(inline_model(mf), feeds, self.engine.threads)) if heads else []
         records: list[SiteRecord] = []
         # Layers that cannot be calibrated are pruned first, so the others see them as final.

@@ -35,8 +35,8 @@ from onnx_sparse.passes.bias_write import matmul_bias_add, shift_bias
 from onnx_sparse.prune.head import HeadFit, refit_softmax_head, softmax
 
 __all__ = [
-    "HeadLayer", "head_candidates", "refit_heads", "MAX_DEPTH", "WORK_PER_STEP", "MIN_ROWS", "MAX_STEPS", "MIN_STEPS",
-    "WORK_TOTAL",
+    "HeadLayer", "head_candidates", "softmax_heads", "refit_heads", "MAX_DEPTH", "WORK_PER_STEP", "MIN_ROWS",
+    "MAX_STEPS", "MIN_STEPS", "WORK_TOTAL",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -172,6 +172,48 @@ def refit_heads(
     if not layers:
         return []
     runner = StagedRunner(mf, feeds, threads=threads)
+    logits, outs = _run_heads(mf, layers, runner, feeds, threads)
+    graph_outputs = [o.name for o in mf.model.graph.output]
+    results = []
+    for layer in layers:
+        results.append(
+            _refit_one(layer, logits[id(layer)], outs, dense_outputs, graph_outputs, runner, mf, seed, row_mask)
+        )
+    runner.commit()
+    return results
+
+
+def softmax_heads(
+    mf: ModelFile,
+    layers: Sequence[HeadLayer],
+    feed: Mapping[str, np.ndarray],
+    *,
+    threads: int | None = None,
+    row_mask: str | None = None,
+) -> list[HeadLayer]:
+    """The candidates among ``layers`` that feed a returned softmax on one calibration sample.
+
+    A cheap screen before the refit's two full runs over every sample (the dense model's
+    outputs, then the pruned model's): a layer that is not a softmax head on one sample is
+    not one on all of them, so most models (encoders, detectors) skip both runs.
+    """
+    if not layers:
+        return []
+    runner = StagedRunner(mf, [feed], threads=threads)
+    logits, outs = _run_heads(mf, layers, runner, [feed], threads)
+    graph_outputs = [o.name for o in mf.model.graph.output]
+    return [layer for layer in layers if _softmax_of(layer, logits[id(layer)], outs, graph_outputs, row_mask)]
+
+
+def _run_heads(
+    mf: ModelFile,
+    layers: Sequence[HeadLayer],
+    runner: StagedRunner,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    threads: int | None,
+) -> tuple[dict[int, str], list[dict[str, np.ndarray]]]:
+    """Every layer's logits name (by ``id``) and, per sample, the model's outputs with every
+    head's input and logits (and the feed itself: a head may read a graph input directly)."""
     logits = {id(layer): _logits_name(runner, mf, layer) for layer in layers}
     graph_outputs = [o.name for o in mf.model.graph.output]
     model = inline_model(mf)
@@ -181,15 +223,29 @@ def refit_heads(
             if name not in graph_outputs and name not in extra and name not in feeds[0]:
                 extra.append(name)
     model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in extra)
-    # a head reading a graph input directly takes it from the feed
     outs = [{**feed, **out} for feed, out in zip(feeds, run_model(model, feeds, threads), strict=True)]
-    results = []
-    for layer in layers:
-        results.append(
-            _refit_one(layer, logits[id(layer)], outs, dense_outputs, graph_outputs, runner, mf, seed, row_mask)
-        )
-    runner.commit()
-    return results
+    return logits, outs
+
+
+def _softmax_of(
+    layer: HeadLayer,
+    z_name: str,
+    outs: Sequence[Mapping[str, np.ndarray]],
+    graph_outputs: Sequence[str],
+    row_mask: str | None,
+) -> tuple[str, bool, list[np.ndarray], list[np.ndarray | None]] | None:
+    """The graph output that is the softmax (or log-softmax) of the layer's logits on every
+    sample of ``outs`` (:func:`_softmax_output`), with the logits and the rows it was checked on."""
+    site, view = layer.site, layer.view
+    z = [np.asarray(o[z_name]) for o in outs]
+    keeps = [
+        np.asarray(o[row_mask]).reshape(-1) != 0
+        if row_mask is not None and view.masks_rows(np.asarray(o[site.activation]), o[row_mask])
+        else None
+        for o in outs
+    ]
+    found = _softmax_output(z, outs, [n for n in graph_outputs if n != z_name], keeps)
+    return None if found is None else (found[0], found[1], z, keeps)
 
 
 def _refit_one(
@@ -204,17 +260,10 @@ def _refit_one(
     row_mask: str | None,
 ) -> HeadResult:
     site, view = layer.site, layer.view
-    z = [np.asarray(o[z_name]) for o in outs]
-    keeps = [
-        np.asarray(o[row_mask]).reshape(-1) != 0
-        if row_mask is not None and view.masks_rows(np.asarray(o[site.activation]), o[row_mask])
-        else None
-        for o in outs
-    ]
-    found = _softmax_output(z, outs, [n for n in graph_outputs if n != z_name], keeps)
+    found = _softmax_of(layer, z_name, outs, graph_outputs, row_mask)
     if found is None:
         return HeadResult(layer, None, None, "no model output is a softmax of its output")
-    out_name, log = found
+    out_name, log, z, keeps = found
     classes = view.rows_per_group
     xs, zs, ps, fold = [], [], [], []
     for i, o in enumerate(outs):
