@@ -21,6 +21,7 @@ from onnx_sparse.prune.sparsegpt import (
     asymmetric_cv_2_4,
     asymmetric_refit,
     asymmetric_sparsegpt_2_4,
+    choose_damp,
     choose_refit_damp,
     refit_error,
     ridge_cv_scores,
@@ -541,3 +542,78 @@ def test_folds_never_held_out_can_live_in_one_sum(monkeypatch) -> None:
     assert rest.n == sum(f.n for f in folds)  # consumed: the total was added into it
     with pytest.raises(ValueError, match="rows outside"):
         sg.ridge_cv_scores(w, folds[:1], total=folds[0])
+
+
+# --------------------------------------------------------------------------------------
+# choose_damp: SparseGPT's damping for row-starved layers
+
+
+STARVED_GRID = (0.01, 0.1, 1.0)
+
+
+def starved_folds(rng: np.random.Generator, per_fold: int, k: int, cols: int) -> list[np.ndarray]:
+    mix = np.random.default_rng(3).standard_normal((cols, cols)) * 0.5 + np.eye(cols)
+    return [rng.standard_normal((per_fold, cols)) @ mix for _ in range(k)]
+
+
+def naive_damp_scores(w: np.ndarray, folds: list[np.ndarray], grid) -> list[float]:
+    """The definition, written out: SparseGPT on the other folds' rows, error on the held-out one."""
+    scores = [0.0] * len(grid)
+    for i, xf in enumerate(folds):
+        train = np.concatenate([f for j, f in enumerate(folds) if j != i])
+        h, stats = hessian_of(train)
+        for k, d in enumerate(grid):
+            new, _ = sparsegpt_2_4(w, h, damp=d, dead=stats.dead)
+            scores[k] += float(np.sum((xf @ (w - new).T) ** 2))
+    held = sum(len(f) for f in folds)
+    return [v / held for v in scores]
+
+
+def test_choose_damp_matches_the_definition_when_nothing_is_left_out():
+    rng = np.random.default_rng(21)
+    cols = 32
+    folds = starved_folds(rng, 6, 3, cols)
+    folds[0][:, 5] = 0.0  # a column alive only in the other folds
+    folds[1][:, 7] = folds[2][:, 7] = 0.0  # a column dead when fold 0 is held out
+    w = rng.standard_normal((12, cols))
+    xtx = sum(f.T @ f for f in folds)
+    damp, scores = choose_damp(w, xtx, folds, STARVED_GRID, budget=None)
+    want = naive_damp_scores(w, folds, STARVED_GRID)
+    np.testing.assert_allclose(scores, want, rtol=1e-7)
+    assert damp == STARVED_GRID[int(np.argmin(want))]
+
+
+def test_choose_damp_damps_more_when_rows_are_scarce():
+    rng = np.random.default_rng(22)
+    cols = 64
+    w = rng.standard_normal((16, cols))
+    scarce = starved_folds(rng, 8, 3, cols)  # 16 training rows for 64 inputs
+    plenty = starved_folds(rng, 400, 3, cols)
+    d_scarce, _ = choose_damp(w, sum(f.T @ f for f in scarce), scarce, STARVED_GRID)
+    d_plenty, _ = choose_damp(w, sum(f.T @ f for f in plenty), plenty, STARVED_GRID)
+    assert d_scarce > d_plenty
+
+
+def test_choose_damp_on_a_budget_walks_a_subset_of_rows_and_one_fold(caplog):
+    rng = np.random.default_rng(23)
+    cols = 64
+    folds = starved_folds(rng, 10, 3, cols)
+    w = rng.standard_normal((300, cols))
+    xtx = sum(f.T @ f for f in folds)
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        first = choose_damp(w, xtx, folds, STARVED_GRID, rows=40, budget=1.0)
+    assert "1 of 3 folds held out, 40 of 300 rows walked" in caplog.text
+    assert first == choose_damp(w, xtx, folds, STARVED_GRID, rows=40, budget=1.0)  # seeded: the same subset
+    assert first[0] in STARVED_GRID and all(np.isfinite(first[1]))
+    # the subset's scores estimate the full ones (same fold, scaled to every row)
+    full = choose_damp(w, xtx, folds, STARVED_GRID, rows=300, budget=1.0)[1]
+    np.testing.assert_allclose(first[1], full, rtol=0.5)
+
+
+def test_choose_damp_rejects_bad_input():
+    w = np.ones((4, 8))
+    x = np.ones((3, 8))
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        choose_damp(w, x.T @ x, [x, np.zeros((0, 8))], STARVED_GRID)
+    with pytest.raises(ValueError, match="grid is empty"):
+        choose_damp(w, 2 * x.T @ x, [x, x], ())

@@ -43,7 +43,8 @@ head fed one row per sample, a squeeze-excitation conv) has a singular ``X^T X``
 1% damping lets its weight update overfit the calibration rows. Its damping is then chosen
 by cross-validation over calibration samples (:data:`DAMP_GRID`, :data:`CV_FOLDS`), which
 on magika's classifier head took held-out top-1 agreement from below magnitude pruning's
-to above it.
+to above it. On a wide layer that cross-validation walks a seeded subset of the output rows
+and holds out fewer folds (:func:`~onnx_sparse.prune.sparsegpt.choose_damp`).
 
 Speed: the per-layer solves (Cholesky factorisations, triangular solves, the column walk)
 run with one BLAS thread each, and independent ones side by side in worker threads: the
@@ -79,7 +80,7 @@ from onnx_sparse.passes.head import HeadLayer, head_candidates, refit_heads, sof
 from onnx_sparse.passes.prune import PrunePass, SiteRecord, apply_site, group_by_tensor, totals
 from onnx_sparse.progress import Progress
 from onnx_sparse.prune.bias import bias_shift
-from onnx_sparse.prune.sparsegpt import asymmetric_cv_2_4, held_out_folds, sparsegpt_2_4
+from onnx_sparse.prune.sparsegpt import asymmetric_cv_2_4, choose_damp, held_out_folds, sparsegpt_2_4
 from onnx_sparse.prune.wanda import wanda_2_4
 from onnx_sparse.recipe import DATA_METHODS, DEFAULT_CALIBRATED, DEFAULT_MAX_ROWS, METHODS, Recipe
 
@@ -424,7 +425,8 @@ class Calibrator:
                     st = acc.stats[g]
                     damp = self.damp
                     if acc.raw is not None and len({f for f, _ in acc.raw}) > 1:
-                        damp = self._cv_damp(w, [(f, rows[g]) for f, rows in acc.raw])
+                        assert st.xtx is not None
+                        damp = self._cv_damp(w, st.xtx, [(f, rows[g]) for f, rows in acc.raw])
                         chosen = damp if chosen is None else max(chosen, damp)
                     new_w, info = sparsegpt_2_4(
                         w, st.hessian(damp=0.0), blocksize=self.blocksize, damp=damp, dead=st.dead
@@ -457,32 +459,23 @@ class Calibrator:
             grp, method, stored, new, acc.rows if acc else 0, loss, refit, time.perf_counter() - t0, note, acc, chosen
         )
 
-    def _cv_damp(self, w: np.ndarray, rows: Sequence[tuple[int, np.ndarray]]) -> float:
-        """SparseGPT damping for a row-starved layer: the grid value with the smallest held-out
-        output error ``||X_f (W - W')^T||^2`` over folds of calibration samples (ties: larger)."""
+    def _cv_damp(self, w: np.ndarray, xtx: np.ndarray, rows: Sequence[tuple[int, np.ndarray]]) -> float:
+        """SparseGPT damping for a row-starved layer (:func:`~onnx_sparse.prune.sparsegpt.choose_damp`
+        over the folds of calibration samples; values below ``damp`` are not tried)."""
         folds = sorted({f for f, _ in rows})
-        data = {f: np.concatenate([r for g, r in rows if g == f]).astype(np.float64) for f in folds}
+        data = [np.concatenate([r for g, r in rows if g == f]) for f in folds]
         grid = sorted({d for d in DAMP_GRID if d >= self.damp} | {self.damp})
-        # each fold's Gram matrix once; a training set's is the total minus the held-out one
-        grams = {f: data[f].T @ data[f] for f in folds}
-        every = sum(grams.values())
-        scores = [0.0] * len(grid)
-        for f in folds:
-            train = every - grams[f]
-            dead = np.diag(train) == 0
-            h = train * (2.0 / sum(len(data[g]) for g in folds if g != f))
-            h.flat[:: h.shape[0] + 1] += dead  # dead columns get 1 on the diagonal, as RunningStats.hessian
-            for k, d in enumerate(grid):
-                new_w, _ = sparsegpt_2_4(w, h, blocksize=self.blocksize, damp=d, dead=dead)
-                diff = w - new_w
-                # ||X_f (W - W')^T||^2 from the held-out Gram matrix
-                scores[k] += float(np.einsum("ij,ij->", diff @ grams[f], diff))
-        best = min(range(len(grid)), key=lambda i: (scores[i], -grid[i]))
-        logger.debug("damping by %d-fold CV (%d rows): %s -> %g", len(folds), sum(len(r) for _, r in rows),
-                     dict(zip(grid, scores, strict=True)), grid[best])  # fmt: skip
-        return grid[best]
+        return choose_damp(w, xtx, data, grid, blocksize=self.blocksize)[0]
 
     # ---------------------------------------------------------------- the loop
+
+    def check_row_mask(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> None:
+        """Raise when the padding mask (``row_mask``) is not one of the calibration inputs."""
+        if self.row_mask is not None and feeds and self.row_mask not in feeds[0]:
+            raise OnnxSparseError(
+                f"--mask-input {self.row_mask!r} is not an input of the model",
+                hint=f"the inputs are {list(feeds[0])}",
+            )
 
     def run(
         self,
@@ -507,11 +500,7 @@ class Calibrator:
         """
         if self.method == "asym" and dense is None:
             raise AssertionError("asym needs the dense model")
-        if self.row_mask is not None and feeds and self.row_mask not in feeds[0]:
-            raise OnnxSparseError(
-                f"--mask-input {self.row_mask!r} is not an input of the model",
-                hint=f"the inputs are {list(feeds[0])}",
-            )
+        self.check_row_mask(feeds)
         sched = schedule(list(mf.model.graph.node), [[(s.node_proto, s.activation) for s in g.sites] for g in groups])
         spill = self.last_spill = Spill(self.spill_budget)  # one memory budget for both models' frontiers
         runner = StagedRunner(mf, feeds, threads=self.threads, spill=spill)
@@ -728,6 +717,7 @@ class CalibratedPrunePass(Pass):
         # one sample screens the candidates: most models have no softmax head, and the refit's
         # runs over every sample (dense outputs now, the pruned model's at the end) are not cheap
         if heads and feeds:
+            self.engine.check_row_mask(feeds)
             heads = softmax_heads(mf, heads, feeds[0], threads=self.engine.threads, row_mask=self.engine.row_mask)
         dense_outputs = list(run_model(inline_model(mf), feeds, self.engine.threads)) if heads else []
         records: list[SiteRecord] = []

@@ -65,6 +65,7 @@ __all__ = [
     "ridge_cv_scores",
     "SELECT_ROWS",
     "asymmetric_cv_2_4",
+    "choose_damp",
 ]
 
 logger = logging.getLogger(__name__)
@@ -735,3 +736,90 @@ def asymmetric_cv_2_4(
     refit = _refit(w.astype(np.float64), every.pp, every.pq, cv.damp)
     out, stats = prune_with_factor(refit, factor.result(), blocksize)
     return out.astype(w.dtype), stats, cv
+
+
+# --------------------------------------------------------------------------------------
+# Damping of row-starved layers
+# --------------------------------------------------------------------------------------
+
+
+def choose_damp(
+    w: Array,
+    xtx: npt.ArrayLike,
+    folds: Sequence[npt.ArrayLike],
+    grid: Sequence[float],
+    blocksize: int = 128,
+    rows: int = SELECT_ROWS,
+    budget: float | None = SELECT_BUDGET,
+    seed: int = 0,
+) -> tuple[float, tuple[float, ...]]:
+    """SparseGPT's damping by cross-validation over folds of calibration rows.
+
+    For a layer that saw fewer rows than it has inputs (``X^T X`` is singular and the usual
+    damping lets SparseGPT's update overfit). For each held-out fold ``f`` and candidate
+    damping, SparseGPT runs on the other folds' ``X^T X`` and scores the held-out output error
+    ``||X_f (W - W')^T||^2``; the smallest total wins (ties: the larger damping). What keeps it
+    cheap on a wide layer:
+
+    * the training ``X^T X`` is the total minus the held-out fold's (no product of the
+      training rows);
+    * SparseGPT's rows are independent given its factor, so only a seeded subset of the output
+      rows is walked: as many as ``budget`` multiply-adds allow for the walks, at least
+      ``rows`` (all of a small layer's);
+    * folds are held out in turn only while ``budget`` allows (:func:`held_out_folds`);
+    * the candidates of a fold run side by side (one factorisation each).
+
+    Args:
+        w: Dense weight ``[rows, cols]``.
+        xtx: ``X^T X`` of the rows of every fold together (e.g. ``RunningStats.xtx``).
+        folds: Each fold's rows ``[n_f, cols]``, split by calibration sample; at least 2
+            folds with rows.
+        grid: Candidate relative dampings (``lambda = damp * mean(diag(H))``).
+        blocksize: SparseGPT block size.
+        rows: The fewest output rows walked (fewer only when ``w`` has fewer).
+        budget: Multiply-adds per weight for the walks of one held-out fold, and the budget of
+            :func:`held_out_folds`; None: every row and every fold.
+        seed: Seed of the row subset.
+
+    Returns:
+        ``(chosen damping, per candidate the held-out error per held-out row)``.
+    """
+    _check_weight(w)
+    used = [a for a in (np.asarray(f) for f in folds) if a.size]
+    if len(used) < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds with rows, got {len(used)}")
+    if not grid:
+        raise ValueError("the damping grid is empty")
+    cols = w.shape[1]
+    total = np.asarray(xtx, dtype=np.float64)
+    _check_square(total, cols, "xtx")
+    a = w.astype(np.float64)
+    walked = a.shape[0] if budget is None else max(rows, int(budget // (len(grid) * cols * cols)))
+    if walked < a.shape[0]:
+        a = a[np.sort(np.random.default_rng(seed).choice(a.shape[0], size=walked, replace=False))]
+    held = len(used) if budget is None else held_out_folds(cols, len(used), budget)
+    n_all = sum(len(f) for f in used)
+    scores = np.zeros(len(grid))
+    for i in range(held):
+        xf = used[i].reshape(-1, cols).astype(np.float64)
+        # columns that are zero on every training row are dead there (weights set to 0)
+        dead = np.ones(cols, dtype=bool)
+        for j, f in enumerate(used):
+            if j != i:
+                dead &= ~np.any(f.reshape(-1, cols) != 0, axis=0)
+        h = total - xf.T @ xf
+        h *= 2.0 / (n_all - xf.shape[0])
+
+        def score(damp: float, h: Array = h, xf: Array = xf, dead: Array = dead) -> float:
+            new, _ = prune_with_factor(a, inverse_factor(h, cols, damp=damp, dead=dead), blocksize)
+            return float(np.sum(np.square(xf @ (a - new).T)))
+
+        scores += blas.parallel_map(score, [float(d) for d in grid])
+        del h
+    scores *= w.shape[0] / a.shape[0] / sum(len(used[i]) for i in range(held))
+    best = min(range(len(grid)), key=lambda k: (scores[k], -grid[k]))
+    logger.debug(
+        "damping by CV (%d of %d folds held out, %d of %d rows walked): %s -> %g",
+        held, len(used), a.shape[0], w.shape[0], dict(zip(grid, scores.tolist(), strict=True)), grid[best],
+    )  # fmt: skip
+    return float(grid[best]), tuple(float(s) for s in scores)
