@@ -42,6 +42,7 @@ import numpy.typing as npt
 
 __all__ = [
     "RunningStats",
+    "RunningMean",
     "PairedStats",
     "im2col",
     "iter_im2col",
@@ -224,6 +225,35 @@ class RunningStats:
         diag[diag == 0] = 1.0
         h[idx, idx] = diag + damp * float(np.mean(diag))
         return h
+
+
+class RunningMean:
+    """Per-column mean of activation rows, summed in float64 (what bias correction needs: no
+    squares, no products).
+
+    Attributes:
+        cols: Number of columns.
+        n: Number of rows seen.
+        sum: Per-column sum (``[cols]``).
+    """
+
+    def __init__(self, cols: int) -> None:
+        if cols < 1:
+            raise ValueError(f"cols must be positive, got {cols}")
+        self.cols = cols
+        self.n = 0
+        self.sum = np.zeros(cols, dtype=np.float64)
+
+    def update(self, x: npt.ArrayLike) -> None:
+        """Add rows: ``x`` of shape ``[..., cols]``."""
+        rows = _as_rows(x, self.cols)
+        self.n += rows.shape[0]
+        self.sum += rows.sum(axis=0, dtype=np.float64)
+
+    @property
+    def mean(self) -> Array:
+        """``E[x]`` per column (zeros before any update)."""
+        return self.sum / self.n if self.n else np.zeros(self.cols)
 
 
 class PairedStats:

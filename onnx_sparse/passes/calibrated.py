@@ -69,7 +69,7 @@ from onnx_sparse.calib.data import validate_feeds
 from onnx_sparse.calib.layers import LayerView, Unsupported, layer_view
 from onnx_sparse.calib.spill import Spill
 from onnx_sparse.core import blas, nm
-from onnx_sparse.core.hessian import PairedStats, RunningStats
+from onnx_sparse.core.hessian import PairedStats, RunningMean, RunningStats
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.graph.locate import WeightSite, find_weight_sites
 from onnx_sparse.graph.weights import read_weight, zero_value
@@ -195,9 +195,9 @@ class LayerStats:
         self.held = held_out_folds(c, self.folds)
         slots = self.folds if self.held == self.folds else self.held + 1
         self.paired = [[PairedStats(c) for _ in range(slots)] for _ in range(g)] if method == "asym" else None
-        self.mean_p = [[RunningStats(c) for _ in range(g)] for _ in range(members)] if means else None
+        self.mean_p = [[RunningMean(c) for _ in range(g)] for _ in range(members)] if means else None
         self.mean_d = (
-            [[RunningStats(c) for _ in range(g)] for _ in range(members)] if means and method == "asym" else None
+            [[RunningMean(c) for _ in range(g)] for _ in range(members)] if means and method == "asym" else None
         )
         self._buf: list[tuple[int, int, list[np.ndarray], list[np.ndarray] | None]] = []
         self._buf_rows = 0
@@ -253,13 +253,27 @@ class LayerStats:
         def cat(parts: list[np.ndarray]) -> np.ndarray:
             return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+        # one member (the usual case): the means come from the rows joined for the products
+        # (no second join, no second pass over the rows)
+        shared = len({e[0] for e in buf}) == 1 and (self.stats is not None or self.paired is not None)
+        m0 = buf[0][0]
         for g in range(self.view.groups):
             if self.stats is not None:
-                self.stats[g].update(cat([e[2][g] for e in buf]))
+                xp = cat([e[2][g] for e in buf])
+                self.stats[g].update(xp)
+                if shared and self.mean_p is not None:
+                    self.mean_p[m0][g].update(xp)
             if self.paired is not None:
                 for f in sorted({e[1] for e in buf}):
                     sel = [e for e in buf if e[1] == f]
-                    self.paired[g][f].update(cat([e[2][g] for e in sel]), cat([e[3][g] for e in sel]))  # type: ignore[index]
+                    xp, xd = cat([e[2][g] for e in sel]), cat([e[3][g] for e in sel])  # type: ignore[index]
+                    self.paired[g][f].update(xp, xd)
+                    if shared and self.mean_p is not None:
+                        self.mean_p[m0][g].update(xp)
+                    if shared and self.mean_d is not None:
+                        self.mean_d[m0][g].update(xd)
+            if shared:
+                continue
             for m in sorted({e[0] for e in buf}):
                 sel = [e for e in buf if e[0] == m]
                 if self.mean_p is not None:
