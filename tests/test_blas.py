@@ -29,6 +29,13 @@ def test_parallel_map_keeps_the_order_and_runs_side_by_side(monkeypatch) -> None
     assert len(seen) == 2
 
 
+def test_the_worker_threads_are_reused_across_calls(monkeypatch) -> None:
+    monkeypatch.setenv("ONNX_SPARSE_SOLVE_THREADS", "2")
+    runs = [set(blas.parallel_map(lambda _: threading.get_ident(), range(6))) for _ in range(5)]
+    everyone = set().union(*runs)
+    assert threading.get_ident() not in everyone and len(everyone) <= 2
+
+
 def test_nested_sections_run_in_line(monkeypatch) -> None:
     monkeypatch.setenv("ONNX_SPARSE_SOLVE_THREADS", "2")
     inner: list[int] = []

@@ -112,10 +112,27 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     if n <= 1:
         with one_blas_thread():
             return [fn(x) for x in todo]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=n, thread_name_prefix="onnx-sparse-solve") as pool:
-        futures = [pool.submit(_in_worker, fn, x) for x in todo]
-        concurrent.futures.wait(futures)
-        return [f.result() for f in futures]
+    pool = _pool(workers())
+    futures = [pool.submit(_in_worker, fn, x) for x in todo]
+    concurrent.futures.wait(futures)
+    return [f.result() for f in futures]
+
+
+_pools: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(n: int) -> concurrent.futures.ThreadPoolExecutor:
+    """One pool of ``n`` worker threads for the whole process (a pass calls :func:`parallel_map`
+    thousands of times on a model of many small layers: starting threads each time cost 5 %).
+    Tasks never wait on each other (a worker's own sections run in line), so sharing is safe."""
+    with _pools_lock:
+        pool = _pools.get(n)
+        if pool is None:
+            pool = _pools[n] = concurrent.futures.ThreadPoolExecutor(
+                max_workers=n, thread_name_prefix="onnx-sparse-solve"
+            )
+        return pool
 
 
 class Background(Generic[R]):
