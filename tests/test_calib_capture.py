@@ -80,6 +80,25 @@ def test_runner_stages_match_full_model_and_run_each_node_once() -> None:
     assert runner.stats["nodes"] == 6
 
 
+def test_runner_knows_what_it_can_still_compute() -> None:
+    model = convnet()
+    feeds = conv_data(0, 2)
+    runner = StagedRunner(ModelFile(model), feeds)
+    out = model.graph.output[0].name
+    assert runner.computable(["x", "a1", "a3", out])
+    for _ in runner.iter_stage(["a2"]):
+        pass
+    # a1 ran and nothing still to run reads it: dropped; a2 is on the frontier; a3 and the
+    # output are made by nodes that have not run
+    assert not runner.computable(["a1"])
+    assert runner.computable(["a2", "a3", out, "x"])
+    full = _intermediates(model, ["a3"], feeds)
+    for i, got in runner.iter_stage(["a3", out]):
+        np.testing.assert_allclose(got["a3"], full[i]["a3"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[out], full[i][out], rtol=1e-5, atol=1e-6)
+    assert not runner.computable(["no_such_tensor"])
+
+
 def test_runner_sees_weights_written_between_stages() -> None:
     model = mlp()
     feeds = mlp_data(0, 2)

@@ -219,7 +219,29 @@ def test_a_model_without_softmax_head_is_not_run_in_full(monkeypatch) -> None:
     assert runs == [1]
     runs.clear()
     CalibratedPrunePass("sparsegpt", _feeds(1, 8), refit_head=True)(_classifier("op"))
-    assert runs == [1, 8, 8]  # the screen, the dense outputs, the pruned model
+    assert runs == [1, 8]  # the screen, the dense outputs; the pruned values come from the capture
+    runs.clear()
+    CalibratedPrunePass("asym", _feeds(1, 8), refit_head=True)(_classifier("op"))
+    assert runs == [1]  # asym's dense capture gives the dense outputs too
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "asym"])
+@pytest.mark.parametrize("kind", ["op", "nobias"])
+def test_head_values_from_the_capture_equal_a_full_run(method: str, kind: str, monkeypatch, caplog) -> None:
+    """The refit reads the pruned (and, for asym, dense) model's values from the staged capture's
+    last piece; the result is the one the full runs give (bias correction inserts an Add into
+    the bias-less head: the logits keep their name)."""
+    model, feeds = _classifier(kind), _feeds(1, 8)
+    with caplog.at_level(logging.INFO, logger="onnx_sparse"):
+        fast = CalibratedPrunePass(method, feeds, refit_head=True, bias_correction=True)(model)
+    assert "softmax head head refit by KL divergence" in caplog.text
+    monkeypatch.setattr(calibrated.StagedRunner, "computable", lambda self, names: False)
+    slow = CalibratedPrunePass(method, feeds, refit_head=True, bias_correction=True)(model)
+    a = {t.name: numpy_helper.to_array(t) for t in fast.model.model.graph.initializer}
+    b = {t.name: numpy_helper.to_array(t) for t in slow.model.model.graph.initializer}
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_excluded_head_is_not_refit(caplog) -> None:

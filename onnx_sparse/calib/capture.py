@@ -324,6 +324,19 @@ class StagedRunner:
     def _available(self, name: str) -> bool:
         return name in self.cache or name in self.graph_inputs or name in self.initializers or name in self.extra
 
+    def computable(self, names: Sequence[str]) -> bool:
+        """Whether :meth:`iter_stage` can still give ``names``: each is a graph input, a constant,
+        kept on the frontier, or made by a node that has not run (whose own inputs are then
+        available: the frontier keeps whatever a node still to run reads). A value that was
+        computed and dropped (nothing left reads it, e.g. an early graph output) is not."""
+        for name in names:
+            if self._available(name):
+                continue
+            node = self.producers.get(name)
+            if node is None or id(node) in self.done:
+                return False
+        return True
+
     def _plan(self, targets: Sequence[str]) -> _Piece:
         needed: set[int] = set()
         stack = [t for t in targets if not self._available(t)]

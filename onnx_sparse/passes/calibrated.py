@@ -76,7 +76,7 @@ from onnx_sparse.graph.weights import read_weight, zero_value
 from onnx_sparse.io import ModelFile
 from onnx_sparse.passes.base import Pass, PassResult, copy_model_file
 from onnx_sparse.passes.bias_write import shift_bias
-from onnx_sparse.passes.head import HeadLayer, head_candidates, refit_heads, softmax_heads
+from onnx_sparse.passes.head import HeadLayer, head_candidates, head_tensors, refit_heads, softmax_heads
 from onnx_sparse.passes.prune import PrunePass, SiteRecord, apply_site, group_by_tensor, totals
 from onnx_sparse.progress import Progress
 from onnx_sparse.prune.bias import bias_shift
@@ -367,6 +367,9 @@ class Calibrator:
         self.row_mask = row_mask
         self.spill_budget = spill_budget
         self.last_spill: Spill | None = None  # the last run's (for its counters)
+        # the last run's ``tail`` values, per sample, in the pruned and the dense model
+        self.last_tail: list[dict[str, np.ndarray]] = []
+        self.last_tail_dense: list[dict[str, np.ndarray]] = []
 
     # ---------------------------------------------------------------- planning
 
@@ -500,6 +503,7 @@ class Calibrator:
         apply: Callable[[LayerFit, StagedRunner], None] | None,
         dense: ModelFile | None = None,
         means: bool = False,
+        tail: Sequence[str] = (),
     ) -> Iterator[LayerFit]:
         """Capture and solve ``groups`` stage by stage, yielding each fit.
 
@@ -511,10 +515,15 @@ class Calibrator:
             feeds: Validated calibration samples.
             dense: The dense model, for ``asym`` (required then).
             means: Also collect ``E[x]`` per member (bias correction).
+            tail: Tensors to compute after the last stage, per sample, in the pruned model
+                (:attr:`last_tail`) and, for ``asym``, in the dense one (:attr:`last_tail_dense`):
+                only the nodes not run yet run (e.g. what a softmax-head refit reads). Both stay
+                empty when a runner can no longer give them (:meth:`StagedRunner.computable`).
         """
         if self.method == "asym" and dense is None:
             raise AssertionError("asym needs the dense model")
         self.check_row_mask(feeds)
+        self.last_tail, self.last_tail_dense = [], []
         sched = schedule(list(mf.model.graph.node), [[(s.node_proto, s.activation) for s in g.sites] for g in groups])
         spill = self.last_spill = Spill(self.spill_budget)  # one memory budget for both models' frontiers
         runner = StagedRunner(mf, feeds, threads=self.threads, spill=spill)
@@ -569,6 +578,10 @@ class Calibrator:
                 accs[g.key] = None  # free the statistics
                 yield fit
             del fits, jobs  # the stage's statistics must not live on through the next capture
+        if tail and all(r.computable(tail) for r in (runner, dense_runner) if r is not None):
+            self.last_tail = [values for _, values in runner.iter_stage(tail)]
+            if dense_runner is not None:
+                self.last_tail_dense = [values for _, values in dense_runner.iter_stage(tail)]
         if apply is not None:
             runner.commit()
         spill.close()
@@ -733,7 +746,12 @@ class CalibratedPrunePass(Pass):
         if heads and feeds:
             self.engine.check_row_mask(feeds)
             heads = softmax_heads(mf, heads, feeds[0], threads=self.engine.threads, row_mask=self.engine.row_mask)
-        dense_outputs = list(run_model(inline_model(mf), feeds, self.engine.threads)) if heads else []
+        # what the head refit reads comes from the staged capture, after the last stage (only the
+        # nodes after the last pruned layer run again); asym's dense capture gives the dense outputs
+        tail = head_tensors(mf, heads, feeds[0]) if heads else []
+        dense_outputs: Sequence[Mapping[str, np.ndarray]] = (
+            list(run_model(inline_model(mf), feeds, self.engine.threads)) if heads and dense is None else []
+        )
         records: list[SiteRecord] = []
         # Layers that cannot be calibrated are pruned first, so the others see them as final.
         for grp in fallback:
@@ -783,7 +801,10 @@ class CalibratedPrunePass(Pass):
         starved: list[str] = []
         if groups:
             with Progress(total, method) as bar:
-                for fit in self.engine.run(mf, groups, feeds, apply=apply, dense=dense, means=self.bias_correction):
+                run = self.engine.run(
+                    mf, groups, feeds, apply=apply, dense=dense, means=self.bias_correction, tail=tail
+                )
+                for fit in run:
                     bar.update(note=",".join(s.node for s in fit.group.sites))
         if starved:
             logger.warning(
@@ -794,7 +815,14 @@ class CalibratedPrunePass(Pass):
                 len(starved), method, ", ".join(starved[:8]) + (f", and {len(starved) - 8} more" if len(starved) > 8 else ""),
             )  # fmt: skip
         if self.refit_head:
-            self._refit_heads(mf, heads, feeds, dense_outputs, records)
+            if heads and dense is not None:
+                outputs = [o.name for o in mf.model.graph.output]
+                dense_outputs = (
+                    [{k: v[k] for k in outputs} for v in self.engine.last_tail_dense]
+                    if self.engine.last_tail_dense
+                    else list(run_model(inline_model(dense), feeds, self.engine.threads))
+                )
+            self._refit_heads(mf, heads, feeds, dense_outputs, records, self.engine.last_tail or None)
         modified = any(r.groups_changed for r in records) or any(getattr(r, "bias_corrected", False) for r in records)
         t = totals(records)
         logger.info(
@@ -811,12 +839,14 @@ class CalibratedPrunePass(Pass):
         feeds: Sequence[Mapping[str, np.ndarray]],
         dense_outputs: Sequence[Mapping[str, np.ndarray]],
         records: list[SiteRecord],
+        pruned: Sequence[Mapping[str, np.ndarray]] | None,
     ) -> None:
         done = 0
         engine = self.engine
         for res in refit_heads(
-            mf, heads, feeds, dense_outputs, threads=engine.threads, seed=engine.seed, row_mask=engine.row_mask
-        ):
+            mf, heads, feeds, dense_outputs, threads=engine.threads, seed=engine.seed, row_mask=engine.row_mask,
+            pruned=pruned,
+        ):  # fmt: skip
             layer, info = res.layer, res.fit
             if info is None:
                 logger.debug("%s: not a softmax head: %s", layer.site.node, res.note)

@@ -35,8 +35,8 @@ from onnx_sparse.passes.bias_write import matmul_bias_add, shift_bias
 from onnx_sparse.prune.head import HeadFit, refit_softmax_head, softmax
 
 __all__ = [
-    "HeadLayer", "head_candidates", "softmax_heads", "refit_heads", "MAX_DEPTH", "WORK_PER_STEP", "MIN_ROWS",
-    "MAX_STEPS", "MIN_STEPS", "WORK_TOTAL",
+    "HeadLayer", "head_candidates", "softmax_heads", "head_tensors", "refit_heads", "MAX_DEPTH", "WORK_PER_STEP",
+    "MIN_ROWS", "MAX_STEPS", "MIN_STEPS", "WORK_TOTAL",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -161,6 +161,7 @@ def refit_heads(
     threads: int | None = None,
     seed: int = 0,
     row_mask: str | None = None,
+    pruned: Sequence[Mapping[str, np.ndarray]] | None = None,
 ) -> list[HeadResult]:
     """Refit every softmax head among ``layers`` in ``mf`` (already pruned); returns one result each.
 
@@ -168,11 +169,18 @@ def refit_heads(
     improves the held-out KL divergence get their new weight and bias written into ``mf``.
     ``row_mask`` names a graph input whose zeros mark padding (as for the layer-wise fits):
     rows of a ``[batch, seq, features]`` head input at those positions are left out.
+    ``pruned``: per sample, the values of :func:`head_tensors` in the pruned model when the
+    caller has them (the staged capture computes them at the end for the cost of the nodes
+    after the last pruned layer); None runs the whole pruned model.
     """
     if not layers:
         return []
     runner = StagedRunner(mf, feeds, threads=threads)
-    logits, outs = _run_heads(mf, layers, runner, feeds, threads)
+    if pruned is None:
+        logits, outs = _run_heads(mf, layers, runner, feeds, threads)
+    else:
+        logits = {id(layer): _logits_name(runner, mf, layer) for layer in layers}
+        outs = [{**feed, **out} for feed, out in zip(feeds, pruned, strict=True)]
     graph_outputs = [o.name for o in mf.model.graph.output]
     results = []
     for layer in layers:
@@ -205,6 +213,26 @@ def softmax_heads(
     return [layer for layer in layers if _softmax_of(layer, logits[id(layer)], outs, graph_outputs, row_mask)]
 
 
+def head_tensors(mf: ModelFile, layers: Sequence[HeadLayer], feed: Mapping[str, np.ndarray]) -> list[str]:
+    """What the refit reads from the pruned model: the graph outputs, then every head's input
+    and logits (its output after the bias) that is not a graph input. A bias ``Add`` that bias
+    correction inserts later takes over the MatMul's output name, so the names hold after it."""
+    runner = StagedRunner(mf, [feed])
+    logits = {id(layer): _logits_name(runner, mf, layer) for layer in layers}
+    return _head_tensors(mf, layers, logits, feed)
+
+
+def _head_tensors(
+    mf: ModelFile, layers: Sequence[HeadLayer], logits: Mapping[int, str], feed: Mapping[str, np.ndarray]
+) -> list[str]:
+    names = [o.name for o in mf.model.graph.output]
+    for layer in layers:
+        for name in (layer.site.activation, logits[id(layer)]):
+            if name not in names and name not in feed:
+                names.append(name)
+    return names
+
+
 def _run_heads(
     mf: ModelFile,
     layers: Sequence[HeadLayer],
@@ -217,11 +245,7 @@ def _run_heads(
     logits = {id(layer): _logits_name(runner, mf, layer) for layer in layers}
     graph_outputs = [o.name for o in mf.model.graph.output]
     model = inline_model(mf)
-    extra = []
-    for layer in layers:
-        for name in (layer.site.activation, logits[id(layer)]):
-            if name not in graph_outputs and name not in extra and name not in feeds[0]:
-                extra.append(name)
+    extra = [n for n in _head_tensors(mf, layers, logits, feeds[0]) if n not in graph_outputs]
     model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in extra)
     outs = [{**feed, **out} for feed, out in zip(feeds, run_model(model, feeds, threads), strict=True)]
     return logits, outs
