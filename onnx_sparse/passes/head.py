@@ -12,8 +12,8 @@ jax2tf writes it), followed by an ``Identity``, counts too. A cheap graph test c
 the layer's output must reach a graph output within :data:`MAX_DEPTH` nodes without passing
 through another MatMul, Gemm or Conv.
 
-``z - x W^T`` must be the same on every row (a constant bias; anything else, such as a
-residual, is not a head). The rows of every 4th calibration sample are held out to choose
+``z - x W^T`` must be the same on every row the refit uses (a constant bias; anything else,
+such as a residual, is not a head). The rows of every 4th calibration sample are held out to choose
 the refit's stopping step (every 4th row when there are fewer than 4 samples).
 """
 
@@ -296,18 +296,24 @@ def _refit_one(
         zi = z[i].reshape(-1, z[i].shape[-1])
         if zi.shape != (x.shape[0], classes):
             return HeadResult(layer, None, None, f"its output {z[i].shape} does not line up with its input rows")
-        p = np.asarray(dense_outputs[i][out_name], dtype=np.float64).reshape(-1, classes)
+        p = np.asarray(dense_outputs[i][out_name]).reshape(-1, classes)
         keep = keeps[i]
         if keep is not None:
             x, zi, p = x[keep], zi[keep], p[keep]
         xs.append(x)
         zs.append(zi)
-        ps.append(np.exp(p) if log else p)
+        ps.append(p)
         fold.append(np.full(x.shape[0], i))
-    x_all = np.concatenate(xs).astype(np.float64)
-    z_all = np.concatenate(zs).astype(np.float64)
-    p_all = np.concatenate(ps)
+    x_all, z_all, p_all = np.concatenate(xs), np.concatenate(zs), np.concatenate(ps)
     feed_of = np.concatenate(fold)
+    # the rows the refit uses, chosen first: the float64 copies and checks below touch only them
+    budget = max(MIN_ROWS, WORK_PER_STEP // max(1, classes * view.cols))
+    if x_all.shape[0] > budget:
+        pick = np.sort(np.random.default_rng(seed).choice(x_all.shape[0], budget, replace=False))
+        x_all, z_all, p_all, feed_of = x_all[pick], z_all[pick], p_all[pick], feed_of[pick]
+    x_all, z_all, p_all = x_all.astype(np.float64), z_all.astype(np.float64), p_all.astype(np.float64)
+    if log:
+        p_all = np.exp(p_all)
     stored = np.array(read_weight(site, mf, mmap=False))
     (w,) = view.matrices(stored)
     w_eff = view.alpha * w
@@ -315,10 +321,6 @@ def _refit_one(
     b_eff = resid.mean(axis=0)
     if not np.allclose(resid, b_eff, atol=1e-4 * (1.0 + float(np.abs(z_all).max())), rtol=1e-4):
         return HeadResult(layer, None, None, "what is added to its output is not a constant bias")
-    budget = max(MIN_ROWS, WORK_PER_STEP // max(1, classes * view.cols))
-    if x_all.shape[0] > budget:
-        pick = np.sort(np.random.default_rng(seed).choice(x_all.shape[0], budget, replace=False))
-        x_all, p_all, feed_of = x_all[pick], p_all[pick], feed_of[pick]
     held = feed_of % 4 == 3 if len(outs) >= 4 else np.arange(x_all.shape[0]) % 4 == 3
     if held.all() or not held.any():
         return HeadResult(layer, None, None, "too few rows to hold some out")
