@@ -617,3 +617,53 @@ def test_choose_damp_rejects_bad_input():
         choose_damp(w, x.T @ x, [x, np.zeros((0, 8))], STARVED_GRID)
     with pytest.raises(ValueError, match="grid is empty"):
         choose_damp(w, 2 * x.T @ x, [x, x], ())
+
+
+# --------------------------------------------------------------------------------------
+# the cross-validation's mixed-precision solve
+
+
+@pytest.mark.parametrize("ridge", [1e-6, 1e-3, 1.0])
+def test_scored_ridge_solve_matches_float64(ridge, monkeypatch):
+    from onnx_sparse.prune import sparsegpt as sg
+
+    monkeypatch.setattr(sg, "_FLOAT32_FROM", 1)
+    rng = np.random.default_rng(31)
+    x = correlated(rng, 300, 64)
+    g = x.T @ x
+    rhs = rng.standard_normal((64, 16))
+    want = sg._ridge_solve(g, rhs, ridge * float(np.mean(np.diag(g))))
+    got = sg._ridge_solve_scored(g, rhs, ridge * float(np.mean(np.diag(g))))
+    np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-12 * np.abs(want).max())
+
+
+def test_scored_ridge_solve_falls_back_to_float64_when_ill_conditioned(monkeypatch):
+    from onnx_sparse.prune import sparsegpt as sg
+
+    monkeypatch.setattr(sg, "_FLOAT32_FROM", 1)
+    rng = np.random.default_rng(32)
+    q, _ = np.linalg.qr(rng.standard_normal((48, 48)))
+    g = (q * np.logspace(0, 12, 48)) @ q.T  # condition 1e12: float32 alone is useless here
+    g = (g + g.T) / 2
+    rhs = rng.standard_normal((48, 4))
+    calls = []
+    real = sg._ridge_solve
+    monkeypatch.setattr(sg, "_ridge_solve", lambda *a: calls.append(1) or real(*a))
+    got = sg._ridge_solve_scored(g, rhs, 1e-2)
+    assert calls  # fell back
+    np.testing.assert_allclose(got, real(g, rhs, 1e-2), rtol=1e-9)
+
+
+def test_cv_scores_do_not_depend_on_the_float32_solve(monkeypatch):
+    from onnx_sparse.prune import sparsegpt as sg
+
+    rng = np.random.default_rng(33)
+    cols = 32
+    mix = rng.standard_normal((cols, cols)) * 0.5 + np.eye(cols)
+    distort = np.eye(cols) + 0.2 * rng.standard_normal((cols, cols))
+    w = rng.standard_normal((24, cols))
+    folds = cv_folds(rng, 40, 4, cols, mix, distort)
+    plain = ridge_cv_scores(w, folds)
+    monkeypatch.setattr(sg, "_FLOAT32_FROM", 1)
+    mixed = ridge_cv_scores(w, folds)
+    np.testing.assert_allclose(mixed, plain, rtol=1e-9)

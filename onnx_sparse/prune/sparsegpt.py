@@ -427,6 +427,41 @@ def _ridge_solve(g: np.ndarray, rhs: np.ndarray, ridge: float) -> np.ndarray:
     return _in_pieces(lambda c: scipy.linalg.cho_solve(factor, rhs[:, c], check_finite=False), rhs.shape[1])
 
 
+#: Largest relative size of the refinement step of :func:`_ridge_solve_scored` for the float32
+#: factorisation to be trusted; beyond it (an ill-conditioned ``g + ridge I``) the solve is
+#: redone in float64.
+_REFINE_TOL = 1e-3
+#: Columns from which :func:`_ridge_solve_scored` factorises in float32 (below it the
+#: factorisation is too cheap for the refinement to pay: plain float64).
+_FLOAT32_FROM = 1024
+
+
+def _ridge_solve_scored(g: np.ndarray, rhs: np.ndarray, ridge: float) -> np.ndarray:
+    """``(g + ridge I)^{-1} rhs`` for scoring a candidate (``ridge > 0``): the Cholesky
+    factorisation in float32 (about 1.6x faster), then one step of iterative refinement against
+    the float64 matrix, which brings the error from ``eps32 * cond`` to about its square; when
+    that step is not small (or float32 cannot factorise the matrix), plain float64.
+
+    Only the cross-validation scores use it: the weights come from :func:`_ridge_solve`.
+    """
+    if g.shape[0] < _FLOAT32_FROM:
+        return _ridge_solve(g, rhs, ridge)
+    a = g.astype(np.float32)
+    a.flat[:: g.shape[0] + 1] += np.float32(ridge)
+    try:
+        factor = scipy.linalg.cho_factor(a.T, check_finite=False, overwrite_a=True)
+    except np.linalg.LinAlgError:
+        return _ridge_solve(g, rhs, ridge)
+    x = scipy.linalg.cho_solve(factor, rhs.astype(np.float32), check_finite=False).astype(np.float64)
+    resid = rhs - g @ x - ridge * x
+    step = scipy.linalg.cho_solve(factor, resid.astype(np.float32), check_finite=False)
+    size = float(np.linalg.norm(step)) / max(float(np.linalg.norm(x)), 1e-300)
+    if not np.isfinite(size) or size > _REFINE_TOL:
+        return _ridge_solve(g, rhs, ridge)
+    x += step
+    return x
+
+
 def asymmetric_sparsegpt_2_4(
     w: Array,
     pp: npt.ArrayLike,
@@ -525,6 +560,7 @@ def ridge_cv_scores(
         err(W') = err(W) + 2 tr(D^T (P - Pd) W^T) + tr(D^T P D)
 
     so one Cholesky factorisation of ``G + lambda I`` per fold and damping gives the score
+    (in float32 with one float64 refinement step on wide layers, :func:`_ridge_solve_scored`)
     (no SparseGPT run, no ``dd``: the constant ``tr(W dd W^T)`` is left out as in
     :func:`refit_error`). ``inf`` scores ``W`` itself; ``0`` uses the minimum-norm least
     squares solution. A damping whose factorisation fails scores ``inf``.
@@ -581,7 +617,7 @@ def ridge_cv_scores(
         if math.isinf(lam) or scale <= 0:
             return base
         try:
-            d = _ridge_solve(g, r, lam * scale)
+            d = _ridge_solve_scored(g, r, lam * scale)
         except np.linalg.LinAlgError:
             return math.inf
         return base + 2.0 * float(np.einsum("ij,ij->", d, e)) + float(np.einsum("ij,ij->", held.pp @ d, d))
