@@ -9,7 +9,8 @@ up + erf-GELU + down, residual + LayerNormalization); the input is the embedding
 * ``large``: hidden 1024, FFN 4096, 16 heads, 24 layers (``large-L``: ``L``), external data;
 * ``big``: (hidden 2048, FFN 8192, 16 heads, enough layers for > 2 GB of
   weights), external data. Give it ``--samples 72`` (9,216 rows): with 4,096 rows its
-  8,192-wide layers are row-starved and take the much slower starved-layer damping search.
+  8,192-wide layers are row-starved, and their damping is then cross-validated (about 30 s
+  more per layer), which measures the starved path rather than the usual one.
 
 Calibration: ``--samples`` sequences of ``--seq`` tokens (default 32 x 128 = 4,096 rows),
 standard normal, seeded. Each (model, method) run is its own subprocess (``--run-one``), so its
