@@ -345,13 +345,17 @@ def cv_folds(rng, n_per_fold, k, cols, mix, distort):
     return folds
 
 
+def cv_problem(rng, cols=32):
+    """Columns, the mixing of the pruned input, the dense input's distortion and a weight."""
+    mix = rng.standard_normal((cols, cols)) * 0.5 + np.eye(cols)
+    distort = np.eye(cols) + 0.2 * rng.standard_normal((cols, cols))
+    return cols, mix, distort, rng.standard_normal((24, cols))
+
+
 @pytest.mark.parametrize("prune", [True, False])
 def test_cv_damps_more_when_data_is_scarce(prune):
     rng = np.random.default_rng(14)
-    cols = 32
-    mix = rng.standard_normal((cols, cols)) * 0.5 + np.eye(cols)
-    distort = np.eye(cols) + 0.2 * rng.standard_normal((cols, cols))
-    w = rng.standard_normal((24, cols))
+    cols, mix, distort, w = cv_problem(rng)
     scarce = choose_refit_damp(w, cv_folds(rng, 4, 5, cols, mix, distort), prune=prune)
     plenty = choose_refit_damp(w, cv_folds(rng, 400, 5, cols, mix, distort), prune=prune)
     # The dense refit overfits 16 training rows of 32 columns (strict on 20 of 20 seeds tried);
@@ -366,10 +370,7 @@ def test_cv_damps_more_when_data_is_scarce(prune):
 
 def test_cv_choice_generalises_better_than_the_weakest_damping():
     rng = np.random.default_rng(15)
-    cols = 32
-    mix = rng.standard_normal((cols, cols)) * 0.5 + np.eye(cols)
-    distort = np.eye(cols) + 0.2 * rng.standard_normal((cols, cols))
-    w = rng.standard_normal((24, cols))
+    cols, mix, distort, w = cv_problem(rng)
     folds = cv_folds(rng, 5, 5, cols, mix, distort)
     out, stats, cv = asymmetric_cv_2_4(w, folds)
     test = paired(*perturbed_pairs(rng, 5000, cols, mix, distort))
@@ -658,10 +659,7 @@ def test_cv_scores_do_not_depend_on_the_float32_solve(monkeypatch):
     from onnx_sparse.prune import sparsegpt as sg
 
     rng = np.random.default_rng(33)
-    cols = 32
-    mix = rng.standard_normal((cols, cols)) * 0.5 + np.eye(cols)
-    distort = np.eye(cols) + 0.2 * rng.standard_normal((cols, cols))
-    w = rng.standard_normal((24, cols))
+    cols, mix, distort, w = cv_problem(rng)
     folds = cv_folds(rng, 40, 4, cols, mix, distort)
     plain = ridge_cv_scores(w, folds)
     monkeypatch.setattr(sg, "_FLOAT32_FROM", 1)
