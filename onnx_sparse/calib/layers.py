@@ -124,7 +124,7 @@ class LayerView:
         flat = self.consumer_values(stored)
         return _to_matrices(self.kind, flat, self.groups, self.site)
 
-    def to_stored(self, mats: Sequence[np.ndarray], stored: np.ndarray, zero: object = 0) -> np.ndarray:
+    def to_stored(self, mats: Sequence[np.ndarray], stored: np.ndarray, zero: np.ndarray | float = 0) -> np.ndarray:
         """The new stored tensor for per-group matrices ``mats`` (see the module docstring)."""
         idx = np.concatenate([i.ravel() for i in self.index])
         vals = np.concatenate([np.asarray(m, dtype=np.float64).ravel() for m in mats])
@@ -132,9 +132,9 @@ class LayerView:
             keep = np.zeros(stored.size, dtype=bool)
             keep[idx] = vals != 0
             return nm.apply_keep(np.asarray(stored), keep.reshape(stored.shape), zero)
-        out = np.empty(stored.size, dtype=np.float64)
-        out[idx] = vals
-        out = out.reshape(stored.shape)
+        flat = np.empty(stored.size, dtype=np.float64)
+        flat[idx] = vals
+        out = flat.reshape(stored.shape)
         if self.requant is not None and stored.dtype.kind in "iu":
             scale, zp = self.requant
             info = np.iinfo(stored.dtype)
@@ -441,7 +441,7 @@ def layer_view(site: WeightSite, mf: ModelFile, producers: Mapping[str, onnx.Nod
     requant = _requantizer(chain, side, stored)
     fake_quant = stored.dtype.kind == "f" and _is_qdq_pair(chain)
     mask_only = (
-        requant is None and not fake_quant and (any(n.op_type in _QUANT for n in chain) or stored.dtype.kind in "iu")
+        requant is None and not fake_quant and (any(c.op_type in _QUANT for c in chain) or stored.dtype.kind in "iu")
     )
     view = LayerView(
         site=site,
@@ -464,15 +464,15 @@ def layer_view(site: WeightSite, mf: ModelFile, producers: Mapping[str, onnx.Nod
         view.beta = float(attrs.get("beta", 1.0))
     if kind == "conv":
         k = tuple(int(v) for v in site.consumer_shape[2:])
-        n = len(k)
-        if not 1 <= n <= 3:
-            raise Unsupported(f"{site.node}: {n}-D convolution")
+        dims = len(k)
+        if not 1 <= dims <= 3:
+            raise Unsupported(f"{site.node}: {dims}-D convolution")
         if "kernel_shape" in attrs and tuple(int(v) for v in attrs["kernel_shape"]) != k:
             raise Unsupported(f"{site.node}: kernel_shape {attrs['kernel_shape']} does not match the weight {k}")
         view.kernel_shape = k
-        view.strides = tuple(int(v) for v in attrs.get("strides", (1,) * n))
-        view.dilations = tuple(int(v) for v in attrs.get("dilations", (1,) * n))
-        view.pads = tuple(int(v) for v in attrs.get("pads", (0,) * (2 * n)))
+        view.strides = tuple(int(v) for v in attrs.get("strides", (1,) * dims))
+        view.dilations = tuple(int(v) for v in attrs.get("dilations", (1,) * dims))
+        view.pads = tuple(int(v) for v in attrs.get("pads", (0,) * (2 * dims)))
         auto_pad = attrs.get("auto_pad", "NOTSET")
         view.auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
         if view.auto_pad not in ("NOTSET", "", "VALID", "SAME_UPPER", "SAME_LOWER"):
