@@ -1,0 +1,165 @@
+"""The statistics one stored tensor needs during calibrated pruning, fed sample by sample.
+
+:class:`LayerStats` buffers a layer's input rows (pruned model, and for ``asym`` the dense
+model's too) and feeds them in large batches to the accumulators each method reads:
+``X^T X`` (SparseGPT), column norms (Wanda), per-fold paired statistics (``asym``), column
+means (bias correction), and the raw rows of a row-starved layer for its damping
+cross-validation. The engine that captures and solves is
+:mod:`onnx_sparse.passes.calibrated`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from onnx_sparse.calib.layers import LayerView
+from onnx_sparse.core.hessian import PairedStats, RunningMean, RunningStats
+from onnx_sparse.errors import OnnxSparseError
+from onnx_sparse.prune.sparsegpt import held_out_folds
+
+__all__ = ["LayerStats", "STARVED_ROWS_PER_COL", "CV_FOLDS"]
+
+#: SparseGPT layers that saw fewer rows than columns (an FC head fed a small batch, a
+#: squeeze-excitation conv that sees one row per image) have a singular ``X^T X``, and the
+#: usual 1% damping lets the weight update overfit the calibration rows: their damping is
+#: chosen by cross-validation over the calibration samples (:data:`CV_FOLDS` folds).
+STARVED_ROWS_PER_COL = 1
+#: Folds of that cross-validation (at most the number of samples).
+CV_FOLDS = 3
+
+#: Rows are buffered up to this many values (rows x columns) before they reach the
+#: accumulators: a few large ``X^T X`` products are much faster than many small ones.
+_FLUSH_VALUES = 1 << 22
+
+
+class LayerStats:
+    """The statistics one stored tensor needs, fed sample by sample (rows buffered, see flush).
+
+    Attributes (one entry per conv group; ``None`` when the method does not need them):
+        stats: :class:`RunningStats` of the pruned-model input (``X^T X`` for SparseGPT).
+        paired: Per group, one :class:`PairedStats` per cross-validation fold that is held out
+            (``asym``; :func:`~onnx_sparse.prune.sparsegpt.held_out_folds`), then, when that is
+            fewer than the folds, one for all the other rows.
+        mean_p / mean_d: Per member node and group, the mean input in the pruned / dense model.
+        rows: Rows seen (after subsampling).
+    """
+
+    def __init__(
+        self,
+        key: int,
+        view: LayerView,
+        members: int,
+        method: str,
+        samples: int,
+        folds: int,
+        max_rows: int | None,
+        seed: int,
+        means: bool,
+    ) -> None:
+        self.key = key
+        self.view = view
+        self.method = method
+        self.max_rows = max_rows
+        self.seed = seed
+        self.folds = max(1, min(folds, samples))
+        g, c = view.groups, view.cols
+        self.rows = 0
+        self.masked = 0  # samples whose padding rows were left out
+        self.x_dtype: np.dtype | None = None
+        self.stats = (
+            [RunningStats(c, track_xtx=method == "sparsegpt") for _ in range(g)]
+            if method in ("wanda", "sparsegpt")
+            else None
+        )
+        # asym: the folds the refit's cross-validation holds out in turn, each apart, and every
+        # other row in one sum (the last entry) when the layer is too wide to hold out them all
+        self.held = held_out_folds(c, self.folds)
+        slots = self.folds if self.held == self.folds else self.held + 1
+        self.paired = [[PairedStats(c) for _ in range(slots)] for _ in range(g)] if method == "asym" else None
+        self.mean_p = [[RunningMean(c) for _ in range(g)] for _ in range(members)] if means else None
+        self.mean_d = (
+            [[RunningMean(c) for _ in range(g)] for _ in range(members)] if means and method == "asym" else None
+        )
+        self._buf: list[tuple[int, int, list[np.ndarray], list[np.ndarray] | None]] = []
+        self._buf_rows = 0
+        # asym splits a flush by fold: flush folds times later, so each fold's product stays large
+        self._flush_rows = max(256, _FLUSH_VALUES // c) * (self.folds if self.paired is not None else 1)
+        # Rows kept (tagged by fold) while the layer is row-starved, for cross-validated damping.
+        self.cv_folds = max(1, min(CV_FOLDS, samples))
+        self.raw: list[tuple[int, list[np.ndarray]]] | None = (
+            [] if method == "sparsegpt" and self.cv_folds > 1 else None
+        )
+
+    def update(
+        self, member: int, sample: int, xp: np.ndarray, xd: np.ndarray | None, keep: np.ndarray | None = None
+    ) -> None:
+        """Add one sample's input rows (``keep``: its padding mask, see :meth:`LayerView.rows`)."""
+        self.x_dtype = xp.dtype
+        seq = [self.seed, self.key, member, sample]
+        if keep is not None and self.view.masks_rows(xp, keep):
+            self.masked += 1
+        else:
+            keep = None
+        chunks_p = self.view.rows(xp, np.random.default_rng(seq), self.max_rows, keep)
+        if xd is None:
+            pairs: Iterable[tuple[list[np.ndarray], list[np.ndarray] | None]] = ((c, None) for c in chunks_p)
+        else:
+            if xd.shape != xp.shape:
+                raise OnnxSparseError(
+                    f"{self.view.site.node}: the dense and pruned models give inputs of different shapes "
+                    f"({xd.shape} vs {xp.shape}) for sample {sample}"
+                )
+            pairs = zip(chunks_p, self.view.rows(xd, np.random.default_rng(seq), self.max_rows, keep), strict=True)
+        fold = min(sample % self.folds, self.held)  # folds past the held-out ones share the last slot
+        for cp, cd in pairs:
+            n = cp[0].shape[0]
+            if not n:
+                continue
+            self.rows += n
+            if self.raw is not None:
+                self.raw.append((sample % self.cv_folds, cp))
+                if self.rows >= STARVED_ROWS_PER_COL * self.view.cols:
+                    self.raw = None
+            self._buf.append((member, fold, cp, cd))
+            self._buf_rows += n
+            if self._buf_rows >= self._flush_rows:
+                self.flush()
+
+    def flush(self) -> None:
+        """Feed the buffered rows to the accumulators (sums are exact whatever the batching)."""
+        buf, self._buf, self._buf_rows = self._buf, [], 0
+        if not buf:
+            return
+
+        def cat(parts: list[np.ndarray]) -> np.ndarray:
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+        # one member (the usual case): the means come from the rows joined for the products
+        # (no second join, no second pass over the rows)
+        shared = len({e[0] for e in buf}) == 1 and (self.stats is not None or self.paired is not None)
+        m0 = buf[0][0]
+        for g in range(self.view.groups):
+            if self.stats is not None:
+                xp = cat([e[2][g] for e in buf])
+                self.stats[g].update(xp)
+                if shared and self.mean_p is not None:
+                    self.mean_p[m0][g].update(xp)
+            if self.paired is not None:
+                for f in sorted({e[1] for e in buf}):
+                    sel = [e for e in buf if e[1] == f]
+                    xp, xd = cat([e[2][g] for e in sel]), cat([e[3][g] for e in sel])  # type: ignore[index]
+                    self.paired[g][f].update(xp, xd)
+                    if shared and self.mean_p is not None:
+                        self.mean_p[m0][g].update(xp)
+                    if shared and self.mean_d is not None:
+                        self.mean_d[m0][g].update(xd)
+            if shared:
+                continue
+            for m in sorted({e[0] for e in buf}):
+                sel = [e for e in buf if e[0] == m]
+                if self.mean_p is not None:
+                    self.mean_p[m][g].update(cat([e[2][g] for e in sel]))
+                if self.mean_d is not None:
+                    self.mean_d[m][g].update(cat([e[3][g] for e in sel]))  # type: ignore[index]
