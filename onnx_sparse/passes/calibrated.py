@@ -596,8 +596,8 @@ class CalibratedPrunePass(Pass):
         dense = copy_model_file(mf) if method == "asym" else None
         groups, fallback = self.engine.groups(mf, sites)
         heads = head_candidates(mf, [(g.sites, g.view) for g in groups]) if self.refit_head else []
-        # one sample screens the candidates: most models have no softmax head, and the refit's
-        # runs over every sample (dense outputs now, the pruned model's at the end) are not cheap
+        # one sample screens the candidates: most models have no softmax head, and what the refit
+        # needs over every sample (below) is not free
         if heads and feeds:
             self.engine.check_row_mask(feeds)
             heads = softmax_heads(mf, heads, feeds[0], threads=self.engine.threads, row_mask=self.engine.row_mask)

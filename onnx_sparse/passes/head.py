@@ -134,6 +134,11 @@ def _softmax_output(
     return None
 
 
+def _logits_names(runner: StagedRunner, mf: ModelFile, layers: Sequence[HeadLayer]) -> dict[int, str]:
+    """Each layer's logits name (:func:`_logits_name`), by ``id`` of the layer."""
+    return {id(layer): _logits_name(runner, mf, layer) for layer in layers}
+
+
 def _logits_name(runner: StagedRunner, mf: ModelFile, layer: HeadLayer) -> str:
     node = layer.site.node_proto
     assert node is not None
@@ -179,7 +184,7 @@ def refit_heads(
     if pruned is None:
         logits, outs = _run_heads(mf, layers, runner, feeds, threads)
     else:
-        logits = {id(layer): _logits_name(runner, mf, layer) for layer in layers}
+        logits = _logits_names(runner, mf, layers)
         outs = [{**feed, **out} for feed, out in zip(feeds, pruned, strict=True)]
     graph_outputs = [o.name for o in mf.model.graph.output]
     results = []
@@ -201,9 +206,9 @@ def softmax_heads(
 ) -> list[HeadLayer]:
     """The candidates among ``layers`` that feed a returned softmax on one calibration sample.
 
-    A cheap screen before the refit's two full runs over every sample (the dense model's
-    outputs, then the pruned model's): a layer that is not a softmax head on one sample is
-    not one on all of them, so most models (encoders, detectors) skip both runs.
+    A cheap screen before the refit's work over every sample (the dense model's outputs, the
+    pruned model's values at the end of the capture): a layer that is not a softmax head on one
+    sample is not one on all of them, so most models (encoders, detectors) skip it all.
     """
     if not layers:
         return []
@@ -218,7 +223,7 @@ def head_tensors(mf: ModelFile, layers: Sequence[HeadLayer], feed: Mapping[str, 
     and logits (its output after the bias) that is not a graph input. A bias ``Add`` that bias
     correction inserts later takes over the MatMul's output name, so the names hold after it."""
     runner = StagedRunner(mf, [feed])
-    logits = {id(layer): _logits_name(runner, mf, layer) for layer in layers}
+    logits = _logits_names(runner, mf, layers)
     return _head_tensors(mf, layers, logits, feed)
 
 
@@ -242,7 +247,7 @@ def _run_heads(
 ) -> tuple[dict[int, str], list[dict[str, np.ndarray]]]:
     """Every layer's logits name (by ``id``) and, per sample, the model's outputs with every
     head's input and logits (and the feed itself: a head may read a graph input directly)."""
-    logits = {id(layer): _logits_name(runner, mf, layer) for layer in layers}
+    logits = _logits_names(runner, mf, layers)
     graph_outputs = [o.name for o in mf.model.graph.output]
     model = inline_model(mf)
     extra = [n for n in _head_tensors(mf, layers, logits, feeds[0]) if n not in graph_outputs]
