@@ -32,7 +32,9 @@ Linear algebra: LAPACK through numpy and scipy (``scipy.linalg``: ``cho_factor``
 for the positive definite solves, ``lapack.dtrtri`` for the triangular inverse), which numpy
 alone does not offer; a general solve (LU) costs about three times as much.
 
-All functions are pure: inputs are never modified; everything is computed in float64.
+All functions are pure: inputs are never modified; everything is computed in float64, except
+the factorisations that only score cross-validation candidates on wide layers (float32, refined
+to float64 accuracy: :func:`_ridge_solve_scored`).
 """
 
 from __future__ import annotations
@@ -821,12 +823,12 @@ def choose_damp(
         ``(chosen damping, per candidate the held-out error per held-out row)``.
     """
     _check_weight(w)
-    used = [a for a in (np.asarray(f) for f in folds) if a.size]
+    cols = w.shape[1]
+    used = [x.reshape(-1, cols) for x in (np.asarray(f) for f in folds) if x.size]
     if len(used) < 2:
         raise ValueError(f"cross-validation needs at least 2 folds with rows, got {len(used)}")
     if not grid:
         raise ValueError("the damping grid is empty")
-    cols = w.shape[1]
     total = np.asarray(xtx, dtype=np.float64)
     _check_square(total, cols, "xtx")
     a = w.astype(np.float64)
@@ -835,14 +837,12 @@ def choose_damp(
         a = a[np.sort(np.random.default_rng(seed).choice(a.shape[0], size=walked, replace=False))]
     held = len(used) if budget is None else held_out_folds(cols, len(used), budget)
     n_all = sum(len(f) for f in used)
+    alive = [np.any(f != 0, axis=0) for f in used]  # per fold, the columns with a nonzero value
     scores = np.zeros(len(grid))
     for i in range(held):
-        xf = used[i].reshape(-1, cols).astype(np.float64)
+        xf = used[i].astype(np.float64)
         # columns that are zero on every training row are dead there (weights set to 0)
-        dead = np.ones(cols, dtype=bool)
-        for j, f in enumerate(used):
-            if j != i:
-                dead &= ~np.any(f.reshape(-1, cols) != 0, axis=0)
+        dead = ~np.any([v for j, v in enumerate(alive) if j != i], axis=0)
         h = total - xf.T @ xf
         h *= 2.0 / (n_all - xf.shape[0])
 
