@@ -4,6 +4,7 @@ check, quiet output, Polygraphy's data options and JSON formats."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -283,6 +284,71 @@ def test_default_top1_only_on_class_probabilities() -> None:
     logits_report = compare_results(results(logits, logits + 0.3 * rng.standard_normal(logits.shape)))
     assert not any("min-top1" in r for r in logits_report.output("y").reasons)
     assert logits_report.runtimes == {"dense": 0.01, "sparse": 0.01}
+
+
+def _default_verdict(ref: np.ndarray, cand: np.ndarray) -> tuple[bool, tuple[str, ...]]:
+    """compare's verdict on one output under the default criteria (no criterion given)."""
+    from polygraphy.comparator import RunResults
+
+    from onnx_sparse.handoff.compare import compare_results
+
+    results = RunResults()
+    results.append(("dense", [{"y": ref}]))
+    results.append(("sparse", [{"y": cand}]))
+    report = compare_results(results)
+    assert report.defaults and report.criteria == DEFAULT_CRITERIA
+    return report.passed, report.output("y").reasons
+
+
+def _at_cosine(c: float) -> tuple[np.ndarray, np.ndarray]:
+    """Two unit vectors at cosine ``c`` (rank 4: a feature map, no top-1); relative L2 is sqrt(2 - 2c)."""
+    ref = np.array([1.0, 0.0]).reshape(1, 1, 1, 2)
+    return ref, np.array([c, np.sqrt(1.0 - c * c)]).reshape(1, 1, 1, 2)
+
+
+@pytest.mark.parametrize(("c", "passed"), [(0.9005, True), (0.8995, False)])
+def test_default_min_cosine_edge(c: float, passed: bool) -> None:
+    ok, reasons = _default_verdict(*_at_cosine(c))
+    assert ok is passed
+    assert passed or (len(reasons) == 1 and "min-cosine 0.9" in reasons[0])  # relative L2 (0.448) is within
+
+
+@pytest.mark.parametrize(("scale", "passed"), [(1.49, True), (1.5, True), (1.51, False), (0.51, True), (0.49, False)])
+def test_default_max_rel_l2_edge(scale: float, passed: bool) -> None:
+    """Same direction (cosine 1), norm off by ``scale``: relative L2 = |scale - 1| against the 0.5 ceiling (inclusive)."""
+    ref = np.array([1.0, 0.0]).reshape(1, 1, 1, 2)
+    ok, reasons = _default_verdict(ref, scale * ref)
+    assert ok is passed
+    assert passed or (len(reasons) == 1 and "max-rel-l2 0.5" in reasons[0])
+
+
+@pytest.mark.parametrize(("agree", "passed"), [(91, True), (90, True), (89, False), (81, False)])
+def test_default_min_top1_edge(agree: int, passed: bool) -> None:
+    """100 rows of class probabilities, ``agree`` of them with the same top class: top-1 >= 0.9 (inclusive) passes."""
+    ref = np.tile([0.30, 0.25, 0.15, 0.15, 0.15], (100, 1))
+    cand = ref.copy()
+    cand[agree:, :2] = [0.25, 0.30]  # the two best classes swap: argmax changes, cosine and L2 barely move
+    ok, reasons = _default_verdict(ref, cand)
+    assert ok is passed
+    assert passed or (len(reasons) == 1 and "min-top1 90.0%" in reasons[0])
+
+
+def test_readme_states_the_default_criteria_the_code_applies() -> None:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    start = text.index("**Default criteria**")
+    paragraph = text[start : text.index("\n- ", start)]
+    numbers = {
+        key: float(re.search(pattern, paragraph.replace("\n", " ")).group(1))
+        for key, pattern in {
+            "min_cosine": r"\*\*cosine >= ([0-9.]+)\*\*",
+            "max_rel_l2": r"\*\*relative L2 <= ([0-9.]+)\*\*",
+            "min_top1": r"\*\*top-1 agreement >= ([0-9.]+)\*\*",
+        }.items()
+    }
+    code = {key: getattr(DEFAULT_CRITERIA, key) for key in numbers}
+    assert numbers == code
+    assert "class probabilities" in paragraph and DEFAULT_CRITERIA.probabilities_only
+    assert not DEFAULT_CRITERIA.elementwise  # the defaults never turn Polygraphy's 1e-5 check on
 
 
 def test_different_interfaces_are_refused_in_one_line(models, tmp_path, run_cli) -> None:

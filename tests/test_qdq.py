@@ -20,7 +20,7 @@ def _qdq_matmul(
     act_type: int = TensorProto.INT8,
     act_zp: int = 0,
     w_axis: int = 1,
-    after: str = "q",  # q: QuantizeLinear on the output; relu_q: Relu then Q; softmax; output
+    after: str = "q",  # q: QuantizeLinear on the output; relu_q: Relu then Q; softmax; output; q_and_softmax
     float_weight: bool = False,
 ) -> onnx.ModelProto:
     np_act = np.int8 if act_type == TensorProto.INT8 else np.uint8
@@ -53,6 +53,11 @@ def _qdq_matmul(
         nodes.append(helper.make_node("DequantizeLinear", ["yq", "s", "ozp"], ["y"], name="yd"))
     elif after == "softmax":
         nodes.append(helper.make_node("Softmax", ["mm"], ["y"], name="sm"))
+    elif after == "q_and_softmax":  # fan-out: one consumer quantizes, the other reads the float output
+        nodes.append(helper.make_node("QuantizeLinear", ["mm", "s", "ozp"], ["yq"], name="yq"))
+        nodes.append(helper.make_node("DequantizeLinear", ["yq", "s", "ozp"], ["yd"], name="yd"))
+        nodes.append(helper.make_node("Softmax", ["mm"], ["sm"], name="sm"))
+        nodes.append(helper.make_node("Add", ["yd", "sm"], ["y"], name="join"))
     else:
         nodes[-1].output[0] = "y"
     graph = helper.make_graph(
@@ -80,6 +85,17 @@ def test_int8_in_weight_out() -> None:
 
 def test_output_through_a_fused_relu_still_counts() -> None:
     assert _site(_qdq_matmul(after="relu_q")).int8.possible
+
+
+def test_output_counts_as_int8_only_when_every_consumer_quantizes() -> None:
+    """Fan-out: a QuantizeLinear on one branch does not make the output INT8 while a Softmax reads it in float.
+
+    TensorRT must keep the float value for the Softmax, so the layer dequantizes in its epilogue and
+    no sparse INT8 kernel runs; saying "possible" here would be the wrong promise.
+    """
+    io = _site(_qdq_matmul(after="q_and_softmax")).int8
+    assert io.quantized and not io.possible and io.missing == ["output"]
+    assert io.output == "feeds QuantizeLinear, Softmax in float, not a QuantizeLinear"
 
 
 @pytest.mark.parametrize(

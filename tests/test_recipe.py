@@ -91,6 +91,21 @@ def test_defaults_resolve() -> None:
     assert Recipe(bias_correction=True).resolve(has_data=False).needs_data
 
 
+@pytest.mark.parametrize(
+    ("given", "want"),
+    [
+        ({"bias_correction": False}, (False, True)),
+        ({"refit_head": False}, (True, False)),
+        ({"bias_correction": False, "refit_head": False}, (False, False)),
+    ],
+    ids=["no-bias-correction", "no-refit-head", "neither"],
+)
+def test_resolve_with_data_keeps_each_explicit_false(given: dict, want: tuple[bool, bool]) -> None:
+    """`--no-bias-correction` / `--no-refit-head` drop one part of the default recipe, the rest stays."""
+    r = Recipe(**given).resolve(has_data=True)
+    assert (r.method, r.bias_correction, r.refit_head) == ("asym", *want)
+
+
 # --------------------------------------------------------------------------- passes and API
 
 

@@ -316,3 +316,16 @@ def test_both_formats_in_one_log() -> None:
     got = parse_trt_log(PYTHON_LOGGER_1403 + ZERO_CHOSEN)
     assert got.eligible == ["Conv_0"] and got.eligible_counts == [39] and got.eligible_unnamed
     assert got.picked == [] and got.picked_counts == [0]
+
+
+def test_picked_count_without_a_chose_count_counts_picked_names_not_eligible_ones() -> None:
+    """A "Found N" count with no "Chose" count: the picked count comes from the picked names (or is 0), never N."""
+    older_picked = (
+        "[I] [TRT] (Sparsity) Found 2 layer(s) eligible to use sparse tactics: Conv_1, MatMul_2\n"
+        "[I] [TRT] (Sparsity) TRT inference plan picked sparse implementation for layers: Conv_1\n"
+    )
+    got = parse_trt_log(older_picked)
+    assert got.eligible_counts == [2] and got.picked_counts == [] and got.picked == ["Conv_1"]
+    assert (got.eligible_count, got.picked_count) == (2, 1)
+    no_chose = parse_trt_log("[I] [TRT] (Sparsity) Found 2 layer(s) eligible to use sparse tactics: Conv_1, MatMul_2\n")
+    assert not no_chose.picked_seen and (no_chose.eligible_count, no_chose.picked_count) == (2, 0)

@@ -1,0 +1,66 @@
+"""``--in-place`` lets ``-o`` replace the input model and nothing else the run reads (onnx_sparse.guard).
+
+The exemption is for the model file alone: ``-o`` naming the model's external data file or the
+calibration JSON is still refused through the CLI, with one ``[E]`` line, exit 2, and every file
+left as it was, exactly as without ``--in-place``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import case_path, error_lines, sha256
+from polygraphy.json import save_json
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture
+def model_with_data(tmp_path: Path) -> Path:
+    """mlp.onnx with its weights in ``m.onnx.data``, and two calibration feeds in ``calib.json``."""
+    src = tmp_path / "m.onnx"
+    onnx.save(onnx.load(case_path("mlp.onnx")), src, save_as_external_data=True, location="m.onnx.data",
+              size_threshold=0)  # fmt: skip
+    rng = np.random.default_rng(0)
+    feeds = [
+        {"x": rng.standard_normal((3, 64)).astype(np.float32), "x3": rng.standard_normal((2, 3, 16)).astype(np.float32)}
+        for _ in range(2)
+    ]
+    save_json(feeds, str(tmp_path / "calib.json"))
+    return src
+
+
+@pytest.mark.parametrize(
+    ("target", "extra", "what"),
+    [
+        ("m.onnx.data", [], "the external data file"),
+        ("calib.json", ["--method", "wanda", "--load-inputs"], "--load-inputs"),
+    ],
+    ids=["data-file", "calibration-json"],
+)
+def test_in_place_output_may_not_replace_another_input(
+    run_cli, model_with_data: Path, target: str, extra: list[str], what: str
+) -> None:
+    folder = model_with_data.parent
+    before = _files(folder)
+    argv = ["prune", model_with_data, "--in-place", "-o", folder / target]
+    if extra:
+        argv += [*extra, folder / "calib.json"]
+    rc, text = run_cli(argv)
+    assert rc == 2, text
+    (line,) = error_lines(text)
+    assert "refusing to overwrite" in line and what in line and "Traceback" not in text
+    assert _files(folder) == before  # nothing written, nothing replaced
+
+
+def test_in_place_alone_still_replaces_the_model(run_cli, model_with_data: Path) -> None:
+    """The control case: the exemption itself works (the model and its data are replaced)."""
+    before = sha256(model_with_data)
+    rc, text = run_cli(["prune", model_with_data, "--in-place"])
+    assert rc == 0, text
+    assert sha256(model_with_data) != before and run_cli(["check", model_with_data])[0] == 0
