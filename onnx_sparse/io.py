@@ -561,15 +561,11 @@ def verify_model(path: str | os.PathLike[str], reference: str | os.PathLike[str]
 
 
 def _ort_open_error(path: str | os.PathLike[str]) -> str | None:
-    import onnxruntime as ort
+    from onnx_sparse import runtime
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    # Opening is the check; packing weights for fast kernels would only cost time and memory.
-    opts.add_session_config_entry("session.disable_prepacking", "1")
     try:
-        ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises several unrelated types
-        return first_line(exc)
+        # Opening is the check; packing weights for fast kernels would only cost time and memory.
+        runtime.session(str(path), what="the output", optimize=False, prepack=False)
+    except OnnxSparseError as exc:
+        return first_line(exc.__cause__) if exc.__cause__ is not None else exc.message
     return None

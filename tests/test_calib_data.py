@@ -138,6 +138,16 @@ def test_load_calibration_sources(tmp_path, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="onnx_sparse"):
         feeds, real = load_calibration(mlp(), input_shapes=["x:[4,32]"], iterations=2)
     assert not real and len(feeds) == 2 and feeds[0]["x"].shape == (4, 32)
-    assert "RANDOM" in caplog.text
+    assert "RANDOM" not in caplog.text  # real=False: the caller warns, once per command (issue 21)
     with pytest.raises(OnnxSparseError, match="both"):
         load_calibration(mlp(), load_inputs_paths=[tmp_path / "in.json"], data_loader_script="x.py")
+
+
+@pytest.mark.parametrize("extra", [["--int8"], ["--method", "sparsegpt"], ["--method", "sparsegpt", "--int8"]])
+def test_random_data_warning_once_per_command(extra, run_cli, tmp_path) -> None:
+    """prune --int8 without data printed the NO CALIBRATION DATA warning twice (issue 21)."""
+    from conftest import case_path
+
+    rc, out = run_cli(["prune", case_path("mlp.onnx"), "-o", tmp_path / "o.onnx", *extra])
+    assert rc == 0, out
+    assert out.count("NO CALIBRATION DATA GIVEN") == 1, out

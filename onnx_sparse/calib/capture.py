@@ -36,7 +36,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from onnx_sparse.calib.spill import Spill
-from onnx_sparse.errors import OnnxSparseError, first_line
+from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.io import ModelFile
 
 __all__ = ["node_reads", "schedule", "Schedule", "StagedRunner", "run_model", "inline_model"]
@@ -159,34 +159,23 @@ def schedule(
 
 
 def _session(model: onnx.ModelProto, threads: int | None = None):
-    import onnxruntime as ort
+    from onnx_sparse import runtime
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
     # Calibration alternates onnxruntime runs with numpy solves in this process: onnxruntime's
     # worker threads must not spin between runs, or they starve numpy's BLAS threads.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        opts.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises several unrelated types
-        first = first_line(exc)
-        raise OnnxSparseError(
-            f"onnxruntime cannot run the model for calibration: {first}",
-            hint="calibration runs the model on CPU with onnxruntime; custom operators must be registered there",
-        ) from exc
+    return runtime.session(
+        model,
+        what="the model for calibration",
+        threads=threads,
+        spin=False,
+        hint="calibration runs the model on CPU with onnxruntime; custom operators must be registered there",
+    )
 
 
 def _run(sess, names: Sequence[str], feed: Mapping[str, np.ndarray], index: int) -> list[np.ndarray]:
-    try:
-        return sess.run(list(names), dict(feed))
-    except Exception as exc:  # onnxruntime raises several unrelated types
-        first = first_line(exc)
-        raise OnnxSparseError(
-            f"onnxruntime failed on calibration sample {index}: {first}",
-            hint="check that the calibration inputs have the shapes and values the model expects",
-        ) from exc
+    from onnx_sparse import runtime
+
+    return runtime.run(sess, names, feed, where=f"calibration sample {index}")
 
 
 def _tensor_copy(mf: ModelFile, t: TensorProto, name: str | None = None) -> TensorProto:

@@ -35,6 +35,7 @@ __all__ = [
     "Feed",
     "InputSpec",
     "RANDOM_DATA_WARNING",
+    "as_array",
     "model_inputs",
     "parse_input_shapes",
     "load_inputs",
@@ -158,7 +159,7 @@ def load_inputs(paths: Sequence[str | os.PathLike[str]]) -> list[Feed]:
 
     def read() -> list[Any]:
         if StreamingDataLoader is not None:
-            return list(StreamingDataLoader([str(p) for p in paths]))
+            return list(StreamingDataLoader([str(p) for p in paths], allow_dirs=True))
         from polygraphy.json import load_json
 
         out: list[Any] = []
@@ -211,11 +212,12 @@ def random_feeds(
     seed: int | None = None,
     iterations: int = 8,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    warn: bool = True,
 ) -> list[Feed]:
-    """Seeded random feeds from Polygraphy's ``DataLoader`` (logs :data:`RANDOM_DATA_WARNING`).
+    """Seeded random feeds from Polygraphy's ``DataLoader`` (logs :data:`RANDOM_DATA_WARNING` unless ``warn`` is False).
 
     Dynamic dimensions take their size from ``input_shapes``; without it Polygraphy picks
-    its default (1) and warns.
+    its default (1) and warns. Rank-0 inputs get rank-0 values.
     """
     from polygraphy.common import TensorMetadata
     from polygraphy.comparator import DataLoader
@@ -231,7 +233,8 @@ def random_feeds(
     meta = TensorMetadata()
     for name, shape in random_data_shapes(specs, shapes).items():
         meta.add(name, dtype=next(s.dtype for s in specs if s.name == name), shape=shape)
-    logger.warning("%s", RANDOM_DATA_WARNING)
+    if warn:
+        logger.warning("%s", RANDOM_DATA_WARNING)
     feeds = _polygraphy_call(
         "random data", lambda: list(DataLoader(seed=seed, iterations=iterations, input_metadata=meta))
     )
@@ -290,22 +293,37 @@ def input_shapes_example(
     return " ".join(parts)
 
 
+def as_array(value: Any) -> np.ndarray:
+    """The one normaliser of a feed value: a C-contiguous numpy array of the same shape.
+
+    Rank 0 stays rank 0 (a sample rate, a threshold): ``np.ascontiguousarray`` would return
+    at least one dimension and turn ``()`` into ``(1,)``, which the model then refuses.
+    """
+    return np.asarray(value, order="C")
+
+
 def _as_feed(obj: Any, where: str) -> Feed:
     if not isinstance(obj, Mapping):
         raise OnnxSparseError(
             f"{where} is a {type(obj).__name__}, not a mapping of input name to array",
-            hint="each calibration sample must be a dict {input name: numpy array}",
+            hint="each sample must be a dict {input name: numpy array}",
         )
-    return {str(k): np.asarray(v) for k, v in obj.items()}
+    return {str(k): as_array(v) for k, v in obj.items()}
 
 
-def validate_feeds(model: onnx.ModelProto, feeds: Iterable[Mapping[str, Any]], limit: int | None = None) -> list[Feed]:
-    """Check ``feeds`` against the model's inputs and return them as contiguous numpy arrays.
+def validate_feeds(
+    model: onnx.ModelProto,
+    feeds: Iterable[Mapping[str, Any]],
+    limit: int | None = None,
+    what: str = "calibration feed",
+) -> list[Feed]:
+    """Check ``feeds`` against the model's inputs and return them as contiguous numpy arrays (:func:`as_array`).
 
     Args:
         model: The model (only its inputs are read).
-        feeds: The calibration samples.
+        feeds: The samples.
         limit: Keep at most this many feeds (``--calib-samples``).
+        what: How errors name a feed (``"calibration feed"``, ``"input feed"``).
 
     Raises:
         OnnxSparseError: No feeds; a feed that is not a mapping; a missing or unknown input;
@@ -316,42 +334,41 @@ def validate_feeds(model: onnx.ModelProto, feeds: Iterable[Mapping[str, Any]], l
     for i, raw in enumerate(feeds):
         if limit is not None and len(out) >= limit:
             break
-        feed = _as_feed(raw, f"calibration feed {i}")
+        feed = _as_feed(raw, f"{what} {i}")
         missing = [n for n in specs if n not in feed]
         extra = [n for n in feed if n not in specs]
         if missing or extra:
-            what = []
+            parts = []
             if missing:
-                what.append(f"missing {missing}")
+                parts.append(f"missing {missing}")
             if extra:
-                what.append(f"unknown {extra}")
+                parts.append(f"unknown {extra}")
             raise OnnxSparseError(
-                f"calibration feed {i}: {' and '.join(what)} inputs",
+                f"{what} {i}: {' and '.join(parts)} inputs",
                 hint=f"the model's inputs are {list(specs)}",
             )
         for name, spec in specs.items():
             arr = feed[name]
             if arr.dtype != spec.dtype:
                 raise OnnxSparseError(
-                    f"calibration feed {i}: input {name!r} has dtype {arr.dtype}, the model expects {spec.dtype}",
+                    f"{what} {i}: input {name!r} has dtype {arr.dtype}, the model expects {spec.dtype}",
                     hint=f"convert it in your data (array.astype(np.{spec.dtype.name}))",
                 )
             if spec.shape is not None:
                 if arr.ndim != len(spec.shape):
                     raise OnnxSparseError(
-                        f"calibration feed {i}: input {name!r} has shape {arr.shape}, the model expects rank "
+                        f"{what} {i}: input {name!r} has shape {arr.shape}, the model expects rank "
                         f"{len(spec.shape)} {_fmt_shape(spec.shape)}",
                     )
                 for axis, (got, want) in enumerate(zip(arr.shape, spec.shape, strict=True)):
                     if isinstance(want, int) and got != want:
                         raise OnnxSparseError(
-                            f"calibration feed {i}: input {name!r} has shape {arr.shape}, the model expects "
+                            f"{what} {i}: input {name!r} has shape {arr.shape}, the model expects "
                             f"{_fmt_shape(spec.shape)} (axis {axis} must be {want})",
                         )
-            feed[name] = np.ascontiguousarray(arr)
         out.append(feed)
     if not out:
-        raise OnnxSparseError("the calibration set is empty", hint="give at least one sample")
+        raise OnnxSparseError(f"the set of {what}s is empty", hint="give at least one sample")
     return out
 
 
@@ -394,7 +411,9 @@ def load_calibration(
     """The calibration set the CLI options describe, validated against ``model``.
 
     Returns:
-        ``(feeds, real)``: ``real`` is False when the feeds are random.
+        ``(feeds, real)``: ``real`` is False when the feeds are random. The caller owns the
+        warning then (:data:`RANDOM_DATA_WARNING`, once per command: the CLI logs it as the
+        run's last word), so it is not logged here as well.
     """
     if load_inputs_paths and data_loader_script:
         raise OnnxSparseError(
@@ -408,7 +427,11 @@ def load_calibration(
         real = True
     else:
         feeds = random_feeds(
-            model, seed=seed, iterations=iterations or 8, input_shapes=parse_input_shapes(list(input_shapes))
+            model,
+            seed=seed,
+            iterations=iterations or 8,
+            input_shapes=parse_input_shapes(list(input_shapes)),
+            warn=False,
         )
         real = False
     feeds = validate_feeds(model, feeds, limit=limit)

@@ -285,7 +285,7 @@ def _replay(
 
     ``structural`` replaces element-wise ops by Identity (for index arrays).
     """
-    import onnxruntime as ort
+    from onnx_sparse import runtime
 
     first = chain[0].input[0]
     nodes = []
@@ -307,11 +307,8 @@ def _replay(
     )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets])
     model.ir_version = min(model.ir_version, 10)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return np.asarray(sess.run(None, {first: stored})[0])
+    sess = runtime.session(model, what="a weight's path", optimize=False)
+    return np.asarray(runtime.run(sess, None, {first: stored}, where="a weight's path")[0])
 
 
 def _requantizer(

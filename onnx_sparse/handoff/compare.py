@@ -314,15 +314,21 @@ class DataSpec:
 
 
 def make_data_loader(spec: DataSpec | None = None, model: str | os.PathLike[str] | None = None) -> Any:
-    """A Polygraphy data loader (an iterable of feed dicts) for ``spec``.
+    """The inputs ``spec`` describes: a list of feeds, or Polygraphy's seeded ``DataLoader`` for random data.
 
-    For random data, ``model`` (a path) gives the input shapes: dynamic dimensions without
+    Saved inputs and data loader scripts are read by the same loader as calibration data
+    (:func:`onnx_sparse.calib.data.load_inputs` / :func:`~onnx_sparse.calib.data.load_data_script`:
+    one refusal for a file that is not Polygraphy JSON, pickled data included) and, given
+    ``model`` (a path), checked against its inputs (names, dtypes, ranks, fixed dimensions;
+    rank-0 inputs stay rank 0) before anything runs.
+
+    For random data, ``model`` gives the input shapes: dynamic dimensions without
     ``input_shapes`` become 1 with one warning naming ``--input-shapes`` (see
     :func:`onnx_sparse.calib.data.random_data_shapes`).
     """
-    from polygraphy import mod
     from polygraphy.comparator import DataLoader
-    from polygraphy.tools.args import util as args_util
+
+    from onnx_sparse.calib import data as feeds_io
 
     spec = spec or DataSpec()
     if spec.load_inputs and spec.data_loader_script:
@@ -331,34 +337,27 @@ def make_data_loader(spec: DataSpec | None = None, model: str | os.PathLike[str]
         ignored = [n for n in ("seed", "val_range", "input_shapes", "iterations") if getattr(spec, n) is not None]
         if ignored:
             logger.warning("ignoring %s: a custom data loader was given", ", ".join(ignored))
-    if spec.load_inputs:
-        from polygraphy.comparator import StreamingDataLoader
-
-        for p in spec.load_inputs:
-            if not Path(p).exists():
-                raise OnnxSparseError(f"{p}: no such file or folder", hint="check the --load-inputs path")
-        return StreamingDataLoader(list(spec.load_inputs), allow_dirs=True)
-    if spec.data_loader_script:
-        script, func = args_util.parse_script_and_func_name(spec.data_loader_script, default_func_name="load_data")
-        if not Path(script).is_file():
-            raise OnnxSparseError(f"{script}: no such data loader script")
-        loader = mod.import_from_script(script, func)
-        if loader is None:
-            raise OnnxSparseError(f"{script} has no function {func!r}")
-        return loader()
-    shapes: dict[str, tuple] = {name: tuple(shape) for name, shape in (spec.input_shapes or {}).items()}
-    if model is not None:
-        from onnx_sparse.calib.data import model_inputs, random_data_shapes
+        if spec.load_inputs:
+            feeds = feeds_io.load_inputs(spec.load_inputs)
+        else:
+            feeds = feeds_io.load_data_script(str(spec.data_loader_script))
+        if model is None:
+            return feeds
         from onnx_sparse.io import load_model
 
-        specs = model_inputs(load_model(model).model)
+        return feeds_io.validate_feeds(load_model(model).model, feeds, what="input feed")
+    shapes: dict[str, tuple] = {name: tuple(shape) for name, shape in (spec.input_shapes or {}).items()}
+    if model is not None:
+        from onnx_sparse.io import load_model
+
+        specs = feeds_io.model_inputs(load_model(model).model)
         unknown = sorted(set(shapes) - {s.name for s in specs})
         if unknown:
             raise OnnxSparseError(
                 f"--input-shapes names unknown inputs {unknown}",
                 hint=f"the model's inputs are {[s.name for s in specs]}",
             )
-        shapes = dict(random_data_shapes(specs, shapes))
+        shapes = dict(feeds_io.random_data_shapes(specs, shapes))
     meta = None
     if shapes:
         from polygraphy.common import TensorMetadata
@@ -431,12 +430,36 @@ def check_same_interface(dense: str | os.PathLike[str], sparse: str | os.PathLik
 # --------------------------------------------------------------------------- running
 
 
+def _providers(names: Sequence[str] | None) -> list[str] | None:
+    """Execution provider names as ``polygraphy run --providers`` takes them (``cpu``, ``cuda``: case-insensitive parts)."""
+    if not names:
+        return None
+    import onnxruntime as ort
+    from polygraphy import util
+
+    available = ort.get_available_providers()
+    out = []
+    for name in names:
+        found = util.find_str_in_iterable(name, available)
+        if found is None:
+            raise OnnxSparseError(
+                f"--providers {name}: onnxruntime has no such execution provider",
+                hint=f"available: {', '.join(available)}",
+            )
+        out.append(found)
+    return out
+
+
 def _runner(role: str, path: Path, backend: str, fp16: bool, workdir: str, providers: Sequence[str] | None) -> Any:
     name = f"{backend}-{role}"
     if backend == "onnxrt":
-        from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+        from polygraphy.backend.onnxrt import OnnxrtRunner
 
-        return OnnxrtRunner(SessionFromOnnx(str(path), providers=list(providers) if providers else None), name=name)
+        from onnx_sparse import runtime
+
+        chosen = _providers(providers)
+        # The session comes from onnx_sparse.runtime (quiet onnxruntime logging, one error for a model it cannot open).
+        return OnnxrtRunner(lambda: runtime.session(path, what=f"the {role} model", providers=chosen), name=name)
     if backend == "trt":
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
@@ -490,6 +513,12 @@ def run_models(
                 raise OnnxSparseError(
                     f"inference failed: {first_line(exc)}", hint="rerun with -v for Polygraphy's log"
                 ) from exc
+            except Exception as exc:
+                from onnx_sparse import runtime
+
+                if runtime.is_ort_error(exc):  # the model cannot run on these inputs: the user's data
+                    raise runtime.user_error(exc, "the inputs") from exc
+                raise
 
 
 def _pg_info() -> int:

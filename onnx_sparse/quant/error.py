@@ -92,7 +92,7 @@ def int8_errors(
         layers: ``(display name, node, activation input name)`` per layer.
         feeds: calibration feeds.
     """
-    import onnxruntime as ort
+    from onnx_sparse import runtime
 
     pairs, consumers, producers = _pairs(model)
     wanted: dict[str, tuple[str | None, str | None]] = {}
@@ -111,15 +111,12 @@ def int8_errors(
                 probe.graph.output.append(onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None))
                 existing.add(x)
             names.append(x)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    session = runtime.session(probe, what="the INT8 error probe", optimize=False)
     outputs = list(dict.fromkeys(names))
     err = dict.fromkeys(tensors, 0.0)
     ref = dict.fromkeys(tensors, 0.0)
     for feed in list(feeds)[:max_feeds]:
-        values = dict(zip(outputs, session.run(outputs, feed), strict=True))
+        values = dict(zip(outputs, runtime.run(session, outputs, feed, where="a calibration sample"), strict=True))
         for t in tensors:
             exact = np.asarray(values[t], dtype=np.float64)
             through_qdq = np.asarray(values[pairs[t]], dtype=np.float64)

@@ -1,0 +1,144 @@
+"""The one owner of onnxruntime sessions: how they are opened, how quiet they are, what a failure means.
+
+Every onnxruntime session onnx-sparse opens (calibration captures, output checks, INT8 error
+probes, weight paths, compare's runners) comes from :func:`session`, and every run on the
+user's data goes through :func:`run` or :func:`user_error`, so that:
+
+* onnxruntime's own C++ logger stays silent (severity FATAL) unless ``-v`` is given (the
+  ``onnx_sparse`` logger at DEBUG: then errors show). Without this, a failure prints a raw,
+  coloured ``[E:onnxruntime:, sequential_executor.cc:...]`` line next to our one ``[E]`` line.
+  The process-wide default (:func:`quiet`) also covers sessions that onnxruntime's own
+  quantizer opens.
+* a model that cannot run on the data given (a shape it cannot take, a value out of range)
+  is the user's input problem: :class:`~onnx_sparse.errors.OnnxSparseError`, so exit 2 with one
+  line and the hint to give real data or real sizes (:data:`DATA_HINT`), never an internal
+  error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from onnx_sparse.errors import OnnxSparseError, first_line
+
+__all__ = ["DATA_HINT", "severity", "quiet", "session", "run", "is_ort_error", "user_error", "message"]
+
+logger = logging.getLogger(__name__)
+
+DATA_HINT = (
+    "check that the inputs have the shapes and values the model expects: pass real samples with "
+    "--load-inputs or --data-loader-script, or real sizes for dynamic inputs with --input-shapes"
+)
+
+_VERBOSE = 3  # ERROR: under -v, onnxruntime's own error lines are shown
+_QUIET = 4  # FATAL: nothing onnxruntime logs reaches the terminal
+
+
+def severity() -> int:
+    """onnxruntime's log severity for this process now: errors under ``-v``, fatal only otherwise."""
+    return _VERBOSE if logging.getLogger("onnx_sparse").isEnabledFor(logging.DEBUG) else _QUIET
+
+
+def quiet() -> None:
+    """Set onnxruntime's process-wide default logger to :func:`severity` (sessions onnxruntime opens itself)."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(severity())
+
+
+def session(
+    model: Any,
+    *,
+    what: str = "the model",
+    threads: int | None = None,
+    optimize: bool = True,
+    prepack: bool = True,
+    spin: bool = True,
+    providers: Sequence[Any] | None = None,
+    hint: str | None = None,
+) -> Any:
+    """An ``onnxruntime.InferenceSession`` (CPU unless ``providers``) with onnxruntime's logging quieted.
+
+    Args:
+        model: An ``onnx.ModelProto``, serialized bytes, or a path.
+        what: Names the model in the error (``"the output"``, ``"the dense model"``).
+        threads: Intra-op threads (None: onnxruntime's default).
+        optimize: False: no graph optimizations (for checks and probes).
+        prepack: False: no weight prepacking (opening is the whole job).
+        spin: False: worker threads do not spin between runs (calibration alternates runs with numpy).
+        providers: Execution providers (default CPU).
+        hint: The error's hint (default: how to make onnxruntime accept the model).
+
+    Raises:
+        OnnxSparseError: onnxruntime cannot open the model.
+    """
+    import onnxruntime as ort
+
+    quiet()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = severity()
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        opts.intra_op_num_threads = threads
+    if isinstance(model, os.PathLike):
+        source: Any = str(model)
+    elif isinstance(model, (str, bytes)):
+        source = model
+    else:
+        source = model.SerializeToString()
+    try:
+        return ort.InferenceSession(source, sess_options=opts, providers=list(providers or ["CPUExecutionProvider"]))
+    except Exception as exc:  # onnxruntime raises several unrelated types
+        raise OnnxSparseError(
+            f"onnxruntime cannot open {what}: {first_line(exc)}",
+            hint=hint or "the model must load in onnxruntime on the CPU; custom operators must be registered there",
+        ) from exc
+
+
+def run(sess: Any, names: Sequence[str] | None, feed: Mapping[str, np.ndarray], *, where: str) -> list[Any]:
+    """``sess.run(names, feed)``; a failure is the user's data problem (:func:`user_error`)."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = severity()
+    try:
+        return sess.run(None if names is None else list(names), dict(feed), options)
+    except Exception as exc:  # onnxruntime raises several unrelated types
+        raise user_error(exc, where) from exc
+
+
+def is_ort_error(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised by onnxruntime (its C++ status errors: InvalidArgument, Fail, ...)."""
+    return type(exc).__module__.startswith("onnxruntime")
+
+
+def user_error(exc: BaseException, where: str) -> OnnxSparseError:
+    """The one-line error for onnxruntime failing while running a model on the user's data."""
+    return OnnxSparseError(f"onnxruntime failed on {where}: {message(exc)}", hint=DATA_HINT)
+
+
+_STATUS = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_NODE = re.compile(r"Non-zero status code returned while running (\w+) node\. Name:'([^']*)' Status Message: ")
+
+
+def message(exc: BaseException) -> str:
+    """onnxruntime's error in one short line: the status prefix dropped, and of the chain of
+    ``while running If node ... Status Message: while running Pad node ...`` only the innermost
+    node and its message."""
+    text = _STATUS.sub("", first_line(exc))
+    nodes = list(_NODE.finditer(text))
+    if not nodes:
+        return text
+    last = nodes[-1]
+    return f"{last.group(1)} node {last.group(2)!r}: {text[last.end() :]}"
