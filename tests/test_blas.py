@@ -1,4 +1,4 @@
-"""core/blas: worker threads for independent solves, one BLAS thread each."""
+"""core/blas: worker threads over fixed pieces, BLAS single-threaded process-wide, results independent of both."""
 
 from __future__ import annotations
 
@@ -69,21 +69,84 @@ def test_one_worker_is_a_plain_loop_and_errors_surface(monkeypatch) -> None:
 def test_background_gives_the_value_or_the_error(monkeypatch, threads) -> None:
     monkeypatch.setenv("ONNX_SPARSE_SOLVE_THREADS", threads)
     a = np.random.default_rng(0).standard_normal((50, 50))
-    job = blas.Background(np.linalg.inv, a)
-    np.testing.assert_allclose(job.result() @ a, np.eye(50), atol=1e-8)
-    bad = blas.Background(np.linalg.inv, np.zeros((3, 3)))
-    with pytest.raises(np.linalg.LinAlgError):
-        bad.result()
+    with blas.single_threaded():
+        job = blas.Background(np.linalg.inv, a)
+        np.testing.assert_allclose(job.result() @ a, np.eye(50), atol=1e-8)
+        bad = blas.Background(np.linalg.inv, np.zeros((3, 3)))
+        with pytest.raises(np.linalg.LinAlgError):
+            bad.result()
 
 
-def test_one_blas_thread_restores_the_setting() -> None:
-    fns = blas._local_thread_setters()
-    if not fns:
-        pytest.skip("no OpenBLAS with per-thread settings in this numpy/scipy build")
-    for fn in fns:
-        fn(0)  # this thread: the library's default
-    default = [fn(0) for fn in fns]  # each call returns the thread count it replaces
-    with blas.one_blas_thread():
-        inside = [fn(1) for fn in fns]
-    assert inside == [1] * len(fns)
-    assert [fn(0) for fn in fns] == default  # the default again after the block
+def test_background_outside_a_single_threaded_block_is_refused() -> None:
+    # the caller's own BLAS calls would run multi-threaded while the background work runs
+    with pytest.raises(RuntimeError, match="single_threaded"):
+        blas.Background(np.linalg.inv, np.eye(3))
+
+
+def _blas_threads() -> list[int]:
+    import threadpoolctl
+
+    return [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+
+
+def test_single_threaded_is_process_wide_nests_and_restores() -> None:
+    import scipy.linalg  # noqa: F401  (its OpenBLAS is a library of its own)
+
+    before = _blas_threads()
+    seen: list[list[int]] = []
+    with blas.single_threaded():
+        assert blas.is_single_threaded()
+        with blas.single_threaded():
+            pass
+        assert blas.is_single_threaded()  # the inner block did not end the outer one
+        # another thread of the process sees the setting too (OpenBLAS's setting is process-wide)
+        t = threading.Thread(target=lambda: seen.append(_blas_threads()))
+        t.start()
+        t.join()
+        assert _blas_threads() == [1] * len(before)
+    assert seen == [[1] * len(before)]
+    assert not blas.is_single_threaded()
+    assert _blas_threads() == before
+
+
+def test_deterministic_decorator_runs_single_threaded() -> None:
+    @blas.deterministic
+    def inside() -> bool:
+        return blas.is_single_threaded()
+
+    assert inside() and not blas.is_single_threaded()
+
+
+@pytest.mark.parametrize(
+    ("n", "p", "q", "sym", "dtype"),
+    [
+        (5000, 27, 27, True, np.float32),  # narrow, tall: pieces of rows
+        (300, 64, 64, True, np.float32),  # one piece
+        (700, 768, 768, True, np.float32),  # wide: output blocks, upper triangle mirrored
+        (700, 600, 520, False, np.float64),  # wide, not symmetric
+        (9000, 40, 33, False, np.float32),  # narrow, not symmetric
+        (0, 8, 8, True, np.float32),
+    ],
+)
+def test_add_gram_is_the_product_and_the_same_for_any_number_of_workers(monkeypatch, n, p, q, sym, dtype) -> None:
+    rng = np.random.default_rng(n + p)
+    a = rng.standard_normal((n, p)).astype(dtype)
+    b = None if sym else rng.standard_normal((n, q)).astype(dtype)
+    want = a.astype(np.float64).T @ (a if b is None else b).astype(np.float64)
+    got = {}
+    for threads in ("1", "2", "3", "4"):
+        monkeypatch.setenv("ONNX_SPARSE_SOLVE_THREADS", threads)
+        acc = np.full((p, q if not sym else p), 0.5)
+        blas.add_gram(acc, a, b, scale=2.0)
+        got[threads] = acc
+    tol = 1e-3 if dtype == np.float32 else 1e-9
+    np.testing.assert_allclose(got["1"], 0.5 + 2.0 * want, rtol=tol, atol=tol * max(1.0, float(np.abs(want).max())))
+    for threads in ("2", "3", "4"):
+        assert np.array_equal(got[threads], got["1"]), threads
+    if sym:
+        assert np.array_equal(got["1"], got["1"].T)
+
+
+def test_add_gram_checks_shapes() -> None:
+    with pytest.raises(ValueError, match="do not fit"):
+        blas.add_gram(np.zeros((3, 3)), np.zeros((5, 3)), np.zeros((4, 3)))

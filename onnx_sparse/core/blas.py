@@ -1,20 +1,26 @@
-"""How the per-layer linear algebra uses the machine's cores (BLAS threads and worker threads).
+"""How the numeric work uses the machine's cores, and why its results do not depend on them.
 
-Two regimes, one owner:
+The rule: **every floating-point result is a function of the model, the data and the recipe
+only**, never of the number of cores, the thread settings or the timing. Two things would break
+it, and this module owns both:
 
-* The large ``X^T X`` products of the statistics run in BLAS with every thread (nothing here).
-* The per-layer solves (Cholesky factorisations, triangular solves, SparseGPT's column walk)
-  are mid-sized: multi-threaded BLAS on them gains little on an idle machine and, on a busy
-  one, OpenBLAS threads that wait for each other made them up to 100x slower (PP-OCRv4 det on
-  two loaded cores: 38 s with the library's threads, 9 s with one). So they run with **one
-  BLAS thread per Python thread** (:func:`one_blas_thread`), and independent solves run side
-  by side in worker threads instead (:func:`parallel_map`, :func:`Background`): cross-validation
-  folds, the factorisation SparseGPT needs while the refit is chosen, the layers of one stage.
-  numpy and scipy release the GIL inside LAPACK and BLAS, so the workers really run at once;
-  on a loaded machine they degrade to taking turns, never to waiting on each other.
+* **BLAS threads.** OpenBLAS splits a product or a factorisation across its threads in a way
+  that changes the order of the floating-point sums: ``X^T X``, a Cholesky factor or a triangular
+  inverse come out with different last bits on 1 and on 2 threads. Its per-thread setting
+  (``openblas_set_num_threads_local``) is process-wide in the pthreads builds numpy and scipy
+  ship, so a worker that lowered it changed how a concurrent call in another thread was split.
+  So, inside :func:`single_threaded` (entered by every function here, by the passes and by the
+  CLI), **every BLAS call of the process runs on one thread** (threadpoolctl, for numpy's and
+  scipy's OpenBLAS alike), and the cores are used by our own workers instead.
+* **How work is split.** Work runs side by side only in **fixed pieces** whose bounds depend on
+  the shapes alone (:func:`parallel_map` returns results in the order of its items;
+  :func:`add_gram` splits a product the same way on any machine and sums the pieces in a fixed
+  order), never on the number of workers or on which finishes first.
 
-numpy's and scipy's wheels each bundle their own OpenBLAS; both are limited. The limit is
-per thread (``openblas_set_num_threads_local``), so each worker sets its own.
+The workers (:func:`parallel_map`, :func:`Background`) are threads: numpy and scipy release the
+GIL inside BLAS and LAPACK, so they really run at once; on a loaded machine they degrade to
+taking turns, never to waiting on each other (OpenBLAS threads that wait for each other made
+mid-sized solves up to 100x slower on two loaded cores).
 """
 
 from __future__ import annotations
@@ -28,58 +34,80 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
-__all__ = ["one_blas_thread", "workers", "parallel_map", "Background"]
+__all__ = [
+    "single_threaded",
+    "is_single_threaded",
+    "deterministic",
+    "workers",
+    "parallel_map",
+    "Background",
+    "add_gram",
+]
 
 T = TypeVar("T")
 R = TypeVar("R")
+F = TypeVar("F", bound=Callable[..., Any])
 
 _state = threading.local()
+_depth_lock = threading.Lock()
+_depth = 0
+_limiter: Any = None
 
 
 @functools.lru_cache(maxsize=1)
-def _local_thread_setters() -> tuple[Any, ...]:
-    import ctypes
-    import glob
+def _controller() -> Any:
+    # scipy's OpenBLAS is a library of its own: load it before threadpoolctl looks for libraries
+    import scipy.linalg  # noqa: F401
+    import threadpoolctl
 
-    import scipy
-
-    found = []
-    for pkg in (np, scipy):
-        if pkg.__file__ is None:
-            continue
-        libs = os.path.join(os.path.dirname(os.path.dirname(pkg.__file__)), f"{pkg.__name__}.libs")
-        for path in sorted(
-            glob.glob(os.path.join(libs, "libscipy_openblas*.so*")) + glob.glob(os.path.join(libs, "libopenblas*.so*"))
-        ):
-            try:
-                lib = ctypes.CDLL(path)
-                fn = lib.openblas_set_num_threads_local
-            except (OSError, AttributeError):
-                continue
-            fn.argtypes = [ctypes.c_int]
-            fn.restype = ctypes.c_int
-            found.append(fn)
-            break
-    return tuple(found)
+    return threadpoolctl.ThreadpoolController()
 
 
 @contextlib.contextmanager
-def one_blas_thread() -> Iterator[None]:
-    """Run the block with one OpenBLAS thread in this thread, in numpy's and in scipy's OpenBLAS
-    (best effort: a no-op for a library without ``openblas_set_num_threads_local``)."""
-    fns = _local_thread_setters()
-    olds = [fn(1) for fn in fns]
+def single_threaded() -> Iterator[None]:
+    """Every BLAS call of the process runs on one thread inside the block (re-entrant; the
+    setting before the outermost block comes back after it).
+
+    Process-wide, because OpenBLAS's thread setting is: other threads of the caller's process
+    that use numpy's or scipy's BLAS meanwhile run single-threaded too.
+    """
+    global _depth, _limiter
+    with _depth_lock:
+        if _depth == 0:
+            _limiter = _controller().limit(limits=1, user_api="blas")
+        _depth += 1
     try:
         yield
     finally:
-        for fn, old in zip(fns, olds, strict=True):
-            fn(old if old > 0 else 0)
+        with _depth_lock:
+            _depth -= 1
+            if _depth == 0:
+                _limiter.restore_original_limits()
+                _limiter = None
+
+
+def is_single_threaded() -> bool:
+    """Whether a :func:`single_threaded` block is active (in any thread of the process)."""
+    return _depth > 0
+
+
+def deterministic(fn: F) -> F:
+    """Decorator: ``fn`` runs inside :func:`single_threaded` (for the public numeric entry points)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with single_threaded():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def workers() -> int:
-    """Worker threads for independent solves: the cores this process may use (1 inside a worker,
-    so that nested parallel sections run in line instead of multiplying the threads)."""
+    """Worker threads for independent pieces: the cores this process may use (1 inside a worker,
+    so that nested parallel sections run in line instead of multiplying the threads).
+    ``ONNX_SPARSE_SOLVE_THREADS`` overrides; it changes the speed, never the result."""
     if getattr(_state, "inside", False):
         return 1
     env = os.environ.get("ONNX_SPARSE_SOLVE_THREADS", "")
@@ -95,27 +123,26 @@ def _in_worker(fn: Callable[..., R], *args: Any) -> R:
     before = getattr(_state, "inside", False)
     _state.inside = True
     try:
-        with one_blas_thread():
-            return fn(*args)
+        return fn(*args)
     finally:
         _state.inside = before
 
 
 def parallel_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
-    """``[fn(x) for x in items]``, run in :func:`workers` threads with one BLAS thread each.
+    """``[fn(x) for x in items]``, run in :func:`workers` threads, BLAS single-threaded.
 
     The results come back in the order of ``items`` whatever finishes first, so the outcome
     is the same as the loop's. The first exception is raised (after every task ended).
     """
     todo: Sequence[T] = list(items)
-    n = min(len(todo), workers())
-    if n <= 1:
-        with one_blas_thread():
+    with single_threaded():
+        n = min(len(todo), workers())
+        if n <= 1:
             return [fn(x) for x in todo]
-    pool = _pool(workers())
-    futures = [pool.submit(_in_worker, fn, x) for x in todo]
-    concurrent.futures.wait(futures)
-    return [f.result() for f in futures]
+        pool = _pool(workers())
+        futures = [pool.submit(_in_worker, fn, x) for x in todo]
+        concurrent.futures.wait(futures)
+        return [f.result() for f in futures]
 
 
 _pools: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
@@ -140,10 +167,14 @@ class Background(Generic[R]):
     :meth:`result`, when there is no spare core).
 
     Use it for work the caller will need later and does not depend on, e.g. SparseGPT's
-    factorisation while the refit damping is cross-validated.
+    factorisation while the refit damping is cross-validated. It must be created inside
+    :func:`single_threaded` (the caller's own BLAS calls meanwhile must be single-threaded
+    too, or their split would depend on when the background work started).
     """
 
     def __init__(self, fn: Callable[..., R], *args: Any) -> None:
+        if not is_single_threaded():
+            raise RuntimeError("blas.Background needs a single_threaded() block around its caller")
         self._fn, self._args = fn, args
         self._thread: threading.Thread | None = None
         self._done = False
@@ -169,3 +200,75 @@ class Background(Generic[R]):
         if self._error is not None:
             raise self._error
         return self._value  # type: ignore[return-value]
+
+
+#: :func:`add_gram` splits products with at least this many columns into blocks of
+#: :data:`GRAM_BLOCK` columns (output blocks, no extra sums); narrower ones into pieces of rows.
+GRAM_WIDE = 512
+GRAM_BLOCK = 256
+#: Rows per piece of a narrow product (at most :data:`GRAM_PIECES` pieces).
+GRAM_ROWS = 2048
+GRAM_PIECES = 8
+
+
+def _bounds(n: int, step: int) -> list[tuple[int, int]]:
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+@deterministic
+def add_gram(acc: npt.NDArray[np.float64], a: npt.NDArray, b: npt.NDArray | None = None, scale: float = 1.0) -> None:
+    """``acc += scale * a^T b`` (``b`` None: ``a^T a``), in pieces side by side.
+
+    The pieces depend on the shapes only, so the sum is the same on any machine and any number
+    of workers: a product with :data:`GRAM_WIDE` columns or more is split into output blocks of
+    :data:`GRAM_BLOCK` columns (for ``a^T a`` only the blocks on and above the diagonal are
+    multiplied); a narrower one into up to :data:`GRAM_PIECES` pieces of rows whose products are
+    added to ``acc`` in order. Each block is multiplied in the rows' precision (float32 rows in
+    float32 BLAS) and added in ``acc``'s (float64).
+
+    Args:
+        acc: ``[a.shape[1], b.shape[1]]`` accumulator, updated in place.
+        a: Rows ``[n, p]``.
+        b: Rows ``[n, q]`` paired with ``a``'s, or None for ``a`` itself.
+        scale: Multiplies the product.
+    """
+    sym = b is None
+    bb = a if b is None else b
+    n, p = a.shape
+    q = bb.shape[1]
+    if acc.shape != (p, q) or bb.shape[0] != n:
+        raise ValueError(f"add_gram: acc {acc.shape}, a {a.shape}, b {bb.shape} do not fit")
+    if n == 0:
+        return
+
+    def add(target: npt.NDArray[np.float64], part: npt.NDArray) -> None:
+        if scale == 1.0:
+            target += part
+        else:
+            target += scale * part.astype(np.float64, copy=False)
+
+    if min(p, q) >= GRAM_WIDE:
+        rows_p, rows_q = _bounds(p, GRAM_BLOCK), _bounds(q, GRAM_BLOCK)
+        blocks = [(i, j) for i in range(len(rows_p)) for j in range(len(rows_q)) if not sym or j >= i]
+
+        def block(ij: tuple[int, int]) -> None:
+            (i0, i1), (j0, j1) = rows_p[ij[0]], rows_q[ij[1]]
+            left = a[:, i0:i1]
+            part = left.T @ left if sym and ij[0] == ij[1] else left.T @ bb[:, j0:j1]
+            add(acc[i0:i1, j0:j1], part)  # blocks are disjoint: added by the worker
+            if sym and ij[0] != ij[1]:
+                add(acc[j0:j1, i0:i1], part.T)
+
+        parallel_map(block, blocks)
+        return
+    pieces = _bounds(n, max(GRAM_ROWS, -(-n // GRAM_PIECES)))
+    if len(pieces) == 1:
+        add(acc, a.T @ bb if not sym else a.T @ a)
+        return
+
+    def piece(r: tuple[int, int]) -> npt.NDArray:
+        x = a[r[0] : r[1]]
+        return x.T @ x if sym else x.T @ bb[r[0] : r[1]]
+
+    for part in parallel_map(piece, pieces):  # added in the pieces' order
+        add(acc, part)

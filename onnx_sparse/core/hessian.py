@@ -25,7 +25,8 @@ its rows: float32 (or narrower) activations, which is what onnxruntime gives, ar
 in float32 (the BLAS product is about twice as fast and its relative error, about
 ``sqrt(rows) * 6e-8`` per entry for an update of ``rows`` rows, stays far below the sampling
 noise of a calibration set); float64 rows are multiplied in float64. Column sums and sums of
-squares are always reduced in float64. :class:`PairedStats` accumulates ``Xp^T (Xd - Xp)``
+squares are always reduced in float64. The products run in fixed blocks side by side
+(:func:`onnx_sparse.core.blas.add_gram`), so the sums do not depend on the number of cores. :class:`PairedStats` accumulates ``Xp^T (Xd - Xp)``
 rather than ``Xp^T Xd``, so the difference the asymmetric refit needs does not come from
 subtracting two large, nearly equal float32 products.
 """
@@ -39,6 +40,8 @@ from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
+
+from onnx_sparse.core import blas
 
 __all__ = [
     "RunningStats",
@@ -150,7 +153,7 @@ class RunningStats:
         _accumulate(self.sum, rows.sum(axis=0, dtype=np.float64), scale)
         _accumulate(self.sq, np.einsum("ij,ij->j", rows, rows, dtype=np.float64), scale)
         if self.xtx is not None:
-            _accumulate(self.xtx, rows.T @ rows, scale)
+            blas.add_gram(self.xtx, rows, None, scale)
 
     def update_chunks(self, chunks: Iterable[npt.ArrayLike]) -> None:
         """Call :meth:`update` on each chunk (e.g. one group's output of :func:`iter_im2col`)."""
@@ -300,10 +303,10 @@ class PairedStats:
         if idx is not None:
             xp, xd = xp[idx], xd[idx]
         self.n += n
-        _accumulate(self.pp, xp.T @ xp, scale)
-        _accumulate(self.pq, xp.T @ (xd - xp), scale)
+        blas.add_gram(self.pp, xp, None, scale)
+        blas.add_gram(self.pq, xp, xd - xp, scale)
         if self.dd is not None:
-            _accumulate(self.dd, xd.T @ xd, scale)
+            blas.add_gram(self.dd, xd, None, scale)
 
     def __add__(self, other: PairedStats) -> PairedStats:
         """Statistics of both (disjoint) data sets; the result keeps ``self``'s settings."""

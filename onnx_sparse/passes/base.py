@@ -15,6 +15,7 @@ from typing import Any
 
 import onnx
 
+from onnx_sparse.core import blas
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.io import ModelFile, iter_tensors
 
@@ -92,7 +93,8 @@ class Pass:
         mf = as_model_file(model)
         self.requires(mf)
         before = mf.model.SerializeToString(deterministic=True) if not self.in_place and _small(mf) else None
-        result = self.call(mf if self.in_place else copy_model_file(mf))
+        with blas.single_threaded():  # the same numbers on any machine (see core/blas.py)
+            result = self.call(mf if self.in_place else copy_model_file(mf))
         if before is not None:
             assert mf.model.SerializeToString(deterministic=True) == before, f"{self.name} changed its input"
         self.ensures(result)

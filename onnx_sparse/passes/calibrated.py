@@ -46,11 +46,11 @@ on magika's classifier head took held-out top-1 agreement from below magnitude p
 to above it. On a wide layer that cross-validation walks a seeded subset of the output rows
 and holds out fewer folds (:func:`~onnx_sparse.prune.sparsegpt.choose_damp`).
 
-Speed: the per-layer solves (Cholesky factorisations, triangular solves, the column walk)
-run with one BLAS thread each, and independent ones side by side in worker threads: the
-layers of one stage, the cross-validation folds, SparseGPT's factorisation while ``asym``
-chooses its refit (:mod:`onnx_sparse.core.blas` says why). The large ``X^T X`` products keep
-every BLAS thread.
+Speed and reproducibility: BLAS runs single-threaded during the pass and independent work
+runs side by side in worker threads, in pieces fixed by the shapes: the layers of one stage,
+the cross-validation folds, SparseGPT's factorisation while ``asym`` chooses its refit, blocks
+of the ``X^T X`` products (:mod:`onnx_sparse.core.blas` says why: the result must not depend
+on the number of cores).
 """
 
 from __future__ import annotations
@@ -259,7 +259,7 @@ class Calibrator:
         """The new stored weight of one group from its statistics (magnitude without a view or data)."""
         if acc is not None:
             acc.flush()
-        with blas.one_blas_thread():
+        with blas.single_threaded():
             return self._solve(grp, acc, mf, t0)
 
     def _solve(self, grp: LayerGroup, acc: LayerStats | None, mf: ModelFile, t0: float) -> LayerFit:
@@ -423,7 +423,7 @@ class Calibrator:
                 logger.debug("stage of %d tensor(s): capture %.2fs", len(members), time.perf_counter() - t_cap)
             for g in members:
                 if accs[g.key] is not None:
-                    accs[g.key].flush()  # the last products with every BLAS thread
+                    accs[g.key].flush()  # the last products, in blocks side by side
             # the groups of a stage are independent: solved side by side, applied in order
             jobs = [(g, accs[g.key]) for g in members]
             fits = blas.parallel_map(lambda job: self.solve(job[0], job[1], mf, time.perf_counter()), jobs)

@@ -132,6 +132,7 @@ def _check_square(h: Array, cols: int, name: str) -> None:
         raise ValueError(f"{name} has shape {h.shape}; a weight with {cols} columns needs ({cols}, {cols})")
 
 
+@blas.deterministic
 def upper_cholesky_inverse(h: npt.ArrayLike) -> Array:
     """Upper-triangular ``U`` with ``U^T U = H^{-1}`` (positive diagonal), from one Cholesky.
 
@@ -200,6 +201,7 @@ def _obs_prune(wt: Array, u: Array, blocksize: int) -> tuple[Array, float]:
     return out, loss
 
 
+@blas.deterministic
 def sparsegpt_2_4(
     w: Array,
     h: npt.ArrayLike,
@@ -250,6 +252,7 @@ class InverseFactor:
     retries: int
 
 
+@blas.deterministic
 def inverse_factor(h: npt.ArrayLike, cols: int, damp: float = 0.01, dead: npt.ArrayLike | None = None) -> InverseFactor:
     """Dead columns, damping and the upper Cholesky factor of ``H^{-1}`` (see :func:`sparsegpt_2_4`).
 
@@ -311,6 +314,7 @@ def inverse_factor(h: npt.ArrayLike, cols: int, damp: float = 0.01, dead: npt.Ar
     return InverseFactor(u=u, dead=dead_mask, damp=rel, retries=retries)
 
 
+@blas.deterministic
 def prune_with_factor(w: Array, factor: InverseFactor, blocksize: int = 128) -> tuple[Array, SparseGPTStats]:
     """SparseGPT's column walk on ``w`` with a factor from :func:`inverse_factor` (of ``w``'s input)."""
     _check_weight(w)
@@ -347,6 +351,7 @@ def prune_with_factor(w: Array, factor: InverseFactor, blocksize: int = 128) -> 
 # --------------------------------------------------------------------------------------
 
 
+@blas.deterministic
 def asymmetric_refit(w: Array, pp: npt.ArrayLike, pd: npt.ArrayLike, damp: float = 0.01) -> Array:
     """Dense weights that map the pruned-model input to the dense-model output.
 
@@ -464,6 +469,7 @@ def _ridge_solve_scored(g: np.ndarray, rhs: np.ndarray, ridge: float) -> np.ndar
     return x
 
 
+@blas.deterministic
 def asymmetric_sparsegpt_2_4(
     w: Array,
     pp: npt.ArrayLike,
@@ -498,6 +504,7 @@ def asymmetric_sparsegpt_2_4(
     return out.astype(w.dtype), stats
 
 
+@blas.deterministic
 def refit_error(w_target: Array, w_candidate: Array, stats: PairedStats) -> float:
     """``sum ||W x_dense - W' x_pruned||^2`` over the rows of ``stats``, from its Gram matrices.
 
@@ -543,6 +550,7 @@ def _check_folds(used: Sequence[PairedStats], total: PairedStats | None) -> None
         raise ValueError("cross-validation needs a fold with rows and rows outside each fold")
 
 
+@blas.deterministic
 def ridge_cv_scores(
     w: Array,
     folds: Sequence[PairedStats],
@@ -610,7 +618,7 @@ def ridge_cv_scores(
         scale = float(np.mean(np.diag(g))) if np.any(r) else 0.0
         return held, g, r, e, base, scale
 
-    # folds are independent: prepared and scored side by side (one BLAS thread each)
+    # folds are independent: prepared and scored side by side
     prepared = blas.parallel_map(prepare, tested)
     n_rows = sum(f.n for f in tested)
 
@@ -670,6 +678,7 @@ def ridge_cv_scores(
     return tuple(out)
 
 
+@blas.deterministic
 def choose_refit_damp(
     w: Array,
     folds: Sequence[PairedStats],
@@ -734,6 +743,7 @@ def choose_refit_damp(
     return RefitCV(damp=float(grid[best]), grid=tuple(float(g) for g in grid), scores=tuple(scores))
 
 
+@blas.deterministic
 def asymmetric_cv_2_4(
     w: Array,
     folds: Sequence[PairedStats],
@@ -781,6 +791,7 @@ def asymmetric_cv_2_4(
 # --------------------------------------------------------------------------------------
 
 
+@blas.deterministic
 def choose_damp(
     w: Array,
     xtx: npt.ArrayLike,

@@ -39,6 +39,7 @@ import numpy as np
 import onnx
 
 from onnx_sparse.calib.capture import inline_model
+from onnx_sparse.core import blas
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.graph.locate import WeightSite, find_weight_sites
 from onnx_sparse.graph.names import display_name
@@ -317,6 +318,7 @@ def _ort_quantize(model: onnx.ModelProto, nodes: list[str], feeds: Sequence[Any]
         return onnx.load(str(dst))
 
 
+@blas.deterministic
 def quantize(
     mf: ModelFile | onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]], options: QuantizeOptions | None = None
 ) -> QuantizeResult:
@@ -422,6 +424,7 @@ def _check(
     return layers
 
 
+@blas.deterministic
 def quantize_file(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
