@@ -17,7 +17,7 @@ import numpy as np
 from onnx_sparse.calib.layers import LayerView
 from onnx_sparse.core.hessian import PairedStats, RunningMean, RunningStats
 from onnx_sparse.errors import OnnxSparseError
-from onnx_sparse.prune.sparsegpt import held_out_folds
+from onnx_sparse.prune.select import held_out_folds
 
 __all__ = ["LayerStats", "STARVED_ROWS_PER_COL", "CV_FOLDS"]
 
@@ -40,7 +40,7 @@ class LayerStats:
     Attributes (one entry per conv group; ``None`` when the method does not need them):
         stats: :class:`RunningStats` of the pruned-model input (``X^T X`` for SparseGPT).
         paired: Per group, one :class:`PairedStats` per cross-validation fold that is held out
-            (``asym``; :func:`~onnx_sparse.prune.sparsegpt.held_out_folds`), then, when that is
+            (``asym``; :func:`~onnx_sparse.prune.select.held_out_folds`), then, when that is
             fewer than the folds, one for all the other rows.
         mean_p / mean_d: Per member node and group, the mean input in the pruned / dense model.
         rows: Rows seen (after subsampling).

@@ -13,7 +13,7 @@ Wanda do it. Methods:
 * ``asym``: asymmetric reconstruction: first refit the dense weights so that the layer,
   fed the inputs it sees in the PRUNED model, reproduces the DENSE model's output of that
   layer (ridge, damping chosen per layer by K-fold cross-validation over the calibration
-  samples, scoring the dense refit: :func:`onnx_sparse.prune.sparsegpt.ridge_cv_scores`), then
+  samples, scoring the dense refit: :func:`onnx_sparse.prune.select.ridge_cv_scores`), then
   SparseGPT once on the refit weights. Needs captures of both models.
 
 Weights are read and written through their stored tensors (:mod:`onnx_sparse.calib.layers`
@@ -44,7 +44,7 @@ head fed one row per sample, a squeeze-excitation conv) has a singular ``X^T X``
 by cross-validation over calibration samples (:data:`DAMP_GRID`, :data:`~onnx_sparse.calib.stats.CV_FOLDS`), which
 on magika's classifier head took held-out top-1 agreement from below magnitude pruning's
 to above it. On a wide layer that cross-validation walks a seeded subset of the output rows
-and holds out fewer folds (:func:`~onnx_sparse.prune.sparsegpt.choose_damp`).
+and holds out fewer folds (:func:`~onnx_sparse.prune.select.choose_damp`).
 
 Speed and reproducibility: BLAS runs single-threaded during the pass and independent work
 runs side by side in worker threads, in pieces fixed by the shapes: the layers of one stage,
@@ -81,7 +81,8 @@ from onnx_sparse.passes.head import HeadLayer, head_candidates, head_tensors, re
 from onnx_sparse.passes.prune import PrunePass, SiteRecord, apply_site, group_by_tensor, totals
 from onnx_sparse.progress import Progress
 from onnx_sparse.prune.bias import bias_shift
-from onnx_sparse.prune.sparsegpt import asymmetric_cv_2_4, choose_damp, sparsegpt_2_4
+from onnx_sparse.prune.select import asymmetric_cv_2_4, choose_damp
+from onnx_sparse.prune.sparsegpt import sparsegpt_2_4
 from onnx_sparse.prune.wanda import wanda_2_4
 from onnx_sparse.recipe import DATA_METHODS, DEFAULT_CALIBRATED, DEFAULT_MAX_ROWS, METHODS, Recipe
 
@@ -332,7 +333,7 @@ class Calibrator:
         )
 
     def _cv_damp(self, w: np.ndarray, xtx: np.ndarray, rows: Sequence[tuple[int, np.ndarray]]) -> float:
-        """SparseGPT damping for a row-starved layer (:func:`~onnx_sparse.prune.sparsegpt.choose_damp`
+        """SparseGPT damping for a row-starved layer (:func:`~onnx_sparse.prune.select.choose_damp`
         over the folds of calibration samples; values below ``damp`` are not tried)."""
         folds = sorted({f for f, _ in rows})
         data = [np.concatenate([r for g, r in rows if g == f]) for f in folds]

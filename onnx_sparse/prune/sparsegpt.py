@@ -21,27 +21,21 @@ SparseGPT (optimal brain surgeon, one column at a time):
 Asymmetric reconstruction: when the layer's input in the partly pruned model
 (``Xp``) differs from its input in the dense model (``Xd``), first refit the dense weights
 to reproduce the dense output from the pruned input (:func:`asymmetric_refit`), then run
-SparseGPT on the refit weights with ``H ~ Xp^T Xp`` (:func:`asymmetric_sparsegpt_2_4`). The
-ridge damping of the refit can be chosen by K-fold cross-validation over per-fold
-:class:`~onnx_sparse.core.hessian.PairedStats` (:func:`choose_refit_damp`,
-:func:`asymmetric_cv_2_4`): the held-out error of the dense refit for each candidate comes
-from one Cholesky factorisation per fold and candidate (:func:`ridge_cv_scores`), and
-SparseGPT runs once, on the chosen refit.
+SparseGPT on the refit weights with ``H ~ Xp^T Xp`` (:func:`asymmetric_sparsegpt_2_4`).
+Choosing the dampings by cross-validation is :mod:`onnx_sparse.prune.select`'s job.
 
 Linear algebra: LAPACK through numpy and scipy (``scipy.linalg``: ``cho_factor``/``cho_solve``
 for the positive definite solves, ``lapack.dtrtri`` for the triangular inverse), which numpy
 alone does not offer; a general solve (LU) costs about three times as much.
 
-All functions are pure: inputs are never modified; everything is computed in float64, except
-the factorisations that only score cross-validation candidates on wide layers (float32, refined
-to float64 accuracy: :func:`_ridge_solve_scored`).
+All functions are pure: inputs are never modified; everything is computed in float64.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,8 +47,6 @@ from onnx_sparse.core.hessian import PairedStats
 
 __all__ = [
     "SparseGPTStats",
-    "RefitCV",
-    "DEFAULT_REFIT_GRID",
     "upper_cholesky_inverse",
     "InverseFactor",
     "inverse_factor",
@@ -63,19 +55,13 @@ __all__ = [
     "asymmetric_refit",
     "asymmetric_sparsegpt_2_4",
     "refit_error",
-    "choose_refit_damp",
-    "ridge_cv_scores",
-    "SELECT_ROWS",
-    "asymmetric_cv_2_4",
-    "choose_damp",
+    "ROW_CHUNK",
 ]
 
 logger = logging.getLogger(__name__)
 
 Array = npt.NDArray
 
-#: Relative ridge dampings tried by :func:`choose_refit_damp`; ``inf`` means "no refit".
-DEFAULT_REFIT_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, math.inf)
 
 _DAMP_GROWTH = 10.0
 _MAX_RETRIES = 6
@@ -100,23 +86,6 @@ class SparseGPTStats:
     retries: int
     fallback: bool
     dead_columns: int
-
-
-@dataclass(frozen=True)
-class RefitCV:
-    """Outcome of :func:`choose_refit_damp`.
-
-    Attributes:
-        damp: The chosen relative ridge damping (``inf``: no refit).
-        grid: The candidates, in the order tried.
-        scores: Held-out squared output error per candidate, summed over folds and divided
-            by the number of held-out rows (``nan``: not evaluated by the unimodal search). Without ``dd`` (``PairedStats(track_dense=False)``)
-            the constant ``tr(W Xd^T Xd W^T)`` is left out, so only differences are meaningful.
-    """
-
-    damp: float
-    grid: tuple[float, ...]
-    scores: tuple[float, ...]
 
 
 def _check_weight(w: Array) -> None:
@@ -434,41 +403,6 @@ def _ridge_solve(g: np.ndarray, rhs: np.ndarray, ridge: float) -> np.ndarray:
     return _in_pieces(lambda c: scipy.linalg.cho_solve(factor, rhs[:, c], check_finite=False), rhs.shape[1])
 
 
-#: Largest relative size of the refinement step of :func:`_ridge_solve_scored` for the float32
-#: factorisation to be trusted; beyond it (an ill-conditioned ``g + ridge I``) the solve is
-#: redone in float64.
-_REFINE_TOL = 1e-3
-#: Columns from which :func:`_ridge_solve_scored` factorises in float32 (below it the
-#: factorisation is too cheap for the refinement to pay: plain float64).
-_FLOAT32_FROM = 1024
-
-
-def _ridge_solve_scored(g: np.ndarray, rhs: np.ndarray, ridge: float) -> np.ndarray:
-    """``(g + ridge I)^{-1} rhs`` for scoring a candidate (``ridge > 0``): the Cholesky
-    factorisation in float32 (about 1.6x faster), then one step of iterative refinement against
-    the float64 matrix, which brings the error from ``eps32 * cond`` to about its square; when
-    that step is not small (or float32 cannot factorise the matrix), plain float64.
-
-    Only the cross-validation scores use it: the weights come from :func:`_ridge_solve`.
-    """
-    if g.shape[0] < _FLOAT32_FROM:
-        return _ridge_solve(g, rhs, ridge)
-    a = g.astype(np.float32)
-    a.flat[:: g.shape[0] + 1] += np.float32(ridge)
-    try:
-        factor = scipy.linalg.cho_factor(a.T, check_finite=False, overwrite_a=True)
-    except np.linalg.LinAlgError:
-        return _ridge_solve(g, rhs, ridge)
-    x = scipy.linalg.cho_solve(factor, rhs.astype(np.float32), check_finite=False).astype(np.float64)
-    resid = rhs - g @ x - ridge * x
-    step = scipy.linalg.cho_solve(factor, resid.astype(np.float32), check_finite=False)
-    size = float(np.linalg.norm(step)) / max(float(np.linalg.norm(x)), 1e-300)
-    if not np.isfinite(size) or size > _REFINE_TOL:
-        return _ridge_solve(g, rhs, ridge)
-    x += step
-    return x
-
-
 @blas.deterministic
 def asymmetric_sparsegpt_2_4(
     w: Array,
@@ -517,356 +451,3 @@ def refit_error(w_target: Array, w_candidate: Array, stats: PairedStats) -> floa
     if stats.dd is not None:
         err += float(np.einsum("ij,ij->", a @ stats.dd, a))
     return err
-
-
-#: Output rows (rows of ``W``) that :func:`ridge_cv_scores` scores by default: the held-out
-#: error is a sum of independent per-row ridge problems, so a seeded subset of rows estimates
-#: it (scaled up) at a fraction of the cost of the solves.
-SELECT_ROWS = 128
-#: Work budget of :func:`choose_refit_damp` per weight, in multiply-adds of the Cholesky
-#: factorisations (``cols^3 / 6`` each, about 5 candidates per held-out fold): folds are held
-#: out in turn while the budget allows, at least one. 5e9 keeps all 4 folds up to about 1,140
-#: columns, 3 up to 1,250, 2 up to 1,450 and holds out one fold of wider layers (MiniLM's and BERT's
-#: FFN-down projections); on the project's real models the choice scored as well as with all
-#: 4 folds (tools/eval_real.py; the closing note of the change has the table).
-SELECT_BUDGET = 5e9
-
-
-def held_out_folds(cols: int, folds: int, budget: float = SELECT_BUDGET) -> int:
-    """How many of ``folds`` folds :func:`choose_refit_damp` holds out in turn for a weight with
-    ``cols`` input columns: as many as ``budget`` allows, at least one (see :data:`SELECT_BUDGET`).
-
-    A caller that knows this before it collects statistics needs to keep only these folds
-    apart, and every other row in one sum (``rest`` of :func:`asymmetric_cv_2_4`).
-    """
-    return max(1, min(folds, int(budget // (5 * cols**3 / 6))))
-
-
-def _check_folds(used: Sequence[PairedStats], total: PairedStats | None) -> None:
-    if total is None:
-        if len(used) < 2:
-            raise ValueError(f"cross-validation needs at least 2 folds with rows, got {len(used)}")
-    elif not used or any(total.n <= f.n for f in used):
-        raise ValueError("cross-validation needs a fold with rows and rows outside each fold")
-
-
-@blas.deterministic
-def ridge_cv_scores(
-    w: Array,
-    folds: Sequence[PairedStats],
-    grid: Sequence[float] = DEFAULT_REFIT_GRID,
-    rows: int | None = SELECT_ROWS,
-    seed: int = 0,
-    unimodal: bool = False,
-    held_out: int | None = None,
-    total: PairedStats | None = None,
-) -> tuple[float, ...]:
-    """Held-out error of the dense ridge refit (:func:`asymmetric_refit`) for every damping.
-
-    For each fold ``f`` (train: the sum of the other folds' statistics, ``G = pp``, ``C = pd``;
-    held out: ``P = pp_f``, ``Pd = pd_f``), with ``W' = W + D^T`` and
-    ``D = (G + lambda I)^{-1} (C - G) W^T``::
-
-        err(W') = err(W) + 2 tr(D^T (P - Pd) W^T) + tr(D^T P D)
-
-    so one Cholesky factorisation of ``G + lambda I`` per fold and damping gives the score
-    (in float32 with one float64 refinement step on wide layers, :func:`_ridge_solve_scored`)
-    (no SparseGPT run, no ``dd``: the constant ``tr(W dd W^T)`` is left out as in
-    :func:`refit_error`). ``inf`` scores ``W`` itself; ``0`` uses the minimum-norm least
-    squares solution. A damping whose factorisation fails scores ``inf``.
-
-    Args:
-        w: Dense weight ``[rows, cols]``.
-        folds: Per-fold statistics (folds with no rows are ignored; at least 2 needed).
-        grid: Relative dampings (``lambda = damp * mean(diag(G))``).
-        rows: Score only this many output rows, a seeded uniform subset, scaled by
-            ``rows(W) / rows`` (None: all rows, exact).
-        seed: Seed of that subset.
-        unimodal: Assume the score is unimodal in the damping: start at the middle finite
-            candidate and walk towards the better neighbour until neither is better (about 3
-            of 5 candidates factorised instead of all); candidates not visited score ``nan``.
-        held_out: Hold out only the first this many folds in turn (each trained on all the
-            other folds); None: every fold.
-        total: The statistics of every row when the caller has them: the sum of ``folds``,
-            or more (rows of folds that are never held out); then one fold is enough.
-
-    Returns:
-        Per damping, the held-out error summed over folds and divided by the held-out rows.
-    """
-    used = [f for f in folds if f.n > 0]
-    _check_folds(used, total)
-    if not grid:
-        raise ValueError("the damping grid is empty")
-    a = np.asarray(w, dtype=np.float64)
-    factor = 1.0
-    if rows is not None and rows < a.shape[0]:
-        pick = np.sort(np.random.default_rng(seed).choice(a.shape[0], size=rows, replace=False))
-        factor = a.shape[0] / rows
-        a = a[pick]
-    at = np.ascontiguousarray(a.T)  # [cols, k]
-    every = PairedStats.total(used) if total is None else total
-    tested = used if held_out is None else used[: max(1, held_out)]
-    every_r = every.pq @ at
-
-    def prepare(held: PairedStats) -> tuple[PairedStats, Array, Array, Array, float, float]:
-        g = every.pp - held.pp
-        hq = held.pq @ at
-        r = every_r - hq  # the right-hand side (C - G) W^T
-        e = -hq  # (P - Pd) W^T
-        base = float(np.einsum("ij,ij->", -(held.pp @ at) - 2.0 * hq, at))
-        # r = 0 (the layer sees the same input in both models, e.g. the first layer): W' = W
-        scale = float(np.mean(np.diag(g))) if np.any(r) else 0.0
-        return held, g, r, e, base, scale
-
-    # folds are independent: prepared and scored side by side
-    prepared = blas.parallel_map(prepare, tested)
-    n_rows = sum(f.n for f in tested)
-
-    def fold_score(task: tuple[tuple[PairedStats, Array, Array, Array, float, float], float]) -> float:
-        (held, g, r, e, base, scale), lam = task
-        if math.isinf(lam) or scale <= 0:
-            return base
-        try:
-            d = _ridge_solve_scored(g, r, lam * scale)
-        except np.linalg.LinAlgError:
-            return math.inf
-        return base + 2.0 * float(np.einsum("ij,ij->", d, e)) + float(np.einsum("ij,ij->", held.pp @ d, d))
-
-    def scores(lams: Sequence[float]) -> list[float]:
-        per = blas.parallel_map(fold_score, [(p, lam) for lam in lams for p in prepared])
-        k = len(prepared)
-        return [sum(per[j * k : (j + 1) * k]) * factor / n_rows for j in range(len(lams))]
-
-    if not unimodal:
-        return tuple(scores([float(lam) for lam in grid]))
-    # Descend from the middle of the finite grid (in order of damping) until neither
-    # neighbour is better; candidates not visited score nan. With fewer folds than worker
-    # threads, the next candidates of the walk are scored ahead, side by side (the walk, and
-    # so the choice, is the same; only idle cores do the extra work).
-    spare = len(prepared) < blas.workers()
-    out = [math.nan] * len(grid)
-    for i, lam in enumerate(grid):
-        if math.isinf(lam):
-            out[i] = scores([math.inf])[0]
-    finite = sorted((i for i, lam in enumerate(grid) if not math.isinf(lam)), key=lambda i: grid[i])
-
-    def visit(positions: Sequence[int]) -> None:
-        todo = [finite[p] for p in positions if 0 <= p < len(finite) and math.isnan(out[finite[p]])]
-        for i, v in zip(todo, scores([float(grid[i]) for i in todo]), strict=True):
-            out[i] = v
-
-    walked = {i for i, lam in enumerate(grid) if math.isinf(lam)}
-    if finite:
-        pos = (len(finite) - 1) // 2
-        visit([pos, pos - 1, pos + 1] if spare else [pos])
-        walked.add(finite[pos])
-        step = 0
-        while True:
-            moved = False
-            for nxt in [pos - 1, pos + 1] if step == 0 else [pos + step]:
-                if 0 <= nxt < len(finite):
-                    visit([nxt, nxt + (nxt - pos)] if spare and step else [nxt])
-                    i = finite[nxt]
-                    walked.add(i)
-                    if out[i] < out[finite[pos]]:
-                        step, pos, moved = nxt - pos, nxt, True
-                        break
-            if not moved:
-                break
-    # what was scored ahead but not reached by the walk does not take part in the choice
-    out = [v if i in walked else math.nan for i, v in enumerate(out)]
-    return tuple(out)
-
-
-@blas.deterministic
-def choose_refit_damp(
-    w: Array,
-    folds: Sequence[PairedStats],
-    grid: Sequence[float] = DEFAULT_REFIT_GRID,
-    prune: bool = False,
-    blocksize: int = 128,
-    damp: float = 0.01,
-    rows: int | None = SELECT_ROWS,
-    unimodal: bool = True,
-    budget: float | None = SELECT_BUDGET,
-    total: PairedStats | None = None,
-) -> RefitCV:
-    """Choose the refit ridge damping by K-fold cross-validation.
-
-    Default (``prune=False``): :func:`ridge_cv_scores`, the held-out error of the dense refit
-    for every candidate, from one Cholesky factorisation per fold and candidate. With
-    ``prune``, each candidate and fold runs the refit AND SparseGPT on the other folds and
-    scores the pruned weights (what is deployed): about as many SparseGPT runs as folds x
-    candidates, kept for comparison. The candidate with the smallest total held-out error per
-    row wins; ties go to the larger damping.
-
-    Folds should split by calibration sample (an image, a sentence), not by row: rows of one
-    sample (pixels, tokens) are correlated and would leak between folds. Folds with no rows
-    are ignored.
-
-    Args:
-        w: Dense weight ``[rows, cols]``.
-        folds: One :class:`PairedStats` per fold, at least 2 with rows.
-        grid: Candidate relative dampings (``inf`` = no refit).
-        prune: Score the pruned weights rather than the dense refit (slow).
-        blocksize: SparseGPT block size (with ``prune``).
-        damp: SparseGPT relative damping (with ``prune``).
-        rows: Output rows scored without ``prune`` (see :func:`ridge_cv_scores`).
-        unimodal: Without ``prune``, factorise only the candidates a descent from the middle
-            of the grid visits (see :func:`ridge_cv_scores`; the others score ``nan``).
-        budget: Without ``prune``, hold out folds in turn only while ``folds x 5 x cols^3 / 6``
-            multiply-adds stay within this (at least one fold; None: every fold).
-        total: The statistics of every row, when the caller has them (see :func:`ridge_cv_scores`).
-
-    Returns:
-        The chosen damping with every candidate's score.
-    """
-    used = [f for f in folds if f.n > 0]
-    _check_folds(used, total if not prune else None)
-    if not grid:
-        raise ValueError("the damping grid is empty")
-    if not prune:
-        held = None if budget is None else held_out_folds(np.shape(w)[1], len(used), budget)
-        scores = list(ridge_cv_scores(w, used, grid, rows=rows, unimodal=unimodal, held_out=held, total=total))
-    else:
-        rows_total = sum(f.n for f in used)
-        trains = [PairedStats.total([g for j, g in enumerate(used) if j != i]) for i in range(len(used))]
-        scores = []
-        for lam in grid:
-            err = 0.0
-            for out_fold, train in zip(used, trains, strict=True):
-                cand, _ = asymmetric_sparsegpt_2_4(w, train.pp, train.pd, lam, blocksize, damp)
-                err += refit_error(w, cand, out_fold)
-            scores.append(err / rows_total)
-    best = min(range(len(grid)), key=lambda i: (math.inf if math.isnan(scores[i]) else scores[i], -float(grid[i])))
-    logger.debug("refit damping by %d-fold CV: %s -> %g", len(used), dict(zip(grid, scores, strict=True)), grid[best])
-    return RefitCV(damp=float(grid[best]), grid=tuple(float(g) for g in grid), scores=tuple(scores))
-
-
-@blas.deterministic
-def asymmetric_cv_2_4(
-    w: Array,
-    folds: Sequence[PairedStats],
-    grid: Sequence[float] = DEFAULT_REFIT_GRID,
-    prune_in_cv: bool = False,
-    blocksize: int = 128,
-    damp: float = 0.01,
-    rest: PairedStats | None = None,
-) -> tuple[Array, SparseGPTStats, RefitCV]:
-    """Asymmetric SparseGPT with the refit damping chosen by :func:`choose_refit_damp`.
-
-    After the choice, the final weights are fit on all folds together.
-
-    Args:
-        rest: The rows of folds that are never held out, in one sum (``folds`` are then the
-            ones held out in turn, e.g. :func:`held_out_folds` of them): four matrices
-            instead of two per fold. It is **consumed**: the total is added into it in place.
-
-    Returns:
-        ``(new weight in w's dtype, SparseGPT stats, cross-validation outcome)``.
-    """
-    _check_weight(w)
-    if rest is not None and prune_in_cv:
-        raise ValueError("prune_in_cv needs every fold apart (no rest)")
-    used = [f for f in folds if f.n > 0]
-    if rest is None:
-        every = PairedStats.total(used)
-    else:
-        every = rest
-        for f in used:
-            every.add_(f)
-    # SparseGPT's factor depends on pp only, not on the refit: computed while the damping is chosen
-    factor = blas.Background(inverse_factor, every.pp, w.shape[1], damp)
-    cv = choose_refit_damp(
-        w, used, grid, prune=prune_in_cv, blocksize=blocksize, damp=damp, total=every,
-        budget=SELECT_BUDGET if rest is None else None,
-    )  # fmt: skip
-    refit = _refit(w.astype(np.float64), every.pp, every.pq, cv.damp)
-    out, stats = prune_with_factor(refit, factor.result(), blocksize)
-    return out.astype(w.dtype), stats, cv
-
-
-# --------------------------------------------------------------------------------------
-# Damping of row-starved layers
-# --------------------------------------------------------------------------------------
-
-
-@blas.deterministic
-def choose_damp(
-    w: Array,
-    xtx: npt.ArrayLike,
-    folds: Sequence[npt.ArrayLike],
-    grid: Sequence[float],
-    blocksize: int = 128,
-    rows: int = SELECT_ROWS,
-    budget: float | None = SELECT_BUDGET,
-    seed: int = 0,
-) -> tuple[float, tuple[float, ...]]:
-    """SparseGPT's damping by cross-validation over folds of calibration rows.
-
-    For a layer that saw fewer rows than it has inputs (``X^T X`` is singular and the usual
-    damping lets SparseGPT's update overfit). For each held-out fold ``f`` and candidate
-    damping, SparseGPT runs on the other folds' ``X^T X`` and scores the held-out output error
-    ``||X_f (W - W')^T||^2``; the smallest total wins (ties: the larger damping). What keeps it
-    cheap on a wide layer:
-
-    * the training ``X^T X`` is the total minus the held-out fold's (no product of the
-      training rows);
-    * SparseGPT's rows are independent given its factor, so only a seeded subset of the output
-      rows is walked: as many as ``budget`` multiply-adds allow for the walks, at least
-      ``rows`` (all of a small layer's);
-    * folds are held out in turn only while ``budget`` allows (:func:`held_out_folds`);
-    * the candidates of a fold run side by side (one factorisation each).
-
-    Args:
-        w: Dense weight ``[rows, cols]``.
-        xtx: ``X^T X`` of the rows of every fold together (e.g. ``RunningStats.xtx``).
-        folds: Each fold's rows ``[n_f, cols]``, split by calibration sample; at least 2
-            folds with rows.
-        grid: Candidate relative dampings (``lambda = damp * mean(diag(H))``).
-        blocksize: SparseGPT block size.
-        rows: The fewest output rows walked (fewer only when ``w`` has fewer).
-        budget: Multiply-adds per weight for the walks of one held-out fold, and the budget of
-            :func:`held_out_folds`; None: every row and every fold.
-        seed: Seed of the row subset.
-
-    Returns:
-        ``(chosen damping, per candidate the held-out error per held-out row)``.
-    """
-    _check_weight(w)
-    cols = w.shape[1]
-    used = [x.reshape(-1, cols) for x in (np.asarray(f) for f in folds) if x.size]
-    if len(used) < 2:
-        raise ValueError(f"cross-validation needs at least 2 folds with rows, got {len(used)}")
-    if not grid:
-        raise ValueError("the damping grid is empty")
-    total = np.asarray(xtx, dtype=np.float64)
-    _check_square(total, cols, "xtx")
-    a = w.astype(np.float64)
-    walked = a.shape[0] if budget is None else max(rows, int(budget // (len(grid) * cols * cols)))
-    if walked < a.shape[0]:
-        a = a[np.sort(np.random.default_rng(seed).choice(a.shape[0], size=walked, replace=False))]
-    held = len(used) if budget is None else held_out_folds(cols, len(used), budget)
-    n_all = sum(len(f) for f in used)
-    alive = [np.any(f != 0, axis=0) for f in used]  # per fold, the columns with a nonzero value
-    scores = np.zeros(len(grid))
-    for i in range(held):
-        xf = used[i].astype(np.float64)
-        # columns that are zero on every training row are dead there (weights set to 0)
-        dead = ~np.any([v for j, v in enumerate(alive) if j != i], axis=0)
-        h = total - xf.T @ xf
-        h *= 2.0 / (n_all - xf.shape[0])
-
-        def score(damp: float, h: Array = h, xf: Array = xf, dead: Array = dead) -> float:
-            new, _ = prune_with_factor(a, inverse_factor(h, cols, damp=damp, dead=dead), blocksize)
-            return float(np.sum(np.square(xf @ (a - new).T)))
-
-        scores += blas.parallel_map(score, [float(d) for d in grid])
-        del h
-    scores *= w.shape[0] / a.shape[0] / sum(len(used[i]) for i in range(held))
-    best = min(range(len(grid)), key=lambda k: (scores[k], -grid[k]))
-    logger.debug(
-        "damping by CV (%d of %d folds held out, %d of %d rows walked): %s -> %g",
-        held, len(used), a.shape[0], w.shape[0], dict(zip(grid, scores.tolist(), strict=True)), grid[best],
-    )  # fmt: skip
-    return float(grid[best]), tuple(float(s) for s in scores)
