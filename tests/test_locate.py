@@ -353,3 +353,118 @@ def test_likely_sparse_kernel(model: onnx.ModelProto, likely: bool) -> None:
 def test_likely_sparse_kernel_is_false_when_not_eligible() -> None:
     (s,) = find_weight_sites(_matmul_model(510, 512))
     assert not s.eligible and not s.likely_sparse_kernel
+
+
+# --------------------------------------------------------------------------- edges the mutation run found unpinned
+
+
+def test_kernel_shape_and_group_of_a_site() -> None:
+    sites = _sites(onnx.load(case_path("grouped_depthwise.onnx")))
+    assert sites["gconv"].kernel_shape == (3, 3) and sites["gconv"].group > 1
+    assert _sites(onnx.load(case_path("mlp.onnx")))["fc0"].kernel_shape == ()
+
+
+@pytest.mark.parametrize("value", [1.5, "two", [1, 2]], ids=["float", "string", "ints"])
+def test_attribute_of_the_wrong_type_is_a_clear_error(value) -> None:
+    """Conv's group is an INT; any other attribute type (below or above INT in ONNX's enum) is refused."""
+    from onnx_sparse.errors import OnnxSparseError
+
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv")
+    node.attribute.append(helper.make_attribute("group", value))
+    model = _model([node], [numpy_helper.from_array(_w(8, 8, 1, 1), "w")], [_vi("x", ["N", 8, 4, 4])], [_vi("y", None)])
+    with pytest.raises(OnnxSparseError, match="attribute 'group' has type .*, Conv needs INT"):
+        find_weight_sites(model)
+
+
+def test_gemm_with_two_constant_inputs_takes_b_as_the_weight() -> None:
+    nodes = [helper.make_node("Gemm", ["a", "b"], ["y"], name="gemm")]
+    inits = [numpy_helper.from_array(_w(4, 8), "a"), numpy_helper.from_array(_w(8, 16, seed=1), "b")]
+    s = _sites(_model(nodes, inits, [], [_vi("y", [4, 16])]))["gemm"]
+    assert (s.input_index, s.weight, s.activation) == (1, "b", "a")
+
+
+def test_gemm_with_two_computed_inputs_blames_b() -> None:
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="relu_a"),
+        helper.make_node("Relu", ["z"], ["b"], name="relu_b"),
+        helper.make_node("Gemm", ["a", "b"], ["y"], name="gemm"),
+    ]
+    s = _sites(_model(nodes, [], [_vi("x", [4, 8]), _vi("z", [8, 16])], [_vi("y", [4, 16])]))["gemm"]
+    assert s.input_index == 1 and not s.eligible and "relu_b" in s.reason
+
+
+def test_shared_weight_on_two_axes_names_the_other_layer() -> None:
+    conflict = _sites(onnx.load(case_path("shared_conflict.onnx")))
+    assert conflict["mm"].reason == "shared with gemm on another axis"
+    assert conflict["gemm"].reason == "shared with mm on another axis"
+
+
+def test_layers_inside_subgraphs_get_no_int8_answer() -> None:
+    """Only the main graph is analysed for INT8 (graph/qdq.py): a subgraph's layer has int8 None."""
+    sites = find_weight_sites(onnx.load(case_path("if_subgraph.onnx")))
+    assert sites and all(s.int8 is None for s in sites)
+
+
+@pytest.mark.parametrize(
+    ("op", "extra", "consumer_shape"),
+    [
+        ("Flatten", {}, (16, 8)),  # default axis 1: (16, 2, 4) -> (16, 8)
+        ("Squeeze", {}, (16, 8)),  # no axes input: every 1 dropped
+        ("Squeeze", {"axes": [-2]}, (16, 8)),  # a negative axis
+    ],
+    ids=["flatten-default-axis", "squeeze-no-axes", "squeeze-negative-axis"],
+)
+def test_view_defaults_are_looked_through(op: str, extra: dict, consumer_shape: tuple[int, ...]) -> None:
+    stored = (16, 2, 4) if op == "Flatten" else (16, 1, 8)
+    inits = [numpy_helper.from_array(_w(*stored), "w")]
+    inputs = ["w"]
+    if "axes" in extra:
+        inits.append(numpy_helper.from_array(np.array(extra["axes"], np.int64), "axes"))
+        inputs.append("axes")
+    nodes = [
+        helper.make_node(op, inputs, ["wv"], name="view"),
+        helper.make_node("MatMul", ["x", "wv"], ["y"], name="mm"),
+    ]
+    (s,) = find_weight_sites(_model(nodes, inits, [_vi("x", ["N", 16])], [_vi("y", None)]))
+    assert s.eligible, s.reason
+    assert s.consumer_shape == consumer_shape and s.axis == 0
+
+
+def test_reshape_target_from_a_constant_node() -> None:
+    """Exporters often store a Reshape's target shape in a Constant node rather than an initializer."""
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [16, 8])
+    nodes = [
+        helper.make_node("Constant", [], ["shape"], name="shape_c", value=shape),
+        helper.make_node("Reshape", ["w", "shape"], ["wv"], name="view"),
+        helper.make_node("MatMul", ["x", "wv"], ["y"], name="mm"),
+    ]
+    s = _sites(_model(nodes, [numpy_helper.from_array(_w(16, 2, 4), "w")], [_vi("x", ["N", 16])], [_vi("y", None)]))
+    assert s["mm"].eligible, s["mm"].reason
+    assert s["mm"].consumer_shape == (16, 8) and s["mm"].path == ("Reshape",)
+
+
+def test_subgraph_inside_a_function_is_searched() -> None:
+    """A MatMul in the then-branch of an If inside a model-local function is a site too."""
+    branch_w = numpy_helper.from_array(_w(16, 16), "bw")
+    then_g = helper.make_graph(
+        [helper.make_node("Constant", [], ["bw"], name="bw_c", value=branch_w),
+         helper.make_node("MatMul", ["fx", "bw"], ["t"], name="then_mm")],
+        "then", [], [_vi("t", None)],
+    )  # fmt: skip
+    else_g = helper.make_graph(
+        [helper.make_node("Identity", ["fx"], ["e"], name="else_id")], "else", [], [_vi("e", None)]
+    )
+    fn = helper.make_function(
+        "local", "Branch", ["fx", "c"], ["fy"],
+        [helper.make_node("If", ["c"], ["fy"], name="if", then_branch=then_g, else_branch=else_g)],
+        [helper.make_opsetid("", 17)],
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [helper.make_node("Branch", ["x", "c"], ["y"], domain="local", name="call")],
+        "g", [_vi("x", ["N", 16]), _vi("c", [], TensorProto.BOOL)], [_vi("y", None)],
+    )  # fmt: skip
+    model = helper.make_model(graph, functions=[fn],
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])  # fmt: skip
+    sites = _sites(model)
+    (name,) = sites
+    assert name == "local.Branch/if/then_branch/then_mm" and sites[name].eligible

@@ -283,3 +283,45 @@ def test_float_dtypes_keep_their_dtype(dtype):
     np.testing.assert_array_equal(
         out.astype(np.float32), np.array([[0, -0.7, 0.3, 0]], np.float32).astype(dtype).astype(np.float32)
     )
+
+
+# --------------------------------------------------------------------------- blocks / scores / empty (mutation survivors)
+
+
+def _block_rows(shape: tuple[int, ...], axis: int | None, elements: int) -> list[tuple[int, int]]:
+    return [(sl[0].start, min(sl[0].stop, shape[0])) for sl in nm.blocks(shape, axis, elements)]
+
+
+def test_blocks_cover_axis_0_in_pieces_of_about_the_given_size():
+    assert list(nm.blocks(())) == [()]  # a scalar is one block
+    assert _block_rows((10, 3), None, 6) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]  # 6 elements = 2 rows
+    assert _block_rows((5, 100), None, 6) == [(i, i + 1) for i in range(5)]  # at least one row per block
+
+
+@pytest.mark.parametrize("axis", [0, -2])
+def test_blocks_along_the_group_axis_hold_whole_groups(axis):
+    """Groups of 4 run along axis 0: a block must not cut one (5 rows per block would), whatever the axis sign."""
+    rows = _block_rows((24, 3), axis, 15)
+    assert rows == [(0, 4), (4, 8), (8, 12), (12, 16), (16, 20), (20, 24)]
+    assert _block_rows((24, 3), 1, 15) == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 24)]  # other axis: not needed
+
+
+def test_magnitude_scores_default_and_float_zero():
+    w = np.array([-3.0, 0.5, 2.0, -0.25], np.float32)
+    np.testing.assert_array_equal(nm.magnitude_scores(w), np.abs(w))  # wanda scores with the default
+    np.testing.assert_array_equal(nm.magnitude_scores(w, 0.5), np.abs(w - 0.5))
+    assert nm.magnitude_scores(w.astype(np.float64)).dtype == np.float64
+
+
+def test_violating_fraction_of_an_empty_weight_is_zero():
+    assert nm.violating_fraction(np.zeros((0, 4), np.float32), 1) == 0.0
+
+
+def test_prune_stats_hand_example():
+    """What `prune` reports per tensor: groups, groups changed, 2:4 before/after, retained |w|."""
+    w = np.array([[1.0, -2.0, 3.0, -4.0], [0.0, 0.0, 5.0, 6.0]], np.float32)
+    out = nm.prune_2_4(w, 1)
+    assert nm.prune_stats(w, out, 1) == nm.PruneStats(2, 1, False, True, pytest.approx(18 / 21))
+    assert nm.prune_stats(w, w, -1) == nm.PruneStats(2, 0, False, False, 1.0)  # not pruned: still not 2:4
+    assert nm.prune_stats(out, out, 1) == nm.PruneStats(2, 0, True, True, 1.0)
+    assert nm.prune_stats(w, out, None) == nm.PruneStats(0, 0, False, False, pytest.approx(18 / 21))  # no axis

@@ -170,3 +170,66 @@ def test_external_data_is_never_read(tmp_path) -> None:
             t.CopyFrom(inline[t.name])
     (s,) = find_weight_sites(loaded)
     assert s.int8 is not None and s.int8.possible
+
+
+# --------------------------------------------------------------------------- edges the mutation run found unpinned
+
+
+def _node(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
+    return next(n for n in model.graph.node if n.name == name)
+
+
+def test_zero_point_in_a_constant_node_is_read() -> None:
+    """Exporters store scales and zero points in Constant nodes too: a non-zero one there still counts."""
+    model = _qdq_matmul(act_zp=3)
+    zp = next(t for t in model.graph.initializer if t.name == "zp")
+    model.graph.initializer.remove(zp)
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["zp"], name="zp_c", value=zp))
+    io = _site(model).int8
+    assert io.missing == ["input"] and "zero point" in io.input
+
+
+def test_int8_graph_input_behind_a_dequantize_counts() -> None:
+    """The activation is an int8 model input read by a DequantizeLinear (no QuantizeLinear in the model)."""
+    model = _qdq_matmul()
+    model.graph.node.remove(_node(model, "xq"))
+    _node(model, "xd").input[0] = "x"
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.INT8
+    assert _site(model).int8.possible
+
+
+def test_weight_through_an_identity_and_default_scale_axis() -> None:
+    """An Identity between the weight's DequantizeLinear and the layer is looked through; a DequantizeLinear
+    without an axis attribute has per-channel scales on axis 1, the output channels of a MatMul weight."""
+    model = _qdq_matmul()
+    wd = _node(model, "wd")
+    del wd.attribute[:]  # default axis 1
+    wd.output[0] = "wd0"
+    model.graph.node.insert(
+        list(model.graph.node).index(wd) + 1, helper.make_node("Identity", ["wd0"], ["wd"], name="wid")
+    )
+    io = _site(model).int8
+    assert io.weight == "" and io.possible
+
+
+def test_two_scales_along_the_input_channels_are_refused() -> None:
+    io = _site(_qdq_matmul(k=2, n=16, w_axis=0)).int8
+    assert "scales run along the input-channel axis 0" in io.weight
+
+
+def test_layer_touched_only_by_its_output_quantizer_is_quantized() -> None:
+    """Float input and weight, output quantized to uint8: the INT8 column must not be empty for it."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["mm"], name="mm"),
+        helper.make_node("QuantizeLinear", ["mm", "s", "zp"], ["yq"], name="yq"),
+        helper.make_node("DequantizeLinear", ["yq", "s", "zp"], ["y"], name="yd"),
+    ]
+    inits = [
+        numpy_helper.from_array(np.ones((16, 16), np.float32), "w"),
+        numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+        numpy_helper.from_array(np.array(0, np.uint8), "zp"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])], inits)  # fmt: skip
+    io = _site(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])).int8
+    assert io.quantized and io.missing == ["input", "weight", "output"] and "uint8" in io.output

@@ -77,6 +77,13 @@ def test_dtype_rule_uint8() -> None:
     assert rules.dtype_rule("uint8", dequantized=False) is not None
 
 
+def test_dtype_rule_uint8_reason_only_behind_dequantize() -> None:
+    """uint8 behind a DequantizeLinear gets its own why (TensorRT's weight types); elsewhere the generic one."""
+    assert "int8 or fp8 only" in rules.dtype_rule("uint8", dequantized=True)
+    assert "not supported" in rules.dtype_rule("uint8", dequantized=False)
+    assert "not supported" in rules.dtype_rule("int32", dequantized=True)
+
+
 def test_zero_point_rule() -> None:
     assert rules.zero_point_rule(None, "int8") is None
     assert rules.zero_point_rule(np.zeros(32, np.float32), "int8") is None
@@ -90,6 +97,7 @@ def test_zero_point_rule() -> None:
         ("Conv", 16, 1, None),
         ("Conv", 8, 2, None),
         ("Conv", 1, 12, "depthwise"),
+        ("Conv", 1, 2, "depthwise"),  # two channels, two groups: depthwise too
         ("Conv", 6, 1, "C=6 is not a multiple of 4"),
         ("Conv", 6, 2, "C/group=6 is not a multiple of 4"),
         ("MatMul", 10, 1, "K=10 is not a multiple of 4"),
@@ -103,6 +111,11 @@ def test_channels_rule(op: str, axis_len: int, group: int, reason: str | None) -
         assert got is None
     else:
         assert got is not None and reason in got
+
+
+def test_channels_rule_default_is_one_group() -> None:
+    assert rules.channels_rule("Conv", 6) == "C=6 is not a multiple of 4"
+    assert rules.channels_rule("Conv", 1) == "C=1 is not a multiple of 4"  # not "depthwise": one group
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ Run (long: nice it; results are kept per module, ``--resume`` goes on where a ru
 
     nice -n 19 .cache/mutation-venv/bin/python tools/mutation.py --sites 60 --jobs 2
     .cache/mutation-venv/bin/python tools/mutation.py --report     # scores and survivors of the last run
+    .cache/mutation-venv/bin/python tools/mutation.py --recheck    # after adding tests: the survivors again
     .cache/mutation-venv/bin/cr-report .cache/mutation/graph_qdq.sqlite --show-diff   # Cosmic Ray's own report
 
 Which mutants: Cosmic Ray's core operators, without those inside type annotations (with
@@ -185,7 +186,16 @@ def run_module(module: str, runners: list[Runner], args: argparse.Namespace) -> 
     timeout = max(args.timeout, 3 * secs)
     print(f"[{module}] unmutated tests pass in {secs:.1f} s; per-mutant timeout {timeout:.0f} s", flush=True)
     source = (first.tree / module).read_text(encoding="utf-8")
-    fresh = not (args.resume and db_path.exists())
+    digest = hashlib.sha256(source.encode()).hexdigest()
+    meta_path = args.out / f"{slug(module)}.json"
+    if args.recheck:
+        if not db_path.exists():
+            print(f"[{module}] no session to recheck", flush=True)
+            return
+        if json.loads(meta_path.read_text()).get("source_sha256") != digest:
+            print(f"[{module}] the module changed since its session: its mutants no longer apply; run it anew")
+            return
+    fresh = not (args.resume or args.recheck) or not db_path.exists()
     with use_db(str(db_path), WorkDB.Mode.create) as db:
         if fresh:
             cr_init([first.tree / module], db, {})
@@ -194,12 +204,14 @@ def run_module(module: str, runners: list[Runner], args: argparse.Namespace) -> 
             skipped = [w.job_id for w in db.work_items if w.job_id not in keep]
             db.set_multiple_results(skipped, WorkResult(worker_outcome=WorkerOutcome.SKIPPED, output="not sampled"))
             meta = {"module": module, "tests": list(tests), "mutants": db.num_work_items, "sites": sites,
-                    "chosen": len(chosen), "timeout": timeout}  # fmt: skip
-            (args.out / f"{slug(module)}.json").write_text(json.dumps(meta, indent=1))
-        pending = sorted(
-            db.pending_work_items, key=lambda w: (tuple(w.mutations[0].start_pos), w.mutations[0].operator_name)
-        )
-        print(f"[{module}] {len(pending)} mutants to run", flush=True)
+                    "chosen": len(chosen), "timeout": timeout, "source_sha256": digest}  # fmt: skip
+            meta_path.write_text(json.dumps(meta, indent=1))
+        if args.recheck:
+            todo = [w for w, r in db.completed_work_items if r.test_outcome == TestOutcome.SURVIVED]
+        else:
+            todo = list(db.pending_work_items)
+        pending = sorted(todo, key=lambda w: (tuple(w.mutations[0].start_pos), w.mutations[0].operator_name))
+        print(f"[{module}] {len(pending)} mutants to run{' again' if args.recheck else ''}", flush=True)
         free = list(runners)
         lock = threading.Lock()
 
@@ -311,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ref", default=None, help="test this commit (git archive) instead of the working tree")
     parser.add_argument("--out", type=Path, default=REPO / ".cache" / "mutation", help="sessions and scratch trees")
     parser.add_argument("--resume", action="store_true", help="keep the sessions in --out and run what is pending")
+    parser.add_argument("--recheck", action="store_true", help="run the survivors in --out again (after new tests)")
     parser.add_argument("--report", action="store_true", help="only print the scores and survivors of --out")
     parser.add_argument("--json", type=Path, help="also write the report as JSON")
     args = parser.parse_args(argv)
@@ -319,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.report:
         runners = []
         for j in range(max(1, args.jobs)):
-            tree = args.out / f"tree-{j}"
+            tree = args.out / f"{'recheck' if args.recheck else 'tree'}-{j}"
             make_tree(tree, args.ref)
             runners.append(Runner(tree, args.python))
         for module in modules:
