@@ -55,6 +55,7 @@ def test_in_place_output_may_not_replace_another_input(
     assert rc == 2, text
     (line,) = error_lines(text)
     assert "refusing to overwrite" in line and what in line and "Traceback" not in text
+    assert "--in-place" not in line.split("(hint:")[1]  # the --in-place hint is for the model file only
     assert _files(folder) == before  # nothing written, nothing replaced
 
 
@@ -64,6 +65,18 @@ def test_in_place_alone_still_replaces_the_model(run_cli, model_with_data: Path)
     rc, text = run_cli(["prune", model_with_data, "--in-place"])
     assert rc == 0, text
     assert sha256(model_with_data) != before and run_cli(["check", model_with_data])[0] == 0
+
+
+def test_a_file_named_like_the_data_file_in_another_folder_is_not_refused(run_cli, tmp_path: Path) -> None:
+    """Only a --report beside the output can be taken for its data file (``<name>.<hash>.data``)."""
+    src = tmp_path / "m.onnx"
+    src.write_bytes(case_path("mlp.onnx").read_bytes())
+    (tmp_path / "sub").mkdir()
+    beside = ["prune", src, "-o", tmp_path / "o.onnx", "--report", tmp_path / "o.onnx.0123456789abcdef.data"]
+    rc, text = run_cli(beside)
+    assert rc == 2 and "named like the data file" in text
+    rc, text = run_cli([*beside[:-1], tmp_path / "sub" / "o.onnx.0123456789abcdef.data"])
+    assert rc == 0, text
 
 
 def test_check_run_paths_never_replaces_the_model_unless_asked(tmp_path: Path) -> None:
