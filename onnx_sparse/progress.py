@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from typing import TextIO
 
-__all__ = ["Progress", "suspended"]
+__all__ = ["Progress", "suspended", "line"]
 
 _ACTIVE: list[Progress] = []
 
@@ -98,6 +98,44 @@ class Progress:
         self.clear()
         if self in _ACTIVE:
             _ACTIVE.remove(self)
+
+
+_MIN_NAME = 24  # a layer name is never cut below this (the tables' floor for names)
+_GOOD_NAME = 44  # room for a name before the details of a line give way
+_MIN_TAIL = 16
+_LOG_PREFIX = 4  # "[I] "
+
+
+def line(head: str, name: str, tail: str = "", width: int | None = None) -> str:
+    """A per-layer log line ``head name tail`` that fits the terminal the way the tables do.
+
+    ``name`` (a layer's node name, or several joined by commas) is shortened in the middle with
+    :func:`onnx_sparse.report.shorten`, the same rule as table cells (``.../layer.0/.../query/MatMul``);
+    if the line still does not fit, the details in parentheses of ``tail`` give way
+    (``(...)``). Under ``-v`` (``onnx_sparse`` logging at DEBUG) and with ``width`` 0 nothing is
+    shortened; JSON reports always hold the full names.
+
+    Args:
+        head: What comes before the name (``"[3/18]"``).
+        name: The layer's name.
+        tail: What comes after it (``"asym 0.07s (2432 rows, loss 10.2)"``).
+        width: Columns (default: :func:`onnx_sparse.report.terminal_width`, 100 when not a terminal).
+    """
+    from onnx_sparse.report import shorten, terminal_width
+
+    parts = [p for p in (head, name, tail) if p]
+    full = " ".join(parts)
+    if width == 0 or logging.getLogger("onnx_sparse").isEnabledFor(logging.DEBUG):
+        return full
+    room = (terminal_width() if width is None else width) - _LOG_PREFIX
+    if len(full) <= room:
+        return full
+    fixed = len(full) - len(name)
+    wanted = min(len(name), _GOOD_NAME)
+    if tail and room - fixed < wanted:  # details give way before the name is cut hard
+        tail = shorten(tail, max(_MIN_TAIL, len(tail) - (wanted - (room - fixed))))
+        fixed = len(head) + len(tail) + (1 if head else 0) + 1
+    return " ".join(p for p in (head, shorten(name, max(_MIN_NAME, room - fixed)), tail) if p)
 
 
 def _columns(stream: TextIO) -> int:

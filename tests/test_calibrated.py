@@ -190,13 +190,17 @@ def test_layers_that_cannot_be_calibrated_fall_back_to_magnitude(caplog) -> None
     assert _all_2_4(result.model.model)
 
 
-def test_subgraph_sites_fall_back_to_magnitude() -> None:
-    model = onnx.load(case_path("if_subgraph.onnx"))
-    from onnx_sparse.calib.data import random_feeds
+def test_subgraph_sites_are_calibrated_in_their_bodies() -> None:
+    """Layers inside If branches are fitted on what their branch sees (issue 21; tests/test_bodies.py);
+    a branch no sample takes is pruned by magnitude and says so."""
+    from onnx_sparse.passes.bodies import NOT_REACHED
 
-    result = CalibratedPrunePass("sparsegpt", random_feeds(model, iterations=2, input_shapes={"x": (2, 16)}))(model)
-    assert {r.method for r in result.records} == {"magnitude"}
-    assert all("subgraph" in r.note for r in result.records)
+    model = onnx.load(case_path("if_subgraph.onnx"))
+    x = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
+    result = CalibratedPrunePass("sparsegpt", [{"cond": np.array(True), "x": x}] * 2)(model)
+    methods = {r.nodes[0].split("/")[1]: r.method for r in result.records if len(r.nodes) == 1}
+    assert methods == {"then_branch": "sparsegpt", "else_branch": "magnitude"}
+    assert all(r.note == NOT_REACHED for r in result.records if r.method == "magnitude")
 
 
 def test_needs_data_and_valid_options() -> None:
@@ -321,7 +325,7 @@ def test_cli_random_data_warns(run_cli, tmp_path) -> None:
                         "x:[1,8,9,9]", "--iterations", "2", "--seed", "3"])  # fmt: skip
     assert rc == 0, text
     warnings = [line for line in text.splitlines() if line.startswith("[W]") and "RANDOM" in line]
-    assert len(warnings) == 2  # when the data is made, and again at the end
+    assert len(warnings) == 1  # once per command (issue 21): at the end, after the result
     assert "2 sample(s) of RANDOM data" in text
 
 

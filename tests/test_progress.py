@@ -75,3 +75,50 @@ def test_calibrated_pass_reports_every_layer(method: str, monkeypatch) -> None:
     monkeypatch.setattr(Progress, "update", spy)
     CalibratedPrunePass(method, mlp_data(0, 4))(mlp())
     assert steps == [(1, "fc1"), (2, "fc2"), (3, "fc3")]
+
+
+# The issue 21 example: a 173-column per-layer line of prune on MiniLM.
+_NAME = "/model/model.0/auto_model/encoder/layer.0/attention/self/query/MatMul"
+_TAIL = "asym 0.07s (2432 rows, loss 10.23, no dense refit (cross-validation kept the dense weights))"
+
+
+def test_line_fits_like_the_tables() -> None:
+    from onnx_sparse.report import shorten
+
+    text = progress.line("[1/18]", _NAME, _TAIL, width=100)
+    assert len(text) <= 96  # 100 columns with the "[I] " prefix
+    assert text.startswith("[1/18] /") and "layer.0" in text and "query/MatMul" in text  # what tells layers apart
+    short = text.split(" ")[1]
+    assert short == shorten(_NAME, len(short))  # the tables' rule, not a second one
+    assert progress.line("[2/18]", "conv1", "asym 0.07s (12 rows)", width=100) == "[2/18] conv1 asym 0.07s (12 rows)"
+
+
+def test_line_full_under_verbose_and_width_zero(caplog) -> None:
+    full = f"[1/18] {_NAME} {_TAIL}"
+    assert progress.line("[1/18]", _NAME, _TAIL, width=0) == full
+    with caplog.at_level(logging.DEBUG, logger="onnx_sparse"):
+        assert progress.line("[1/18]", _NAME, _TAIL, width=100) == full
+
+
+def test_prune_progress_lines_fit_and_report_keeps_full_names(run_cli, tmp_path) -> None:
+    """Per-layer log lines of a calibrated prune fit 100 columns; the JSON report has the full names."""
+    import json
+
+    import onnx
+    from polygraphy.json import save_json
+
+    model = mlp()
+    long = "/model/model.0/auto_model/encoder/layer.0/attention/self/query/"
+    for node in model.graph.node:
+        if node.name:
+            node.name = long + node.name
+    onnx.save(model, tmp_path / "m.onnx")
+    save_json(mlp_data(0, 6), tmp_path / "calib.json")
+    rc, out = run_cli(["prune", tmp_path / "m.onnx", "-o", tmp_path / "o.onnx", "--method", "asym",
+                       "--load-inputs", tmp_path / "calib.json", "--report", tmp_path / "r.json"])  # fmt: skip
+    assert rc == 0, out
+    layer_lines = [line for line in out.splitlines() if line.startswith("[I] [")]
+    assert layer_lines and all(len(line) <= 100 for line in layer_lines), layer_lines
+    assert any("..." in line for line in layer_lines)
+    nodes = [n for r in json.loads((tmp_path / "r.json").read_text())["layers"] for n in r["nodes"]]
+    assert any(n.startswith(long) for n in nodes)

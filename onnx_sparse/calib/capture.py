@@ -39,7 +39,19 @@ from onnx_sparse.calib.spill import Spill
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.io import ModelFile
 
-__all__ = ["node_reads", "schedule", "Schedule", "StagedRunner", "run_model", "inline_model"]
+__all__ = [
+    "node_reads",
+    "schedule",
+    "Schedule",
+    "StagedRunner",
+    "run_model",
+    "inline_model",
+    "toposort_graph",
+    "body_path",
+    "body_producers",
+    "expose_body_values",
+    "iter_body_values",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +99,25 @@ def _toposort(nodes: Sequence[onnx.NodeProto], available: set[str]) -> list[onnx
             )
         pending = rest
     return out
+
+
+def toposort_graph(graph: onnx.GraphProto) -> bool:
+    """Put ``graph``'s nodes in an order where every node, and every subgraph it owns, comes after
+    whatever it reads (stable: an order that already is one is kept). Returns whether it moved any.
+
+    Tools that sort by explicit inputs only (onnxruntime's quantizer) can put an If before the
+    producer of a value its branches read from the outer scope, which onnx.checker rejects.
+    """
+    inits = {t.name for t in graph.initializer} | {i.name for i in graph.input}
+    order = _toposort(list(graph.node), inits)
+    if [id(n) for n in order] == [id(n) for n in graph.node]:
+        return False
+    nodes = [onnx.NodeProto() for _ in order]
+    for dst, src in zip(nodes, order, strict=True):
+        dst.CopyFrom(src)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return True
 
 
 @dataclass(frozen=True)
@@ -459,3 +490,204 @@ class StagedRunner:
             sum(a.nbytes for v in self.cache.values() for a in v if a is not None) / 1e6,
             run_s,
         )
+
+
+# ---------------------------------------------------------------------------- inside If/Loop/Scan bodies
+
+_BODY_OPS = ("If", "Loop", "Scan")
+
+
+def body_path(model: onnx.ModelProto, node: onnx.NodeProto) -> list[tuple[onnx.NodeProto, str, int]] | None:
+    """Where ``node`` lives: the chain ``(owner node, attribute name, index in GRAPHS)`` from the main
+    graph down to the If/Loop/Scan body that holds it (``[]`` in the main graph; None when it is not
+    in the main graph's tree, e.g. inside a model-local function). Found by identity."""
+
+    def search(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, str, int]] | None:
+        for n in graph.node:
+            if n is node:
+                return []
+        for n in graph.node:
+            for a in n.attribute:
+                subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+                for k, sub in enumerate(subs):
+                    found = search(sub)
+                    if found is not None:
+                        return [(n, a.name, k), *found]
+        return None
+
+    return search(model.graph)
+
+
+def _subgraph(owner: onnx.NodeProto, attr: str, index: int) -> onnx.GraphProto:
+    a = next(a for a in owner.attribute if a.name == attr)
+    return a.g if a.type == onnx.AttributeProto.GRAPH else a.graphs[index]
+
+
+def body_producers(model: onnx.ModelProto, node: onnx.NodeProto) -> dict[str, onnx.NodeProto] | None:
+    """Who produces each name ``node`` can see: its own graph's nodes over every enclosing graph's
+    (None when ``node`` is not in the main graph's tree)."""
+    path = body_path(model, node)
+    if path is None:
+        return None
+    graphs = [model.graph] + [_subgraph(owner, attr, k) for owner, attr, k in path]
+    out: dict[str, onnx.NodeProto] = {}
+    for g in graphs:  # inner scopes override outer ones
+        out.update({o: n for n in g.node for o in n.output if o})
+    return out
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every value shape inference can type, in every graph (names are scoped
+    uniquely enough for activations: an inner name shadowing an outer one is invalid ONNX)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - a model inference cannot type: fall back to float below
+        return {}
+    out: dict[str, int] = {}
+
+    def walk(g: onnx.GraphProto) -> None:
+        for vi in [*g.value_info, *g.input, *g.output]:
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+                out.setdefault(vi.name, vi.type.tensor_type.elem_type)
+        for n in g.node:
+            for a in n.attribute:
+                for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                    walk(sub)
+
+    walk(inferred.graph)
+    return out
+
+
+def expose_body_values(
+    model: onnx.ModelProto, targets: Sequence[tuple[list[tuple[onnx.NodeProto, str, int]], str]]
+) -> tuple[onnx.ModelProto, list[tuple[str, int]]]:
+    """A copy of ``model`` in which each target value, defined inside an If/Loop/Scan body, is also a
+    main-graph output.
+
+    Each target is ``(body_path(model, node), value name)``. The value becomes an extra output of
+    its body and of the owning node, level by level up to the main graph: an If's other branch
+    gives an empty tensor (so an empty result means "this branch was not taken"), a Loop or
+    Scan body gives it as a new scan output (every iteration's value, stacked).
+
+    Returns:
+        The copy and, per target, the main-graph output name and how many loop levels stacked
+        it (leading axes to merge into the batch).
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    types = _elem_types(model)
+    # The same chain of nodes in the copy (same positions; found through the original's indices).
+    used = {o.name for o in model.graph.output}
+    counter = [0]
+
+    def fresh(stem: str) -> str:
+        counter[0] += 1
+        name = f"onnx_sparse_capture_{counter[0]}_{stem}"
+        while name in used:
+            counter[0] += 1
+            name = f"onnx_sparse_capture_{counter[0]}_{stem}"
+        used.add(name)
+        return name
+
+    results: list[tuple[str, int]] = []
+    for path, value in targets:
+        # walk the copy along the path (by node position in each graph)
+        graphs = [out.graph]
+        owners: list[tuple[onnx.NodeProto, str, int]] = []
+        src_graphs = [model.graph]
+        for owner, attr, k in path:
+            pos = next(i for i, n in enumerate(src_graphs[-1].node) if n is owner)
+            copy_owner = graphs[-1].node[pos]
+            owners.append((copy_owner, attr, k))
+            graphs.append(_subgraph(copy_owner, attr, k))
+            src_graphs.append(_subgraph(owner, attr, k))
+        elem = types.get(value, TensorProto.FLOAT)
+        # An Identity inside the innermost body: the value may be an outer-scope one, which a body
+        # may not return as it is.
+        name, loops = fresh("value"), 0
+        graphs[-1].node.append(onnx.helper.make_node("Identity", [value], [name]))
+        for depth in range(len(owners) - 1, -1, -1):
+            owner, attr, _ = owners[depth]
+            body = graphs[depth + 1]
+            body.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+            if owner.op_type == "If":
+                other_attr = "else_branch" if attr == "then_branch" else "then_branch"
+                other = _subgraph(owner, other_attr, 0)
+                empty = fresh("none")
+                other.node.append(
+                    onnx.helper.make_node(
+                        "Constant",
+                        [],
+                        [empty],
+                        value=numpy_helper.from_array(
+                            np.zeros((0,), onnx.helper.tensor_dtype_to_np_dtype(elem)), empty
+                        ),
+                    )
+                )
+                other.output.append(onnx.helper.make_tensor_value_info(empty, elem, None))
+            elif owner.op_type in ("Loop", "Scan"):
+                loops += 1
+                if owner.op_type == "Scan":
+                    for a in owner.attribute:
+                        if a.name in ("scan_output_axes", "scan_output_directions"):
+                            a.ints.append(0)
+            else:
+                raise OnnxSparseError(f"cannot capture inside a {owner.op_type} body", hint="only If/Loop/Scan")
+            name_up = fresh(value.replace("/", "_")[-40:])
+            owner.output.append(name_up)
+            name = name_up
+        out.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+        results.append((name, loops))
+    return out, results
+
+
+def iter_body_values(
+    mf: ModelFile,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    targets: Sequence[tuple[onnx.NodeProto, str]],
+    threads: int | None = None,
+    like: onnx.ModelProto | None = None,
+) -> Iterator[tuple[int, list[np.ndarray | None]]]:
+    """Per calibration sample, the value each ``(node inside a body, value name)`` really had in a
+    whole-model run of ``mf`` as it is now (current weights): the array, with the iterations of
+    enclosing loops merged into its first axis, or None when the sample never reached it (an If
+    branch not taken, a loop that ran zero times). ``like``: the model the target nodes belong to,
+    when that is a structural copy of ``mf.model`` (the dense model of ``asym``)."""
+    model = inline_model(mf)
+    paths = []
+    for node, value in targets:
+        path = body_path(like if like is not None else mf.model, node)
+        if not path:
+            raise AssertionError(f"{value!r}: not inside an If/Loop/Scan body")
+        if like is not None:
+            path = _same_path(like, mf.model, path)
+        paths.append((_same_path(mf.model, model, path), value))
+    exposed, outs = expose_body_values(model, paths)
+    names = [n for n, _ in outs]
+    sess = _session(exposed, threads)
+    for i, feed in enumerate(feeds):
+        values = _run(sess, names, feed, i)
+        result: list[np.ndarray | None] = []
+        for v, (_, loops) in zip(values, outs, strict=True):
+            a = np.asarray(v)
+            if a.size == 0:
+                result.append(None)
+                continue
+            if loops:
+                a = a.reshape((-1, *a.shape[loops + 1 :])) if a.ndim > loops + 1 else a.reshape(-1)
+            result.append(a)
+        yield i, result
+
+
+def _same_path(
+    src: onnx.ModelProto, dst: onnx.ModelProto, path: list[tuple[onnx.NodeProto, str, int]]
+) -> list[tuple[onnx.NodeProto, str, int]]:
+    """``path`` (in ``src``) as the same chain of nodes in ``dst``, a structural copy of ``src``."""
+    out = []
+    g_src, g_dst = src.graph, dst.graph
+    for owner, attr, k in path:
+        pos = next(i for i, n in enumerate(g_src.node) if n is owner)
+        owner_dst = g_dst.node[pos]
+        out.append((owner_dst, attr, k))
+        g_src, g_dst = _subgraph(owner, attr, k), _subgraph(owner_dst, attr, k)
+    return out

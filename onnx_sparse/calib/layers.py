@@ -367,9 +367,16 @@ def _constant_value(mf: ModelFile, producers: Mapping[str, onnx.NodeProto], name
     return None
 
 
-def layer_view(site: WeightSite, mf: ModelFile, producers: Mapping[str, onnx.NodeProto]) -> LayerView:
-    """Build the matrix view of a main-graph ``site`` (raises :class:`Unsupported` when it does not fit)."""
-    if site.scope:
+def layer_view(
+    site: WeightSite, mf: ModelFile, producers: Mapping[str, onnx.NodeProto], in_body: bool = False
+) -> LayerView:
+    """Build the matrix view of ``site`` (raises :class:`Unsupported` when it does not fit).
+
+    A site inside a subgraph needs ``in_body`` (it lives in an If/Loop/Scan body whose values
+    :func:`onnx_sparse.calib.capture.iter_body_values` can capture) and ``producers`` of its own
+    scope (:func:`onnx_sparse.calib.capture.body_producers`); inside a function it is refused.
+    """
+    if site.scope and not in_body:
         raise Unsupported(f"{site.node}: inside a subgraph or function ({site.scope})")
     if site.tensor is None or site.axis is None or site.node_proto is None:
         raise Unsupported(f"{site.node}: weight not traced")

@@ -20,7 +20,9 @@ Weights are read and written through their stored tensors (:mod:`onnx_sparse.cal
 explains the matrix view, and what happens to fp16/bf16 and quantized weights), with
 :func:`onnx_sparse.passes.prune.apply_site`, like magnitude pruning.
 
-Layers that cannot be calibrated (inside If/Loop bodies or functions, a constant Gemm ``A``,
+Layers inside If/Loop/Scan bodies are fitted first, on the activations their bodies really see
+(:mod:`onnx_sparse.passes.bodies`; one no calibration sample reaches is pruned by magnitude and
+says so). Layers that cannot be calibrated (inside model-local functions, a constant Gemm ``A``,
 a weight path that is not a pure permutation, a shared weight whose users feed each other)
 are pruned by magnitude *before* calibration starts, so that every calibrated layer sees them
 as they will be; each such layer gets a log line saying why.
@@ -64,7 +66,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnx_sparse.calib.capture import StagedRunner, inline_model, run_model, schedule
+from onnx_sparse.calib.capture import StagedRunner, body_producers, inline_model, run_model, schedule
 from onnx_sparse.calib.data import validate_feeds
 from onnx_sparse.calib.layers import LayerView, Unsupported, layer_view
 from onnx_sparse.calib.spill import Spill
@@ -77,9 +79,10 @@ from onnx_sparse.graph.weights import read_weight, zero_value
 from onnx_sparse.io import ModelFile
 from onnx_sparse.passes.base import Pass, PassResult, copy_model_file
 from onnx_sparse.passes.bias_write import shift_bias
+from onnx_sparse.passes.bodies import fit_bodies, in_body
 from onnx_sparse.passes.head import HeadLayer, head_candidates, head_tensors, refit_heads, softmax_heads
 from onnx_sparse.passes.prune import PrunePass, SiteRecord, apply_site, group_by_tensor, totals
-from onnx_sparse.progress import Progress
+from onnx_sparse.progress import Progress, line
 from onnx_sparse.prune.bias import bias_shift
 from onnx_sparse.prune.select import asymmetric_cv_2_4, choose_damp
 from onnx_sparse.prune.sparsegpt import sparsegpt_2_4
@@ -230,14 +233,19 @@ class Calibrator:
     # ---------------------------------------------------------------- planning
 
     @staticmethod
-    def groups(mf: ModelFile, sites: Sequence[WeightSite]) -> tuple[list[LayerGroup], list[LayerGroup]]:
-        """Split tensor groups into calibratable ones (with their view) and magnitude fallbacks."""
+    def groups(
+        mf: ModelFile, sites: Sequence[WeightSite], bodies: bool = False
+    ) -> tuple[list[LayerGroup], list[LayerGroup]]:
+        """Split tensor groups into calibratable ones (with their view) and magnitude fallbacks.
+
+        ``bodies``: layers inside If/Loop/Scan bodies are calibratable too (the caller fits them
+        with :func:`onnx_sparse.passes.bodies.fit_bodies`); otherwise they are fallbacks."""
         producers = {o: n for n in mf.model.graph.node for o in n.output if o}
         ok, fallback = [], []
         for k, members in enumerate(group_by_tensor(sites)):
             grp = LayerGroup(k, list(members))
             try:
-                views = [layer_view(s, mf, producers) for s in members]
+                views = [_view(s, mf, producers, bodies) for s in members]
                 first = views[0]
                 for v in views[1:]:
                     if (
@@ -459,6 +467,16 @@ def _refit_words(refit_damp: float | None) -> str:
     return f", dense refit with ridge damp {refit_damp:g} (cross-validated)"
 
 
+def _view(site: WeightSite, mf: ModelFile, producers: Mapping[str, onnx.NodeProto], bodies: bool) -> LayerView:
+    """``site``'s matrix view; inside an If/Loop/Scan body (with ``bodies``) from its own scope's producers."""
+    if not site.scope or not bodies:
+        return layer_view(site, mf, producers)
+    own = body_producers(mf.model, site.node_proto)
+    if own is None:
+        raise Unsupported(f"{site.node}: inside a function ({site.scope})")
+    return layer_view(site, mf, own, in_body=True)
+
+
 def _with_view(g: LayerGroup, view: LayerView | None) -> LayerGroup:
     g.view = view
     return g
@@ -595,7 +613,9 @@ class CalibratedPrunePass(Pass):
         needs_data = method in DATA_METHODS or self.bias_correction or self.refit_head
         feeds = self.resolve_feeds(mf.model) if needs_data else []
         dense = copy_model_file(mf) if method == "asym" else None
-        groups, fallback = self.engine.groups(mf, sites)
+        groups, fallback = self.engine.groups(mf, sites, bodies=True)
+        bodies = [g for g in groups if in_body(g)]  # fitted first, on what their bodies see
+        groups = [g for g in groups if not in_body(g)]
         heads = head_candidates(mf, [(g.sites, g.view) for g in groups]) if self.refit_head else []
         # one sample screens the candidates: most models have no softmax head, and what the refit
         # needs over every sample (below) is not free
@@ -611,22 +631,23 @@ class CalibratedPrunePass(Pass):
         records: list[SiteRecord] = []
         # Layers that cannot be calibrated are pruned first, so the others see them as final.
         for grp in fallback:
-            logger.info("magnitude instead of %s: %s", method, grp.note)
+            logger.info("%s", line(f"magnitude instead of {method}:", grp.note))
             fit = self.engine.solve(_with_view(grp, None), None, mf, time.perf_counter())
             rec = apply_site(grp.sites[0], grp.sites, mf, fit.new, "magnitude", original=fit.stored)
             records.append(_record(rec, note=grp.note))
-        total = len(groups)
+        total = len(groups) + len(bodies)
         done = 0
 
-        def apply(fit: LayerFit, runner: StagedRunner) -> None:
+        def apply(fit: LayerFit, runner: StagedRunner | None) -> None:
             nonlocal done
             grp = fit.group
             used = fit.method
             rec = apply_site(grp.sites[0], grp.sites, mf, fit.new, used, original=fit.stored)
-            corrected = _apply_bias(fit, runner, mf, method) if self.bias_correction else False
+            # bias edits are main-graph nodes: none inside If/Loop bodies (runner None)
+            corrected = _apply_bias(fit, runner, mf, method) if self.bias_correction and runner is not None else False
             done += 1
             if fit.note:
-                logger.info("%s: %s", grp.sites[0].node, fit.note)
+                logger.info("%s", line("", f"{grp.sites[0].node}:", fit.note))
             extra = f", loss {fit.loss:.4g}" if fit.loss is not None else ""
             extra += _refit_words(fit.refit_damp)
             extra += f", damp {fit.damp:g} by cross-validation" if fit.damp is not None else ""
@@ -635,10 +656,8 @@ class CalibratedPrunePass(Pass):
                 extra += f", starved: rows < {grp.view.cols} inputs"
             if fit.acc is not None and fit.acc.masked:
                 extra += f", padding left out of {fit.acc.masked} samples"
-            logger.info(
-                "[%d/%d] %s %s %.2fs (%d rows%s)",
-                done, total, ",".join(s.node for s in grp.sites), used, fit.seconds, fit.rows, extra,
-            )  # fmt: skip
+            names = ",".join(s.node for s in grp.sites)  # full under -v and in the JSON report
+            logger.info("%s", line(f"[{done}/{total}]", names, f"{used} {fit.seconds:.2f}s ({fit.rows} rows{extra})"))
             if self.on_fit is not None:
                 self.on_fit(fit)
             records.append(
@@ -655,6 +674,8 @@ class CalibratedPrunePass(Pass):
             )
 
         starved: list[str] = []
+        for _ in fit_bodies(self.engine, mf, bodies, feeds, dense, lambda fit: apply(fit, None)):
+            pass
         if groups:
             with Progress(total, method) as bar:
                 run = self.engine.run(

@@ -380,8 +380,14 @@ def _run(
     reasons: dict[str, str],
 ) -> tuple[ModelFile, list[LayerQuant]]:
     """Quantize ``nodes``, check the result and measure each INT8 layer's error."""
+    from onnx_sparse import runtime
+    from onnx_sparse.calib.capture import toposort_graph
+
+    runtime.quiet()  # the quantizer opens its own onnxruntime sessions
     try:
         out = _ort_quantize(model, nodes, feeds, options)
+        # its node sort ignores what If/Loop bodies read from the main graph: sort again
+        toposort_graph(out.graph)
     except OnnxSparseError:
         raise
     except Exception as exc:  # onnxruntime raises many types
