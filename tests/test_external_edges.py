@@ -1,0 +1,34 @@
+"""Edges of onnx_sparse.external the mutation run found unpinned: empty tensors, NUL and empty locations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto, numpy_helper
+
+from onnx_sparse.errors import OnnxSparseError
+from onnx_sparse.external import element_count, external_ref, stored_nbytes
+
+
+def _external(name: str, dims: list[int], location: str) -> TensorProto:
+    t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=dims, data_location=TensorProto.EXTERNAL)
+    entry = t.external_data.add()
+    entry.key, entry.value = "location", location
+    return t
+
+
+def test_a_zero_dimension_is_an_empty_tensor_not_an_error() -> None:
+    t = numpy_helper.from_array(np.zeros((0, 4), np.float32), "empty")
+    assert element_count(t) == 0 and stored_nbytes(t) == 0
+    with pytest.raises(OnnxSparseError, match="negative dimension -1"):
+        element_count(TensorProto(name="bad", data_type=TensorProto.FLOAT, dims=[-1, 4]))
+
+
+@pytest.mark.parametrize("location", ["", "w\0.data", "\0"], ids=["empty", "nul-inside", "nul"])
+def test_empty_or_nul_location_is_one_clear_error(tmp_path: Path, location: str) -> None:
+    """A NUL would make the OS path calls raise ValueError (an internal error); it is refused first."""
+    (tmp_path / "w").write_bytes(b"\0" * 16)
+    with pytest.raises(OnnxSparseError, match="empty or invalid location"):
+        external_ref(_external("w", [4], location), tmp_path)
