@@ -32,3 +32,21 @@ def test_empty_or_nul_location_is_one_clear_error(tmp_path: Path, location: str)
     (tmp_path / "w").write_bytes(b"\0" * 16)
     with pytest.raises(OnnxSparseError, match="empty or invalid location"):
         external_ref(_external("w", [4], location), tmp_path)
+
+
+def test_length_entry_must_equal_what_dtype_and_shape_need(tmp_path: Path) -> None:
+    (tmp_path / "w.data").write_bytes(b"\0" * 64)
+    t = _external("w", [4], "w.data")  # 16 bytes
+    entry = t.external_data.add()
+    entry.key, entry.value = "length", "20"  # longer than needed is refused as well as shorter
+    with pytest.raises(OnnxSparseError, match="has length 20 but dtype x shape \\[4\\] needs 16 bytes"):
+        external_ref(t, tmp_path)
+
+
+def test_too_short_file_names_the_bytes_it_needs(tmp_path: Path) -> None:
+    (tmp_path / "w.data").write_bytes(b"\0" * 10)
+    t = _external("w", [4], "w.data")
+    entry = t.external_data.add()
+    entry.key, entry.value = "offset", "2"
+    with pytest.raises(OnnxSparseError, match="too short \\(needs 18 bytes from offset 2, has 10\\)"):
+        external_ref(t, tmp_path)
