@@ -106,6 +106,35 @@ def test_resolve_with_data_keeps_each_explicit_false(given: dict, want: tuple[bo
     assert (r.method, r.bias_correction, r.refit_head) == ("asym", *want)
 
 
+def test_defaults_are_pinned() -> None:
+    """A default is part of every recipe that leaves it out (and of every model pruned with it): changing
+    one changes outputs, so it is a decision, not an edit. The README states some of them."""
+    assert Recipe().to_dict() == {
+        "format": 1, "method": None, "include": [], "exclude": [], "ops": [], "min_channels": 0,
+        "bias_correction": None, "refit_head": None, "damp": 0.01, "blocksize": 128, "max_rows": 20_000,
+        "seed": 0, "row_mask": None, "calib_samples": None, "sensitivity": False, "target_cosine": None,
+        "holdout": 0.25, "fc_layout": False, "annotate": False, "int8": False, "int8_calibration": "percentile",
+        "int8_percentile": 99.999, "int8_layers": "eligible", "int8_max_error": None,
+    }  # fmt: skip
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "[--holdout 0.25]" in readme and "percentile 99.999 by" in readme and "the usual 0.01" in readme
+
+
+@pytest.mark.parametrize(
+    ("field", "ok", "bad"),
+    [("calib_samples", 1, 0), ("target_cosine", -1.0, -1.5), ("target_cosine", 1.0, 1.01), ("max_rows", 1, 0)],
+)
+def test_validation_edges(field: str, ok, bad) -> None:
+    assert getattr(Recipe(**{field: ok}), field) == ok
+    with pytest.raises(OnnxSparseError, match=field.replace("_", "-")):
+        Recipe(**{field: bad})
+
+
+def test_load_of_a_missing_file_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(OnnxSparseError, match="cannot read the recipe"):
+        Recipe.load(tmp_path / "missing.json")
+
+
 # --------------------------------------------------------------------------- passes and API
 
 
