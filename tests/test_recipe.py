@@ -130,6 +130,13 @@ def test_validation_edges(field: str, ok, bad) -> None:
         Recipe(**{field: bad})
 
 
+def test_type_errors_say_when_null_is_allowed() -> None:
+    with pytest.raises(OnnxSparseError, match=r"recipe: damp must be a finite number, got 'x'$"):
+        Recipe(damp="x")
+    with pytest.raises(OnnxSparseError, match=r"recipe: max_rows must be an integer or null, got 'x'$"):
+        Recipe(max_rows="x")
+
+
 def test_load_of_a_missing_file_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(OnnxSparseError, match="cannot read the recipe"):
         Recipe.load(tmp_path / "missing.json")
