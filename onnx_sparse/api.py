@@ -21,7 +21,6 @@ from onnx_sparse.io import (
     finalize_inline,
     iter_tensors,
     load_model,
-    read_tensor,
     save_model,
     write_tensor,
 )
@@ -188,7 +187,7 @@ def prune(
         mf = load_model(model)
         for t in iter_tensors(mf.model):
             if t.data_location == onnx.TensorProto.EXTERNAL:
-                write_tensor(t, read_tensor(t, mf.base_dir, mmap=False))
+                write_tensor(t, mf.read(t, mmap=False))
         mf.base_dir = None
     else:
         mf = as_model_file(model)
@@ -213,7 +212,7 @@ def _is_gs_graph(model: Any) -> bool:
 
 
 def prune_file(
-    src: str | os.PathLike[str],
+    src: str | os.PathLike[str] | ModelFile,
     dst: str | os.PathLike[str],
     recipe: Recipe | None = None,
     *,
@@ -226,25 +225,27 @@ def prune_file(
     """Prune ``src`` into ``dst`` (atomic, verified). Refuses to overwrite ``src`` unless ``in_place``,
     and refuses an input that ``onnx.checker`` rejects (before any work).
 
-    Options are those of :func:`prune`. The result's ``recipe`` attribute is not set; the
-    resolved recipe is in the output's metadata. With ``recipe.int8`` the pruned model is then
-    quantized to INT8 Q/DQ on the same calibration feeds (:func:`onnx_sparse.quant.quantize_file`,
-    :meth:`Recipe.quantize_options`) before it reaches ``dst``; the per-layer INT8 results
-    (:class:`onnx_sparse.quant.LayerQuant`) are appended to the result's records.
+    ``src`` is a path, or a model :func:`onnx_sparse.io.load_model` loaded (the CLI passes the
+    one its checks loaded, so the file is read once). Options are those of :func:`prune`. The
+    result's ``recipe`` attribute is not set; the resolved recipe is in the output's metadata.
+    With ``recipe.int8`` the pruned model is then quantized to INT8 Q/DQ on the same calibration
+    feeds (:func:`onnx_sparse.quant.quantize_file`, :meth:`Recipe.quantize_options`) before it
+    reaches ``dst``; the per-layer INT8 results (:class:`onnx_sparse.quant.LayerQuant`) are
+    appended to the result's records.
     """
-    from onnx_sparse.guard import check_run_paths
+    from onnx_sparse.guard import check_run_paths, output_path
 
     pipeline, resolved, calib, made = _plan(recipe, method, calibration, options)
     if resolved.int8 and calib is None:
         raise OnnxSparseError("INT8 quantization needs calibration data", hint="pass calibration= (a list of feeds)")
-    check_run_paths(models=[src], model_output=dst, in_place=in_place)
-    check_input_model(src)
-    mf = load_model(src)
+    (mf,) = check_run_paths(models=[src], model_output=dst, in_place=in_place)
+    check_input_model(mf)
+    reference = mf.path
     result = run_pipeline(pipeline, mf)
     if made and result.modified:
         _stamp(result.model.model, resolved, calib)
     if not resolved.int8:
-        save_model(result.model, dst, verify=verify, reference=src)
+        save_model(result.model, dst, verify=verify, reference=reference)
         return result
     assert calib is not None
     from onnx_sparse import atomic
@@ -252,9 +253,9 @@ def prune_file(
 
     # The pruned model waits in our temporary folder (removed here, on SIGTERM, or by the next run),
     # so a failed quantization never leaves a half-finished output.
-    tmp = atomic.temp_dir(atomic.check_writable_folder(dst))
+    tmp = atomic.temp_dir(output_path(dst).parent)
     try:
-        staged = save_model(result.model, tmp / os.path.basename(dst), verify=verify, reference=src)
+        staged = save_model(result.model, tmp / os.path.basename(dst), verify=verify, reference=reference)
         feeds = calib.given if calib.given is not None else calib(load_model(staged).model)
         quantized = quantize_file(staged, dst, feeds, resolved.quantize_options(), in_place=True, verify=verify)
     finally:

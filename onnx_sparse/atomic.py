@@ -25,7 +25,7 @@ from pathlib import Path
 
 from onnx_sparse.errors import OnnxSparseError
 
-__all__ = ["PREFIX", "temp_dir", "temp_file", "clean_stale", "umask_mode", "check_writable_folder"]
+__all__ = ["PREFIX", "temp_dir", "temp_file", "clean_stale", "others_writing", "umask_mode"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,20 +47,6 @@ def umask_mode(mode: int = 0o666) -> int:
     current = os.umask(0o022)
     os.umask(current)
     return mode & ~current
-
-
-def check_writable_folder(path: str | os.PathLike[str], what: str = "output", folder_ok: bool = False) -> Path:
-    """The resolved folder that will hold ``path``; refused unless it exists and we may write in it
-    (and, unless ``folder_ok``, unless ``path`` is not itself a folder)."""
-    out = Path(path)
-    folder = Path(os.path.realpath(out.parent if str(out.parent) else "."))
-    if not folder.is_dir():
-        raise OnnxSparseError(f"{out}: output folder does not exist ({what})", hint=f"create {out.parent} first")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OnnxSparseError(f"{out}: output folder {folder} is not writable ({what})", hint="choose another path")
-    if out.is_dir() and not folder_ok:
-        raise OnnxSparseError(f"{out}: is a folder ({what})", hint="give a file path")
-    return folder
 
 
 def temp_dir(folder: Path) -> Path:
@@ -92,6 +78,17 @@ def _alive(pid: int) -> bool:
     except OverflowError:
         return False
     return True
+
+
+def others_writing(folder: Path) -> bool:
+    """Whether ``folder`` holds a temporary of another run (a live one, one of another host, or one
+    whose owner cannot be told): that run may be between placing a file and renaming its model."""
+    try:
+        names = [e.name for e in os.scandir(folder) if e.name.startswith(PREFIX)]
+    except OSError:
+        return True
+    mine = _prefix()
+    return any(not name.startswith(mine) for name in names)
 
 
 def clean_stale(folder: Path) -> list[Path]:

@@ -16,8 +16,12 @@ import contextlib
 import hashlib
 import logging
 import os
+import queue
 import re
 import shutil
+import stat
+import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +35,18 @@ from onnx_sparse import atomic
 from onnx_sparse.errors import OnnxSparseError, first_line
 from onnx_sparse.external import (
     PACKED_4BIT,
+    ExternalRef,
     check_inline,
     check_tensor,
     external_location,
     external_ref,
+    file_identity,
+    file_version,
+    open_data,
+    opened_path,
     tensor_dtype,
 )
+from onnx_sparse.guard import output_path
 
 __all__ = [
     "ModelFile",
@@ -50,6 +60,7 @@ __all__ = [
     "finalize_inline",
     "data_files",
     "data_file_name",
+    "clean_orphans",
     "model_problem",
     "check_input_model",
 ]
@@ -74,12 +85,21 @@ class ModelFile:
     base_dir: Path | None = None
     path: Path | None = None
     pending: dict[int, tuple[TensorProto, np.ndarray]] = field(default_factory=dict, repr=False)
+    #: (device, inode) of the model file that was read (None: not loaded from a file).
+    ident: tuple[int, int] | None = None
+    #: the data files checked at load, with their :func:`~onnx_sparse.external.file_version`:
+    #: a later read must find the same file, unchanged.
+    data_ids: dict[Path, tuple[int, ...]] = field(default_factory=dict, repr=False)
 
     def read(self, t: TensorProto, mmap: bool = True) -> np.ndarray:
         """The current value of ``t`` (a pending new value, or what is stored)."""
         if id(t) in self.pending:
             return self.pending[id(t)][1]
-        return read_tensor(t, self.base_dir, mmap=mmap)
+        return read_tensor(t, self.base_dir, mmap=mmap, pinned=self.data_ids)
+
+    def ref(self, t: TensorProto) -> ExternalRef:
+        """Where the stored bytes of external ``t`` are, checked against what was checked at load."""
+        return _pinned_ref(t, self.base_dir, self.data_ids)
 
     def write(self, t: TensorProto, value: np.ndarray) -> None:
         """Replace the value of ``t``: inline tensors at once, external ones at save time."""
@@ -101,21 +121,38 @@ class ModelFile:
 def load_model(path: str | os.PathLike[str]) -> ModelFile:
     """Load ``path`` without its external data, checking that every external file is there.
 
+    The model file is opened once and the opened file is what is checked (a regular file)
+    and read; its identity (device, inode) and the identities of its data files are kept in
+    the :class:`ModelFile`, and every later read of a data file checks the file it opens
+    against them (:func:`onnx_sparse.external.open_data`).
+
     Raises:
         OnnxSparseError: not a file, not an ONNX model, truncated, or missing external data.
     """
     p = Path(path)
-    if not p.exists():
-        raise OnnxSparseError(f"{p}: no such file", hint="check the model path")
-    if not p.is_file():
-        raise OnnxSparseError(f"{p}: not a file", hint="pass the .onnx file, not a folder")
-    try:
-        model = onnx.load(str(p), load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
-        raise OnnxSparseError(
-            f"{p}: not a valid ONNX model ({type(exc).__name__}: {exc})".replace("\n", " "),
-            hint="the file may be truncated or not an ONNX protobuf",
-        ) from exc
+    try:  # O_NONBLOCK: a FIFO named as the model must not hang the open
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise OnnxSparseError(f"{p}: no such file", hint="check the model path") from None
+    except IsADirectoryError:
+        raise OnnxSparseError(f"{p}: not a file", hint="pass the .onnx file, not a folder") from None
+    except OSError as exc:
+        raise OnnxSparseError(f"{p}: cannot open ({exc.strerror or exc})", hint="check the model path") from None
+    st = os.fstat(fd)  # the opened file is what is checked and read
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise OnnxSparseError(f"{p}: not a file", hint="pass the .onnx file, not a folder")
+        raise OnnxSparseError(f"{p}: not a regular file", hint="pass the .onnx file itself")
+    with os.fdopen(fd, "rb") as f:
+        where = opened_path(fd) or Path(os.path.realpath(p))
+        try:
+            model = onnx.load_model(f, format=_format(p), load_external_data=False)
+        except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+            raise OnnxSparseError(
+                f"{p}: not a valid ONNX model ({type(exc).__name__}: {exc})".replace("\n", " "),
+                hint="the file may be truncated or not an ONNX protobuf",
+            ) from exc
     if model.ir_version <= 0 or not model.HasField("graph"):
         raise OnnxSparseError(
             f"{p}: not a valid ONNX model (no IR version or no graph)",
@@ -126,10 +163,17 @@ def load_model(path: str | os.PathLike[str]) -> ModelFile:
         raise OnnxSparseError(
             f"{p}: not a valid ONNX model (text field {bad} is not UTF-8)", hint="the file is corrupt"
         )
-    mf = ModelFile(model=model, base_dir=p.resolve().parent, path=p)
+    mf = ModelFile(model=model, base_dir=where.parent, path=p, ident=file_identity(st))
     for t in iter_tensors(model):
-        check_tensor(t, mf.base_dir)  # foreign, missing, short or inconsistent data: one clear error
+        ref = check_tensor(t, mf.base_dir)  # foreign, missing, short or inconsistent data: one clear error
+        if ref is not None:
+            mf.data_ids.setdefault(ref.file, ref.version)
     return mf
+
+
+def _format(path: Path) -> str:
+    """onnx's serialization format for ``path``'s extension (what ``onnx.load`` would pick)."""
+    return onnx.serialization.registry.get_format_from_file_extension(path.suffix) or "protobuf"
 
 
 def _non_utf8_field(msg, where: str) -> str | None:
@@ -189,22 +233,43 @@ def _shape(t: TensorProto) -> tuple[int, ...]:
     return tuple(int(d) for d in t.dims)
 
 
-def read_tensor(t: TensorProto, base_dir: Path | None = None, mmap: bool = True) -> np.ndarray:
-    """The value of ``t`` as a read-only numpy array (memory-mapped when external and ``mmap``)."""
+def _pinned_ref(t: TensorProto, base_dir: Path | None, pinned: dict[Path, tuple[int, ...]] | None) -> ExternalRef:
+    """:func:`external_ref`, and the same file (identity) as when the model was loaded, if known."""
+    ref = external_ref(t, base_dir)
+    if pinned and pinned.get(ref.file, ref.version) != ref.version:
+        raise OnnxSparseError(
+            f"tensor {t.name!r}: external data file {ref.file} was replaced after the model was loaded",
+            hint="do not modify a model's files while onnx-sparse reads them",
+        )
+    return ref
+
+
+def read_tensor(
+    t: TensorProto,
+    base_dir: Path | None = None,
+    mmap: bool = True,
+    pinned: dict[Path, tuple[int, ...]] | None = None,
+) -> np.ndarray:
+    """The value of ``t`` as a read-only numpy array (memory-mapped when external and ``mmap``).
+
+    External data is read from the file :func:`onnx_sparse.external.open_data` opened and
+    checked (and, with ``pinned``, the file of that name checked when the model was loaded).
+    """
     dtype = tensor_dtype(t)
     shape = _shape(t)
     if t.data_type in PACKED_4BIT:
-        return _read_packed(t, base_dir)
+        return _read_packed(t, base_dir, pinned)
     if t.data_location == TensorProto.EXTERNAL:
-        ref = external_ref(t, base_dir)
-        file, offset, nbytes = ref.file, ref.offset, ref.length
-        count = nbytes // dtype.itemsize
+        ref = _pinned_ref(t, base_dir, pinned)
+        count = ref.length // dtype.itemsize
         arr: np.ndarray
-        if mmap and count:
-            arr = np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=(count,))
-        else:
-            arr = np.fromfile(file, dtype=dtype, count=count, offset=offset)
-            arr.flags.writeable = False
+        with open_data(ref, t.name) as f:
+            if mmap and count:
+                arr = np.memmap(f, dtype=dtype, mode="r", offset=ref.offset, shape=(count,))
+            else:
+                f.seek(ref.offset)
+                arr = np.fromfile(f, dtype=dtype, count=count)
+                arr.flags.writeable = False
         return arr.reshape(shape)
     check_inline(t)
     if t.raw_data:
@@ -216,16 +281,17 @@ def read_tensor(t: TensorProto, base_dir: Path | None = None, mmap: bool = True)
     return arr
 
 
-def _read_packed(t: TensorProto, base_dir: Path | None) -> np.ndarray:
+def _read_packed(t: TensorProto, base_dir: Path | None, pinned: dict[Path, tuple[int, ...]] | None) -> np.ndarray:
     """A 4-bit tensor, unpacked by onnx (one element per byte)."""
     if t.data_location == TensorProto.EXTERNAL:
-        ref = external_ref(t, base_dir)
-        file, offset, nbytes = ref.file, ref.offset, ref.length
+        ref = _pinned_ref(t, base_dir, pinned)
         inline = TensorProto()
         inline.CopyFrom(t)
         inline.ClearField("external_data")
         inline.data_location = TensorProto.DEFAULT
-        inline.raw_data = np.fromfile(file, dtype=np.uint8, count=nbytes, offset=offset).tobytes()
+        with open_data(ref, t.name) as f:
+            f.seek(ref.offset)
+            inline.raw_data = f.read(ref.length)
         t = inline
     else:
         check_inline(t)
@@ -290,32 +356,64 @@ def _uses_external(model: onnx.ModelProto) -> bool:
 
 
 class _HashingWriter:
-    """A binary file that hashes what is written to it (the data file's name is its hash)."""
+    """A binary file that hashes what is written to it (the data file's name is its hash).
+
+    The SHA-256 runs in a second thread, piece by piece in write order, while this thread
+    writes the same pieces: hashlib and the file write both release the GIL, so on two
+    cores the hash costs no wall time (it is about as fast as the write; blake2b, measured
+    on the same machine, is slower than SHA-256 with the CPU's SHA instructions). The pieces
+    are views of the data being written, never copies.
+    """
+
+    _PIECE = 16 << 20
 
     def __init__(self, path: Path) -> None:
         self._f = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._hash = hashlib.sha256()  # hardware-accelerated on most CPUs: ~1 GB/s
+        self._hash = hashlib.sha256()
+        self._queue: queue.Queue[memoryview | None] = queue.Queue(maxsize=4)  # bounds pieces held for the hash
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._hash_pieces, name="onnx-sparse-hash", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    def _hash_pieces(self) -> None:
+        while (piece := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._hash.update(piece)
+                except BaseException as exc:  # re-raised by close()
+                    self._error = exc
 
     def write(self, data) -> None:
-        self._f.write(data)
-        self._hash.update(data)
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), self._PIECE):
+            piece = view[start : start + self._PIECE]
+            self._queue.put(piece)
+            self._f.write(piece)
 
     def tell(self) -> int:
         return self._f.tell()
 
     def close(self) -> str:
-        self._f.close()
+        """Close the file and return the first 16 hex digits of the SHA-256 of what was written."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join()
+            self._f.close()
+        if self._error is not None:
+            raise self._error
         return self._hash.hexdigest()[:16]
 
 
-def _copy_range(src: Path, offset: int, length: int, dst: _HashingWriter) -> None:
-    with open(src, "rb") as f:
-        f.seek(offset)
-        left = length
+def _copy_range(ref: ExternalRef, tensor: str, dst: _HashingWriter) -> None:
+    with open_data(ref, tensor) as f:
+        f.seek(ref.offset)
+        left = ref.length
         while left:
             chunk = f.read(min(left, _COPY_CHUNK))
             if not chunk:
-                raise OnnxSparseError(f"external data file {src} ended early (changed while reading?)")
+                raise OnnxSparseError(f"external data file {ref.file} ended early (changed while reading?)")
             dst.write(chunk)
             left -= len(chunk)
 
@@ -359,12 +457,12 @@ def _write_external(mf: ModelFile, folder: Path, model_name: str, externalize_al
                 out.write(value.view(np.uint8).reshape(-1).data)
                 placed.append((t, pos, value.nbytes))
             elif t.data_location == TensorProto.EXTERNAL:
-                ref = external_ref(t, mf.base_dir)
-                _copy_range(ref.file, ref.offset, ref.length, out)
+                ref = mf.ref(t)
+                _copy_range(ref, t.name, out)
                 placed.append((t, pos, ref.length))
             elif _is_pending_external(t) or (externalize_all and len(t.raw_data) >= 1024):
                 if not t.raw_data:
-                    t.raw_data = read_tensor(t).tobytes()
+                    t.raw_data = read_tensor(t).tobytes()  # typed fields: inline, no file read
                     for name in _TYPED_FIELDS:
                         t.ClearField(name)
                 data = t.raw_data
@@ -437,8 +535,8 @@ def save_model(
         OnnxSparseError: the output could not be written or did not verify.
     """
     out = Path(path)
-    folder = atomic.check_writable_folder(out)
-    final = folder / out.name
+    final = output_path(out, "-o")  # the same resolved path the guard compared
+    folder = final.parent
     if external is None:
         external = _uses_external(mf.model) or mf.model.ByteSize() > _PROTOBUF_LIMIT - (64 << 20)
     in_place = mf.path is not None and final.exists() and _same_file(Path(mf.path), final)
@@ -449,34 +547,36 @@ def save_model(
     placed = None  # a data file we moved beside the output that no model reads yet
     try:
         if external:
-            data_name = _write_external(mf, tmp, out.name, externalize_all=not _uses_external(mf.model))
+            data_name = _write_external(mf, tmp, final.name, externalize_all=not _uses_external(mf.model))
             mf.pending.clear()
         else:
             mf.flush_pending()
             for t in iter_tensors(mf.model):
                 if t.data_location == TensorProto.EXTERNAL:
-                    write_tensor(t, np.array(read_tensor(t, mf.base_dir, mmap=False)))
+                    write_tensor(t, np.array(mf.read(t, mmap=False)))
             finalize_inline(mf.model)
-        with open(tmp / out.name, "wb") as f:
+        with open(tmp / final.name, "wb") as f:
             f.write(mf.model.SerializeToString())
         if external:
             mf.base_dir = folder  # entries now name data_name, which lands in folder
         if verify:
-            verify_model(tmp / out.name, reference=reference)
+            verify_model(tmp / final.name, reference=reference)
         stale = _old_data_files(final)
         if data_name is not None:
             if not (folder / data_name).exists():  # else: the same content is there already
                 placed = folder / data_name
             os.replace(tmp / data_name, folder / data_name)
             stale.discard(folder / data_name)
-        os.replace(tmp / out.name, final)
+        os.replace(tmp / final.name, final)
         placed = None
-        mf.path = out
+        mf.path = final
+        mf.ident = file_identity(final.stat())
+        mf.data_ids = {folder / data_name: file_version((folder / data_name).stat())} if data_name else {}
         for old in stale:
             if not any(old.exists() and _same_file(old, k) for k in keep):
                 with contextlib.suppress(OSError):
                     old.unlink()
-        _report_orphans(folder, out.name, data_name)
+        clean_orphans(folder, keep)
     except OSError as exc:
         raise OnnxSparseError(f"{out}: could not write the model ({exc.strerror or exc})") from exc
     finally:
@@ -488,15 +588,62 @@ def save_model(
     return out
 
 
-def _report_orphans(folder: Path, model_name: str, data_name: str | None) -> None:
-    """Warn about ``<model>.<hash>.data`` files the model just written does not read: a run
-    killed between placing its data file and renaming its model leaves one. They are reported,
-    not removed (a copy of an older model may still read one)."""
-    ours = _our_data_file(model_name)
+def clean_orphans(folder: Path, keep: set[Path] | frozenset[Path] = frozenset()) -> list[Path]:
+    """Remove data files named like ours (``<model>.<16 hex>.data``) that no model in ``folder`` reads.
+
+    A run killed between placing its data file and renaming its model leaves such a file. It
+    is removed only when it is provably nobody's: no other onnx-sparse run may be writing into
+    the folder (a temporary of a live or foreign run means one might be about to rename its
+    model over a data file it just placed), and no model in the folder (``*.onnx`` and the file
+    the data file is named after) refers to it. Files in ``keep`` (data an input of this run
+    reads) are never removed. The candidates are listed before the temporaries are looked at:
+    a run that places its data file later is not a candidate, and one that placed it earlier
+    still has its temporary there until its model is renamed.
+
+    Returns:
+        The files removed.
+    """
+    try:
+        candidates = [Path(e.path) for e in os.scandir(folder) if _ANY_DATA_FILE.fullmatch(e.name) and e.is_file()]
+    except OSError:
+        return []
+    # The usual case, cheaply: each data file is read by the model it is named after.
+    candidates = [c for c in candidates if os.path.realpath(c) not in _reads(_namesake(c))]
+    if not candidates or atomic.others_writing(folder):
+        return []
+    used: set[str] = set()
     for entry in os.scandir(folder):
-        if entry.name != data_name and entry.name != model_name + ".data" and ours.fullmatch(entry.name):
-            logger.warning("%s is not used by %s (left by an interrupted run?); remove it if nothing else reads it",
-                           Path(entry.path), model_name)  # fmt: skip
+        if entry.name.endswith(".onnx") or any(c.name.startswith(entry.name + ".") for c in candidates):
+            used |= _reads(Path(entry.path))
+    removed = []
+    for c in candidates:
+        if os.path.realpath(c) in used or any(_same_file(c, k) for k in keep):
+            continue
+        with contextlib.suppress(OSError):
+            c.unlink()
+            removed.append(c)
+            logger.info("removed %s: no model in its folder reads it (left by an interrupted run)", c)
+    return removed
+
+
+_ANY_DATA_FILE = re.compile(r".+\.[0-9a-f]{16}\.data")
+
+
+def _namesake(data_file: Path) -> Path:
+    """The model a data file ``<model>.<16 hex>.data`` is named after."""
+    return data_file.with_name(data_file.name[: -len(".0123456789abcdef.data")])
+
+
+def _reads(model_path: Path) -> set[str]:
+    """The resolved data files the model at ``model_path`` names (empty if it is no model we can read)."""
+    try:
+        if not model_path.is_file():
+            return set()
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception:  # not a model (or unreadable): it reads nothing
+        return set()
+    folder = model_path.parent
+    return {os.path.realpath(folder / loc) for t in iter_tensors(model) if (loc := external_location(t)) is not None}
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -506,25 +653,68 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def model_problem(path: str | os.PathLike[str]) -> str | None:
-    """What ``onnx.checker`` (full check, shape inference included) finds wrong with the model
-    at ``path``, or None if it passes. The path form works for models over 2 GB."""
+def model_problem(model: ModelFile | onnx.ModelProto | str | os.PathLike[str]) -> str | None:
+    """What ``onnx.checker`` (full check, shape inference included) finds wrong with a model,
+    or None if it passes.
+
+    The check runs on the model as loaded (a path is loaded with :func:`load_model` first),
+    not on the file again: the file is read once, and its external data is judged by this
+    project's rules (:mod:`onnx_sparse.external`, checked at load) rather than by the checker's
+    own file lookups, so ``inspect`` and ``prune`` accept and refuse the same data files. A
+    loaded model never holds its external data, so it is always under protobuf's 2 GB.
+    """
+    if isinstance(model, ModelFile):
+        proto = model.model
+    elif isinstance(model, onnx.ModelProto):
+        proto = model
+    else:
+        try:
+            proto = load_model(model).model
+        except OnnxSparseError as exc:
+            return exc.message
     try:
-        onnx.checker.check_model(str(path), full_check=True)
+        _check_structure(proto)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         return first_line(exc)
-    except (OSError, RuntimeError, ValueError) as exc:  # unreadable or malformed beyond the checker's words
+    except (OSError, RuntimeError, ValueError) as exc:  # malformed beyond the checker's words
         return f"{type(exc).__name__}: {first_line(exc)}"
     return None
 
 
-def check_input_model(path: str | os.PathLike[str]) -> None:
-    """Refuse an input model that onnx.checker rejects, before any work is done on it.
+def _check_structure(proto: onnx.ModelProto) -> None:
+    """``onnx.checker`` (full check) on a loaded model, without the checker's own data-file lookups.
+
+    Given a model in memory, the checker looks up external data files relative to the current
+    directory; given a path, it refuses any symlinked data file, which this project's rules
+    allow inside the model's folder. So a model with external data is checked as a copy whose
+    external entries all name one empty file in a private temporary folder: the checker sees
+    every structural fact (names, types, dims, the external entries' form) and shape inference
+    runs as on the real file, which also never reads external data.
+    """
+    if not any(t.data_location == TensorProto.EXTERNAL for t in iter_tensors(proto)):
+        onnx.checker.check_model(proto, full_check=True)
+        return
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)  # external weights are not in the protobuf: a small copy
+    for t in iter_tensors(copy):
+        if t.data_location == TensorProto.EXTERNAL:
+            for entry in t.external_data:
+                if entry.key == "location":
+                    entry.value = "data"
+    with tempfile.TemporaryDirectory(prefix="onnx-sparse-check-") as folder:
+        (Path(folder) / "data").touch()
+        (Path(folder) / "model.onnx").write_bytes(copy.SerializeToString())
+        onnx.checker.check_model(str(Path(folder) / "model.onnx"), full_check=True)
+
+
+def check_input_model(model: ModelFile | onnx.ModelProto | str | os.PathLike[str]) -> None:
+    """Refuse an input model that onnx.checker rejects, before any work is done on it
+    (see :func:`model_problem`).
 
     Raises:
         OnnxSparseError: "the input model is invalid: ..." with the checker's first line.
     """
-    problem = model_problem(path)
+    problem = model_problem(model)
     if problem is not None:
         raise OnnxSparseError(
             f"the input model is invalid: {problem}",

@@ -13,6 +13,7 @@ from typing import Any
 
 from onnx_sparse import atomic
 from onnx_sparse.errors import OnnxSparseError
+from onnx_sparse.guard import output_path
 
 __all__ = ["RESULT", "format_table", "shorten", "terminal_width", "write_json", "fmt_count", "fmt_share", "printable"]
 
@@ -302,14 +303,15 @@ def _render(table: list[list[str]]) -> str:
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Write ``obj`` as indented JSON, atomically (temporary file, then rename)."""
     out = Path(path)
-    folder = atomic.check_writable_folder(out)
+    final = output_path(out)  # the path the guard compared: the folder as written must exist
+    folder = final.parent
     atomic.clean_stale(folder)
     fd, tmp = atomic.temp_file(folder, suffix=".json")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, default=_default)
             f.write("\n")
-        os.replace(tmp, folder / out.name)
+        os.replace(tmp, final)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):

@@ -352,3 +352,33 @@ def test_save_never_replaces_the_inputs_data_file(tmp_path: Path) -> None:
     second = _data_name(tmp_path / "other.onnx")
     assert second != first and not (tmp_path / first).exists() and (tmp_path / second).is_file()
     assert not np.any(numpy_helper.to_array(onnx.load(tmp_path / "other.onnx").graph.initializer[0]))
+
+
+def test_the_data_file_is_named_after_the_sha256_of_its_bytes(tmp_path: Path) -> None:
+    """The digest runs in a second thread beside the write (issue 19.4): the name is still the
+    SHA-256 of exactly the bytes in the file, pieces in order, across pieces of any size."""
+    src = tmp_path / "m.onnx"
+    _save_external(case_path("conv_bn_folded.onnx"), src)
+    io.save_model(io.load_model(src), tmp_path / "o.onnx")
+    name = _data_name(tmp_path / "o.onnx")
+    assert re.fullmatch(r"o\.onnx\.[0-9a-f]{16}\.data", name)
+    assert name.split(".")[2] == sha256(tmp_path / name)[:16]
+    writer = io._HashingWriter(tmp_path / "w.bin")
+    writer._PIECE = 7  # many small pieces, and pieces that split a write
+    for part in (b"a" * 20, np.arange(9, dtype=np.float32), b"", b"xyz"):
+        writer.write(part if isinstance(part, bytes) else part.view(np.uint8).reshape(-1).data)
+    digest = writer.close()
+    assert digest == sha256(tmp_path / "w.bin")[:16] and writer.close() == digest
+
+
+def test_a_hash_failure_is_raised_not_swallowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = io._HashingWriter(tmp_path / "w.bin")
+
+    class Broken:
+        def update(self, data) -> None:
+            raise MemoryError("no memory for the hash")
+
+    writer._hash = Broken()  # type: ignore[assignment]
+    writer.write(b"abc")
+    with pytest.raises(MemoryError):
+        writer.close()

@@ -106,16 +106,32 @@ def test_external_data_outside_the_models_folder_is_refused_everywhere(run_cli, 
     assert list(out.iterdir()) == []
 
 
-def test_external_data_inside_the_folder_through_a_symlink_is_fine(run_cli, tmp_path: Path) -> None:
+def test_external_data_inside_the_folder_through_a_symlink_is_one_rule_for_every_command(
+    run_cli, tmp_path: Path
+) -> None:
+    """A data file that is a symlink to a regular file inside the model's folder is allowed (the
+    README's rule: inside the folder after following symlinks): inspect, check and prune agree
+    (issue 19.6: prune used to call it invalid through onnx.checker's own symlink ban)."""
     src = _mlp_mlp_conv_with_data(tmp_path, "real.bin")
     (tmp_path / "real.bin").rename(tmp_path / "store.bin")
     (tmp_path / "real.bin").symlink_to("store.bin")
-    for argv in (["inspect", src], ["check", src]):
-        rc, text = run_cli(argv)
-        assert rc in (0, 1) and not error_lines(text) or "not 2:4" in text, text
-    # onnx.checker refuses any symlinked data file: prune says so, about the input
+    rc, text = run_cli(["inspect", src])
+    assert rc == 0 and not error_lines(text) and "the model is valid" in text, text
+    assert run_cli(["check", src])[0] == 1  # a dense model: not 2:4, no error
     rc, text = run_cli(["prune", src, "-o", tmp_path / "o.onnx"])
-    assert rc == 2 and "the input model is invalid" in text and "symbolic link" in text
+    assert rc == 0 and not error_lines(text), text
+    assert run_cli(["check", tmp_path / "o.onnx"])[0] == 0
+    # the same link pointing outside the folder is refused by both, with the same line
+    (tmp_path / "sub").mkdir()
+    inner = _mlp_mlp_conv_with_data(tmp_path / "sub", "real.bin")
+    (tmp_path / "sub" / "real.bin").unlink()
+    (tmp_path / "sub" / "real.bin").symlink_to(tmp_path / "store.bin")
+    lines = []
+    for argv in (["inspect", inner], ["prune", inner, "-o", tmp_path / "o2.onnx"]):
+        rc, text = run_cli(argv)
+        assert rc == 2, text
+        lines += error_lines(text)
+    assert len(lines) == 2 and lines[0] == lines[1] and "outside the model's folder" in lines[0]
 
 
 # --------------------------------------------------------------------------- 2: crash-safe output
@@ -279,13 +295,74 @@ def test_the_next_run_removes_what_a_killed_run_left(run_cli, tmp_path: Path) ->
     assert not left[0].exists() and mine.is_dir() and (out_dir / ".onnx-sparse-notours").is_dir()
 
 
-def test_an_orphan_data_file_is_reported(run_cli, tmp_path: Path) -> None:
-    orphan = tmp_path / "o.onnx.0123456789abcdef.data"
-    orphan.write_bytes(b"\0" * 16)
+_KILL_AT_MODEL_RENAME = """
+import os, signal, sys
+real = os.replace
+def replace(a, b):
+    if os.path.basename(b) == os.path.basename(sys.argv[-1]):  # the model is renamed over the output last
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(a, b)
+os.replace = replace
+from onnx_sparse.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _killed_before_model_rename(src: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _KILL_AT_MODEL_RENAME, "prune", str(src), "-o", str(out)],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)  # fmt: skip
+
+
+def _data_files(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir() if p.name.endswith(".data")}
+
+
+def test_an_orphan_data_file_from_a_killed_run_is_removed_by_the_next_write(run_cli, tmp_path: Path) -> None:
+    """Issue 19.6: a kill between placing the data file and renaming the model leaves
+    ``<out>.<hash>.data`` that no model reads; the next write into the folder removes it, and
+    leaves alone every data file a model in the folder still reads."""
     src = _mlp_mlp_conv_with_data(tmp_path)
-    rc, text = run_cli(["prune", src, "-o", tmp_path / "o.onnx"])
-    assert rc == 0 and "[W]" in text and orphan.name in text and "not used by o.onnx" in text, text
-    assert orphan.exists()  # reported, not removed
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "o.onnx"
+    # an older output (dense copy, magnitude-pruned later) and a copy of it that reads its data file
+    assert run_cli(["prune", src, "-o", out, "--include", "nothing-matches"])[0] == 0
+    old_data = _data_files(out_dir)
+    (out_dir / "backup.onnx").write_bytes(out.read_bytes())
+    proc = _killed_before_model_rename(src, out)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    orphans = _data_files(out_dir) - old_data
+    assert len(orphans) == 1, _data_files(out_dir)  # placed, but o.onnx still reads the old one
+    assert run_cli(["check", out])[0] == 1  # the old model, whole
+    # the next write into the folder (another output) removes the orphan and the dead run's temporary
+    rc, text = run_cli(["prune", src, "-o", out_dir / "p.onnx"])
+    assert rc == 0, text
+    assert not (_data_files(out_dir) & orphans), _data_files(out_dir)
+    assert old_data <= _data_files(out_dir)  # o.onnx and backup.onnx still read it
+    assert not [p for p in out_dir.iterdir() if p.name.startswith(atomic.PREFIX)]
+    for model in ("o.onnx", "backup.onnx", "p.onnx"):
+        assert run_cli(["check", out_dir / model])[0] in (0, 1)
+
+
+def test_an_orphan_is_kept_while_another_run_may_be_about_to_use_it(run_cli, tmp_path: Path) -> None:
+    """A data file no model reads yet may belong to a live run between its two renames: while
+    the folder holds another run's temporary, nothing is removed."""
+    src = _mlp_mlp_conv_with_data(tmp_path)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    placed = out_dir / "q.onnx.0123456789abcdef.data"
+    placed.write_bytes(b"\0" * 16)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = atomic._host_tag()
+        (out_dir / f"{atomic.PREFIX}{sleeper.pid}-{host}-abcd").mkdir()  # a live run's temporary
+        assert run_cli(["prune", src, "-o", out_dir / "o.onnx"])[0] == 0
+        assert placed.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert run_cli(["prune", src, "-o", out_dir / "o.onnx"])[0] == 0  # that run is gone now
+    assert not placed.exists()
 
 
 # --------------------------------------------------------------------------- 5: clear errors, exit 2
@@ -522,3 +599,191 @@ def test_sigterm_wrapped_by_a_c_extension_is_still_a_termination(run_cli, monkey
     monkeypatch.setattr(check.TOOL, "run", run)
     rc, text = run_cli(["check", case_path("mlp.onnx")])
     assert rc == 1 and "terminated (SIGTERM)" in text and "internal error" not in text
+
+
+# --------------------------------------------------------------------------- issue 19.2: one resolved output path
+
+
+def _calib(folder: Path) -> Path:
+    from polygraphy.json import save_json
+
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((3, 64)).astype(np.float32),
+              "x3": rng.standard_normal((2, 3, 16)).astype(np.float32)} for _ in range(2)]  # fmt: skip
+    save_json(feeds, str(folder / "calib.json"))
+    return folder / "calib.json"
+
+
+def test_an_output_whose_folder_does_not_exist_as_written_is_refused(run_cli, tmp_path: Path, monkeypatch) -> None:
+    """``-o ./nosuchdir/../m.onnx`` used to pass the guard (which could not resolve the path) and be
+    written as ``m.onnx``, replacing the input. Every option that writes a file is refused the same way."""
+    monkeypatch.chdir(tmp_path)
+    src = Path("m.onnx")
+    onnx.save(onnx.load(case_path("mlp.onnx")), src, save_as_external_data=True, location="m.onnx.data",
+              size_threshold=0)  # fmt: skip
+    calib = _calib(tmp_path)
+    before = _files(tmp_path)
+    bad = "./nosuchdir/../"
+    cases = [
+        ["prune", src, "-o", bad + "m.onnx"],
+        ["prune", src, "-o", bad + "o.onnx"],
+        ["prune", src, "-o", "o.onnx", "--report", bad + "m.onnx"],
+        ["prune", src, "-o", "o.onnx", "--save-recipe", bad + "r.json"],
+        ["prune", src, "--method", "wanda", "--load-inputs", calib, "--sensitivity-json", bad + "s.json"],
+        ["quantize", src, "-o", bad + "m.onnx", "--load-inputs", calib],
+        ["quantize", src, "-o", "q.onnx", "--load-inputs", calib, "--report", bad + "q.json"],
+        ["inspect", src, "--json", bad + "m.onnx"],
+        ["compare", src, src, "--report", bad + "c.json"],
+        ["compare", src, src, "--save-outputs", bad + "m.onnx"],
+    ]
+    for argv in cases:
+        rc, text = run_cli(argv)
+        assert rc == 2, (argv, text)
+        (line,) = error_lines(text)
+        assert "output folder does not exist" in line and "nosuchdir is not there" in line, (argv, line)
+        assert _files(tmp_path) == before, argv
+    # the same path with the folder there is a different file (the OS resolves nosuchdir/.. to .):
+    # now it is the input, and refused as such
+    Path("nosuchdir").mkdir()
+    rc, text = run_cli(["prune", src, "-o", bad + "m.onnx"])
+    assert rc == 2 and "refusing to overwrite the input model" in text, text
+    assert _files(tmp_path) == before
+
+
+def test_the_guard_and_the_writer_use_the_same_resolved_path(run_cli, tmp_path: Path) -> None:
+    """Through a symlinked folder, ``link/..`` is the parent of the link's target (as the OS
+    resolves it), not the folder holding the link: the output lands there, and the input
+    there is protected."""
+    deep = tmp_path / "a" / "b"
+    deep.mkdir(parents=True)
+    src = _mlp_mlp_conv_with_data(tmp_path / "a")  # a/m.onnx + a/w.bin
+    (tmp_path / "link").symlink_to(deep)
+    before = _files(tmp_path)
+    rc, text = run_cli(["prune", src, "-o", tmp_path / "link" / ".." / "m.onnx"])  # = a/m.onnx: the input
+    assert rc == 2 and "refusing to overwrite the input model" in text, text
+    assert _files(tmp_path) == before
+    rc, text = run_cli(["prune", src, "-o", tmp_path / "link" / ".." / "o.onnx", "--report",
+                        tmp_path / "link" / ".." / "r.json"])  # fmt: skip
+    assert rc == 0, text
+    assert (tmp_path / "a" / "o.onnx").is_file() and (tmp_path / "a" / "r.json").is_file()
+    assert not (tmp_path / "o.onnx").exists() and not (tmp_path / "r.json").exists()
+
+
+def test_the_writers_refuse_a_folder_that_does_not_exist_as_written(tmp_path: Path, monkeypatch) -> None:
+    from onnx_sparse.guard import output_path
+    from onnx_sparse.report import write_json
+
+    monkeypatch.chdir(tmp_path)
+    src = _mlp_mlp_conv_with_data(tmp_path)
+    before = _files(tmp_path)
+    for call in (lambda: osio.save_model(osio.load_model(src), "nosuch/../m.onnx"),
+                 lambda: write_json("nosuch/../m.onnx", {}),
+                 lambda: api.prune_file(src, "nosuch/../m.onnx"),
+                 lambda: output_path("w.bin/../x.json")):  # fmt: skip
+        with pytest.raises(OnnxSparseError, match="does not exist"):
+            call()
+    assert _files(tmp_path) == before
+    assert output_path("./o.onnx") == tmp_path.resolve() / "o.onnx"
+
+
+# --------------------------------------------------------------------------- issue 19.6: the file that is read is the file checked
+
+
+def _swap_after_the_checks(monkeypatch, swap) -> None:
+    """Run ``swap()`` right after prune's input checks, before any weight is read."""
+    real = api.check_input_model
+
+    def check_then_swap(model):
+        real(model)
+        swap()
+
+    monkeypatch.setattr(api, "check_input_model", check_then_swap)
+
+
+@pytest.mark.parametrize("when", ["after-the-checks", "between-check-and-open"])
+@pytest.mark.parametrize("to", ["outside-link", "other-file"])
+def test_a_data_file_swapped_after_its_check_is_not_read(
+    run_cli, tmp_path: Path, monkeypatch, to: str, when: str
+) -> None:
+    """A data file replaced after it was checked (by a symlink to a file outside the folder, or
+    by another file) is refused, never read: the file that is opened is checked, not the path.
+
+    ``after-the-checks`` replaces it once, after prune's input checks. ``between-check-and-open``
+    is the racing attacker: the real file is back in place whenever a path is checked and
+    swapped out right after each check, before the open (today's main read the outside file
+    then, and copied it into the output's data file)."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    src = _mlp_mlp_conv_with_data(folder)
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(SECRET * 64)  # long enough for every tensor's offset and length
+    data, saved = folder / "w.bin", tmp_path / "w.saved"
+
+    def swap() -> None:
+        data.rename(saved)
+        if to == "outside-link":
+            data.symlink_to(secret)
+        else:
+            data.write_bytes(SECRET * 64)
+
+    def restore() -> None:
+        if saved.exists():
+            data.unlink()
+            saved.rename(data)
+
+    if when == "after-the-checks":
+        _swap_after_the_checks(monkeypatch, swap)
+    else:
+        armed: list[bool] = []
+        real_ref = osio.external_ref
+
+        def racing_ref(t, base_dir):
+            if armed:
+                restore()
+            ref = real_ref(t, base_dir)
+            if armed:
+                swap()
+            return ref
+
+        monkeypatch.setattr(osio, "external_ref", racing_ref)
+        _swap_after_the_checks(monkeypatch, lambda: armed.append(True))
+    out = tmp_path / "out"
+    out.mkdir()
+    rc, text = run_cli(["prune", src, "-o", out / "o.onnx"])
+    assert rc == 2, text
+    (line,) = error_lines(text)
+    assert "w.bin" in line and any(w in line for w in ("changed between its check", "replaced", "outside")), line
+    assert list(out.iterdir()) == []
+
+
+def test_a_data_file_read_checks_the_opened_file(tmp_path: Path, monkeypatch) -> None:
+    """external.open_data: the path swapped for a link between external_ref and the open is refused."""
+    from onnx_sparse import external
+
+    src = _mlp_mlp_conv_with_data(tmp_path)
+    secret = tmp_path.parent / f"{tmp_path.name}-secret.bin"
+    secret.write_bytes(SECRET * 64)
+    mf = osio.load_model(src)
+    t = next(t for t in osio.iter_tensors(mf.model) if t.data_location == TensorProto.EXTERNAL)
+    ref = external.external_ref(t, mf.base_dir)
+    with external.open_data(ref, t.name) as f:  # untouched: fine
+        assert len(f.read(4)) == 4
+    (tmp_path / "w.bin").rename(tmp_path / "w.old")
+    (tmp_path / "w.bin").symlink_to(secret)
+    with pytest.raises(OnnxSparseError, match="changed between its check and the read"):
+        external.open_data(ref, t.name)
+    with pytest.raises(OnnxSparseError, match="outside the model's folder"):
+        mf.read(t)  # a fresh check refuses the link outright
+
+
+def test_the_model_file_is_read_once(run_cli, tmp_path: Path, monkeypatch) -> None:
+    """The model that was checked is the model that is pruned: replacing the file after the
+    checks changes nothing (it used to be parsed again, and the new file pruned)."""
+    src = tmp_path / "m.onnx"
+    onnx.save(onnx.load(case_path("mlp.onnx")), src)
+    other = onnx.load(case_path("conv_bn_folded.onnx"))
+    _swap_after_the_checks(monkeypatch, lambda: onnx.save(other, src))
+    rc, text = run_cli(["prune", src, "-o", tmp_path / "o.onnx"])
+    assert rc == 0, text
+    pruned = onnx.load(tmp_path / "o.onnx")
+    assert [n.name for n in pruned.graph.node] == [n.name for n in onnx.load(case_path("mlp.onnx")).graph.node]

@@ -159,7 +159,7 @@ class InspectTool(Tool):
         made = read_provenance({p.key: p.value for p in mf.model.metadata_props})
         if made is not None:
             logger.info("%s", provenance_line(made))
-        problem = model_problem(args.model)
+        problem = model_problem(mf)  # the model as loaded, not the file again
         if problem is None:
             logger.info("onnx.checker (full check): the model is valid")
         else:

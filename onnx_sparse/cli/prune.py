@@ -140,7 +140,7 @@ class PruneTool(Tool):
         if recipe.int8 and not needs_data:  # bad calibration data fails before the pruning, not after it
             feeds(mf.model)
         result = prune_file(
-            args.model,
+            mf,  # the model the checks loaded: the file is read once
             out,
             recipe,
             in_place=args.in_place,

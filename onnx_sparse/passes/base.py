@@ -47,7 +47,8 @@ def copy_model_file(mf: ModelFile) -> ModelFile:
     """A deep copy of the ModelProto; external data and pending new values (read-only) are shared."""
     model = onnx.ModelProto()
     model.CopyFrom(mf.model)
-    copy = ModelFile(model=model, base_dir=mf.base_dir, path=mf.path)
+    # the same files, checked at load: the copy's reads are held to the same identities
+    copy = ModelFile(model=model, base_dir=mf.base_dir, path=mf.path, ident=mf.ident, data_ids=dict(mf.data_ids))
     if mf.pending:
         # The copy has the same tensors in the same order: carry the pending values across.
         for old, new in zip(iter_tensors(mf.model), iter_tensors(model), strict=True):
