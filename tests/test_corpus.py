@@ -123,3 +123,14 @@ def test_corpus_data_is_disjoint_and_frozen() -> None:
                 for sample in value
             }
         assert digests["calibration"] and not digests["calibration"] & digests["evaluation"]
+
+
+@pytest.mark.parametrize("name", ["magika", "ppocr_det", "ppocr_rec", "ppocr_cls", "minilm_l3"])
+def test_first_corpus_compare_without_data(name: str, real_model, run_cli, tmp_path: Path) -> None:
+    """The first corpus on random inputs (dynamic shapes of size 1): a verdict or one [E] line, never exit 3."""
+    src = real_model(name)
+    pruned = tmp_path / "pruned.onnx"
+    rc, out = run_cli(["prune", src, "-o", pruned])
+    assert rc == 0, out
+    rc, out = run_cli(["compare", src, pruned])
+    assert rc in (0, 1) or (rc == 2 and len(error_lines(out)) == 1), out

@@ -159,6 +159,33 @@ def test_pickled_feed_file_is_one_refusal(command: str, run_cli, tmp_path: Path)
     assert "internal error" not in out
 
 
+def test_pickled_outputs_file_is_refused_too(run_cli, tmp_path: Path) -> None:
+    """compare --load-outputs: a saved-outputs file with a pickled array is bad input, like a feed file."""
+    model = _scalar_model(tmp_path / "m.onnx")
+    saved = tmp_path / "outs.json"
+    rc, out = run_cli(["compare", model, model, "--load-inputs", _save(_feeds(2), tmp_path / "in.json"),
+                       "--save-outputs", saved])  # fmt: skip
+    assert rc == 0, out
+    doc = json.loads(saved.read_text())
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+
+    def poison(o: object) -> bool:
+        if isinstance(o, dict):
+            if o.get("polygraphy_class") == "ndarray":
+                o["array"] = base64.b64encode(buf.getvalue()).decode()
+                return True
+            return any(poison(v) for v in o.values())
+        return isinstance(o, list) and any(poison(v) for v in o)
+
+    assert poison(doc)
+    saved.write_text(json.dumps(doc))
+    rc, out = run_cli(["compare", "--load-outputs", saved])
+    assert rc == 2, out
+    (line,) = error_lines(out)
+    assert "pickled" in line and "internal error" not in out
+
+
 # --------------------------------------------------------------------------- onnxruntime on user data (21.2, 19.7)
 
 

@@ -540,7 +540,8 @@ def load_run_results(path: str | os.PathLike[str]) -> Any:
             if hasattr(RunResults, "load_streaming"):
                 return RunResults.concat(RunResults.load_streaming(str(p), allow_dirs=True))
             return RunResults.load(str(p))
-    except PolygraphyException as exc:
+    # the same refusal as for feed files (onnx_sparse.calib.data.load_inputs): pickled arrays included
+    except (PolygraphyException, ValueError, TypeError, KeyError, OSError) as exc:
         raise OnnxSparseError(
             f"{p}: not Polygraphy RunResults: {first_line(exc)}",
             hint="save with `polygraphy run --save-outputs` or `onnx-sparse compare --save-outputs`",
