@@ -330,7 +330,27 @@ def test_default_min_top1_edge(agree: int, passed: bool) -> None:
     cand[agree:, :2] = [0.25, 0.30]  # the two best classes swap: argmax changes, cosine and L2 barely move
     ok, reasons = _default_verdict(ref, cand)
     assert ok is passed
-    assert passed or (len(reasons) == 1 and "min-top1 90.0%" in reasons[0])
+    assert passed or reasons == (f"top-1 agreement {agree:.1f}% < min-top1 90.0%",)
+
+
+def test_two_class_probabilities_are_judged_by_top1() -> None:
+    """A binary classifier's softmax (last dimension 2, e.g. PP-OCR's orientation) is class scores too."""
+    ref = np.tile([0.6, 0.4], (10, 1))
+    cand = ref.copy()
+    cand[:2] = [0.4, 0.6]
+    ok, reasons = _default_verdict(ref, cand)
+    assert not ok and reasons == ("top-1 agreement 80.0% < min-top1 90.0%",)
+
+
+def test_exact_outputs_report_their_largest_difference() -> None:
+    same = output_figures([np.array([1, 2, 3])], [np.array([1, 2, 3])])
+    assert same["max_abs"] == 0.0 and same["mismatches"] == 0
+    assert output_figures([np.array([1, 2, 3])], [np.array([1, 5, 3])])["max_abs"] == 3.0
+
+
+def test_shape_mismatch_names_both_shapes() -> None:
+    ok, reasons = _default_verdict(np.zeros((2, 3)), np.zeros((2, 4)))
+    assert not ok and reasons == ("shapes differ: (2, 3) vs (2, 4)",)
 
 
 def test_readme_states_the_default_criteria_the_code_applies() -> None:
@@ -349,6 +369,31 @@ def test_readme_states_the_default_criteria_the_code_applies() -> None:
     assert numbers == code
     assert "class probabilities" in paragraph and DEFAULT_CRITERIA.probabilities_only
     assert not DEFAULT_CRITERIA.elementwise  # the defaults never turn Polygraphy's 1e-5 check on
+
+
+def test_saved_inputs_are_checked_against_the_model(models, tmp_path) -> None:
+    from polygraphy.json import save_json
+
+    from onnx_sparse.handoff.compare import make_data_loader
+
+    path = tmp_path / "wrong.json"
+    save_json([{"not_x": np.zeros((4, 16), np.float32)}], str(path))
+    assert len(list(make_data_loader(DataSpec(load_inputs=(str(path),))))) == 1  # no model: taken as they are
+    with pytest.raises(OnnxSparseError, match="not_x"):
+        make_data_loader(DataSpec(load_inputs=(str(path),)), model=models["dense"])
+
+
+def test_providers_are_checked(models) -> None:
+    assert compare_models(models["dense"], models["copy"], providers=["cpu"]).passed
+    with pytest.raises(OnnxSparseError, match="--providers nosuch: onnxruntime has no such execution provider"):
+        compare_models(models["dense"], models["copy"], providers=["nosuch"])
+
+
+def test_input_settings_with_two_saved_runs_are_ignored_loudly(models, tmp_path, caplog) -> None:
+    compare_models(models["dense"], models["copy"], save_outputs=tmp_path / "runs.json")
+    with caplog.at_level("WARNING", logger="onnx_sparse"):
+        report = compare_models(None, None, load_outputs=[tmp_path / "runs.json"], data=DataSpec(seed=3))
+    assert report.passed and "input settings are ignored" in caplog.text
 
 
 def test_different_interfaces_are_refused_in_one_line(models, tmp_path, run_cli) -> None:
