@@ -468,3 +468,22 @@ def test_subgraph_inside_a_function_is_searched() -> None:
     sites = _sites(model)
     (name,) = sites
     assert name == "local.Branch/if/then_branch/then_mm" and sites[name].eligible
+
+
+def test_macs_through_an_inline_reshape_of_the_activation() -> None:
+    """Shape inference keeps small inline constants (a Reshape's target): the layer's MACs are known."""
+    nodes = [
+        helper.make_node("Reshape", ["x", "shp"], ["xr"], name="r"),
+        helper.make_node("MatMul", ["xr", "w"], ["y"], name="mm"),
+    ]
+    inits = [numpy_helper.from_array(np.array([-1, 16], np.int64), "shp"), numpy_helper.from_array(_w(16, 8), "w")]
+    s = _sites(_model(nodes, inits, [_vi("x", [2, 4, 16])], [_vi("y", None)]))["mm"]
+    assert s.macs == 8 * 16 * 8
+
+
+def test_undefined_weight_dtype_is_a_reason_not_a_crash() -> None:
+    w = numpy_helper.from_array(_w(16, 8), "w")
+    w.data_type = TensorProto.UNDEFINED
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
+    s = _sites(_model(nodes, [w], [_vi("x", ["N", 16])], [_vi("y", None)]))["mm"]
+    assert not s.eligible and s.dtype == "undefined" and "weight dtype undefined is not supported" in s.reason
