@@ -329,3 +329,23 @@ def test_picked_count_without_a_chose_count_counts_picked_names_not_eligible_one
     assert (got.eligible_count, got.picked_count) == (2, 1)
     no_chose = parse_trt_log("[I] [TRT] (Sparsity) Found 2 layer(s) eligible to use sparse tactics: Conv_1, MatMul_2\n")
     assert not no_chose.picked_seen and (no_chose.eligible_count, no_chose.picked_count) == (2, 0)
+
+
+def test_a_node_name_with_two_commas_is_rejoined_whole() -> None:
+    log = parse_trt_log(f"[I] {ELIGIBLE_MARKER} a, b, c + Relu_1, Conv_2\n")
+    mapping = map_layers_to_nodes(log.eligible, ["a, b, c", "Relu_1", "Conv_2"])
+    assert mapping == {"a, b, c": ["a, b, c + Relu_1"], "Relu_1": ["a, b, c + Relu_1"], "Conv_2": ["Conv_2"]}
+
+
+def test_only_pwn_wrappers_are_unwrapped() -> None:
+    """A plain name that ends in a bracket (exporters write ``f(a, b)``) is one name, not a PWN(...) list."""
+    assert layer_onnx_names("f(a, b)") == (["f(a, b)"], [])
+    assert layer_onnx_names("PWN(a, b)") == (["a", "b"], [])
+
+
+def test_an_empty_sparsity_log_knows_nothing() -> None:
+    from onnx_sparse.handoff.trtlog import SparsityLog
+
+    empty = SparsityLog()
+    assert not empty.found and not empty.eligible_known and not empty.picked_known
+    assert parse_trt_log("[I] [TRT] nothing about sparsity\n") == empty
