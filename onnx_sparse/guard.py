@@ -112,7 +112,7 @@ def check_json_input(path: str | os.PathLike[str], what: str) -> None:
         raw = p.read_bytes()
     except OSError as exc:
         raise OnnxSparseError(f"{what} {p}: cannot read ({exc.strerror})", hint="check the path") from None
-    if raw.lstrip()[:5].startswith(_PICKLE_MAGIC):
+    if raw.lstrip().startswith(_PICKLE_MAGIC):
         raise OnnxSparseError(
             f"{what} {p}: looks like a Python pickle; onnx-sparse reads JSON only and never unpickles",
             hint="save the data with `polygraphy run --save-inputs` or polygraphy.json.save_json",
@@ -167,11 +167,12 @@ def check_run_paths(
             continue
         mf = m if isinstance(m, ModelFile) else load_model(m)  # refuses foreign, short or inconsistent data
         loaded.append(mf)
-        label = mf.path if mf.path is not None else m
+        label = mf.path if mf.path is not None else "(in memory)"
         # the file that was opened and read, whatever its path points at now
-        key = ("inode", mf.ident) if mf.ident is not None else _key(Path(str(label)))
+        key = ("inode", mf.ident) if mf.ident is not None else _key(mf.path) if mf.path is not None else None
         model_key = key if model_key is None else model_key
-        read_keys.setdefault(key, f"the input model {label}")
+        if key is not None:
+            read_keys.setdefault(key, f"the input model {label}")
         for f, version in sorted(mf.data_ids.items()):
             read_keys.setdefault(("inode", version[:2]), f"the external data file {f} of {label}")
     for what, p in json_reads:

@@ -576,7 +576,7 @@ def save_model(
             if not any(old.exists() and _same_file(old, k) for k in keep):
                 with contextlib.suppress(OSError):
                     old.unlink()
-        clean_orphans(folder, keep)
+        clean_orphans(folder, keep, model_name=final.name)
     except OSError as exc:
         raise OnnxSparseError(f"{out}: could not write the model ({exc.strerror or exc})") from exc
     finally:
@@ -588,8 +588,12 @@ def save_model(
     return out
 
 
-def clean_orphans(folder: Path, keep: set[Path] | frozenset[Path] = frozenset()) -> list[Path]:
-    """Remove data files named like ours (``<model>.<16 hex>.data``) that no model in ``folder`` reads.
+def clean_orphans(
+    folder: Path, keep: set[Path] | frozenset[Path] = frozenset(), model_name: str | None = None
+) -> list[Path]:
+    """Remove data files named like ours that no model in ``folder`` reads: ``<name>.onnx.<16 hex>.data``,
+    and ``<model_name>.<16 hex>.data`` for the model just written whatever its suffix (a file
+    with another name is not taken for ours).
 
     A run killed between placing its data file and renaming its model leaves such a file. It
     is removed only when it is provably nobody's: no other onnx-sparse run may be writing into
@@ -604,7 +608,12 @@ def clean_orphans(folder: Path, keep: set[Path] | frozenset[Path] = frozenset())
         The files removed.
     """
     try:
-        candidates = [Path(e.path) for e in os.scandir(folder) if _ANY_DATA_FILE.fullmatch(e.name) and e.is_file()]
+        own = re.compile(re.escape(model_name) + _HASHED) if model_name else _ONNX_DATA_FILE
+        candidates = [
+            Path(e.path)
+            for e in os.scandir(folder)
+            if (_ONNX_DATA_FILE.fullmatch(e.name) or own.fullmatch(e.name)) and e.is_file(follow_symlinks=False)
+        ]
     except OSError:
         return []
     # The usual case, cheaply: each data file is read by the model it is named after.
@@ -626,7 +635,8 @@ def clean_orphans(folder: Path, keep: set[Path] | frozenset[Path] = frozenset())
     return removed
 
 
-_ANY_DATA_FILE = re.compile(r".+\.[0-9a-f]{16}\.data")
+_HASHED = r"\.[0-9a-f]{16}\.data"
+_ONNX_DATA_FILE = re.compile(r".+\.onnx" + _HASHED)
 
 
 def _namesake(data_file: Path) -> Path:

@@ -99,11 +99,6 @@ def test_unreadable_json_input_is_one_clear_error(tmp_path: Path) -> None:
         check_json_input(tmp_path / "missing.json", "--load-inputs")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="guard.check_json_input compares a 5-byte prefix with the 6-byte marker b'cnumpy', so protocol 0/1 "
-    "pickles of an array are refused as 'not valid JSON' instead of as pickles (fix: drop the [:5])",
-)
 def test_protocol_0_pickle_of_an_array_is_named_a_pickle(tmp_path: Path) -> None:
     import pickle
 

@@ -382,3 +382,18 @@ def test_a_hash_failure_is_raised_not_swallowed(tmp_path: Path, monkeypatch: pyt
     writer.write(b"abc")
     with pytest.raises(MemoryError):
         writer.close()
+
+
+def test_clean_orphans_removes_only_unread_data_files_named_like_ours(tmp_path: Path) -> None:
+    src = tmp_path / "m.onnx"
+    _save_external(case_path("conv_bn_folded.onnx"), src, location="m.onnx.0123456789abcdef.data")
+    unread = tmp_path / "gone.onnx.fedcba9876543210.data"
+    foreign = tmp_path / "notes.0123456789abcdef.data"  # not named after an .onnx: not taken for ours
+    mine = tmp_path / "out.bin.00000000000000aa.data"  # named after the model being written
+    for p in (unread, foreign, mine):
+        p.write_bytes(b"\0" * 8)
+    (tmp_path / "link.onnx.00000000000000bb.data").symlink_to(unread)
+    removed = io.clean_orphans(tmp_path, model_name="out.bin")
+    assert sorted(p.name for p in removed) == sorted([mine.name, unread.name])
+    assert foreign.exists() and (tmp_path / "m.onnx.0123456789abcdef.data").exists()  # m.onnx reads it
+    assert (tmp_path / "link.onnx.00000000000000bb.data").is_symlink()  # links are never taken for ours
