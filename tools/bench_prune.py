@@ -12,18 +12,30 @@ Runs are interleaved (ours, anchor, ours, ...). Reports median wall time, the ra
 ``--big-dim``/``--big-layers``) and benchmarks that instead; its files are deleted at the end
 unless ``--keep``.
 
+``--steps N`` adds N runs of ours with a timer around each step (interpreter start, imports, the
+output/input guard and model load, onnx.checker on the input, the prune pass and its 2:4 check,
+the data file's write and hash, onnx.checker and the onnxruntime session on the output, the
+folder cleanup) and prints the median wall time of each. ``--code DIR`` runs ours from another
+checkout (for example ``git worktree add /tmp/wt-old <commit>``), to compare with an older
+commit on the same machine in the same session; steps it does not have are left out.
+
 Usage::
 
     python tools/bench_prune.py --runs 5 --anchor-runs 1 [--json PATH]
     python tools/bench_prune.py --big --runs 1 --anchor-runs 0
     python tools/bench_prune.py --runs 1 --anchor-runs 0 --profile   # + cProfile of one prune
+    python tools/bench_prune.py --runs 5 --anchor-runs 0 --steps 5 [--code /tmp/wt-old]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -131,6 +143,113 @@ def _profile(model: Path, workdir: Path, top: int) -> str:
     return buffer.getvalue()
 
 
+# The steps --steps times: (module, attribute, label). Module-level functions are replaced in
+# every onnx_sparse module that holds them (``from x import f`` copies the reference).
+STEPS = [
+    ("onnx_sparse.guard", "check_run_paths", "guard: outputs vs inputs (+ model load)"),
+    ("onnx_sparse.io", "load_model", "  load model (parse, external-data checks)"),
+    ("onnx_sparse.io", "check_input_model", "onnx.checker on the input"),
+    ("onnx_sparse.api", "run_pipeline", "prune pass (with its 2:4 ensures)"),
+    ("onnx_sparse.passes.prune", "PrunePass.ensures", "  2:4 ensures"),
+    ("onnx_sparse.io", "save_model", "save (all below)"),
+    ("onnx_sparse.atomic", "clean_stale", "  stale temporaries"),
+    ("onnx_sparse.io", "_write_external", "  write data file (+ its hash)"),
+    ("onnx_sparse.io", "verify_model", "  verify: checker + onnxruntime"),
+    ("onnx_sparse.io", "_ort_open_error", "    onnxruntime session (incl. import)"),
+    ("onnx_sparse.io", "clean_orphans", "  orphan data files"),
+]
+
+_STEP_DRIVER = r"""
+import functools, importlib, importlib.util, json, sys, time
+t0 = time.perf_counter()
+steps = json.loads(sys.argv[1])
+rows = {}
+def wrap(f, label):
+    @functools.wraps(f)
+    def g(*a, **k):
+        start, cpu = time.perf_counter(), time.process_time()
+        try:
+            return f(*a, **k)
+        finally:
+            w, c = rows.get(label, (0.0, 0.0))
+            rows[label] = (w + time.perf_counter() - start, c + time.process_time() - cpu)
+    return g
+import onnx_sparse.cli.main as cli
+mods = [m for m in ("onnx_sparse.api", "onnx_sparse.io", "onnx_sparse.guard", "onnx_sparse.passes.prune",
+                    "onnx_sparse.cli.prune", "onnx_sparse.cli.common") if importlib.util.find_spec(m)]
+for m in mods:
+    importlib.import_module(m)
+imports = (time.perf_counter() - t0, time.process_time())
+for mod, attr, label in steps:
+    try:
+        m = importlib.import_module(mod)
+    except ImportError:
+        continue
+    if "." in attr:
+        cls, meth = attr.split(".")
+        if hasattr(getattr(m, cls, None), meth):
+            setattr(getattr(m, cls), meth, wrap(getattr(getattr(m, cls), meth), label))
+        continue
+    f = getattr(m, attr, None)
+    if f is None:
+        continue
+    g = wrap(f, label)
+    for name, other in list(sys.modules.items()):
+        if name.startswith("onnx_sparse") and getattr(other, attr, None) is f:
+            setattr(other, attr, g)
+rc = cli.main(sys.argv[2:])
+total = (time.perf_counter() - t0, time.process_time())
+print("STEPS " + json.dumps({"rc": rc, "imports": imports, "total": total, "steps": rows}))
+"""
+
+
+def _code_env(code: Path | None) -> dict[str, str] | None:
+    """The environment that makes ``python -m onnx_sparse`` run the checkout at ``code``."""
+    if code is None:
+        return None
+    return {**os.environ, "PYTHONPATH": str(code)}
+
+
+def _steps(model: Path, workdir: Path, runs: int, code: Path | None) -> list[list[str]]:
+    """Median wall and CPU time (all threads) of each step over ``runs`` runs (fresh output folder each)."""
+    per: dict[str, list[tuple[float, float]]] = {}
+    for _ in range(runs):
+        out = _fresh(workdir / "steps") / "model.onnx"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _STEP_DRIVER, json.dumps(STEPS), "prune", str(model), "-o", str(out), "-qq"],
+            cwd=code or REPO, env=_code_env(code), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        start = time.perf_counter()
+        stdout, stderr = proc.communicate()
+        wall = time.perf_counter() - start
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        line = next((x for x in stdout.splitlines() if x.startswith("STEPS ")), None)
+        if proc.returncode != 0 or line is None:
+            print(stdout[-2000:], stderr[-2000:], file=sys.stderr)
+            raise SystemExit("the step-timed run failed")
+        data = json.loads(line[len("STEPS ") :])
+        cpu = usage.ru_utime + usage.ru_stime - sum(per.get("_cpu", [(0.0, 0.0)])[-1])
+        per.setdefault("_cpu", []).append((usage.ru_utime + usage.ru_stime, 0.0))
+        per.setdefault("process (as measured outside)", []).append((wall, cpu))
+        total_wall, total_cpu = data["total"]
+        per.setdefault("interpreter start + exit", []).append((wall - total_wall, cpu - total_cpu))
+        per.setdefault("imports (cli, api, io, guard, prune pass)", []).append(tuple(data["imports"]))
+        for label, (w, c) in data["steps"].items():
+            per.setdefault(label, []).append((w, c))
+    shutil.rmtree(workdir / "steps", ignore_errors=True)
+    order = ["process (as measured outside)", "interpreter start + exit",
+             "imports (cli, api, io, guard, prune pass)"] + [label for _, _, label in STEPS]  # fmt: skip
+    return [
+        [
+            label,
+            f"{statistics.median(w for w, _ in per[label]):.3f}s",
+            f"{statistics.median(c for _, c in per[label]):.3f}s",
+        ]
+        for label in order
+        if label in per
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model to prune (ignored with --big)")
@@ -142,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--big-layers", type=int, default=9)
     parser.add_argument("--keep", action="store_true", help="keep generated models and outputs")
     parser.add_argument("--profile", action="store_true", help="also cProfile one run of ours")
+    parser.add_argument("--steps", type=int, default=0, metavar="N", help="N step-timed runs of ours (median per step)")
+    parser.add_argument("--code", type=Path, help="run ours from this checkout (e.g. a worktree of an older commit)")
     parser.add_argument("--workdir", type=Path, default=WORKDIR)
     parser.add_argument("--json", type=Path, help="default: .cache/bench/prune.json (prune_big.json with --big)")
     args = parser.parse_args(argv)
@@ -182,7 +303,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dirs = {"ours": workdir / "ours", "anchor": workdir / "anchor"}
     outputs = {who: d / "model.onnx" for who, d in out_dirs.items()}
     commands = {
-        "ours": [venv_tool("onnx-sparse"), "prune", str(model), "-o", str(outputs["ours"])],
+        "ours": [venv_tool("onnx-sparse"), "prune", str(model), "-o", str(outputs["ours"])]
+        if args.code is None
+        else [
+            "env",
+            f"PYTHONPATH={args.code.resolve()}",
+            sys.executable,
+            "-m",
+            "onnx_sparse",
+            "prune",
+            str(model),
+            "-o",
+            str(outputs["ours"]),
+        ],  # fmt: skip
         "anchor": [
             venv_tool("polygraphy"),
             "surgeon",
@@ -242,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         anchor["peak_rss_over_weight_bytes"] = anchor["peak_rss_max_bytes"] / wbytes
     speedup = anchor["wall_median_s"] / ours["wall_median_s"] if ours and anchor else None
     profile = _profile(model, workdir, 40) if args.profile else None
+    steps = _steps(model, workdir, args.steps, args.code) if args.steps else None
 
     print()
     rows = []
@@ -286,6 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"weights ours vs anchor: {len(cmp['identical'])} identical, {len(cmp['differing'])} differ"
             + (f" [{detail}]" if detail else "")
         )
+    if steps:
+        print(f"\nours, step by step (median of {args.steps} runs{', code ' + str(args.code) if args.code else ''}):")
+        print_table(["step", "wall", "CPU (all threads)"], steps)
     print(f"load average: start {load_start}, end {load_end}; took {time.time() - started:.0f}s")
     if profile:
         print(profile)
@@ -308,6 +445,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "meets_memory_target": None if ours is None else ours["peak_rss_over_weight_bytes"] <= TARGET_RSS_OVER_WEIGHTS,
         "validation": validation,
         "profile_top": profile,
+        "code": str(args.code) if args.code else None,
+        "steps": steps,
         "runs": {who: [r.to_json() for r in rs] for who, rs in results.items()},
     }
     write_json(json_path, payload)

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.passes.base import Pass
-from onnx_sparse.passes.calibrated import CalibratedPrunePass, FeedSource
 from onnx_sparse.passes.prune import PrunePass
-from onnx_sparse.passes.sensitivity import SensitivityPrunePass
 from onnx_sparse.recipe import Recipe
+
+if TYPE_CHECKING:  # the calibrated passes (and scipy behind them) load only when a recipe needs them
+    from onnx_sparse.passes.calibrated import FeedSource
 
 __all__ = ["make_prune_pass"]
 
@@ -55,9 +56,13 @@ def make_prune_pass(
                 "sensitivity and target_cosine need calibration data to measure the outputs on",
                 hint="pass calibration feeds (a list of {input name: array})",
             )
+        from onnx_sparse.passes.sensitivity import SensitivityPrunePass
+
         return SensitivityPrunePass(recipe, calibration, threads=threads, report=sensitivity_report)
     if not recipe.needs_data:
         if recipe.row_mask is not None:
             logger.warning("--mask-input %r is ignored: magnitude pruning reads no data", recipe.row_mask)
         return PrunePass(**recipe.selection)
+    from onnx_sparse.passes.calibrated import CalibratedPrunePass
+
     return CalibratedPrunePass(recipe, calibration, threads=threads)
