@@ -101,19 +101,39 @@ class Progress:
 
 
 _MIN_NAME = 24  # a layer name is never cut below this (the tables' floor for names)
-_GOOD_NAME = 44  # room for a name before the details of a line give way
-_MIN_TAIL = 16
 _LOG_PREFIX = 4  # "[I] "
+
+
+def _inner_details(text: str) -> str:
+    """``text`` with what sits in parentheses inside parentheses written ``(...)``: ``(3 rows, no
+    refit (cross-validation kept the dense weights))`` -> ``(3 rows, no refit (...))``."""
+    out, depth, skipping = [], 0, False
+    for c in text:
+        if c == "(":
+            depth += 1
+            if depth == 2:
+                out.append("(...")
+                skipping = True
+                continue
+        elif c == ")":
+            depth -= 1
+            if depth == 1:
+                skipping = False
+        if not skipping:
+            out.append(c)
+    return "".join(out)
 
 
 def line(head: str, name: str, tail: str = "", width: int | None = None) -> str:
     """A per-layer log line ``head name tail`` that fits the terminal the way the tables do.
 
-    ``name`` (a layer's node name, or several joined by commas) is shortened in the middle with
-    :func:`onnx_sparse.report.shorten`, the same rule as table cells (``.../layer.0/.../query/MatMul``);
-    if the line still does not fit, the details in parentheses of ``tail`` give way
-    (``(...)``). Under ``-v`` (``onnx_sparse`` logging at DEBUG) and with ``width`` 0 nothing is
-    shortened; JSON reports always hold the full names.
+    When the line is too long, first the explanations nested in the details of ``tail`` give way
+    (``(3 rows, no dense refit (...))``), then ``name`` (a layer's node name, or several joined
+    by commas) is shortened in the middle with :func:`onnx_sparse.report.shorten`, the rule the
+    tables use (``.../layer.0/.../query/MatMul``), down to 24 characters. The details themselves
+    are never cut, so a line whose details alone are too long stays longer. Under ``-v``
+    (``onnx_sparse`` logging at DEBUG) and with ``width`` 0 nothing is shortened; JSON reports
+    always hold the full names.
 
     Args:
         head: What comes before the name (``"[3/18]"``).
@@ -123,18 +143,14 @@ def line(head: str, name: str, tail: str = "", width: int | None = None) -> str:
     """
     from onnx_sparse.report import shorten, terminal_width
 
-    parts = [p for p in (head, name, tail) if p]
-    full = " ".join(parts)
+    full = " ".join(p for p in (head, name, tail) if p)
     if width == 0 or logging.getLogger("onnx_sparse").isEnabledFor(logging.DEBUG):
         return full
     room = (terminal_width() if width is None else width) - _LOG_PREFIX
     if len(full) <= room:
         return full
-    fixed = len(full) - len(name)
-    wanted = min(len(name), _GOOD_NAME)
-    if tail and room - fixed < wanted:  # details give way before the name is cut hard
-        tail = shorten(tail, max(_MIN_TAIL, len(tail) - (wanted - (room - fixed))))
-        fixed = len(head) + len(tail) + (1 if head else 0) + 1
+    tail = _inner_details(tail)
+    fixed = len(" ".join(p for p in (head, tail) if p)) + 1
     return " ".join(p for p in (head, shorten(name, max(_MIN_NAME, room - fixed)), tail) if p)
 
 
