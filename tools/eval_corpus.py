@@ -103,7 +103,8 @@ def measure(name: str, work: Path) -> dict[str, Any]:
     if rc == 0:
         rc, _, out = _cli("inspect", work / "int8.onnx", "--json", work / "int8.json")
         layers = [r for r in json.loads((work / "int8.json").read_text())["layers"] if r["eligible"]]
-        row["int8_ready"] = sum(1 for r in layers if r.get("int8") == "yes")
+        row["int8_ready"] = sum(1 for r in layers if r["sparse_int8_possible"])
+        row["int8_2of4"] = all(r["sparse_2of4"] for r in layers)
     else:
         row["int8_note"] = next((line for line in out.splitlines() if line.startswith("[E]")), "")
     return row
