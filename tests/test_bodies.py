@@ -85,7 +85,7 @@ def test_if_branch_taken_is_fitted_the_other_is_magnitude(run_cli, tmp_path: Pat
     assert rec["if/then_branch/then_mm_local"]["rows"] == 8 * 32
     assert rec["if/else_branch/else_mm_local"]["method"] == "magnitude"
     assert rec["if/else_branch/else_mm_local"]["note"] == NOT_REACHED
-    assert "if/else_branch/else_mm_local: no calibration sample reaches it" in text  # said per layer, in the log
+    assert "else_mm_local: no calibration sample reaches it" in text  # said per layer, in the log
     assert run_cli(["check", out])[0] == 0
 
 
