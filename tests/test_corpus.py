@@ -67,6 +67,11 @@ def test_corpus_model(name: str, real_model, run_cli, tmp_path: Path) -> None:
     assert rc == 0, out
     layers = json.loads((tmp_path / "prune.json").read_text())["layers"]
     assert len({r["weight"] for r in layers}) == len({r["weight"] for r in eligible})
+    if name == "silero_vad":  # convs in the If's two branches: 16 kHz data takes the then-branch only
+        from onnx_sparse.passes.bodies import NOT_REACHED
+
+        by_branch = {(r["nodes"][0].split("/")[1], r["method"], r.get("note", "")) for r in layers}
+        assert by_branch == {("then_branch", "asym", ""), ("else_branch", "magnitude", NOT_REACHED)}, by_branch
 
     # compare on held-out data: a verdict (0 or 1), never a user or internal error
     rc, out = run_cli(["compare", src, pruned, "--load-inputs", held])
