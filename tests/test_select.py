@@ -25,15 +25,15 @@ from onnx_sparse.prune.sparsegpt import asymmetric_refit, asymmetric_sparsegpt_2
 LOGGER = "onnx_sparse.prune.select"
 
 
-@pytest.mark.parametrize("prune", [True, False])
-def test_cv_damps_more_when_data_is_scarce(prune):
+@pytest.mark.parametrize("confirm", [0, 2, len(DEFAULT_REFIT_GRID)])
+def test_cv_damps_more_when_data_is_scarce(confirm):
     rng = np.random.default_rng(14)
     cols, mix, distort, w = cv_problem(rng)
-    scarce = choose_refit_damp(w, cv_folds(rng, 4, 5, cols, mix, distort), prune=prune)
-    plenty = choose_refit_damp(w, cv_folds(rng, 400, 5, cols, mix, distort), prune=prune)
+    scarce = choose_refit_damp(w, cv_folds(rng, 4, 5, cols, mix, distort), confirm=confirm)
+    plenty = choose_refit_damp(w, cv_folds(rng, 400, 5, cols, mix, distort), confirm=confirm)
     # The dense refit overfits 16 training rows of 32 columns (strict on 20 of 20 seeds tried);
     # scoring the pruned weights blurs the effect (SparseGPT's own damping), hence >= there.
-    if prune:
+    if confirm:
         assert scarce.damp >= plenty.damp
     else:
         assert scarce.damp > plenty.damp
@@ -281,3 +281,31 @@ def test_cv_scores_do_not_depend_on_the_float32_solve(monkeypatch):
     monkeypatch.setattr(sg, "_FLOAT32_FROM", 1)
     mixed = ridge_cv_scores(w, folds)
     np.testing.assert_allclose(mixed, plain, rtol=1e-9)
+
+
+def test_confirm_scores_the_pruned_refit_as_its_definition():
+    # confirm = the whole grid: every candidate scored by the held-out error of the refit that
+    # SparseGPT pruned on the other folds, written out here with the public functions
+    rng = np.random.default_rng(21)
+    cols, mix, distort, w = cv_problem(rng, cols=16)
+    folds = cv_folds(rng, 30, 3, cols, mix, distort)
+    grid = (1e-2, 1.0, math.inf)
+    cv = choose_refit_damp(w, folds, grid, confirm=len(grid), rows=None, budget=None, blocksize=8, damp=0.02)
+    rows = sum(f.n for f in folds)
+    want = []
+    for lam in grid:
+        err = 0.0
+        for i, held in enumerate(folds):
+            train = PairedStats.total([f for j, f in enumerate(folds) if j != i])
+            cand, _ = asymmetric_sparsegpt_2_4(w, train.pp, train.pd, lam, blocksize=8, damp=0.02)
+            err += refit_error(w, cand, held)
+        want.append(err / rows)
+    np.testing.assert_allclose(cv.pruned_scores, want, rtol=1e-9)
+    assert cv.damp == grid[int(np.argmin(want))]
+    # a shortlist of 2: the dense scores' two best are re-scored, the third is not
+    short = choose_refit_damp(w, folds, grid, confirm=2, rows=None, budget=None, blocksize=8, damp=0.02, unimodal=False)
+    scored = [i for i, v in enumerate(short.pruned_scores) if not math.isnan(v)]
+    assert scored == sorted(np.argsort(short.scores, kind="stable")[:2].tolist())
+    np.testing.assert_allclose([short.pruned_scores[i] for i in scored], [want[i] for i in scored], rtol=1e-9)
+    with pytest.raises(ValueError, match="confirm"):
+        choose_refit_damp(w, folds, grid, confirm=-1)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +37,6 @@ from onnx_sparse.prune.sparsegpt import (
     _check_weight,
     _refit,
     _ridge_solve,
-    asymmetric_sparsegpt_2_4,
     inverse_factor,
     prune_with_factor,
     refit_error,
@@ -73,11 +72,14 @@ class RefitCV:
         scores: Held-out squared output error per candidate, summed over folds and divided
             by the number of held-out rows (``nan``: not evaluated by the unimodal search). Without ``dd`` (``PairedStats(track_dense=False)``)
             the constant ``tr(W Xd^T Xd W^T)`` is left out, so only differences are meaningful.
+        pruned_scores: The same for the pruned refit, for the candidates ``confirm`` shortlisted
+            (``nan`` for the others; empty when none were).
     """
 
     damp: float
     grid: tuple[float, ...]
     scores: tuple[float, ...]
+    pruned_scores: tuple[float, ...] = ()
 
 
 #: Largest relative size of the refinement step of :func:`_ridge_solve_scored` for the float32
@@ -146,6 +148,106 @@ def _check_folds(used: Sequence[PairedStats], total: PairedStats | None) -> None
         raise ValueError("cross-validation needs a fold with rows and rows outside each fold")
 
 
+class _FoldCV:
+    """One weight's cross-validation over folds of paired statistics: the folds prepared once,
+    scored by the dense refit (:meth:`ridge`) and, for a shortlist, by the pruned refit
+    (:meth:`pruned`), which reuses the refit solves of :meth:`ridge`.
+
+    For each held-out fold ``f`` (train: every row but the fold's, ``G = pp``, ``C = pd``;
+    held out: ``P = pp_f``, ``Pd = pd_f``), with ``W' = W + D^T`` and
+    ``D = (G + lambda I)^{-1} (C - G) W^T``::
+
+        err(W') = err(W) + 2 tr(D^T (P - Pd) W^T) + tr(D^T P D)
+
+    so one Cholesky factorisation of ``G + lambda I`` per fold and damping scores the dense refit
+    (no ``dd``: the constant ``tr(W dd W^T)`` is left out as in :func:`refit_error`).
+    """
+
+    def __init__(
+        self,
+        w: Array,
+        used: Sequence[PairedStats],
+        rows: int | None,
+        seed: int,
+        held_out: int | None,
+        total: PairedStats | None,
+    ) -> None:
+        a = np.asarray(w, dtype=np.float64)
+        self.factor = 1.0
+        if rows is not None and rows < a.shape[0]:
+            pick = np.sort(np.random.default_rng(seed).choice(a.shape[0], size=rows, replace=False))
+            self.factor = a.shape[0] / rows
+            a = a[pick]
+        self.a = a
+        at = np.ascontiguousarray(a.T)  # [cols, k]
+        every = PairedStats.total(used) if total is None else total
+        tested = list(used) if held_out is None else list(used[: max(1, held_out)])
+        every_r = every.pq @ at
+
+        def prepare(held: PairedStats) -> tuple[PairedStats, Array, Array, Array, float, float]:
+            g = every.pp - held.pp
+            hq = held.pq @ at
+            r = every_r - hq  # the right-hand side (C - G) W^T
+            e = -hq  # (P - Pd) W^T
+            base = float(np.einsum("ij,ij->", -(held.pp @ at) - 2.0 * hq, at))
+            # r = 0 (the layer sees the same input in both models, e.g. the first layer): W' = W
+            scale = float(np.mean(np.diag(g))) if np.any(r) else 0.0
+            return held, g, r, e, base, scale
+
+        # folds are independent: prepared and scored side by side
+        self.prepared = blas.parallel_map(prepare, tested)
+        self.n_rows = sum(f.n for f in tested)
+        self._solves: dict[tuple[int, float], Array | None] = {}
+
+    def _solve(self, k: int, lam: float) -> Array | None:
+        """``D`` of fold ``k`` and damping ``lam`` (None: no refit, ``W`` itself); kept for :meth:`pruned`.
+        Raises LinAlgError when the factorisation fails."""
+        key = (k, lam)
+        if key not in self._solves:
+            _, g, r, _, _, scale = self.prepared[k]
+            self._solves[key] = None if math.isinf(lam) or scale <= 0 else _ridge_solve_scored(g, r, lam * scale)
+        return self._solves[key]
+
+    def _per_fold(self, fn: Callable[[int, float], float], lams: Sequence[float]) -> list[float]:
+        k = len(self.prepared)
+        per = blas.parallel_map(lambda task: fn(*task), [(j, lam) for lam in lams for j in range(k)])
+        return [sum(per[i * k : (i + 1) * k]) * self.factor / self.n_rows for i in range(len(lams))]
+
+    def ridge(self, lams: Sequence[float]) -> list[float]:
+        """Held-out error of the dense refit per damping (``inf`` for a failed factorisation)."""
+
+        def score(k: int, lam: float) -> float:
+            held, _, _, e, base, _ = self.prepared[k]
+            try:
+                d = self._solve(k, lam)
+            except np.linalg.LinAlgError:
+                return math.inf
+            if d is None:
+                return base
+            return base + 2.0 * float(np.einsum("ij,ij->", d, e)) + float(np.einsum("ij,ij->", held.pp @ d, d))
+
+        return self._per_fold(score, lams)
+
+    def pruned(self, lams: Sequence[float], damp: float, blocksize: int) -> list[float]:
+        """Held-out error of the refit pruned by SparseGPT (what is deployed) per damping: the
+        same rows and folds as :meth:`ridge`, SparseGPT's factor of each fold's ``G`` shared by
+        the candidates."""
+        cols = self.a.shape[1]
+        factors = blas.parallel_map(lambda p: inverse_factor(p[1], cols, damp=damp), self.prepared)
+
+        def score(k: int, lam: float) -> float:
+            held = self.prepared[k][0]
+            try:
+                d = self._solve(k, lam)
+            except np.linalg.LinAlgError:
+                return math.inf
+            refit = self.a if d is None else self.a + d.T
+            cand, _ = prune_with_factor(refit, factors[k], blocksize)
+            return refit_error(self.a, cand, held)
+
+        return self._per_fold(score, lams)
+
+
 @blas.deterministic
 def ridge_cv_scores(
     w: Array,
@@ -159,17 +261,10 @@ def ridge_cv_scores(
 ) -> tuple[float, ...]:
     """Held-out error of the dense ridge refit (:func:`asymmetric_refit`) for every damping.
 
-    For each fold ``f`` (train: the sum of the other folds' statistics, ``G = pp``, ``C = pd``;
-    held out: ``P = pp_f``, ``Pd = pd_f``), with ``W' = W + D^T`` and
-    ``D = (G + lambda I)^{-1} (C - G) W^T``::
-
-        err(W') = err(W) + 2 tr(D^T (P - Pd) W^T) + tr(D^T P D)
-
-    so one Cholesky factorisation of ``G + lambda I`` per fold and damping gives the score
-    (in float32 with one float64 refinement step on wide layers, :func:`_ridge_solve_scored`)
-    (no SparseGPT run, no ``dd``: the constant ``tr(W dd W^T)`` is left out as in
-    :func:`refit_error`). ``inf`` scores ``W`` itself; ``0`` uses the minimum-norm least
-    squares solution. A damping whose factorisation fails scores ``inf``.
+    One Cholesky factorisation per fold and damping gives the score (see :class:`_FoldCV`; in
+    float32 with one float64 refinement step on wide layers, :func:`_ridge_solve_scored`); no
+    SparseGPT run. ``inf`` scores ``W`` itself; ``0`` uses the minimum-norm least squares
+    solution. A damping whose factorisation fails scores ``inf``.
 
     Args:
         w: Dense weight ``[rows, cols]``.
@@ -193,62 +288,26 @@ def ridge_cv_scores(
     _check_folds(used, total)
     if not grid:
         raise ValueError("the damping grid is empty")
-    a = np.asarray(w, dtype=np.float64)
-    factor = 1.0
-    if rows is not None and rows < a.shape[0]:
-        pick = np.sort(np.random.default_rng(seed).choice(a.shape[0], size=rows, replace=False))
-        factor = a.shape[0] / rows
-        a = a[pick]
-    at = np.ascontiguousarray(a.T)  # [cols, k]
-    every = PairedStats.total(used) if total is None else total
-    tested = used if held_out is None else used[: max(1, held_out)]
-    every_r = every.pq @ at
+    return _ridge_scores(_FoldCV(w, used, rows, seed, held_out, total), grid, unimodal)
 
-    def prepare(held: PairedStats) -> tuple[PairedStats, Array, Array, Array, float, float]:
-        g = every.pp - held.pp
-        hq = held.pq @ at
-        r = every_r - hq  # the right-hand side (C - G) W^T
-        e = -hq  # (P - Pd) W^T
-        base = float(np.einsum("ij,ij->", -(held.pp @ at) - 2.0 * hq, at))
-        # r = 0 (the layer sees the same input in both models, e.g. the first layer): W' = W
-        scale = float(np.mean(np.diag(g))) if np.any(r) else 0.0
-        return held, g, r, e, base, scale
 
-    # folds are independent: prepared and scored side by side
-    prepared = blas.parallel_map(prepare, tested)
-    n_rows = sum(f.n for f in tested)
-
-    def fold_score(task: tuple[tuple[PairedStats, Array, Array, Array, float, float], float]) -> float:
-        (held, g, r, e, base, scale), lam = task
-        if math.isinf(lam) or scale <= 0:
-            return base
-        try:
-            d = _ridge_solve_scored(g, r, lam * scale)
-        except np.linalg.LinAlgError:
-            return math.inf
-        return base + 2.0 * float(np.einsum("ij,ij->", d, e)) + float(np.einsum("ij,ij->", held.pp @ d, d))
-
-    def scores(lams: Sequence[float]) -> list[float]:
-        per = blas.parallel_map(fold_score, [(p, lam) for lam in lams for p in prepared])
-        k = len(prepared)
-        return [sum(per[j * k : (j + 1) * k]) * factor / n_rows for j in range(len(lams))]
-
+def _ridge_scores(cv: _FoldCV, grid: Sequence[float], unimodal: bool) -> tuple[float, ...]:
     if not unimodal:
-        return tuple(scores([float(lam) for lam in grid]))
+        return tuple(cv.ridge([float(lam) for lam in grid]))
     # Descend from the middle of the finite grid (in order of damping) until neither
     # neighbour is better; candidates not visited score nan. With fewer folds than worker
     # threads, the next candidates of the walk are scored ahead, side by side (the walk, and
     # so the choice, is the same; only idle cores do the extra work).
-    spare = len(prepared) < blas.workers()
+    spare = len(cv.prepared) < blas.workers()
     out = [math.nan] * len(grid)
     for i, lam in enumerate(grid):
         if math.isinf(lam):
-            out[i] = scores([math.inf])[0]
+            out[i] = cv.ridge([math.inf])[0]
     finite = sorted((i for i, lam in enumerate(grid) if not math.isinf(lam)), key=lambda i: grid[i])
 
     def visit(positions: Sequence[int]) -> None:
         todo = [finite[p] for p in positions if 0 <= p < len(finite) and math.isnan(out[finite[p]])]
-        for i, v in zip(todo, scores([float(grid[i]) for i in todo]), strict=True):
+        for i, v in zip(todo, cv.ridge([float(grid[i]) for i in todo]), strict=True):
             out[i] = v
 
     walked = {i for i, lam in enumerate(grid) if math.isinf(lam)}
@@ -270,8 +329,12 @@ def ridge_cv_scores(
             if not moved:
                 break
     # what was scored ahead but not reached by the walk does not take part in the choice
-    out = [v if i in walked else math.nan for i, v in enumerate(out)]
-    return tuple(out)
+    return tuple(v if i in walked else math.nan for i, v in enumerate(out))
+
+
+def _best(grid: Sequence[float], scores: Sequence[float]) -> int:
+    """The smallest score (``nan``: not scored); ties go to the larger damping."""
+    return min(range(len(grid)), key=lambda i: (math.inf if math.isnan(scores[i]) else scores[i], -float(grid[i])))
 
 
 @blas.deterministic
@@ -279,22 +342,24 @@ def choose_refit_damp(
     w: Array,
     folds: Sequence[PairedStats],
     grid: Sequence[float] = DEFAULT_REFIT_GRID,
-    prune: bool = False,
+    confirm: int = 0,
     blocksize: int = 128,
     damp: float = 0.01,
     rows: int | None = SELECT_ROWS,
     unimodal: bool = True,
     budget: float | None = SELECT_BUDGET,
     total: PairedStats | None = None,
+    seed: int = 0,
 ) -> RefitCV:
     """Choose the refit ridge damping by K-fold cross-validation.
 
-    Default (``prune=False``): :func:`ridge_cv_scores`, the held-out error of the dense refit
-    for every candidate, from one Cholesky factorisation per fold and candidate. With
-    ``prune``, each candidate and fold runs the refit AND SparseGPT on the other folds and
-    scores the pruned weights (what is deployed): about as many SparseGPT runs as folds x
-    candidates, kept for comparison. The candidate with the smallest total held-out error per
-    row wins; ties go to the larger damping.
+    Every candidate is scored by the held-out error of the **dense** refit
+    (:func:`ridge_cv_scores`: one Cholesky factorisation per fold and candidate, a descent over
+    the grid). With ``confirm = k``, the ``k`` candidates with the best dense scores are then
+    scored again by the held-out error of the **pruned** refit, what is deployed (the refit
+    solves are reused; one SparseGPT factor per fold, a column walk per candidate and fold on
+    the same row subset), and that score decides. The candidate with the smallest held-out
+    error wins; ties go to the larger damping.
 
     Folds should split by calibration sample (an image, a sentence), not by row: rows of one
     sample (pixels, tokens) are correlated and would leak between folds. Folds with no rows
@@ -302,41 +367,50 @@ def choose_refit_damp(
 
     Args:
         w: Dense weight ``[rows, cols]``.
-        folds: One :class:`PairedStats` per fold, at least 2 with rows.
+        folds: One :class:`PairedStats` per fold, at least 2 with rows (or 1 with ``total``).
         grid: Candidate relative dampings (``inf`` = no refit).
-        prune: Score the pruned weights rather than the dense refit (slow).
-        blocksize: SparseGPT block size (with ``prune``).
-        damp: SparseGPT relative damping (with ``prune``).
-        rows: Output rows scored without ``prune`` (see :func:`ridge_cv_scores`).
-        unimodal: Without ``prune``, factorise only the candidates a descent from the middle
-            of the grid visits (see :func:`ridge_cv_scores`; the others score ``nan``).
-        budget: Without ``prune``, hold out folds in turn only while ``folds x 5 x cols^3 / 6``
-            multiply-adds stay within this (at least one fold; None: every fold).
+        confirm: How many of the best candidates the pruned refit decides between (0: the
+            dense score alone; ``len(grid)``: every candidate, no descent).
+        blocksize: SparseGPT block size (with ``confirm``).
+        damp: SparseGPT relative damping (with ``confirm``).
+        rows: Output rows scored (see :func:`ridge_cv_scores`; None: all).
+        unimodal: Factorise only the candidates a descent from the middle of the grid visits
+            (see :func:`ridge_cv_scores`; the others score ``nan``).
+        budget: Hold out folds in turn only while ``folds x 5 x cols^3 / 6`` multiply-adds stay
+            within this (at least one fold; None: every fold).
         total: The statistics of every row, when the caller has them (see :func:`ridge_cv_scores`).
+        seed: Seed of the row subset.
 
     Returns:
-        The chosen damping with every candidate's score.
+        The chosen damping with every candidate's scores.
     """
     used = [f for f in folds if f.n > 0]
-    _check_folds(used, total if not prune else None)
+    _check_folds(used, total)
     if not grid:
         raise ValueError("the damping grid is empty")
-    if not prune:
-        held = None if budget is None else held_out_folds(np.shape(w)[1], len(used), budget)
-        scores = list(ridge_cv_scores(w, used, grid, rows=rows, unimodal=unimodal, held_out=held, total=total))
-    else:
-        rows_total = sum(f.n for f in used)
-        trains = [PairedStats.total([g for j, g in enumerate(used) if j != i]) for i in range(len(used))]
-        scores = []
-        for lam in grid:
-            err = 0.0
-            for out_fold, train in zip(used, trains, strict=True):
-                cand, _ = asymmetric_sparsegpt_2_4(w, train.pp, train.pd, lam, blocksize, damp)
-                err += refit_error(w, cand, out_fold)
-            scores.append(err / rows_total)
-    best = min(range(len(grid)), key=lambda i: (math.inf if math.isnan(scores[i]) else scores[i], -float(grid[i])))
-    logger.debug("refit damping by %d-fold CV: %s -> %g", len(used), dict(zip(grid, scores, strict=True)), grid[best])
-    return RefitCV(damp=float(grid[best]), grid=tuple(float(g) for g in grid), scores=tuple(scores))
+    if confirm < 0:
+        raise ValueError(f"confirm must be non-negative, got {confirm}")
+    held = None if budget is None else held_out_folds(np.shape(w)[1], len(used), budget)
+    cv = _FoldCV(w, used, rows, seed, held, total)
+    scores = _ridge_scores(cv, grid, unimodal and confirm < len(grid))
+    best = _best(grid, scores)
+    pruned = [math.nan] * len(grid)
+    if confirm:
+        ranked = sorted((i for i in range(len(grid)) if not math.isnan(scores[i])), key=lambda i: (scores[i], -grid[i]))
+        short = ranked[:confirm]
+        for i, v in zip(short, cv.pruned([float(grid[i]) for i in short], damp, blocksize), strict=True):
+            pruned[i] = v
+        best = _best(grid, pruned)
+    logger.debug(
+        "refit damping by %d-fold CV: %s, pruned %s -> %g",
+        len(used), dict(zip(grid, scores, strict=True)), dict(zip(grid, pruned, strict=True)), grid[best],
+    )  # fmt: skip
+    return RefitCV(
+        damp=float(grid[best]),
+        grid=tuple(float(g) for g in grid),
+        scores=tuple(scores),
+        pruned_scores=tuple(pruned),
+    )
 
 
 @blas.deterministic
@@ -344,7 +418,7 @@ def asymmetric_cv_2_4(
     w: Array,
     folds: Sequence[PairedStats],
     grid: Sequence[float] = DEFAULT_REFIT_GRID,
-    prune_in_cv: bool = False,
+    confirm: int = 0,
     blocksize: int = 128,
     damp: float = 0.01,
     rest: PairedStats | None = None,
@@ -354,6 +428,7 @@ def asymmetric_cv_2_4(
     After the choice, the final weights are fit on all folds together.
 
     Args:
+        confirm: See :func:`choose_refit_damp`.
         rest: The rows of folds that are never held out, in one sum (``folds`` are then the
             ones held out in turn, e.g. :func:`held_out_folds` of them): four matrices
             instead of two per fold. It is **consumed**: the total is added into it in place.
@@ -362,8 +437,6 @@ def asymmetric_cv_2_4(
         ``(new weight in w's dtype, SparseGPT stats, cross-validation outcome)``.
     """
     _check_weight(w)
-    if rest is not None and prune_in_cv:
-        raise ValueError("prune_in_cv needs every fold apart (no rest)")
     used = [f for f in folds if f.n > 0]
     if rest is None:
         every = PairedStats.total(used)
@@ -374,7 +447,7 @@ def asymmetric_cv_2_4(
     # SparseGPT's factor depends on pp only, not on the refit: computed while the damping is chosen
     factor = blas.Background(inverse_factor, every.pp, w.shape[1], damp)
     cv = choose_refit_damp(
-        w, used, grid, prune=prune_in_cv, blocksize=blocksize, damp=damp, total=every,
+        w, used, grid, confirm=confirm, blocksize=blocksize, damp=damp, total=every,
         budget=SELECT_BUDGET if rest is None else None,
     )  # fmt: skip
     refit = _refit(w.astype(np.float64), every.pp, every.pq, cv.damp)
