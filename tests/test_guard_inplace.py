@@ -109,3 +109,37 @@ def test_protocol_0_pickle_of_an_array_is_named_a_pickle(tmp_path: Path) -> None
     path.write_bytes(pickle.dumps(np.arange(3), protocol=0))
     with pytest.raises(OnnxSparseError, match="looks like a Python pickle"):
         check_json_input(path, "--load-inputs")
+
+
+def test_output_path_refuses_a_folder_unless_asked(tmp_path: Path) -> None:
+    from onnx_sparse.errors import OnnxSparseError
+    from onnx_sparse.guard import output_path
+
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(OnnxSparseError, match="is a folder"):
+        output_path(tmp_path / "sub", "-o")
+    assert output_path(tmp_path / "sub", "--save-inputs", folder_ok=True) == (tmp_path / "sub").resolve()
+
+
+def test_output_folder_that_cannot_be_walked_is_one_clear_error(tmp_path: Path) -> None:
+    """A symlink loop in the folder (ELOOP): refused with the reason, not a traceback."""
+    from onnx_sparse.errors import OnnxSparseError
+    from onnx_sparse.guard import output_path
+
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(OnnxSparseError, match="output folder .*loop cannot be used"):
+        output_path(tmp_path / "loop" / "m.onnx", "-o")
+
+
+def test_a_folder_of_json_inputs_is_checked_file_by_file(tmp_path: Path) -> None:
+    import pickle
+
+    from onnx_sparse.errors import OnnxSparseError
+    from onnx_sparse.guard import check_json_input
+
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    (folder / "0.json").write_text("[]")
+    (folder / "1.json").write_bytes(pickle.dumps({"x": 1}, protocol=2))
+    with pytest.raises(OnnxSparseError, match="1.json: looks like a Python pickle"):
+        check_json_input(folder, "--load-inputs")
