@@ -50,3 +50,49 @@ def test_too_short_file_names_the_bytes_it_needs(tmp_path: Path) -> None:
     entry.key, entry.value = "offset", "2"
     with pytest.raises(OnnxSparseError, match="too short \\(needs 18 bytes from offset 2, has 10\\)"):
         external_ref(t, tmp_path)
+
+
+# --------------------------------------------------------------------------- open_data: the file read is the file checked
+
+
+def _ref(folder: Path):
+    folder.mkdir(exist_ok=True)
+    (folder / "w.data").write_bytes(b"\1" * 16)
+    return external_ref(_external("w", [4], "w.data"), folder)
+
+
+def test_open_data_reads_the_checked_file(tmp_path: Path) -> None:
+    from onnx_sparse.external import open_data
+
+    with open_data(_ref(tmp_path / "m"), "w") as f:
+        assert f.read() == b"\1" * 16
+
+
+@pytest.mark.parametrize("how", ["removed", "rewritten"])
+def test_open_data_refuses_a_file_changed_after_its_check(tmp_path: Path, how: str) -> None:
+    from onnx_sparse.external import open_data
+
+    ref = _ref(tmp_path / "m")
+    if how == "removed":
+        ref.file.unlink()
+    else:
+        ref.file.write_bytes(b"\2" * 32)  # still a regular file, but not the one checked
+    with pytest.raises(OnnxSparseError, match="changed between its check and the read"):
+        open_data(ref, "w")
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="the opened file's path comes from Linux /proc")
+def test_open_data_refuses_the_same_file_reached_outside_the_folder(tmp_path: Path) -> None:
+    """The model's folder swapped for a link to another folder holding a hard link of the same,
+    unchanged file: identity and version agree, but the file is read from outside the folder."""
+    from onnx_sparse.external import open_data
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    ref = _ref(tmp_path / "m")
+    (outside / "w.data").hardlink_to(ref.file)
+    ref = external_ref(_external("w", [4], "w.data"), tmp_path / "m")  # checked with both links in place
+    (tmp_path / "m").rename(tmp_path / "m_old")
+    (tmp_path / "m").symlink_to(outside)
+    with pytest.raises(OnnxSparseError, match="changed between its check and the read"):
+        open_data(ref, "w")
