@@ -353,6 +353,46 @@ def test_shape_mismatch_names_both_shapes() -> None:
     assert not ok and reasons == ("shapes differ: (2, 3) vs (2, 4)",)
 
 
+def test_non_finite_or_empty_outputs_are_not_probabilities() -> None:
+    probs = np.array([[0.5, 0.5]])
+    assert output_figures([probs], [probs])["probabilities"]
+    assert not output_figures([np.array([[np.nan, 1.0]])], [probs])["probabilities"]
+    assert not output_figures([np.zeros((0, 2))], [np.zeros((0, 2))])["probabilities"]
+
+
+def test_an_output_the_sparse_run_lacks_is_a_reason_not_a_crash() -> None:
+    from polygraphy.comparator import RunResults
+
+    from onnx_sparse.handoff.compare import compare_results
+
+    results = RunResults()
+    results.append(("dense", [{"y": np.ones((2, 3)), "z": np.ones((2, 3))}]))
+    results.append(("sparse", [{"z": np.ones((2, 3))}]))
+    report = compare_results(results)
+    assert not report.passed and report.output("y").reasons == ("the sparse run has no output 'y'",)
+    assert report.output("z").passed
+
+
+@pytest.mark.parametrize("doc", [{}, {"lst": 3}, {"lst": [["a"]]}, {"lst": [["a", [{"x": 1}]]]}, [1, 2]])
+def test_json_that_is_not_run_results_is_one_clear_error(tmp_path, doc) -> None:
+    path = tmp_path / "runs.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(OnnxSparseError, match="not Polygraphy RunResults"):
+        load_run_results(path)
+
+
+def test_a_model_that_cannot_run_on_the_inputs_is_the_users_error(tmp_path) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "s"], ["y"])], "g", [helper.make_tensor_value_info("x", FLOAT, [4])],
+        [helper.make_tensor_value_info("y", FLOAT, None)], [numpy_helper.from_array(np.array([5], np.int64), "s")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "bad.onnx")
+    with pytest.raises(OnnxSparseError, match="onnxruntime failed on the inputs"):
+        compare_models(tmp_path / "bad.onnx", tmp_path / "bad.onnx")
+
+
 def test_readme_states_the_default_criteria_the_code_applies() -> None:
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     start = text.index("**Default criteria**")
