@@ -264,3 +264,37 @@ def test_pooled_cosine_ignores_near_zero_samples() -> None:
     dense, pruned = [[big], [tiny_d]], [[big], [tiny_p]]
     assert realdata.output_cosine(dense, pruned) == pytest.approx((1.0 + 0.1) / 2)
     assert realdata.pooled_output_cosine(dense, pruned) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_frozen_lists_decide_what_the_environment_dependent_sets_hold(available: None, monkeypatch, tmp_path) -> None:
+    # magika's files and MiniLM's sentences come from this Python installation; the frozen
+    # lists keep them from moving when packages change: here (the environment that wrote them,
+    # or CI's fresh one) nearly all are found, and the sets are the listed items in order
+    status = realdata.frozen_status()
+    for name in ("magika", "minilm_l3"):
+        for split in ("calibration", "evaluation"):
+            found, listed = status[name][split]
+            assert found >= 0.9 * listed, (name, split, found, listed)
+    frozen = realdata._manifest()
+    assert frozen is not None
+    keys = [f.key for f in realdata._magika_files()["evaluation"]]
+    listed = [k for k, _ in frozen["magika"]["evaluation"]]
+    assert keys == [k for k in listed if k in set(keys)]  # the listed order, nothing else
+    assert not {k for k, _ in frozen["magika"]["calibration"]} & set(listed)
+    # an item whose file changed is left out, with a warning, not replaced by another file
+    changed = dict(frozen)
+    changed["magika"] = {split: list(items) for split, items in frozen["magika"].items()}
+    first_key = changed["magika"]["evaluation"][0][0]
+    changed["magika"]["evaluation"][0] = [first_key, "0" * 16]
+    path = tmp_path / "manifest.json"
+    path.write_text(__import__("json").dumps(changed))
+    monkeypatch.setattr(realdata, "MANIFEST", path)
+    realdata._manifest.cache_clear()
+    realdata._magika_files.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="1 of the .* frozen magika evaluation items"):
+            files = realdata._magika_files()["evaluation"]
+        assert [f.key for f in files] == keys[1:] and first_key == keys[0]
+    finally:
+        realdata._manifest.cache_clear()
+        realdata._magika_files.cache_clear()

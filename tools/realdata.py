@@ -52,9 +52,14 @@ API::
     metric("ppocr_det", dense, pruned)       # {"metric": ..., "iou": ..., ...}
     save_feeds(feeds, "calib.json")          # for ``onnx-sparse prune --load-inputs``
 
-What a set holds depends on the Python installation (stdlib docstrings, installed
-packages): the same environment gives the same bytes; another one gives other, equally
-disjoint, sets.
+The magika and MiniLM sets are read from files of the Python installation (stdlib, its
+headers, site-packages, docstrings, licence texts), which change whenever a package is
+installed or upgraded. So they are FROZEN: ``tools/realdata_manifest.json`` lists each split's
+items (file keys with the digest of their features; sentence digests), and a set holds exactly
+the listed items found unchanged here, in the listed order (:func:`frozen_status` counts them;
+a warning names what is missing). ``python tools/realdata.py --freeze`` rewrites the lists.
+The other sets come from scikit-image's bundled images and pages rendered here, the same on
+every installation of the same scikit-image and Pillow.
 """
 
 from __future__ import annotations
@@ -132,6 +137,63 @@ def _require(module: str, extra: str = "eval") -> Any:
         return importlib.import_module(module)
     except ImportError as err:
         raise DataError(f"{module} is needed for real data: pip install 'onnx-sparse[{extra}]'") from err
+
+
+# =========================================================================== the frozen lists
+
+#: The frozen lists of what the magika and MiniLM sets hold (file keys and feature digests,
+#: sentence digests), written by ``python tools/realdata.py --freeze``. Those two sets come
+#: from files of this Python installation, whose site-packages change with every package
+#: installed or upgraded; with the lists, a set holds exactly the listed items that are found
+#: unchanged here, in the listed order, and nothing else, so results do not move with the
+#: environment. :func:`frozen_status` says how many were found.
+MANIFEST = Path(__file__).with_name("realdata_manifest.json")
+_FOUND: dict[str, dict[str, tuple[int, int]]] = {}
+
+
+def _digest16(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def _manifest() -> dict[str, Any] | None:
+    if not MANIFEST.exists() or os.environ.get("ONNX_SPARSE_REALDATA_UNFROZEN"):
+        return None
+    return json.loads(MANIFEST.read_text())
+
+
+def _note_frozen(name: str, split: str, found: int, listed: int) -> None:
+    _FOUND.setdefault(name, {})[split] = (found, listed)
+    if found < listed:
+        warnings.warn(
+            f"realdata: {listed - found} of the {listed} frozen {name} {split} items are missing or changed "
+            "in this Python environment; the set holds the other ones",
+            stacklevel=3,
+        )
+
+
+def frozen_status() -> dict[str, dict[str, tuple[int, int]]]:
+    """Per frozen set and split, ``(found, listed)`` (filled when the set is first built)."""
+    _magika_files()
+    _sentence_splits()
+    return {k: dict(v) for k, v in _FOUND.items()}
+
+
+def freeze(path: Path = MANIFEST) -> dict[str, Any]:
+    """Write the frozen lists from what this environment holds (the discovery rules)."""
+    files = _discover_magika_files()
+    sents = _discover_sentences()
+    data = {
+        "version": _VERSION,
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+        "magika": {k: [[f.key, _digest16(f.features.tobytes())] for f in v] for k, v in files.items()},
+        "minilm_l3": {k: [_digest16(x.encode()) for x in v] for k, v in sents.items()},
+    }
+    path.write_text(json.dumps(data, indent=0) + "\n")
+    _manifest.cache_clear()
+    _magika_files.cache_clear()
+    _sentence_splits.cache_clear()
+    return data
 
 
 # =========================================================================== magika
@@ -262,6 +324,32 @@ class _FileSample:
 
 @functools.lru_cache(maxsize=1)
 def _magika_files() -> dict[str, list[_FileSample]]:
+    """Per split, the files of the frozen list (:data:`MANIFEST`) found unchanged here, in its
+    order; without the list, what :func:`_discover_magika_files` finds."""
+    frozen = _manifest()
+    if frozen is None:
+        return _discover_magika_files()
+    roots = dict(_python_roots())
+    out: dict[str, list[_FileSample]] = {}
+    for split in (CALIBRATION, EVALUATION):
+        found = []
+        for key, digest in frozen["magika"][split]:
+            label, _, rel = key.partition("/")
+            path = roots[label] / rel if label in roots else None
+            feats = None
+            if path is not None and path.is_file() and not path.is_symlink():
+                with contextlib.suppress(OSError):
+                    feats = magika_features(path)
+            kind = _magika_kind(path.name) if path is not None else None
+            if feats is None or kind is None or _digest16(feats.tobytes()) != digest:
+                continue
+            found.append(_FileSample(kind, key, feats))
+        _note_frozen("magika", split, len(found), len(frozen["magika"][split]))
+        out[split] = found
+    return out
+
+
+def _discover_magika_files() -> dict[str, list[_FileSample]]:
     """Per split, the chosen files: kinds taken in turn, files of a kind in hash order."""
     by_kind: dict[str, list[tuple[int, str, Path]]] = {k: [] for k in _MAGIKA_KINDS}
     for label, root in _python_roots():
@@ -381,6 +469,21 @@ def _clean_sentences(text: str) -> Iterable[str]:
 
 @functools.lru_cache(maxsize=1)
 def _sentence_splits() -> dict[str, list[str]]:
+    """Per split, the sentences of the frozen list (:data:`MANIFEST`) found here, in its order;
+    without the list, what :func:`_discover_sentences` finds."""
+    frozen = _manifest()
+    found = _discover_sentences()
+    if frozen is None:
+        return found
+    by_digest = {_digest16(s.encode()): s for split in found.values() for s in split}
+    out = {}
+    for split in (CALIBRATION, EVALUATION):
+        out[split] = [by_digest[d] for d in frozen["minilm_l3"][split] if d in by_digest]
+        _note_frozen("minilm_l3", split, len(out[split]), len(frozen["minilm_l3"][split]))
+    return out
+
+
+def _discover_sentences() -> dict[str, list[str]]:
     seen: set[str] = set()
     out: dict[str, list[str]] = {CALIBRATION: [], EVALUATION: []}
     texts = [_zen(), *_stdlib_docs(), *_license_texts()]
@@ -1031,7 +1134,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build, describe or save the real calibration/evaluation feeds.")
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"models (default: all): {', '.join(MODELS)}")
     parser.add_argument("--save", metavar="DIR", help="write <name>.calibration.json / .evaluation.json there")
+    parser.add_argument("--freeze", action="store_true", help=f"write {MANIFEST.name} from this environment")
     args = parser.parse_args(argv)
+    if args.freeze:
+        data = freeze()
+        print(f"froze {sum(len(v) for v in data['magika'].values())} files, "
+              f"{sum(len(v) for v in data['minilm_l3'].values())} sentences into {MANIFEST}")  # fmt: skip
     for name in args.names or MODELS:
         print(json.dumps(describe(name), indent=1))
         if args.save:
