@@ -228,12 +228,11 @@ def prune_file(
     ``src`` is a path, or a model :func:`onnx_sparse.io.load_model` loaded (the CLI passes the
     one its checks loaded, so the file is read once). Options are those of :func:`prune`. The
     result's ``recipe`` attribute is not set; the resolved recipe is in the output's metadata.
-    With ``recipe.int8`` the pruned model is then quantized to INT8 Q/DQ on the same calibration
-    feeds (:func:`onnx_sparse.quant.quantize_file`, :meth:`Recipe.quantize_options`) before it
-    reaches ``dst``; the per-layer INT8 results (:class:`onnx_sparse.quant.LayerQuant`) are
-    appended to the result's records.
+    With ``recipe.int8`` the output is the sparse INT8 Q/DQ model, pruned and quantized in one
+    reconstruction on the same calibration feeds (:func:`_prune_int8`); the per-layer INT8 results
+    (:class:`onnx_sparse.quant.LayerQuant`) are appended to the result's records.
     """
-    from onnx_sparse.guard import check_run_paths, output_path
+    from onnx_sparse.guard import check_run_paths
 
     pipeline, resolved, calib, made = _plan(recipe, method, calibration, options)
     if resolved.int8 and calib is None:
@@ -241,26 +240,57 @@ def prune_file(
     (mf,) = check_run_paths(models=[src], model_output=dst, in_place=in_place)
     check_input_model(mf)
     reference = mf.path
+    if resolved.int8:
+        assert calib is not None
+        result, quantized = _prune_int8(mf, pipeline, resolved, calib, made)
+        save_model(quantized.model, dst, verify=verify, reference=reference)
+        result.records.extend(quantized.layers)
+        return result
     result = run_pipeline(pipeline, mf)
     if made and result.modified:
         _stamp(result.model.model, resolved, calib)
-    if not resolved.int8:
-        save_model(result.model, dst, verify=verify, reference=reference)
-        return result
-    assert calib is not None
-    from onnx_sparse import atomic
-    from onnx_sparse.quant import quantize_file
-
-    # The pruned model waits in our temporary folder (removed here, on SIGTERM, or by the next run),
-    # so a failed quantization never leaves a half-finished output.
-    tmp = atomic.temp_dir(output_path(dst).parent)
-    try:
-        staged = save_model(result.model, tmp / os.path.basename(dst), verify=verify, reference=reference)
-        feeds = calib.given if calib.given is not None else calib(load_model(staged).model)
-        quantized = quantize_file(staged, dst, feeds, resolved.quantize_options(), in_place=True, verify=verify)
-    finally:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    result.records.extend(quantized.layers)
+    save_model(result.model, dst, verify=verify, reference=reference)
     return result
+
+
+def _prune_int8(
+    mf: ModelFile, pipeline: Sequential, recipe: Recipe, calib: _Calibration, made: bool
+) -> tuple[PassResult, Any]:
+    """``prune --int8``: the sparse INT8 model in one reconstruction.
+
+    The model is prepared for INT8 (:func:`onnx_sparse.quant.prepare`), the layers that will be INT8
+    are chosen first, their quantized tensors are rescaled for outliers (before the 2:4 masks are
+    chosen, so the masks are chosen on the weights that will be stored), the prune's SparseGPT walk
+    rounds those layers' kept weights onto their INT8 grids as it fixes them (pruning and rounding
+    error compensated together), and :func:`onnx_sparse.quant.finish` writes the Q/DQ model with
+    exactly those integers and holds the fidelity target against the pruned FP32 model.
+    """
+    from onnx_sparse.calib.data import split_holdout
+    from onnx_sparse.passes.calibrated import CalibratedPrunePass, LayerFit
+    from onnx_sparse.quant import candidates, finish, prepare, smooth_model
+
+    options = recipe.quantize_options()
+    prepared = prepare(mf)
+    feeds = calib(prepared)
+    nodes, reasons = candidates(prepared, options)
+    if options.smooth:
+        fit, held = split_holdout(list(feeds), options.holdout)
+        prepared, _ = smooth_model(prepared, nodes, fit, held, options.seed)
+    scales: dict[str, Any] = {}
+
+    def keep_scale(fit: LayerFit) -> None:
+        if fit.int8_scale is not None:
+            scales[fit.group.sites[0].weight] = fit.int8_scale
+
+    for p in pipeline.passes:
+        if isinstance(p, CalibratedPrunePass):
+            if recipe.int8_joint:
+                p.engine.int8_nodes = frozenset(nodes)
+            p.on_fit = keep_scale
+    fixed = list(feeds)
+    calib.source, calib.limit = fixed, None  # the feeds are loaded once
+    result = run_pipeline(pipeline, ModelFile(prepared))
+    if made:
+        _stamp(result.model.model, recipe, calib)
+    pruned = finalize_inline(result.model.model)
+    return result, finish(pruned, nodes, reasons, fixed, options, scales)

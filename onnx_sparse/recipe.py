@@ -117,9 +117,13 @@ class Recipe:
         int8: Then quantize the pruned model to INT8 Q/DQ on the same calibration data (the CLI's
             ``prune --int8``; in Python, :func:`onnx_sparse.quant.quantize_file` with
             :meth:`quantize_options`).
-        int8_calibration / int8_percentile / int8_layers / int8_max_error: the quantization
-            settings (:class:`onnx_sparse.quant.QuantizeOptions`: ``calibration``, ``percentile``,
-            ``layers``, ``max_error``); the layer selection above applies to it too.
+        int8_calibration / int8_percentile / int8_layers / int8_max_error / int8_smooth /
+            int8_target_cosine: the quantization settings (:class:`onnx_sparse.quant.QuantizeOptions`:
+            ``calibration``, ``percentile``, ``layers``, ``max_error``, ``smooth``, ``target_cosine``);
+            the layer selection above and ``holdout`` / ``seed`` apply to it too.
+        int8_joint: With ``int8``: SparseGPT's walk rounds the INT8 layers' kept weights onto their
+            INT8 grids as it fixes them (one reconstruction for pruning and rounding), and the Q/DQ
+            weights hold exactly those integers.
     """
 
     method: str | None = None
@@ -141,10 +145,13 @@ class Recipe:
     fc_layout: bool = False
     annotate: bool = False
     int8: bool = False
-    int8_calibration: str = "percentile"
+    int8_calibration: str = "search"
     int8_percentile: float = 99.999
     int8_layers: str = "eligible"
     int8_max_error: float | None = None
+    int8_smooth: bool = True
+    int8_joint: bool = True
+    int8_target_cosine: float | None = 0.99
 
     def __post_init__(self) -> None:
         for name in ("include", "exclude", "ops"):
@@ -190,6 +197,10 @@ class Recipe:
             include=self.include,
             exclude=self.exclude,
             ops=self.ops,
+            smooth=self.int8_smooth,
+            target_cosine=self.int8_target_cosine,
+            holdout=self.holdout,
+            seed=self.seed,
         )
 
     # ------------------------------------------------------------------ defaults
@@ -335,6 +346,9 @@ _TYPES: dict[str, str] = {
     "int8_percentile": "float",
     "int8_layers": "str",
     "int8_max_error": "float?",
+    "int8_smooth": "bool",
+    "int8_joint": "bool",
+    "int8_target_cosine": "float?",
 }
 assert list(_TYPES) == [f.name for f in fields(Recipe)], "keep _TYPES in step with Recipe"
 

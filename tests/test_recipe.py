@@ -80,6 +80,29 @@ def test_json_round_trip_and_refusals(tmp_path: Path) -> None:
         Recipe.from_json('{"damp": "0.1"}', "r.json")
 
 
+def test_every_int8_field_round_trips_and_reaches_the_quantizer(tmp_path: Path) -> None:
+    """Each INT8 setting, set away from its default, survives JSON and the file, and is what the
+    quantizer is given (one place maps recipe fields to QuantizeOptions)."""
+    changed = dict(int8=True, int8_calibration="percentile", int8_percentile=99.9, int8_layers="all",
+                   int8_max_error=0.2, int8_smooth=False, int8_joint=False, int8_target_cosine=0.95,
+                   holdout=0.2, seed=3)  # fmt: skip
+    defaults = Recipe()
+    assert all(getattr(defaults, k) != v for k, v in changed.items())
+    assert {f for f in Recipe.__dataclass_fields__ if f.startswith("int8")} <= set(changed)
+    r = Recipe(**changed)
+    r.save(tmp_path / "r.json")
+    assert Recipe.load(tmp_path / "r.json") == r == Recipe.from_json(r.to_json())
+    q = r.quantize_options()
+    assert (q.calibration, q.percentile, q.layers, q.max_error, q.smooth, q.target_cosine, q.holdout, q.seed) == (
+        "percentile", 99.9, "all", 0.2, False, 0.95, 0.2, 3,
+    )
+    assert Recipe(int8=True, int8_target_cosine=None).quantize_options().target_cosine is None
+    with pytest.raises(OnnxSparseError, match="int8-target-cosine"):
+        Recipe(int8_target_cosine=1.5)
+    with pytest.raises(OnnxSparseError, match="unknown calibration method"):
+        Recipe(int8_calibration="entropy")
+
+
 def test_defaults_resolve() -> None:
     assert Recipe().resolve(has_data=True) == DEFAULT_CALIBRATED
     assert DEFAULT_CALIBRATED.method == "asym" and DEFAULT_CALIBRATED.bias_correction and DEFAULT_CALIBRATED.refit_head
@@ -113,8 +136,9 @@ def test_defaults_are_pinned() -> None:
         "format": 1, "method": None, "include": [], "exclude": [], "ops": [], "min_channels": 0,
         "bias_correction": None, "refit_head": None, "damp": 0.01, "blocksize": 128, "max_rows": 20_000,
         "seed": 0, "row_mask": None, "calib_samples": None, "sensitivity": False, "target_cosine": None,
-        "holdout": 0.25, "fc_layout": False, "annotate": False, "int8": False, "int8_calibration": "percentile",
-        "int8_percentile": 99.999, "int8_layers": "eligible", "int8_max_error": None,
+        "holdout": 0.25, "fc_layout": False, "annotate": False, "int8": False, "int8_calibration": "search",
+        "int8_percentile": 99.999, "int8_layers": "eligible", "int8_max_error": None, "int8_smooth": True,
+        "int8_joint": True, "int8_target_cosine": 0.99,
     }  # fmt: skip
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "[--holdout 0.25]" in readme and "percentile 99.999 by" in readme and "the usual 0.01" in readme

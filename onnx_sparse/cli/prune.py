@@ -88,6 +88,13 @@ class PruneTool(Tool):
             help="Then quantize the pruned model to INT8 Q/DQ (as `onnx-sparse quantize`) on the same calibration data.",
         )
         add_quantize_args(parser)
+        parser.add_argument(
+            "--int8-joint",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="With --int8: SparseGPT's walk rounds the INT8 layers' kept weights onto their INT8 grids as it "
+            "fixes them, so pruning and rounding error are compensated together (default: on).",
+        )
 
     def run(self, args: argparse.Namespace) -> int:
         data_given = bool(args.load_inputs or args.data_loader_script)
@@ -233,6 +240,7 @@ _RECIPE_FLAGS = {
     "sensitivity": "sensitivity", "target_cosine": "target_cosine", "holdout": "holdout",
     "fc_layout": "fc_layout", "annotate": "annotate", "int8": "int8", "int8_calibration": "act_calibration",
     "int8_percentile": "act_percentile", "int8_layers": "int8_layers", "int8_max_error": "int8_max_error",
+    "int8_smooth": "int8_smooth", "int8_joint": "int8_joint", "int8_target_cosine": "int8_target_cosine",
 }  # fmt: skip
 
 
@@ -247,6 +255,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         changes[field] = value
     if args.sensitivity_json is not None:
         changes["sensitivity"] = True
+    if changes.get("int8_target_cosine") is not None and changes["int8_target_cosine"] <= -1:
+        changes["int8_target_cosine"] = None  # -1: every layer stays INT8
     return base.replace(**changes)
 
 

@@ -31,8 +31,8 @@ def add_quantize_args(parser: argparse.ArgumentParser) -> None:
         "--act-calibration",
         choices=CALIBRATION_METHODS,
         default=None,
-        help="How activation ranges are set from the calibration data (onnxruntime's calibrators; "
-        "default percentile, see --act-percentile).",
+        help="How activation scales are set from the calibration data: search (default: the clip with the "
+        "smallest error in the layers that read the tensor), minmax, or percentile (see --act-percentile).",
     )
     group.add_argument(
         "--int8-layers",
@@ -49,6 +49,22 @@ def add_quantize_args(parser: argparse.ArgumentParser) -> None:
         "calibration data (e.g. 0.05), then quantize again; the table shows each layer's error.",
     )
     group.add_argument(
+        "--int8-target-cosine",
+        type=float,
+        metavar="X",
+        help="Fidelity target of the automatic mixed precision: the INT8 model's worst float output keeps this "
+        "cosine to the FP32 model on held-out calibration feeds (every 4th, see --holdout), by leaving the most "
+        "harmful layers float (each loses its sparse INT8 kernel; the table says which and what it cost). "
+        "Default 0.99; -1 keeps every layer INT8.",
+    )
+    group.add_argument(
+        "--int8-smooth",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Per-channel outlier rescaling of the quantized tensors (SmoothQuant into the reading layers, output "
+        "equalisation into the producing layer), chosen on held-out calibration feeds (default: on).",
+    )
+    group.add_argument(
         "--act-percentile",
         type=float,
         default=None,
@@ -63,9 +79,14 @@ def quantize_options(args: argparse.Namespace, selection: dict[str, Any] | None 
 
     sel = selection or {}
     given = {"calibration": args.act_calibration, "percentile": args.act_percentile, "layers": args.int8_layers,
-             "max_error": args.int8_max_error}  # fmt: skip
+             "max_error": args.int8_max_error, "target_cosine": args.int8_target_cosine, "smooth": args.int8_smooth,
+             "holdout": getattr(args, "holdout", None), "seed": getattr(args, "seed", None)}  # fmt: skip
+    off = given["target_cosine"] is not None and given["target_cosine"] <= -1  # -1: every layer stays INT8
+    given = {k: v for k, v in given.items() if v is not None}
+    if off:
+        given["target_cosine"] = None
     return QuantizeOptions(
-        **{k: v for k, v in given.items() if v is not None},
+        **given,
         include=tuple(sel.get("include", ())),
         exclude=tuple(sel.get("exclude", ())),
         ops=tuple(sel.get("ops", ())),
@@ -92,6 +113,9 @@ def report_layers(layers: Sequence[Any]) -> None:
     if rows:
         cols = [("node", "node"), ("op", "op"), ("state", "INT8 state"), ("error", "INT8 error in/out")]
         logger.info("%s", format_table(rows, cols))
+    lost = [x for x in layers if x.eligible and not x.quantized and x.reason.startswith("mixed precision")]
+    for x in lost:
+        logger.info("lost its sparse INT8 kernel: %s (%s)", x.node, x.reason)
     sparse = sum(1 for layer in layers if layer.sparse_int8)
     eligible = sum(1 for layer in layers if layer.eligible)
     logger.info(

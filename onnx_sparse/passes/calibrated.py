@@ -84,6 +84,7 @@ from onnx_sparse.passes.head import HeadLayer, head_candidates, head_tensors, re
 from onnx_sparse.passes.prune import PrunePass, SiteRecord, apply_site, group_by_tensor, totals
 from onnx_sparse.progress import Progress, line
 from onnx_sparse.prune.bias import bias_shift
+from onnx_sparse.prune.joint import asymmetric_cv_int8
 from onnx_sparse.prune.select import asymmetric_cv_2_4, choose_damp
 from onnx_sparse.prune.sparsegpt import sparsegpt_2_4
 from onnx_sparse.prune.wanda import wanda_2_4
@@ -169,6 +170,7 @@ class LayerFit:
     note: str
     acc: LayerStats | None
     damp: float | None = None
+    int8_scale: np.ndarray | None = None  # per output channel, when the joint INT8 walk rounded the weights
 
 
 def _drain(gen: Iterator[Any]) -> None:
@@ -207,6 +209,7 @@ class Calibrator:
         threads: int | None = None,
         row_mask: str | None = None,
         spill_budget: int | None = None,
+        int8_nodes: frozenset[str] = frozenset(),
     ) -> None:
         if method not in METHODS:
             raise OnnxSparseError(f"unknown pruning method {method!r}", hint=f"choose one of {', '.join(METHODS)}")
@@ -225,6 +228,8 @@ class Calibrator:
         self.threads = threads
         self.row_mask = row_mask
         self.spill_budget = spill_budget
+        # layers that will be INT8: SparseGPT's walk rounds their kept weights onto INT8 grids (joint walk)
+        self.int8_nodes = int8_nodes
         self.last_spill: Spill | None = None  # the last run's (for its counters)
         # the last run's ``tail`` values, per sample, in the pruned and the dense model
         self.last_tail: list[dict[str, np.ndarray]] = []
@@ -279,6 +284,7 @@ class Calibrator:
         loss: float | None = None
         refit: float | None = None
         chosen: float | None = None
+        int8_scale: np.ndarray | None = None
         note = grp.note
         method = self.method
         if view is None:
@@ -297,6 +303,14 @@ class Calibrator:
             mats = view.matrices(stored)
             out = []
             losses = []
+            joint = (
+                bool(self.int8_nodes)
+                and all(s.node in self.int8_nodes for s in grp.sites)
+                and not view.mask_only
+                and view.requant is None
+                and stored.dtype == np.float32
+            )
+            scales: list[np.ndarray] = []
             for g, w in enumerate(mats):
                 if method == "wanda":
                     assert acc.stats is not None
@@ -310,9 +324,11 @@ class Calibrator:
                         damp = self._cv_damp(w, st.xtx, [(f, rows[g]) for f, rows in acc.raw])
                         chosen = damp if chosen is None else max(chosen, damp)
                     new_w, info = sparsegpt_2_4(
-                        w, st.hessian(damp=0.0), blocksize=self.blocksize, damp=damp, dead=st.dead
+                        w, st.hessian(damp=0.0), blocksize=self.blocksize, damp=damp, dead=st.dead, int8=joint
                     )
                     out.append(new_w)
+                    if info.scale is not None:
+                        scales.append(info.scale)
                     losses.append(info.loss)
                 else:
                     assert acc.paired is not None
@@ -321,24 +337,28 @@ class Calibrator:
                     n_rows = sum(f.n for f in slots)
                     folds = [f for f in held if f.n > 0]
                     if len(folds) >= 2 or (folds and rest is not None and rest.n > 0):
-                        new_w, info, cv = asymmetric_cv_2_4(
-                            w, folds, blocksize=self.blocksize, damp=self.damp, rest=rest
-                        )
+                        solve = asymmetric_cv_int8 if joint else asymmetric_cv_2_4
+                        new_w, info, cv = solve(w, folds, blocksize=self.blocksize, damp=self.damp, rest=rest)
                         refit = cv.damp if refit is None else max(refit, cv.damp)
                     else:
                         every = PairedStats.total([f for f in slots if f.n > 0])
-                        new_w, info = sparsegpt_2_4(w, every.pp, blocksize=self.blocksize, damp=self.damp)
+                        new_w, info = sparsegpt_2_4(w, every.pp, blocksize=self.blocksize, damp=self.damp, int8=joint)
                         note = note or "one calibration sample: no cross-validation, plain SparseGPT"
                     out.append(new_w)
+                    if info.scale is not None:
+                        scales.append(info.scale)
                     # H was X^T X here, not 2/n X^T X: rescale the loss to SparseGPT's units
                     losses.append(info.loss * 2.0 / max(1, n_rows))
             loss = float(sum(losses)) if losses else None
             new = view.to_stored(out, stored, zero)
+            if scales and len(scales) == len(mats):
+                int8_scale = np.concatenate(scales)
         assert site.axis is not None
         assert nm.is_2_4(new, site.axis, zero), f"{site.node}: calibrated weight is not 2:4 along axis {site.axis}"
         return LayerFit(
-            grp, method, stored, new, acc.rows if acc else 0, loss, refit, time.perf_counter() - t0, note, acc, chosen
-        )
+            grp, method, stored, new, acc.rows if acc else 0, loss, refit, time.perf_counter() - t0, note, acc, chosen,
+            int8_scale,
+        )  # fmt: skip
 
     def _cv_damp(self, w: np.ndarray, xtx: np.ndarray, rows: Sequence[tuple[int, np.ndarray]]) -> float:
         """SparseGPT damping for a row-starved layer (:func:`~onnx_sparse.prune.select.choose_damp`
@@ -533,6 +553,9 @@ class CalibratedPrunePass(Pass):
         folds: Cross-validation folds for ``asym``.
         threads: onnxruntime intra-op threads.
         on_fit: Called with every :class:`LayerFit` after it is written (inspection, tests).
+        int8_nodes: Layers that will be INT8 (``prune --int8``): SparseGPT's walk rounds their kept
+            weights onto per-output-channel INT8 grids as it fixes them (the joint walk of
+            :mod:`onnx_sparse.prune.sparsegpt`); each fit carries the scales (``LayerFit.int8_scale``).
 
     Cases: eligible main-graph layer -> calibrated; not calibratable -> magnitude (logged);
     not eligible or not selected -> untouched; no weight changed -> ``modified`` False.
@@ -549,6 +572,7 @@ class CalibratedPrunePass(Pass):
         folds: int = 4,
         threads: int | None = None,
         on_fit: Callable[[LayerFit], None] | None = None,
+        int8_nodes: Iterable[str] = (),
         **options: Any,
     ) -> None:
         if isinstance(recipe, Recipe):
@@ -570,6 +594,7 @@ class CalibratedPrunePass(Pass):
             folds=folds,
             threads=threads,
             row_mask=recipe.row_mask,
+            int8_nodes=frozenset(int8_nodes),
         )
         self.method = method
         bias_correction, refit_head = bool(recipe.bias_correction), bool(recipe.refit_head)

@@ -18,6 +18,13 @@ SparseGPT (optimal brain surgeon, one column at a time):
 * Updates are lazy: inside a block of ``blocksize`` columns they are applied column by
   column, and the block's accumulated errors reach the later columns in one product.
 
+Joint sparsification and INT8 quantization (the SparseGPT paper's joint variant, OBC's pinned
+zeros): with a per-row scale ``s`` (:func:`int8_scales`), every kept weight is rounded onto
+its symmetric grid ``s * clip(round(w / s), -127, 127)`` as the walk fixes it, so ``q_j`` is
+either 0 (pruned) or a grid value, and the update of the free columns carries the pruning
+and the rounding error together. Pruned weights are exactly 0, which the grid holds (zero
+point 0), so quantizing never moves a pruned zero.
+
 Asymmetric reconstruction: when the layer's input in the partly pruned model
 (``Xp``) differs from its input in the dense model (``Xd``), first refit the dense weights
 to reproduce the dense output from the pruned input (:func:`asymmetric_refit`), then run
@@ -56,6 +63,9 @@ __all__ = [
     "asymmetric_sparsegpt_2_4",
     "refit_error",
     "ROW_CHUNK",
+    "INT8_MAX",
+    "int8_scales",
+    "int8_round",
 ]
 
 logger = logging.getLogger(__name__)
@@ -65,6 +75,36 @@ Array = npt.NDArray
 
 _DAMP_GROWTH = 10.0
 _MAX_RETRIES = 6
+
+
+#: Symmetric INT8 weights use ``[-127, 127]`` (zero point 0; TensorRT's and onnxruntime's symmetric range).
+INT8_MAX = 127
+#: Clip ratios tried per row by :func:`int8_scales` (share of the row's largest ``|w|``).
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+def int8_round(w: Array, scale: Array) -> Array:
+    """``w`` on its per-row grid: ``scale * clip(round(w / scale), -127, 127)`` (``scale`` ``[rows, 1]``
+    or broadcastable; zeros stay exactly 0)."""
+    return np.clip(np.rint(w / scale), -INT8_MAX, INT8_MAX) * scale
+
+
+def int8_scales(w: Array, ratios: tuple[float, ...] = CLIP_RATIOS) -> Array:
+    """Per-row symmetric INT8 scales of ``w[rows, cols]`` (float64 ``[rows]``), float32-representable.
+
+    Each row tries the clip ratios of its largest ``|w|`` and keeps the one with the smallest
+    squared rounding error (ties: the larger range); an all-zero row gets scale 1.
+    """
+    a = np.abs(np.asarray(w, dtype=np.float64))
+    top = a.max(axis=1) if a.size else np.zeros(w.shape[0])
+    best = np.where(top > 0, top / INT8_MAX, 1.0)
+    err = np.full(w.shape[0], np.inf)
+    for r in ratios:
+        s = np.where(top > 0, top * r / INT8_MAX, 1.0)
+        e = np.sum((w - int8_round(w, s[:, None])) ** 2, axis=1)
+        better = e < err * (1 - 1e-12)
+        best, err = np.where(better, s, best), np.where(better, e, err)
+    return best.astype(np.float32).astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -79,6 +119,8 @@ class SparseGPTStats:
         retries: How many times the damping was raised because Cholesky failed.
         fallback: True when every damping failed and plain magnitude pruning was used.
         dead_columns: Columns with a zero Hessian diagonal, whose weights were set to 0.
+        scale: With ``int8``: the per-row INT8 scales the kept weights were rounded onto
+            (float64 ``[rows]``, float32-representable), else None.
     """
 
     loss: float
@@ -86,6 +128,7 @@ class SparseGPTStats:
     retries: int
     fallback: bool
     dead_columns: int
+    scale: Array | None = None
 
 
 def _check_weight(w: Array) -> None:
@@ -135,13 +178,15 @@ def _factor_of_reversed(a: Array) -> Array:
     return u
 
 
-def _obs_prune(wt: Array, u: Array, blocksize: int) -> tuple[Array, float]:
+def _obs_prune(wt: Array, u: Array, blocksize: int, scale: Array | None = None) -> tuple[Array, float]:
     """SparseGPT's column walk on the transposed weight ``wt[cols, rows]`` (modified in place).
 
     One step per group of 4 columns: the mask is chosen at the group's first column, so the
     group's 4 errors follow from a 4-step triangular recurrence (vectorised over rows); they
     reach the rest of the block in one product of rank 4 and the later blocks in one product
-    per block. Returns the pruned transposed weight and the OBS loss.
+    per block. With ``scale`` (``[rows]``), every kept weight is rounded onto its row's INT8
+    grid as it is fixed, and its rounding error is propagated like a pruned weight's.
+    Returns the pruned transposed weight and the OBS loss.
     """
     cols = wt.shape[0]
     gs = nm.GROUP_SIZE
@@ -160,8 +205,9 @@ def _obs_prune(wt: Array, u: Array, blocksize: int) -> tuple[Array, float]:
             for k in range(gs):
                 # column i+k after the updates of columns i..i+k-1 of this group
                 wk = g[k] - u1[i : i + k, i + k] @ e[:k] if k else g[k]
-                e[k] = np.where(prune[k], wk, 0.0) / d[i + k]
-                out[b0 + i + k] = np.where(prune[k], 0.0, wk)
+                qk = np.where(prune[k], 0.0, wk if scale is None else int8_round(wk, scale))
+                e[k] = (wk - qk) / d[i + k]
+                out[b0 + i + k] = qk
             loss += 0.5 * float(np.einsum("ij,ij->", e, e))
             if i + gs < b1 - b0:
                 w1[i + gs :] -= u1[i : i + gs, i + gs :].T @ e
@@ -177,8 +223,10 @@ def sparsegpt_2_4(
     blocksize: int = 128,
     damp: float = 0.01,
     dead: npt.ArrayLike | None = None,
+    int8: bool = False,
 ) -> tuple[Array, SparseGPTStats]:
-    """Prune ``w`` to 2:4 along ``cols`` with SparseGPT, updating the kept weights.
+    """Prune ``w`` to 2:4 along ``cols`` with SparseGPT, updating the kept weights (and, with
+    ``int8``, rounding them onto per-row INT8 grids: :func:`prune_with_factor`).
 
     Steps (float64): columns that are dead (zero diagonal of ``H``, or flagged in ``dead``)
     get weight 0 and diagonal 1; ``lambda = damp * mean(diag(H))`` is added to the diagonal;
@@ -201,7 +249,7 @@ def sparsegpt_2_4(
     """
     _check_weight(w)
     factor = inverse_factor(h, w.shape[1], damp=damp, dead=dead)
-    return prune_with_factor(w, factor, blocksize)
+    return prune_with_factor(w, factor, blocksize, int8=int8)
 
 
 @dataclass(frozen=True)
@@ -284,8 +332,17 @@ def inverse_factor(h: npt.ArrayLike, cols: int, damp: float = 0.01, dead: npt.Ar
 
 
 @blas.deterministic
-def prune_with_factor(w: Array, factor: InverseFactor, blocksize: int = 128) -> tuple[Array, SparseGPTStats]:
-    """SparseGPT's column walk on ``w`` with a factor from :func:`inverse_factor` (of ``w``'s input)."""
+def prune_with_factor(
+    w: Array, factor: InverseFactor, blocksize: int = 128, int8: bool = False
+) -> tuple[Array, SparseGPTStats]:
+    """SparseGPT's column walk on ``w`` with a factor from :func:`inverse_factor` (of ``w``'s input).
+
+    With ``int8`` the walk is the joint one (module docstring): a first plain walk gives the
+    pruned weights whose rows set the scales (:func:`int8_scales`), a second walk from ``w``
+    rounds every kept weight onto those grids as it fixes it. The scales are in the stats;
+    ``result / scale`` is then integral in ``[-127, 127]`` (in float64; the caller's dtype
+    rounds it).
+    """
     _check_weight(w)
     if factor.dead.shape != (w.shape[1],):
         raise ValueError(f"the factor is for {factor.dead.shape[0]} columns; the weight has {w.shape[1]}")
@@ -301,18 +358,36 @@ def prune_with_factor(w: Array, factor: InverseFactor, blocksize: int = 128) -> 
         out = nm.prune_2_4(w64, 1)
         loss = 0.0
     else:
-        # rows are independent given U: fixed chunks of rows, side by side (the same chunks on
-        # every machine, so the result does not depend on the number of cores)
-        parts = blas.parallel_map(
-            lambda r: _obs_prune(np.ascontiguousarray(w64[r].T), u, blocksize), _row_chunks(w64.shape[0])
-        )
-        out = np.concatenate([p.T for p, _ in parts]) if len(parts) > 1 else parts[0][0].T
-        loss = float(sum(v for _, v in parts))
-        out[:, dead_mask] = 0.0  # exact zeros where rounding left crumbs
+        out, loss = _walk(w64, u, blocksize, None, dead_mask)
+    scale = None
+    if int8:
+        scale = int8_scales(out)
+        if u is None:
+            out = int8_round(out, scale[:, None])
+        else:
+            out, loss = _walk(w64, u, blocksize, scale, dead_mask)
     stats = SparseGPTStats(
-        loss=loss, damp=factor.damp, retries=factor.retries, fallback=u is None, dead_columns=int(dead_mask.sum())
+        loss=loss,
+        damp=factor.damp,
+        retries=factor.retries,
+        fallback=u is None,
+        dead_columns=int(dead_mask.sum()),
+        scale=scale,
     )
     return out.astype(w.dtype), stats
+
+
+def _walk(w64: Array, u: Array, blocksize: int, scale: Array | None, dead: Array) -> tuple[Array, float]:
+    """The column walk over fixed chunks of rows, side by side (rows are independent given U; the
+    same chunks on every machine, so the result does not depend on the number of cores)."""
+    chunks = _row_chunks(w64.shape[0])
+    parts = blas.parallel_map(
+        lambda r: _obs_prune(np.ascontiguousarray(w64[r].T), u, blocksize, None if scale is None else scale[r]),
+        chunks,
+    )
+    out = np.concatenate([p.T for p, _ in parts]) if len(parts) > 1 else parts[0][0].T
+    out[:, dead] = 0.0  # dead columns: exact zeros where rounding left crumbs
+    return out, float(sum(v for _, v in parts))
 
 
 # --------------------------------------------------------------------------------------

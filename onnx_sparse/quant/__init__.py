@@ -2,20 +2,30 @@
 
 from onnx_sparse.quant.static import (
     CALIBRATION_METHODS,
+    DEFAULT_TARGET_COSINE,
     LAYER_SETS,
     LayerQuant,
     QuantizeOptions,
     QuantizeResult,
+    candidates,
+    finish,
+    prepare,
     quantize,
     quantize_file,
+    smooth_model,
 )
 
 __all__ = [
     "CALIBRATION_METHODS",
+    "DEFAULT_TARGET_COSINE",
     "LAYER_SETS",
     "LayerQuant",
     "QuantizeOptions",
     "QuantizeResult",
+    "candidates",
+    "finish",
+    "prepare",
     "quantize",
     "quantize_file",
+    "smooth_model",
 ]

@@ -1,44 +1,48 @@
 """Quantize a (pruned) model to INT8 Q/DQ that TensorRT can run with sparse INT8 kernels.
 
-The quantizer is onnxruntime's static QDQ quantizer (``onnxruntime.quantization.quantize_static``),
-a well-kept, documented PTQ tool that is already a dependency; NVIDIA ModelOpt's ONNX PTQ
-would serve too but pulls in PyTorch and a CUDA stack for calibration. Settings, each for a
-TensorRT reason:
+What a sparse INT8 kernel needs, and how each step keeps every pruned zero a zero:
 
-* ``QuantFormat.QDQ``, INT8 activations and weights, ``ActivationSymmetric`` and
-  ``WeightSymmetric``: TensorRT takes Q/DQ with zero point 0 only. With zero point 0, a
-  pruned weight (exactly 0) quantizes to exactly 0, so the 2:4 pattern survives; this module
-  checks it on every layer after quantizing.
-* ``per_channel=True``: one weight scale per output channel (Conv axis 0, MatMul ``[K, N]``
-  axis 1, Gemm axis 0 with ``transB``), which is what TensorRT expects.
-* Outputs: the QDQ quantizer quantizes each quantized node's output too (our op list:
-  Conv/Gemm/MatMul), so a layer is INT8 in, INT8 weight and INT8 out; this module verifies
-  that per layer (:mod:`onnx_sparse.graph.qdq`) rather than trusting it.
-* ``QuantizeBias=False``: biases stay float (TensorRT fuses them; it has no use for int32 biases).
-* ``QDQKeepRemovableActivations=True``: Relu/Clip stay in the graph (the float model's meaning).
+* **Symmetric INT8 everywhere** (zero point 0, which TensorRT requires): activations one scale per
+  tensor, weights one scale per output channel, integers in [-127, 127]; a 0 weight is the integer 0.
+* **Every quantized layer INT8 in, weight and out** (:mod:`onnx_sparse.quant.assemble` writes the
+  Q/DQ; :mod:`onnx_sparse.graph.qdq` then verifies it per layer rather than trusting it). Biases
+  stay float (TensorRT fuses them).
+* **Outliers** (:mod:`onnx_sparse.quant.smooth`): per-channel rescaling of the quantized tensors
+  (SmoothQuant into the reading layers' input channels, output equalisation into the producing
+  layer's output channels), each chosen on held-out calibration feeds; diagonal, so zero-safe.
+* **Scales** by the error they cause in the layers that read the tensor (clip search,
+  :mod:`onnx_sparse.quant.calibrate`), not a fixed percentile.
+* **Weights**: ``prune --int8`` hands over the integers of the joint SparseGPT walk (pruning and
+  rounding in one reconstruction, :mod:`onnx_sparse.prune.sparsegpt`), stored as they are; here a
+  float weight is rounded per output channel (clip search per channel).
+* **Mixed precision** (:mod:`onnx_sparse.quant.mixed`): with a fidelity target (``target_cosine``,
+  against the FP32 model on held-out calibration feeds), the most harmful layers fall back to
+  float until it holds; each one that does is reported with what it cost.
 
 Layers that stay out of INT8 (and why) are reported: weights that are not stored in the
-main graph's initializers the node reads directly (Constant nodes, a Transpose on the way,
-subgraphs), weights that are already quantized, MatMuls of two activations, and layers the
-selection leaves out.
+main graph's initializers the node reads directly (Constant nodes become initializers; a
+Transpose on the way, subgraphs), weights that are already quantized or shared, MatMuls of two
+activations, and layers the selection leaves out.
+
+onnxruntime's static quantizer (``quantize_static``), used before, placed the same pairs but
+re-derives every weight's integers from the float values (it cannot take the walk's) and sends
+every consumer through the dequantized tensor; its percentile calibrator was also the slowest
+part of ``prune --int8``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import os
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
 from onnx_sparse.calib.capture import inline_model
+from onnx_sparse.calib.data import split_holdout
 from onnx_sparse.core import blas
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.graph.locate import WeightSite, find_weight_sites
@@ -46,7 +50,11 @@ from onnx_sparse.graph.names import display_name
 from onnx_sparse.graph.qdq import Int8IO
 from onnx_sparse.graph.weights import weight_stats
 from onnx_sparse.io import ModelFile, finalize_inline, load_model, save_model
+from onnx_sparse.quant.assemble import Int8Layer, find_layers, quantize_weight, write_qdq
+from onnx_sparse.quant.calibrate import TensorStats, choose_scale, collect, collect_split
 from onnx_sparse.quant.error import LayerError, int8_errors
+from onnx_sparse.quant.mixed import Fallback, fallback_search, output_fidelity
+from onnx_sparse.quant.smooth import Rescale, choose, rescale
 
 __all__ = [
     "CALIBRATION_METHODS",
@@ -56,11 +64,18 @@ __all__ = [
     "QuantizeResult",
     "quantize",
     "quantize_file",
+    "prepare",
+    "candidates",
+    "smooth_model",
+    "finish",
+    "DEFAULT_TARGET_COSINE",
 ]
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+CALIBRATION_METHODS = ("search", "minmax", "percentile")
+#: Default fidelity target of the mixed-precision search (output cosine to the FP32 model on held-out feeds).
+DEFAULT_TARGET_COSINE = 0.99
 LAYER_SETS = ("eligible", "all")
 _OPS = ("Conv", "Gemm", "MatMul")
 _MIN_OPSET = 13  # per-channel (axis) QuantizeLinear/DequantizeLinear
@@ -88,30 +103,35 @@ class QuantizeOptions:
     """How to quantize.
 
     Attributes:
-        calibration: activation range method: ``percentile`` (default), ``minmax`` or ``entropy``
-            (onnxruntime's calibrators). Percentile 99.999 kept more of the dense model's answers than
-            min/max on the real models (magika top-1 agreement 0.953 -> 0.969, PP-OCRv4 cls 0.922 ->
-            0.953, MiniLM unchanged; tools/eval_int8.py, quick sets); it costs more calibration time.
+        calibration: activation scales: ``search`` (default: the clip with the smallest error in the
+            layers that read the tensor, :func:`~onnx_sparse.quant.calibrate.choose_scale`),
+            ``minmax`` or ``percentile`` (of the sampled ``|x|``, see ``percentile``).
         percentile: with ``percentile``, the share of values the range covers (e.g. 99.999).
         include / exclude / ops: layer selection as in ``prune`` (regexes on node names, op types).
         layers: ``eligible`` (default): quantize the 2:4-eligible layers, the ones a sparse INT8
             kernel can run, and leave the others (depthwise convs, odd channel counts, the first
-            conv of an image model) in float; ``all``: every Conv/Gemm/MatMul with a weight. On
-            the real models, quantizing the ineligible layers too cost the most accuracy
-            (PP-OCRv4 cls top-1 agreement with the dense model 0.89 with all, 0.92 eligible only;
-            tools/eval_int8.py).
+            conv of an image model) in float; ``all``: every Conv/Gemm/MatMul with a weight.
         max_error: leave float every layer whose INT8 input or output loses more than this
-            relative L2 error on the calibration data (measured after a first quantization, see
-            :mod:`onnx_sparse.quant.error`), then quantize again. None: keep every layer.
+            relative L2 error on the calibration data (:mod:`onnx_sparse.quant.error`). None: no limit.
+        smooth: per-channel outlier rescaling before quantizing (:mod:`onnx_sparse.quant.smooth`).
+        target_cosine: fidelity target of the mixed-precision search: the worst float output's
+            cosine to the FP32 model on the held-out calibration feeds (None: every layer stays INT8).
+        holdout: share of the calibration feeds held out (every k-th) to choose the rescaling and to
+            judge the target on.
+        seed: seed of the row samples.
     """
 
-    calibration: str = "percentile"
+    calibration: str = "search"
     percentile: float = 99.999
     layers: str = "eligible"
     max_error: float | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     ops: tuple[str, ...] = ()
+    smooth: bool = True
+    target_cosine: float | None = DEFAULT_TARGET_COSINE
+    holdout: float = 0.25
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.calibration not in CALIBRATION_METHODS:
@@ -124,6 +144,10 @@ class QuantizeOptions:
             raise OnnxSparseError(f"the INT8 error limit must be positive, got {self.max_error}")
         if not 50.0 < self.percentile <= 100.0:
             raise OnnxSparseError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.target_cosine is not None and not -1.0 <= self.target_cosine <= 1.0:
+            raise OnnxSparseError(f"--int8-target-cosine must be in [-1, 1], got {self.target_cosine}")
+        if not 0.0 <= self.holdout <= 0.5:
+            raise OnnxSparseError(f"the held-out share must be in [0, 0.5], got {self.holdout}")
 
 
 @dataclass(frozen=True)
@@ -163,6 +187,7 @@ class LayerQuant:
 class QuantizeResult:
     model: ModelFile
     layers: list[LayerQuant] = field(default_factory=list)
+    fallback: Fallback | None = None  # the mixed-precision search, when a target was set
 
 
 def _candidate_reason(site: WeightSite, options: QuantizeOptions) -> str:
@@ -220,132 +245,34 @@ def _name_nodes(model: onnx.ModelProto) -> None:
             used.add(name)
 
 
-class _Reader:
-    """onnxruntime's CalibrationDataReader over a list of feeds, with ``set_range`` for its strided
-    collection (which we use one feed at a time, see :func:`_ort_quantize`)."""
-
-    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]) -> None:
-        self._feeds = list(feeds)
-        self._i = 0
-        self._end = len(self._feeds)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._i >= self._end:
-            return None
-        self._i += 1
-        return self._feeds[self._i - 1]
-
-    def rewind(self) -> None:
-        self._i = 0
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        self._i, self._end = start_index, min(end_index, len(self._feeds))
-
-    def __len__(self) -> int:
-        return len(self._feeds)
-
-
-@contextlib.contextmanager
-def _quiet_root() -> Iterator[None]:
-    """onnxruntime's quantizer logs advice through the root logger (``logging.warning``), which would
-    also install a default handler on it, and prints progress; hold all of it off while it runs (its
-    errors still raise; the printed lines go to DEBUG)."""
-    root = logging.getLogger()
-    null = logging.NullHandler()
-    level = root.level
-    root.addHandler(null)
-    root.setLevel(logging.ERROR)
-    printed = io.StringIO()  # its calibrators print progress to stdout
-    try:
-        with contextlib.redirect_stdout(printed):
-            yield
-    finally:
-        root.removeHandler(null)
-        root.setLevel(level)
-        if printed.getvalue().strip():
-            logger.debug("onnxruntime quantizer: %s", " | ".join(printed.getvalue().split("\n")))
-
-
-def _ort_quantize(model: onnx.ModelProto, nodes: list[str], feeds: Sequence[Any], options: QuantizeOptions) -> Any:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class Reader(_Reader, CalibrationDataReader):
-        pass
-
-    method = {
-        "minmax": CalibrationMethod.MinMax,
-        "percentile": CalibrationMethod.Percentile,
-        "entropy": CalibrationMethod.Entropy,
-    }[options.calibration]
-    large = model.ByteSize() > (1 << 30)
-    with tempfile.TemporaryDirectory(prefix="onnx-sparse-quant-") as tmp, _quiet_root():
-        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-        onnx.save(model, str(src), save_as_external_data=large)
-        quantize_static(
-            str(src),
-            str(dst),
-            Reader(feeds),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(_OPS),
-            nodes_to_quantize=nodes,
-            per_channel=True,
-            reduce_range=False,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            use_external_data_format=large,
-            calibrate_method=method,
-            extra_options={
-                "ActivationSymmetric": True,
-                "WeightSymmetric": True,
-                "QuantizeBias": False,
-                "QDQKeepRemovableActivations": True,
-                "CalibPercentile": options.percentile,
-                # One feed per collection step: the histogram calibrators stack each step's values
-                # into one array, which fails when feeds differ in shape (sequence lengths, image
-                # sizes); the min/max calibrator then also holds one feed's activations at a time.
-                "CalibStridedMinMax": 1,
-                "CalibTensorRangeSymmetric": True,
-                # MatMul B [.., K, N]: scales per output column N (onnxruntime's default, 1, is K for rank 3).
-                "QDQOpTypePerChannelSupportToAxis": {"MatMul": -1},
-            },
-        )
-        return onnx.load(str(dst))
-
-
-@blas.deterministic
-def quantize(
-    mf: ModelFile | onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]], options: QuantizeOptions | None = None
-) -> QuantizeResult:
-    """Quantize ``mf`` to INT8 Q/DQ on the calibration ``feeds``; the input is not modified.
-
-    Raises:
-        OnnxSparseError: no feeds, no layer to quantize, or a model onnxruntime cannot quantize.
-    """
-    options = options or QuantizeOptions()
-    if not feeds:
-        raise OnnxSparseError("quantization needs calibration data", hint="pass --load-inputs or --data-loader-script")
+def prepare(mf: ModelFile | onnx.ModelProto) -> onnx.ModelProto:
+    """A self-contained copy ready for INT8: opset >= 13 (per-channel Q/DQ), every main-graph node
+    named, and the float weights of main-graph Conv/Gemm/MatMul nodes in initializers."""
     src = mf if isinstance(mf, ModelFile) else ModelFile(mf)
-    model = inline_model(src)  # onnxruntime reads one self-contained model
+    model = inline_model(src)
     model = _at_least_opset(model, _MIN_OPSET)
     _name_nodes(model)
-    from onnx_sparse.analysis import select_sites
-
     sites = find_weight_sites(model, macs=False)
     consts = {s.weight for s in sites if s.source == "constant" and not s.scope and not s.path and s.op in _OPS}
     if consts:
         _constants_to_initializers(model, consts)
-        sites = find_weight_sites(model, macs=False)
+    return model
+
+
+def candidates(model: onnx.ModelProto, options: QuantizeOptions) -> tuple[list[str], dict[str, str]]:
+    """The layers to quantize and, for every weight-bearing layer, why it is left out ("" when it is not)."""
+    from onnx_sparse.analysis import select_sites
+
+    sites = find_weight_sites(model, macs=False)
     chosen = {s.node for s in select_sites(sites, include=options.include, exclude=options.exclude, ops=options.ops)}
-    before = {s.node: (weight_stats(s, ModelFile(model)) if s.eligible else None) for s in sites}
-    reasons: dict[str, str] = {}
+    reasons = {
+        s.node: "left out by the layer selection" if s.node not in chosen else _candidate_reason(s, options)
+        for s in sites
+    }
+    shared = _shared_weights(model)
     for s in sites:
-        reasons[s.node] = "left out by the layer selection" if s.node not in chosen else _candidate_reason(s, options)
+        if not reasons[s.node] and s.weight in shared:
+            reasons[s.node] = "its weight is shared with another node"
     nodes = sorted(n for n, r in reasons.items() if not r)
     if not nodes:
         raise OnnxSparseError(
@@ -353,50 +280,221 @@ def quantize(
             hint="the model has no 2:4-eligible Conv/Gemm/MatMul with a float32 weight the quantizer can reach "
             "(--int8-layers all also takes the ineligible ones; --include/--exclude may have left all out)",
         )
-    logger.info("quantizing %d layer(s) to INT8 Q/DQ on %d calibration sample(s)", len(nodes), len(feeds))
-    result, layers = _run(model, nodes, feeds, options, before, reasons)
-    if options.max_error is not None:
-        worse = {x.node: x.error.worst for x in layers if x.quantized and x.error and x.error.worst > options.max_error}
-        if worse:
-            for node, e in worse.items():
-                reasons[node] = f"INT8 error {e:.1%} > {options.max_error:.1%} (--int8-max-error)"
-            nodes = [n for n in nodes if n not in worse]
-            logger.info("leaving %d layer(s) float (INT8 error above %.1f%%), quantizing again", len(worse),
-                        100 * options.max_error)  # fmt: skip
-            if not nodes:
-                raise OnnxSparseError("every layer is above the INT8 error limit", hint="raise --int8-max-error")
-            errors = {x.node: x.error for x in layers}
-            result, layers = _run(model, nodes, feeds, options, before, reasons)
-            layers = [x if x.quantized else replace(x, error=errors.get(x.node)) for x in layers]
-    return QuantizeResult(result, layers)
+    return nodes, reasons
 
 
-def _run(
+def _shared_weights(model: onnx.ModelProto) -> set[str]:
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            counts[i] = counts.get(i, 0) + 1
+    return {t.name for t in model.graph.initializer if counts.get(t.name, 0) > 1}
+
+
+def _channel_axes(layers: Sequence[Int8Layer]) -> dict[str, int]:
+    axes: dict[str, int] = {}
+    for x in layers:
+        axes[x.act] = x.act_axis
+        axes[x.output] = x.out_axis
+    return axes
+
+
+def _readers(model: onnx.ModelProto, layers: Sequence[Int8Layer]) -> dict[str, list[tuple[Int8Layer, np.ndarray]]]:
+    inits = {t.name: t for t in model.graph.initializer}
+    out: dict[str, list[tuple[Int8Layer, np.ndarray]]] = {}
+    for x in layers:
+        out.setdefault(x.act, []).append((x, onnx.numpy_helper.to_array(inits[x.weight]).astype(np.float64)))
+    return out
+
+
+def _groups(model: onnx.ModelProto, node: str) -> int:
+    n = next(n for n in model.graph.node if n.name == node)
+    return next((int(a.i) for a in n.attribute if a.name == "group"), 1)
+
+
+@blas.deterministic
+def smooth_model(
     model: onnx.ModelProto,
-    nodes: list[str],
+    nodes: Sequence[str],
+    fit: Sequence[dict[str, np.ndarray]],
+    held: Sequence[dict[str, np.ndarray]],
+    seed: int = 0,
+) -> tuple[onnx.ModelProto, list[Rescale]]:
+    """``model`` with the outlier rescaling of :mod:`onnx_sparse.quant.smooth` applied (a copy with the
+    same float function), and the choice made for each quantized tensor."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    layers = find_layers(out, nodes)
+    axes = _channel_axes(layers)
+    stats_fit, stats_held = collect_split(out, fit, held or fit, axes, seed=seed)
+    readers = _readers(out, layers)
+    producers = {x.output for x in layers}
+    choices = []
+    for tensor in axes:
+        if tensor not in stats_fit or tensor not in stats_held:
+            continue
+        mine = [x for x, _ in readers.get(tensor, [])]
+        if any(x.op == "Conv" and _groups(out, x.node) != 1 for x in mine):
+            continue
+        if any(w.shape[x.w_in_axis] != stats_fit[tensor].amax.size for x, w in readers.get(tensor, [])):
+            continue  # a layout the per-channel rescaling does not follow
+        current = find_layers(out, [x.node for x in mine])
+        inits = {t.name: t for t in out.graph.initializer}
+        weights = [
+            (onnx.numpy_helper.to_array(inits[x.weight]).astype(np.float64), x.w_out_axis, x.w_in_axis) for x in current
+        ]
+        c = choose(tensor, stats_fit[tensor], stats_held[tensor], weights, tensor in producers)
+        if c.v is not None:
+            how = rescale(out, tensor, axes[tensor], c.v, current)
+            logger.info("INT8 rescale of %s: %s, %s (held-out error %.3g -> %.3g)", tensor, c.how, how,
+                        c.error_before, c.error_after)  # fmt: skip
+        choices.append(c)
+    return out, choices
+
+
+@blas.deterministic
+def quantize(
+    mf: ModelFile | onnx.ModelProto,
+    feeds: Sequence[dict[str, np.ndarray]],
+    options: QuantizeOptions | None = None,
+) -> QuantizeResult:
+    """Quantize ``mf`` to INT8 Q/DQ on the calibration ``feeds``; the input is not modified.
+
+    Steps: :func:`prepare`; the outlier rescaling (``options.smooth``, :mod:`onnx_sparse.quant.smooth`)
+    chosen on held-out feeds; then :func:`finish` (weights rounded per output channel, zeros kept).
+
+    Raises:
+        OnnxSparseError: no feeds, no layer to quantize, or a model onnxruntime cannot run.
+    """
+    options = options or QuantizeOptions()
+    if not feeds:
+        raise OnnxSparseError("quantization needs calibration data", hint="pass --load-inputs or --data-loader-script")
+    model = prepare(mf)
+    nodes, reasons = candidates(model, options)
+    fit, held = split_holdout(list(feeds), options.holdout)
+    if options.smooth:
+        model, _ = smooth_model(model, nodes, fit, held, options.seed)
+    logger.info("quantizing %d layer(s) to INT8 Q/DQ on %d calibration sample(s)", len(nodes), len(feeds))
+    return finish(model, nodes, reasons, feeds, options)
+
+
+@blas.deterministic
+def finish(
+    model: onnx.ModelProto,
+    nodes: Sequence[str],
+    reasons: dict[str, str],
     feeds: Sequence[dict[str, np.ndarray]],
     options: QuantizeOptions,
-    before: dict[str, Any],
-    reasons: dict[str, str],
-) -> tuple[ModelFile, list[LayerQuant]]:
-    """Quantize ``nodes``, check the result and measure each INT8 layer's error."""
-    from onnx_sparse import runtime
-    from onnx_sparse.calib.capture import toposort_graph
+    scales: dict[str, np.ndarray] | None = None,
+) -> QuantizeResult:
+    """Write the Q/DQ model of a prepared float ``model`` (pruned or not) and hold the fidelity target.
 
-    runtime.quiet()  # the quantizer opens its own onnxruntime sessions
-    try:
-        out = _ort_quantize(model, nodes, feeds, options)
-        # its node sort ignores what If/Loop bodies read from the main graph: sort again
-        toposort_graph(out.graph)
-    except OnnxSparseError:
-        raise
-    except Exception as exc:  # onnxruntime raises many types
-        raise OnnxSparseError(
-            f"onnxruntime could not quantize the model: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-            hint="check that the model runs in onnxruntime on the calibration data",
-        ) from exc
-    result = ModelFile(finalize_inline(out))
-    return result, _check(result, before, reasons, feeds)
+    Activation scales by clip search on the fitting feeds (:func:`~onnx_sparse.quant.calibrate.choose_scale`),
+    weights with the joint walk's ``scales`` (weight initializer -> per output channel) where they
+    hold, else rounded here; then ``--int8-max-error`` and the mixed-precision search
+    (:mod:`onnx_sparse.quant.mixed`) on the held-out feeds against ``model`` itself, the FP32 reference.
+    """
+    from onnx_sparse import runtime
+
+    scales = scales or {}
+    fit, held = split_holdout(list(feeds), options.holdout)
+    layers = find_layers(model, nodes)
+    axes = _channel_axes(layers)
+    stats = collect(model, fit, axes, seed=options.seed)
+    readers = _readers(model, layers)
+    act_scales = {}
+    for t, st in stats.items():
+        weight = None
+        if t in readers:
+            weight = np.zeros(st.amax.size)
+            for x, w in readers[t]:
+                a = np.moveaxis(w, x.w_in_axis, 0)
+                if a.shape[0] != weight.size:  # a layout the channel weighting does not follow
+                    weight = None
+                    break
+                weight += np.sum(a.reshape(a.shape[0], -1) ** 2, axis=1)
+        act_scales[t] = (
+            choose_scale(st, weight)
+            if options.calibration == "search"
+            else _fixed_scale(st, options.calibration, options.percentile)
+        )
+    for x in layers:
+        for t in (x.act, x.output):
+            act_scales.setdefault(t, 1.0)  # not float or never computed: a harmless placeholder
+    inits = {t.name: t for t in model.graph.initializer}
+    weights = {}
+    for x in layers:
+        if x.weight not in weights:
+            w = onnx.numpy_helper.to_array(inits[x.weight])
+            weights[x.weight] = quantize_weight(w, x.w_out_axis, scales.get(x.weight))
+
+    def build(float_layers: frozenset[str]) -> onnx.ModelProto:
+        keep = [x for x in layers if x.node not in float_layers]
+        return write_qdq(model, keep, act_scales, weights) if keep else model
+
+    q = build(frozenset())
+    float_layers: dict[str, str] = {}
+    first_errors: dict[str, LayerError] = {}
+    if options.max_error is not None:
+        errs = first_errors = int8_errors(q, _main_layers(q), feeds)
+        for n in nodes:
+            e = errs.get(n)
+            if e is not None and e.worst > options.max_error:
+                float_layers[n] = f"INT8 error {e.worst:.1%} > {options.max_error:.1%} (--int8-max-error)"
+        if len(float_layers) == len(nodes):
+            raise OnnxSparseError("every layer is above the INT8 error limit", hint="raise --int8-max-error")
+    fallback = None
+    if options.target_cosine is not None and held:
+        names = [o.name for o in model.graph.output]
+        ref_session = runtime.session(model, what="the FP32 reference")
+        reference = [runtime.run(ref_session, names, f, where="a held-out calibration sample") for f in held]
+        cache: dict[frozenset[str], float] = {}
+
+        def fidelity(extra: frozenset[str]) -> float:
+            key = extra | frozenset(float_layers)
+            if key not in cache:
+                sess = runtime.session(build(key), what="the INT8 candidate")
+                got = [runtime.run(sess, names, f, where="a held-out calibration sample") for f in held]
+                cache[key] = output_fidelity(reference, got)
+            return cache[key]
+
+        errs = int8_errors(build(frozenset(float_layers)), _main_layers(q), fit)
+        order = sorted(
+            (n for n in nodes if n not in float_layers), key=lambda n: (-(errs[n].worst if n in errs else 0.0), n)
+        )
+        fallback = fallback_search(order, fidelity, options.target_cosine)
+        for step in fallback.steps:
+            if step.kept_float:
+                float_layers[step.layer] = (
+                    f"mixed precision: output cosine {step.before:.5f} -> {step.after:.5f} with it float "
+                    f"(target {options.target_cosine:g})"
+                )
+        logger.info(
+            "INT8 fidelity to the FP32 model on %d held-out feed(s): %.5f with every layer INT8, %.5f with %d "
+            "layer(s) float (target %g%s)", len(held), fallback.start, fallback.end, len(fallback.float_layers),
+            options.target_cosine, "" if fallback.met else ", NOT met",
+        )  # fmt: skip
+    result = ModelFile(finalize_inline(build(frozenset(float_layers))))
+    for n, why in float_layers.items():
+        reasons[n] = why
+    mf = ModelFile(model)
+    before = {s.node: (weight_stats(s, mf) if s.eligible else None) for s in find_weight_sites(model, macs=False)}
+    checked = _check(result, before, reasons, feeds)
+    checked = [
+        replace(x, error=first_errors.get(x.node)) if x.error is None and x.node in first_errors else x for x in checked
+    ]
+    return QuantizeResult(result, checked, fallback)
+
+
+def _main_layers(model: onnx.ModelProto) -> list[tuple[str, onnx.NodeProto, str]]:
+    sites = find_weight_sites(model, macs=False)
+    return [(s.node, s.node_proto, s.activation) for s in sites if not s.scope and s.node_proto is not None]
+
+
+def _fixed_scale(stats: TensorStats, how: str, percentile: float) -> float:
+    x = np.abs(stats.rows)
+    top = stats.absmax if how == "minmax" or not x.size else float(np.percentile(x, percentile))
+    return float(np.float32(max(top, 1e-12) / 127))
 
 
 def _check(

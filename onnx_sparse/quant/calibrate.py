@@ -1,0 +1,158 @@
+"""Activation statistics for INT8 and the choice of each activation's scale.
+
+One onnxruntime run per calibration feed, with every tensor of interest exposed as an extra
+output, gives per tensor (channels along one axis): the largest ``|x|`` per channel and a seeded
+sample of rows ``[n, channels]`` (a few rows per feed, the same ones on every machine). That is
+enough for the smoothing choice (:mod:`onnx_sparse.quant.smooth`) and for the scale of each
+activation (:func:`choose_scale`).
+
+Scales are per tensor and symmetric (zero point 0), what TensorRT takes for activations. A
+scale is chosen by the error it causes downstream, not by a fixed percentile: each candidate
+clip (a share of the largest ``|x|``) is scored by the squared quantization error of the sampled
+rows, each channel weighted by how much the layers that read the tensor amplify it (the squared
+norm of their weight columns for that channel), so clipping a rare outlier that the next layer
+barely reads is cheap and rounding every small value of a channel it reads strongly is not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+__all__ = ["TensorStats", "collect", "collect_split", "choose_scale", "fake_quant", "CLIP_RATIOS", "ROWS_PER_TENSOR"]
+
+#: Candidate clips of an activation, as shares of its largest ``|x|``.
+CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
+#: Rows sampled per tensor over the whole calibration set.
+ROWS_PER_TENSOR = 1024
+_QMAX = 127
+
+
+@dataclass
+class TensorStats:
+    """What the calibration saw of one tensor (channels along ``axis``).
+
+    Attributes:
+        axis: The channel axis (last for MatMul/Gemm activations, 1 for Conv).
+        amax: Largest ``|x|`` per channel ``[C]`` (float64).
+        rows: Sampled rows ``[n, C]`` (float32), channels last.
+    """
+
+    axis: int
+    amax: np.ndarray
+    rows: np.ndarray
+
+    @property
+    def absmax(self) -> float:
+        return float(self.amax.max()) if self.amax.size else 0.0
+
+
+def fake_quant(x: np.ndarray, scale: float) -> np.ndarray:
+    """``x`` through a symmetric INT8 Q/DQ with ``scale`` (in ``x``'s float dtype)."""
+    x = np.asarray(x)
+    if scale <= 0:
+        return np.zeros_like(x)
+    q = np.rint(x * x.dtype.type(1.0 / scale))
+    np.clip(q, -128, _QMAX, out=q)
+    q *= x.dtype.type(scale)
+    return q
+
+
+def _channels_last(a: np.ndarray, axis: int) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim == 0:
+        return a.reshape(1, 1)
+    return np.moveaxis(a, axis, -1).reshape(-1, a.shape[axis])
+
+
+def collect(
+    model: onnx.ModelProto,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    axes: Mapping[str, int],
+    rows_per_tensor: int = ROWS_PER_TENSOR,
+    seed: int = 0,
+    threads: int | None = None,
+) -> dict[str, TensorStats]:
+    """Statistics of the tensors ``axes`` (name -> channel axis) over ``feeds`` (one run per feed).
+
+    Tensors that are not float or have no element are left out of the result.
+    """
+    return collect_split(model, feeds, (), axes, rows_per_tensor, seed, threads)[0]
+
+
+def collect_split(
+    model: onnx.ModelProto,
+    fit: Sequence[Mapping[str, np.ndarray]],
+    held: Sequence[Mapping[str, np.ndarray]],
+    axes: Mapping[str, int],
+    rows_per_tensor: int = ROWS_PER_TENSOR,
+    seed: int = 0,
+    threads: int | None = None,
+) -> tuple[dict[str, TensorStats], dict[str, TensorStats]]:
+    """:func:`collect` over ``fit`` and over ``held`` (one session, one run per feed)."""
+    from onnx_sparse import runtime
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    outputs = {o.name for o in probe.graph.output}
+    for name in axes:
+        if name not in outputs:
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+            outputs.add(name)
+    session = runtime.session(probe, what="the INT8 calibration", threads=threads)
+    return _stats(session, fit, axes, rows_per_tensor, seed), _stats(session, held, axes, rows_per_tensor, seed + 1)
+
+
+def _stats(
+    session: object,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    axes: Mapping[str, int],
+    rows_per_tensor: int,
+    seed: int,
+) -> dict[str, TensorStats]:
+    from onnx_sparse import runtime
+
+    names = list(axes)
+    per_feed = max(1, -(-rows_per_tensor // max(1, len(feeds))))
+    amax: dict[str, np.ndarray] = {}
+    rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for i, feed in enumerate(feeds):
+        values = runtime.run(session, names, feed, where=f"calibration sample {i}")
+        for k, (name, value) in enumerate(zip(names, values, strict=True)):
+            a = np.asarray(value)
+            if a.dtype.kind != "f" or a.size == 0:
+                continue
+            r = _channels_last(a, axes[name])
+            m = np.abs(r).max(axis=0).astype(np.float64)
+            amax[name] = m if name not in amax else np.maximum(amax[name], m)
+            rng = np.random.default_rng([seed, i, k])
+            pick = np.sort(rng.choice(r.shape[0], size=min(per_feed, r.shape[0]), replace=False))
+            rows[name].append(np.asarray(r[pick], dtype=np.float32))
+    return {
+        n: TensorStats(axes[n], amax[n], np.concatenate(rows[n]) if rows[n] else np.zeros((0, amax[n].size)))
+        for n in names
+        if n in amax
+    }
+
+
+def choose_scale(stats: TensorStats, weight: np.ndarray | None = None, ratios: Sequence[float] = CLIP_RATIOS) -> float:
+    """The per-tensor scale (largest ``|x|`` times one of ``ratios``, over 127) with the smallest
+    channel-weighted squared error on the sampled rows (``weight``: per channel, e.g. the squared
+    column norms of the layers that read the tensor; None: all 1). Ties keep the larger range."""
+    top = stats.absmax
+    if top <= 0:
+        return 1.0
+    x = np.asarray(stats.rows, dtype=np.float32)
+    w = np.ones(x.shape[1]) if weight is None else np.asarray(weight, dtype=np.float64)
+    w = (w / max(float(w.max()), 1e-30)).astype(np.float32)
+    best, best_err = top / _QMAX, np.inf
+    for r in ratios:
+        s = top * r / _QMAX
+        d = fake_quant(x, s) - x if x.size else x
+        err = float(np.einsum("ij,ij,j->", d, d, w)) if x.size else 0.0
+        if err < best_err * (1 - 1e-9):
+            best, best_err = s, err
+    return float(np.float32(best))
