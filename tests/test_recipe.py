@@ -93,9 +93,8 @@ def test_every_int8_field_round_trips_and_reaches_the_quantizer(tmp_path: Path) 
     r.save(tmp_path / "r.json")
     assert Recipe.load(tmp_path / "r.json") == r == Recipe.from_json(r.to_json())
     q = r.quantize_options()
-    assert (q.calibration, q.percentile, q.layers, q.max_error, q.smooth, q.target_cosine, q.holdout, q.seed) == (
-        "percentile", 99.9, "all", 0.2, False, 0.95, 0.2, 3,
-    )
+    got = (q.calibration, q.percentile, q.layers, q.max_error, q.smooth, q.target_cosine, q.holdout, q.seed)
+    assert got == ("percentile", 99.9, "all", 0.2, False, 0.95, 0.2, 3)
     assert Recipe(int8=True, int8_target_cosine=None).quantize_options().target_cosine is None
     with pytest.raises(OnnxSparseError, match="int8-target-cosine"):
         Recipe(int8_target_cosine=1.5)
