@@ -59,6 +59,22 @@ def test_refit_lowers_held_out_kl_and_keeps_the_mask() -> None:
     assert mean_kl(p3, x3 @ w2.T + b2) < mean_kl(p3, x3 @ ws.T + b)
 
 
+def test_refit_is_the_same_on_any_number_of_workers(monkeypatch) -> None:
+    # 1,200 rows: the products run in five pieces of rows side by side, summed in order
+    x, w, b, p = _problem(seed=3, rows=1200)
+    ws = nm.prune_2_4(w, 1)
+    held = np.arange(len(x)) % 4 == 3
+    outs = []
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv("ONNX_SPARSE_SOLVE_THREADS", threads)
+        w2, b2, info = refit_softmax_head(ws, b, x, p, held)
+        outs.append((w2, b2, info.best_step, info.kl_after))
+    for w2, b2, step, kl in outs[1:]:
+        np.testing.assert_array_equal(w2, outs[0][0])
+        np.testing.assert_array_equal(b2, outs[0][1])
+        assert (step, kl) == outs[0][2:]
+
+
 def test_refit_keeps_a_fit_it_cannot_improve() -> None:
     x, w, b, _ = _problem(1)
     ws = nm.prune_2_4(w, 1)
@@ -209,9 +225,9 @@ def test_a_model_without_softmax_head_is_not_run_in_full(monkeypatch) -> None:
     pruned model's run over every sample happen when no candidate is a softmax head."""
     runs: list[int] = []
 
-    def counting(model, feeds, threads=None):
+    def counting(model, feeds, threads=None, **kwargs):
         runs.append(len(feeds))
-        return capture.run_model(model, feeds, threads)
+        return capture.run_model(model, feeds, threads, **kwargs)
 
     monkeypatch.setattr(head_pass, "run_model", counting)
     monkeypatch.setattr(calibrated, "run_model", counting)

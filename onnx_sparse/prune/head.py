@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from onnx_sparse.core import blas
+
 __all__ = ["HeadFit", "softmax", "mean_kl", "refit_softmax_head"]
 
 Array = npt.NDArray[np.float64]
@@ -56,6 +58,14 @@ class HeadFit:
         return self.best_step > 0
 
 
+#: Rows per piece of the refit's products (see :func:`refit_softmax_head`).
+PIECE_ROWS = 256
+
+
+def _pieces(n: int) -> list[slice]:
+    return [slice(i, min(i + PIECE_ROWS, n)) for i in range(0, n, PIECE_ROWS)] or [slice(0, 0)]
+
+
 def softmax(z: npt.ArrayLike) -> Array:
     """Softmax over the last axis (float64, shifted by the row maximum)."""
     a = np.asarray(z, dtype=np.float64)
@@ -77,6 +87,7 @@ def mean_kl(p: npt.ArrayLike, logits: npt.ArrayLike) -> float:
     return float(np.mean(np.sum(pp * (lp - lq), axis=-1)))
 
 
+@blas.deterministic
 def refit_softmax_head(
     w: npt.ArrayLike,
     b: npt.ArrayLike,
@@ -126,9 +137,31 @@ def refit_softmax_head(
     scale = float(np.sqrt(np.mean(w0[keep] ** 2))) if keep.any() else 1.0
     step_size = lr * (scale if scale > 0 else 1.0)
 
+    # the products run in fixed pieces of rows side by side (BLAS is single-threaded during a
+    # pass; the pieces depend on the shapes only, so the result does not depend on the cores)
+    fit_pieces, held_pieces = _pieces(n), _pieces(xv.shape[0])
+
     def held(wt: Array, bt: Array) -> tuple[float, float]:
-        z = xv @ wt.T.astype(f32) + bt
+        w32 = np.ascontiguousarray(wt.T, dtype=f32)
+        z = np.concatenate(blas.parallel_map(lambda r: xv[r] @ w32, held_pieces)) + bt
         return mean_kl(pv, z), float(np.mean(z.argmax(-1) == pv.argmax(-1)))
+
+    def gradient(wt: Array, bt: Array) -> tuple[Array, Array]:
+        w32, b32 = np.ascontiguousarray(wt.T, dtype=f32), bt.astype(f32)
+
+        def piece(r: slice) -> tuple[Array, Array]:
+            z = xf[r] @ w32 + b32
+            q = np.exp(z - z.max(axis=-1, keepdims=True))
+            q /= q.sum(axis=-1, keepdims=True)
+            g = (q - pf[r]) / np.float32(n)
+            return (g.T @ xf[r]).astype(np.float64), g.sum(axis=0, dtype=np.float64)
+
+        parts = blas.parallel_map(piece, fit_pieces)
+        g_w, g_b = parts[0]
+        for pw, pb in parts[1:]:  # summed in the pieces' order
+            g_w += pw
+            g_b += pb
+        return g_w * keep, g_b
 
     kl0, agree0 = held(w0, b0)
     best = (kl0, 0, w0, b0, agree0)
@@ -139,12 +172,7 @@ def refit_softmax_head(
     since = 0
     done = 0
     for it in range(1, steps + 1):
-        z = xf @ wt.T.astype(f32) + bt.astype(f32)
-        q = np.exp(z - z.max(axis=-1, keepdims=True))
-        q /= q.sum(axis=-1, keepdims=True)
-        g = (q - pf) / np.float32(n)
-        g_w = (g.T @ xf).astype(np.float64) * keep
-        g_b = g.sum(axis=0, dtype=np.float64)
+        g_w, g_b = gradient(wt, bt)
         for par, grad, m, v in ((wt, g_w, m_w, v_w), (bt, g_b, m_b, v_b)):
             m *= beta1
             m += (1 - beta1) * grad
