@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -151,6 +150,7 @@ STEPS = [
     ("onnx_sparse.io", "check_input_model", "onnx.checker on the input"),
     ("onnx_sparse.api", "run_pipeline", "prune pass (with its 2:4 ensures)"),
     ("onnx_sparse.passes.prune", "PrunePass.ensures", "  2:4 ensures"),
+    ("onnx_sparse.core.blas", "_controller", "  BLAS thread limit (first: imports scipy.linalg)"),
     ("onnx_sparse.io", "save_model", "save (all below)"),
     ("onnx_sparse.atomic", "clean_stale", "  stale temporaries"),
     ("onnx_sparse.io", "_write_external", "  write data file (+ its hash)"),
@@ -176,7 +176,8 @@ def wrap(f, label):
     return g
 import onnx_sparse.cli.main as cli
 mods = [m for m in ("onnx_sparse.api", "onnx_sparse.io", "onnx_sparse.guard", "onnx_sparse.passes.prune",
-                    "onnx_sparse.cli.prune", "onnx_sparse.cli.common") if importlib.util.find_spec(m)]
+                    "onnx_sparse.cli.prune", "onnx_sparse.cli.common", "onnx_sparse.core.blas")
+        if importlib.util.find_spec(m)]
 for m in mods:
     importlib.import_module(m)
 imports = (time.perf_counter() - t0, time.process_time())
@@ -220,16 +221,15 @@ def _steps(model: Path, workdir: Path, runs: int, code: Path | None) -> list[lis
             cwd=code or REPO, env=_code_env(code), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         start = time.perf_counter()
-        stdout, stderr = proc.communicate()
+        stdout, stderr = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]  # small outputs
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time
         wall = time.perf_counter() - start
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = usage.ru_utime + usage.ru_stime
         line = next((x for x in stdout.splitlines() if x.startswith("STEPS ")), None)
-        if proc.returncode != 0 or line is None:
+        if os.waitstatus_to_exitcode(status) != 0 or line is None:
             print(stdout[-2000:], stderr[-2000:], file=sys.stderr)
             raise SystemExit("the step-timed run failed")
         data = json.loads(line[len("STEPS ") :])
-        cpu = usage.ru_utime + usage.ru_stime - sum(per.get("_cpu", [(0.0, 0.0)])[-1])
-        per.setdefault("_cpu", []).append((usage.ru_utime + usage.ru_stime, 0.0))
         per.setdefault("process (as measured outside)", []).append((wall, cpu))
         total_wall, total_cpu = data["total"]
         per.setdefault("interpreter start + exit", []).append((wall - total_wall, cpu - total_cpu))
