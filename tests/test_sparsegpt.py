@@ -364,3 +364,88 @@ def test_row_chunks_give_the_same_weights_whatever_the_workers(monkeypatch) -> N
 
 # --------------------------------------------------------------------------------------
 # the cross-validation's mixed-precision solve
+
+
+# ----------------------------------------------------------------------------- joint 2:4 + INT8 walk
+
+
+def _reference_joint(w: np.ndarray, h: np.ndarray, scale: np.ndarray, damp: float = 0.01) -> np.ndarray:
+    """The joint walk written out the slow way: one column at a time, the full inverse Hessian,
+    no blocks or lazy updates. At each group's first column every row prunes the 2 of 4 with the
+    smallest w^2 / d^2; each fixed weight is 0 (pruned) or its grid value; the error goes to every
+    later column through the OBS update."""
+    w = w.astype(np.float64).copy()
+    cols = w.shape[1]
+    hd = h + damp * np.mean(np.diag(h)) * np.eye(cols)
+    u = np.linalg.cholesky(np.linalg.inv(hd)).T  # upper, U^T U = H^-1
+    out = np.zeros_like(w)
+    prune = np.zeros_like(w, dtype=bool)
+    for j in range(cols):
+        if j % 4 == 0:
+            score = (w[:, j : j + 4] / np.diag(u)[j : j + 4]) ** 2
+            order = np.argsort(score, axis=1, kind="stable")
+            prune[:, j : j + 4] = False
+            np.put_along_axis(prune[:, j : j + 4], order[:, :2], True, axis=1)
+        q = np.where(prune[:, j], 0.0, np.clip(np.rint(w[:, j] / scale), -127, 127) * scale)
+        e = (w[:, j] - q) / u[j, j]
+        out[:, j] = q
+        w[:, j + 1 :] -= np.outer(e, u[j, j + 1 :])
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_joint_walk_matches_the_written_out_reference(seed: int) -> None:
+    """Zeros pinned (2:4), every kept weight an integer multiple of its row's scale in [-127, 127],
+    and the same weights as the slow reference given the same scales."""
+    from onnx_sparse.prune.sparsegpt import inverse_factor, prune_with_factor
+
+    rng = np.random.default_rng(seed)
+    x = correlated(rng, 200, 16)
+    w = rng.normal(size=(6, 16))
+    h = x.T @ x
+    out, stats = prune_with_factor(w, inverse_factor(h, 16), blocksize=8, int8=True)
+    assert stats.scale is not None and stats.scale.shape == (6,)
+    assert nm.is_2_4(out, 1)
+    ints = out / stats.scale[:, None]
+    assert np.allclose(ints, np.rint(ints), atol=1e-9) and np.abs(np.rint(ints)).max() <= 127
+    assert np.all(stats.scale == stats.scale.astype(np.float32))
+    ref = _reference_joint(w, h, stats.scale)
+    assert np.allclose(out, ref, atol=1e-9)
+
+
+def test_joint_walk_propagates_the_rounding_error() -> None:
+    """Rounding inside the walk (its error pushed into the columns not yet fixed) loses less output
+    than pruning first and rounding the result afterwards with the same scales."""
+    from onnx_sparse.prune.sparsegpt import int8_round
+
+    wins, joint_total, after_total = 0, 0.0, 0.0
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        x = correlated(rng, 400, 32)
+        w = rng.normal(size=(8, 32)) * np.r_[np.ones(31), 40.0]  # one large column: coarse grids
+        h, _ = hessian_of(x)
+        joint, stats = sparsegpt_2_4(w, h, int8=True)
+        plain, _ = sparsegpt_2_4(w, h)
+        after = int8_round(plain, stats.scale[:, None])
+        assert nm.is_2_4(joint, 1)
+        wins += out_err(x, w, joint) < out_err(x, w, after)
+        joint_total += out_err(x, w, joint)
+        after_total += out_err(x, w, after)
+    assert wins >= 4 and joint_total < after_total
+
+
+def test_int8_scales_clip_search_and_grid() -> None:
+    from onnx_sparse.prune.sparsegpt import int8_round, int8_scales
+
+    w = np.array([[0.0, 1.0, -2.0, 0.5], [0.0, 0.0, 0.0, 0.0], [100.0, 0.01, 0.02, -0.03]])
+    s = int8_scales(w)
+    assert s[1] == 1.0 and s[0] == np.float32(2.0 / 127)
+    q = int8_round(w, s[:, None])
+    assert q[1].tolist() == [0.0] * 4 and q[0, 0] == 0.0
+    assert np.all(np.abs(q / s[:, None]) <= 127 + 1e-9)
+    # the clip search never does worse than max/127 on the squared rounding error
+    rng = np.random.default_rng(0)
+    m = rng.standard_t(2, size=(20, 64))
+    e_search = np.sum((m - int8_round(m, int8_scales(m)[:, None])) ** 2, axis=1)
+    e_max = np.sum((m - int8_round(m, int8_scales(m, (1.0,))[:, None])) ** 2, axis=1)
+    assert np.all(e_search <= e_max + 1e-12)

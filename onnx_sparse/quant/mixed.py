@@ -42,15 +42,20 @@ class Fallback:
 
 
 def fallback_search(
-    order: Sequence[str], fidelity: Callable[[frozenset[str]], float], target: float | None
+    order: Sequence[str] | Callable[[], Sequence[str]],
+    fidelity: Callable[[frozenset[str]], float],
+    target: float | None,
 ) -> Fallback:
-    """Leave layers float, most harmful first (``order``), until ``fidelity(float set) >= target``.
+    """Leave layers float, most harmful first (``order``, or a callable that ranks them, called only
+    when the target is missed), until ``fidelity(float set) >= target``.
 
     A step that does not raise the fidelity is reverted. ``target`` None: nothing is tried.
     """
     start = fidelity(frozenset())
     if target is None or start >= target:
         return Fallback((), start, start, target is None or start >= target)
+    if callable(order):
+        order = order()
     chosen: list[str] = []
     current = start
     steps = []

@@ -458,11 +458,12 @@ def finish(
                 cache[key] = output_fidelity(reference, got)
             return cache[key]
 
-        errs = int8_errors(build(frozenset(float_layers)), _main_layers(q), fit)
-        order = sorted(
-            (n for n in nodes if n not in float_layers), key=lambda n: (-(errs[n].worst if n in errs else 0.0), n)
-        )
-        fallback = fallback_search(order, fidelity, options.target_cosine)
+        def ranking() -> list[str]:  # most harmful first: the layers' INT8 errors on the fitting feeds
+            errs = int8_errors(build(frozenset(float_layers)), _main_layers(q), fit)
+            rest = [n for n in nodes if n not in float_layers]
+            return sorted(rest, key=lambda n: (-(errs[n].worst if n in errs else 0.0), n))
+
+        fallback = fallback_search(ranking, fidelity, options.target_cosine)
         for step in fallback.steps:
             if step.kept_float:
                 float_layers[step.layer] = (
