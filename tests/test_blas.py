@@ -150,3 +150,30 @@ def test_add_gram_is_the_product_and_the_same_for_any_number_of_workers(monkeypa
 def test_add_gram_checks_shapes() -> None:
     with pytest.raises(ValueError, match="do not fit"):
         blas.add_gram(np.zeros((3, 3)), np.zeros((5, 3)), np.zeros((4, 3)))
+
+
+def test_numeric_passes_run_single_threaded_and_plain_ones_do_not() -> None:
+    import onnx
+
+    from onnx_sparse.passes.base import Pass, PassResult
+    from onnx_sparse.passes.calibrated import CalibratedPrunePass
+    from onnx_sparse.passes.prune import PrunePass
+    from onnx_sparse.passes.sensitivity import SensitivityPrunePass
+
+    assert CalibratedPrunePass.numeric and SensitivityPrunePass.numeric and not PrunePass.numeric
+    seen = []
+
+    class Probe(Pass):
+        in_place = True
+
+        def call(self, mf):
+            seen.append(blas.is_single_threaded())
+            return PassResult(mf, False)
+
+    class NumericProbe(Probe):
+        numeric = True
+
+    model = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []))
+    Probe()(model)
+    NumericProbe()(model)
+    assert seen == [False, True] and not blas.is_single_threaded()

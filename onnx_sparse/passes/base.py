@@ -8,6 +8,7 @@ data lives); :func:`as_model_file` also accepts a ModelProto or an onnx-graphsur
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -76,6 +77,9 @@ class Pass:
     """Base class. Subclasses implement :meth:`call`; ``in_place`` says whether they mutate."""
 
     in_place: bool = False
+    #: Whether the pass computes with BLAS (then it runs inside :func:`onnx_sparse.core.blas.single_threaded`,
+    #: so that its numbers do not depend on the cores; passes without BLAS skip importing it).
+    numeric: bool = False
 
     @property
     def name(self) -> str:
@@ -94,7 +98,7 @@ class Pass:
         mf = as_model_file(model)
         self.requires(mf)
         before = mf.model.SerializeToString(deterministic=True) if not self.in_place and _small(mf) else None
-        with blas.single_threaded():  # the same numbers on any machine (see core/blas.py)
+        with blas.single_threaded() if self.numeric else contextlib.nullcontext():
             result = self.call(mf if self.in_place else copy_model_file(mf))
         if before is not None:
             assert mf.model.SerializeToString(deterministic=True) == before, f"{self.name} changed its input"

@@ -561,6 +561,8 @@ class CalibratedPrunePass(Pass):
     not eligible or not selected -> untouched; no weight changed -> ``modified`` False.
     """
 
+    numeric = True
+
     in_place = False
 
     def __init__(

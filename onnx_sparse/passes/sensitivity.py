@@ -402,6 +402,8 @@ class SensitivityPrunePass(Pass):
     The report is also the last entry of the result's ``records``.
     """
 
+    numeric = True
+
     in_place = False
 
     def __init__(
