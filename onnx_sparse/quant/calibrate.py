@@ -28,6 +28,8 @@ __all__ = ["TensorStats", "collect", "collect_split", "choose_scale", "fake_quan
 CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
 #: Rows sampled per tensor over the whole calibration set.
 ROWS_PER_TENSOR = 1024
+#: Calibration feeds the statistics read at most (evenly spread; half as many held-out ones).
+MAX_FEEDS = 32
 _QMAX = 127
 
 
@@ -59,13 +61,6 @@ def fake_quant(x: np.ndarray, scale: float) -> np.ndarray:
     np.clip(q, -128, _QMAX, out=q)
     q *= x.dtype.type(scale)
     return q
-
-
-def _channels_last(a: np.ndarray, axis: int) -> np.ndarray:
-    a = np.asarray(a)
-    if a.ndim == 0:
-        return a.reshape(1, 1)
-    return np.moveaxis(a, axis, -1).reshape(-1, a.shape[axis])
 
 
 def collect(
@@ -103,7 +98,15 @@ def collect_split(
             probe.graph.output.append(onnx.ValueInfoProto(name=name))
             outputs.add(name)
     session = runtime.session(probe, what="the INT8 calibration", threads=threads)
+    fit, held = _spread(fit, MAX_FEEDS), _spread(held, MAX_FEEDS // 2)
     return _stats(session, fit, axes, rows_per_tensor, seed), _stats(session, held, axes, rows_per_tensor, seed + 1)
+
+
+def _spread(feeds: Sequence[Mapping[str, np.ndarray]], most: int) -> Sequence[Mapping[str, np.ndarray]]:
+    """At most ``most`` feeds, evenly spread over the list (all of them when there are fewer)."""
+    if len(feeds) <= most:
+        return feeds
+    return [feeds[(i * len(feeds)) // most] for i in range(most)]
 
 
 def _stats(
@@ -125,12 +128,16 @@ def _stats(
             a = np.asarray(value)
             if a.dtype.kind != "f" or a.size == 0:
                 continue
-            r = _channels_last(a, axes[name])
-            m = np.abs(r).max(axis=0).astype(np.float64)
+            if a.ndim == 0:
+                a = a.reshape(1)
+            axis = axes[name] % a.ndim
+            m = np.max(np.abs(a), axis=tuple(d for d in range(a.ndim) if d != axis)).astype(np.float64)
             amax[name] = m if name not in amax else np.maximum(amax[name], m)
+            view = np.moveaxis(a, axis, -1)  # no copy: rows are gathered from it
+            n = int(np.prod(view.shape[:-1]))
             rng = np.random.default_rng([seed, i, k])
-            pick = np.sort(rng.choice(r.shape[0], size=min(per_feed, r.shape[0]), replace=False))
-            rows[name].append(np.asarray(r[pick], dtype=np.float32))
+            pick = np.sort(rng.choice(n, size=min(per_feed, n), replace=False))
+            rows[name].append(np.asarray(view[np.unravel_index(pick, view.shape[:-1])], dtype=np.float32))
     return {
         n: TensorStats(axes[n], amax[n], np.concatenate(rows[n]) if rows[n] else np.zeros((0, amax[n].size)))
         for n in names

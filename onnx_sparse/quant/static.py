@@ -78,7 +78,8 @@ CALIBRATION_METHODS = ("search", "minmax", "percentile")
 DEFAULT_TARGET_COSINE = 0.99
 LAYER_SETS = ("eligible", "all")
 _OPS = ("Conv", "Gemm", "MatMul")
-_MIN_OPSET = 13  # per-channel (axis) QuantizeLinear/DequantizeLinear
+_MIN_OPSET = 13
+_FIDELITY_FEEDS = 16  # held-out feeds the mixed-precision search runs on, at most  # per-channel (axis) QuantizeLinear/DequantizeLinear
 
 
 def _at_least_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
@@ -444,6 +445,7 @@ def finish(
         if len(float_layers) == len(nodes):
             raise OnnxSparseError("every layer is above the INT8 error limit", hint="raise --int8-max-error")
     fallback = None
+    held = held[:: max(1, -(-len(held) // _FIDELITY_FEEDS))]  # evenly spread, at most _FIDELITY_FEEDS
     if options.target_cosine is not None and held:
         names = [o.name for o in model.graph.output]
         ref_session = runtime.session(model, what="the FP32 reference")
