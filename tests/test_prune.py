@@ -568,3 +568,19 @@ def test_prune_file_refuses_in_place_without_flag(tmp_path: Path) -> None:
         api.prune_file(src, src)
     result = api.prune_file(src, src, in_place=True)
     assert result.modified and nm.is_2_4(stored_weight(onnx.load(src), "fc0.weight"), 0)
+
+
+def test_magnitude_prune_imports_no_calibration_or_int8_machinery(tmp_path: Path) -> None:
+    # A magnitude prune needs neither scipy (0.1-0.2 s to import) nor the INT8 quantizer's
+    # numeric core: building the CLI (whose prune has --int8 options) must not pull them in.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from onnx_sparse.cli.main import main\n"
+        f"rc = main(['prune', {str(case_path('mlp.onnx'))!r}, '-o', {str(tmp_path / 'm.onnx')!r}, '-qq'])\n"
+        "print(rc, sorted(m for m in sys.modules if m.split('.')[0] == 'scipy' or m == 'onnx_sparse.prune.sparsegpt'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "0 []", out

@@ -28,7 +28,6 @@ from onnx_sparse.cli.common import (
 from onnx_sparse.cli.quantize import add_quantize_args, report_layers
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.passes.prune import totals
-from onnx_sparse.quant import LayerQuant
 from onnx_sparse.recipe import DEFAULT_MAX_ROWS, METHODS, Recipe
 from onnx_sparse.report import fmt_count, format_table, write_json
 
@@ -155,8 +154,11 @@ class PruneTool(Tool):
             calibration=feeds if needs_data or recipe.int8 else None,
             sensitivity_report=reports.append,
         )
-        quantized = [r for r in result.records if isinstance(r, LayerQuant)]
+        quantized: list[Any] = []
         if recipe.int8:
+            from onnx_sparse.quant import LayerQuant  # with scipy behind it: only when asked for INT8
+
+            quantized = [r for r in result.records if isinstance(r, LayerQuant)]
             report_layers(quantized)
         records = [r for r in result.records if hasattr(r, "retained_magnitude")]
         if records:

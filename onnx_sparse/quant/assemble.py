@@ -33,7 +33,6 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from onnx_sparse.graph import rules
-from onnx_sparse.prune.sparsegpt import INT8_MAX, int8_scales
 
 __all__ = ["Int8Layer", "find_layers", "quantize_weight", "write_qdq", "SMOOTH_IN", "SMOOTH_OUT", "weight_axes"]
 
@@ -166,6 +165,8 @@ def quantize_weight(w: np.ndarray, axis: int, scale: np.ndarray | None = None) -
     the grid since, e.g. a head refit) the scales are chosen per channel
     (:func:`~onnx_sparse.prune.sparsegpt.int8_scales`) and the weight rounded. Zeros stay 0.
     """
+    from onnx_sparse.prune.sparsegpt import INT8_MAX, int8_scales  # lazy: scipy behind it, for every CLI start
+
     a = np.moveaxis(np.asarray(w, dtype=np.float64), axis, 0)
     mat = a.reshape(a.shape[0], -1)
     if scale is not None and scale.shape == (mat.shape[0],) and np.all(scale > 0):

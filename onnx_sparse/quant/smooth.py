@@ -36,7 +36,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from onnx_sparse.prune.sparsegpt import int8_round, int8_scales
 from onnx_sparse.quant.assemble import SMOOTH_IN, SMOOTH_OUT, Int8Layer, weight_axes
 from onnx_sparse.quant.calibrate import TensorStats, choose_scale, fake_quant
 
@@ -76,6 +75,8 @@ def _in_columns(w: np.ndarray, in_axis: int) -> np.ndarray:
 
 
 def _quant_w(w: np.ndarray, out_axis: int) -> np.ndarray:
+    from onnx_sparse.prune.sparsegpt import int8_round, int8_scales  # lazy: scipy behind it, for every CLI start
+
     a = np.moveaxis(w, out_axis, 0)
     m = a.reshape(a.shape[0], -1)
     q = int8_round(m, int8_scales(m, (1.0,))[:, None])
