@@ -70,7 +70,7 @@ MODULES: dict[str, tuple[str, ...]] = {
     "onnx_sparse/graph/qdq.py": ("tests/test_qdq.py", "tests/test_locate.py"),
     "onnx_sparse/guard.py": ("tests/test_guard_inplace.py", "tests/test_safety.py"),
     "onnx_sparse/external.py": ("tests/test_external_edges.py", "tests/test_safety.py", "tests/test_io.py"),
-    "onnx_sparse/recipe.py": ("tests/test_recipe.py",),
+    "onnx_sparse/recipe.py": ("tests/test_recipe_edges.py", "tests/test_recipe.py"),
     "onnx_sparse/handoff/compare.py": ("tests/test_compare.py",),
     "onnx_sparse/handoff/trtlog.py": ("tests/test_trtlog.py", "tests/test_verdict.py", "tests/test_trt.py"),
 }
