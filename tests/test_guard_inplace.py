@@ -7,6 +7,7 @@ left as it was, exactly as without ``--in-place``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +144,31 @@ def test_a_folder_of_json_inputs_is_checked_file_by_file(tmp_path: Path) -> None
     (folder / "1.json").write_bytes(pickle.dumps({"x": 1}, protocol=2))
     with pytest.raises(OnnxSparseError, match="1.json: looks like a Python pickle"):
         check_json_input(folder, "--load-inputs")
+
+
+def test_missing_output_folder_names_its_first_missing_part(tmp_path: Path) -> None:
+    from onnx_sparse.errors import OnnxSparseError
+    from onnx_sparse.guard import output_path
+
+    with pytest.raises(OnnxSparseError) as err:
+        output_path(tmp_path / "a" / "b" / "m.onnx", "-o")
+    assert "output folder does not exist" in err.value.message
+    assert err.value.hint == f"{tmp_path / 'a'} is not there: create it, or give a path without it"
+
+
+def test_refusal_names_the_input_models_path(tmp_path: Path) -> None:
+    from onnx_sparse.errors import OnnxSparseError
+    from onnx_sparse.guard import check_run_paths
+
+    src = tmp_path / "m.onnx"
+    src.write_bytes(case_path("mlp.onnx").read_bytes())
+    with pytest.raises(OnnxSparseError, match=re.escape(f"refusing to overwrite the input model {src}")):
+        check_run_paths(models=[src], model_output=src)
+
+
+def test_an_in_memory_model_has_nothing_to_overwrite(tmp_path: Path) -> None:
+    from onnx_sparse.guard import check_run_paths
+    from onnx_sparse.io import ModelFile
+
+    (mf,) = check_run_paths(models=[ModelFile(onnx.load(case_path("mlp.onnx")))], model_output=tmp_path / "o.onnx")
+    assert mf.path is None
