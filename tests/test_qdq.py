@@ -233,3 +233,46 @@ def test_layer_touched_only_by_its_output_quantizer_is_quantized() -> None:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])], inits)  # fmt: skip
     io = _site(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])).int8
     assert io.quantized and io.missing == ["input", "weight", "output"] and "uint8" in io.output
+
+
+def _without_zero_points(model: onnx.ModelProto, *names: str) -> onnx.ModelProto:
+    for n in model.graph.node:
+        if n.name in names:
+            del n.input[2:]
+    return model
+
+
+def test_quantize_without_zero_point_defaults_to_uint8() -> None:
+    """ONNX's QuantizeLinear without a zero point (and no output_dtype) makes uint8: not INT8 for TensorRT."""
+    io = _site(_without_zero_points(_qdq_matmul(), "xq", "xd")).int8
+    assert io.missing == ["input"] and io.input == "quantized to uint8, not int8"
+
+
+def test_quantize_output_dtype_int8_without_zero_point_counts() -> None:
+    """Opset 21: ``output_dtype=INT8`` on a QuantizeLinear with no zero point input is int8."""
+    model = _without_zero_points(_qdq_matmul(), "xq", "xd", "yq", "yd")
+    for n in model.graph.node:
+        if n.name in ("xq", "yq"):
+            n.attribute.append(helper.make_attribute("output_dtype", TensorProto.INT8))
+    model.opset_import[0].version = 21
+    assert _site(model).int8.possible
+
+
+def test_dequantize_of_a_computed_value_has_an_unknown_type_not_a_crash() -> None:
+    """A DequantizeLinear whose input is neither a constant, a graph input nor a QuantizeLinear."""
+    model = _qdq_matmul()
+    _node(model, "xd").input[0] = "xc"
+    model.graph.node.insert(1, helper.make_node("Identity", ["xq"], ["xc"], name="xc"))
+    io = _site(model).int8
+    assert io.missing == ["input"] and "unknown" in io.input
+
+
+def test_graph_index_constants() -> None:
+    from onnx_sparse.graph.qdq import GraphIndex
+
+    model = _qdq_matmul()
+    index = GraphIndex(model)
+    assert index.constant("zp") == 0 and index.constant("x") is None and index.constant("nope") is None
+    ext = next(t for t in model.graph.initializer if t.name == "ws")
+    ext.data_location = TensorProto.EXTERNAL  # stored outside: never read here
+    assert GraphIndex(model).constant("ws") is None and GraphIndex(model).size("ws") == 16
