@@ -276,3 +276,53 @@ def test_graph_index_constants() -> None:
     ext = next(t for t in model.graph.initializer if t.name == "ws")
     ext.data_location = TensorProto.EXTERNAL  # stored outside: never read here
     assert GraphIndex(model).constant("ws") is None and GraphIndex(model).size("ws") == 16
+
+
+@pytest.mark.parametrize(
+    ("only", "field", "words"),
+    [
+        ("input", "", ""),
+        ("weight", "", ""),
+        ("weight_uint8", "weight", "uint8"),
+        ("weight_runtime", "weight", "run time"),
+        ("weight_on_k", "weight", "input-channel axis"),
+    ],
+)
+def test_one_quantized_part_makes_the_layer_quantized(only: str, field: str, words: str) -> None:
+    """The INT8 column is empty only for a layer no Q/DQ touches: one quantized part is enough to show it."""
+    model = _qdq_matmul(w_axis=0 if only == "weight_on_k" else 1, float_weight=only == "weight_runtime", after="output")
+    if only == "input":  # float weight: read the stored int8 weight as float data
+        _node(model, "mm").input[1] = "wf"
+        model.graph.initializer.append(numpy_helper.from_array(np.ones((16, 16), np.float32), "wf"))
+    else:  # float input
+        _node(model, "mm").input[0] = "x"
+        if only == "weight_uint8":
+            w = next(t for t in model.graph.initializer if t.name == "w")
+            w.CopyFrom(numpy_helper.from_array(np.ones((16, 16), np.uint8), "w"))
+            wzp = next(t for t in model.graph.initializer if t.name == "wzp")
+            wzp.CopyFrom(numpy_helper.from_array(np.zeros(16, np.uint8), "wzp"))
+    io = _site(model).int8
+    assert io.quantized and not io.possible
+    if field:
+        assert words in getattr(io, field)
+
+
+def test_unused_output_of_a_float_layer_is_not_quantized() -> None:
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"], name="mm"), helper.make_node("Relu", ["x"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])],
+                              [numpy_helper.from_array(np.ones((16, 16), np.float32), "w")])  # fmt: skip
+    io = _site(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])).int8
+    assert io.output == "unused" and not io.quantized
+
+
+def test_weight_scales_without_a_zero_point_and_per_tensor() -> None:
+    on_k = _without_zero_points(_qdq_matmul(w_axis=0), "wd")
+    assert "input-channel axis 0" in _site(on_k).int8.weight  # no zero point input: scales still checked
+    assert _site(_without_zero_points(_qdq_matmul(), "wd")).int8.weight == ""  # int8 data, zero point 0 by default
+    per_tensor = _qdq_matmul(w_axis=0)
+    ws = next(t for t in per_tensor.graph.initializer if t.name == "ws")
+    ws.CopyFrom(numpy_helper.from_array(np.array(0.01, np.float32), "ws"))
+    wzp = next(t for t in per_tensor.graph.initializer if t.name == "wzp")
+    wzp.CopyFrom(numpy_helper.from_array(np.array(0, np.int8), "wzp"))
+    assert _site(per_tensor).int8.weight == ""  # one scale: its axis attribute means nothing

@@ -209,7 +209,7 @@ class Calibrator:
         threads: int | None = None,
         row_mask: str | None = None,
         spill_budget: int | None = None,
-        int8_nodes: frozenset[str] = frozenset(),
+        int8_nodes: Mapping[str, np.ndarray | None] | None = None,
     ) -> None:
         if method not in METHODS:
             raise OnnxSparseError(f"unknown pruning method {method!r}", hint=f"choose one of {', '.join(METHODS)}")
@@ -228,8 +228,9 @@ class Calibrator:
         self.threads = threads
         self.row_mask = row_mask
         self.spill_budget = spill_budget
-        # layers that will be INT8: SparseGPT's walk rounds their kept weights onto INT8 grids (joint walk)
-        self.int8_nodes = int8_nodes
+        # layers that will be INT8 (-> the per-input-channel rescaling their weight will get, or None):
+        # SparseGPT's walk rounds their kept weights onto INT8 grids (joint walk)
+        self.int8_nodes: Mapping[str, np.ndarray | None] = int8_nodes or {}
         self.last_spill: Spill | None = None  # the last run's (for its counters)
         # the last run's ``tail`` values, per sample, in the pruned and the dense model
         self.last_tail: list[dict[str, np.ndarray]] = []
@@ -311,6 +312,7 @@ class Calibrator:
                 and stored.dtype == np.float32
             )
             scales: list[np.ndarray] = []
+            cols = self._int8_columns(grp, view) if joint else None
             for g, w in enumerate(mats):
                 if method == "wanda":
                     assert acc.stats is not None
@@ -324,8 +326,9 @@ class Calibrator:
                         damp = self._cv_damp(w, st.xtx, [(f, rows[g]) for f, rows in acc.raw])
                         chosen = damp if chosen is None else max(chosen, damp)
                     new_w, info = sparsegpt_2_4(
-                        w, st.hessian(damp=0.0), blocksize=self.blocksize, damp=damp, dead=st.dead, int8=joint
-                    )
+                        w, st.hessian(damp=0.0), blocksize=self.blocksize, damp=damp, dead=st.dead, int8=joint,
+                        col_scale=cols,
+                    )  # fmt: skip
                     out.append(new_w)
                     if info.scale is not None:
                         scales.append(info.scale)
@@ -337,12 +340,20 @@ class Calibrator:
                     n_rows = sum(f.n for f in slots)
                     folds = [f for f in held if f.n > 0]
                     if len(folds) >= 2 or (folds and rest is not None and rest.n > 0):
-                        solve = asymmetric_cv_int8 if joint else asymmetric_cv_2_4
-                        new_w, info, cv = solve(w, folds, blocksize=self.blocksize, damp=self.damp, rest=rest)
+                        if joint:
+                            new_w, info, cv = asymmetric_cv_int8(
+                                w, folds, blocksize=self.blocksize, damp=self.damp, rest=rest, col_scale=cols
+                            )
+                        else:
+                            new_w, info, cv = asymmetric_cv_2_4(
+                                w, folds, blocksize=self.blocksize, damp=self.damp, rest=rest
+                            )
                         refit = cv.damp if refit is None else max(refit, cv.damp)
                     else:
                         every = PairedStats.total([f for f in slots if f.n > 0])
-                        new_w, info = sparsegpt_2_4(w, every.pp, blocksize=self.blocksize, damp=self.damp, int8=joint)
+                        new_w, info = sparsegpt_2_4(
+                            w, every.pp, blocksize=self.blocksize, damp=self.damp, int8=joint, col_scale=cols
+                        )
                         note = note or "one calibration sample: no cross-validation, plain SparseGPT"
                     out.append(new_w)
                     if info.scale is not None:
@@ -359,6 +370,17 @@ class Calibrator:
             grp, method, stored, new, acc.rows if acc else 0, loss, refit, time.perf_counter() - t0, note, acc, chosen,
             int8_scale,
         )  # fmt: skip
+
+    def _int8_columns(self, grp: LayerGroup, view: LayerView) -> np.ndarray | None:
+        """The per-column scaling the group's weight will be stored with (its input channels' rescaling,
+        tiled over a Conv's kernel positions), or None."""
+        v = self.int8_nodes.get(grp.sites[0].node)
+        if v is None:
+            return None
+        v = np.asarray(v, dtype=np.float64).ravel()
+        if view.cols % v.size:
+            return None
+        return np.tile(v, view.cols // v.size)
 
     def _cv_damp(self, w: np.ndarray, xtx: np.ndarray, rows: Sequence[tuple[int, np.ndarray]]) -> float:
         """SparseGPT damping for a row-starved layer (:func:`~onnx_sparse.prune.select.choose_damp`
@@ -556,6 +578,8 @@ class CalibratedPrunePass(Pass):
         int8_nodes: Layers that will be INT8 (``prune --int8``): SparseGPT's walk rounds their kept
             weights onto per-output-channel INT8 grids as it fixes them (the joint walk of
             :mod:`onnx_sparse.prune.sparsegpt`); each fit carries the scales (``LayerFit.int8_scale``).
+            A mapping gives, per layer, the per-input-channel rescaling its weight will be stored
+            with after the prune (:mod:`onnx_sparse.quant.smooth`), or None.
 
     Cases: eligible main-graph layer -> calibrated; not calibratable -> magnitude (logged);
     not eligible or not selected -> untouched; no weight changed -> ``modified`` False.
@@ -574,7 +598,7 @@ class CalibratedPrunePass(Pass):
         folds: int = 4,
         threads: int | None = None,
         on_fit: Callable[[LayerFit], None] | None = None,
-        int8_nodes: Iterable[str] = (),
+        int8_nodes: Mapping[str, np.ndarray | None] | Iterable[str] = (),
         **options: Any,
     ) -> None:
         if isinstance(recipe, Recipe):
@@ -596,7 +620,7 @@ class CalibratedPrunePass(Pass):
             folds=folds,
             threads=threads,
             row_mask=recipe.row_mask,
-            int8_nodes=frozenset(int8_nodes),
+            int8_nodes=dict(int8_nodes) if isinstance(int8_nodes, Mapping) else dict.fromkeys(int8_nodes),
         )
         self.method = method
         bias_correction, refit_head = bool(recipe.bias_correction), bool(recipe.refit_head)

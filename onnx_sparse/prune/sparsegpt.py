@@ -178,14 +178,17 @@ def _factor_of_reversed(a: Array) -> Array:
     return u
 
 
-def _obs_prune(wt: Array, u: Array, blocksize: int, scale: Array | None = None) -> tuple[Array, float]:
+def _obs_prune(
+    wt: Array, u: Array, blocksize: int, scale: Array | None = None, col: Array | None = None
+) -> tuple[Array, float]:
     """SparseGPT's column walk on the transposed weight ``wt[cols, rows]`` (modified in place).
 
     One step per group of 4 columns: the mask is chosen at the group's first column, so the
     group's 4 errors follow from a 4-step triangular recurrence (vectorised over rows); they
     reach the rest of the block in one product of rank 4 and the later blocks in one product
     per block. With ``scale`` (``[rows]``), every kept weight is rounded onto its row's INT8
-    grid as it is fixed, and its rounding error is propagated like a pruned weight's.
+    grid as it is fixed (step ``scale / col[j]`` in column ``j`` when ``col`` is given), and its
+    rounding error is propagated like a pruned weight's.
     Returns the pruned transposed weight and the OBS loss.
     """
     cols = wt.shape[0]
@@ -205,7 +208,8 @@ def _obs_prune(wt: Array, u: Array, blocksize: int, scale: Array | None = None) 
             for k in range(gs):
                 # column i+k after the updates of columns i..i+k-1 of this group
                 wk = g[k] - u1[i : i + k, i + k] @ e[:k] if k else g[k]
-                qk = np.where(prune[k], 0.0, wk if scale is None else int8_round(wk, scale))
+                step = None if scale is None else (scale if col is None else scale / col[b0 + i + k])
+                qk = np.where(prune[k], 0.0, wk if step is None else int8_round(wk, step))
                 e[k] = (wk - qk) / d[i + k]
                 out[b0 + i + k] = qk
             loss += 0.5 * float(np.einsum("ij,ij->", e, e))
@@ -224,6 +228,7 @@ def sparsegpt_2_4(
     damp: float = 0.01,
     dead: npt.ArrayLike | None = None,
     int8: bool = False,
+    col_scale: Array | None = None,
 ) -> tuple[Array, SparseGPTStats]:
     """Prune ``w`` to 2:4 along ``cols`` with SparseGPT, updating the kept weights (and, with
     ``int8``, rounding them onto per-row INT8 grids: :func:`prune_with_factor`).
@@ -249,7 +254,7 @@ def sparsegpt_2_4(
     """
     _check_weight(w)
     factor = inverse_factor(h, w.shape[1], damp=damp, dead=dead)
-    return prune_with_factor(w, factor, blocksize, int8=int8)
+    return prune_with_factor(w, factor, blocksize, int8=int8, col_scale=col_scale)
 
 
 @dataclass(frozen=True)
@@ -333,7 +338,7 @@ def inverse_factor(h: npt.ArrayLike, cols: int, damp: float = 0.01, dead: npt.Ar
 
 @blas.deterministic
 def prune_with_factor(
-    w: Array, factor: InverseFactor, blocksize: int = 128, int8: bool = False
+    w: Array, factor: InverseFactor, blocksize: int = 128, int8: bool = False, col_scale: Array | None = None
 ) -> tuple[Array, SparseGPTStats]:
     """SparseGPT's column walk on ``w`` with a factor from :func:`inverse_factor` (of ``w``'s input).
 
@@ -342,6 +347,11 @@ def prune_with_factor(
     rounds every kept weight onto those grids as it fixes it. The scales are in the stats;
     ``result / scale`` is then integral in ``[-127, 127]`` (in float64; the caller's dtype
     rounds it).
+
+    ``col_scale`` (``[cols]``, positive): the weight will be stored as ``W * col_scale`` (its input
+    channels rescaled for outliers, :mod:`onnx_sparse.quant.smooth`), so that is the matrix whose rows
+    get the grids: here column ``j`` is rounded with step ``scale / col_scale[j]``. The walk itself,
+    its damping and its masks stay those of ``w``, exactly as without INT8.
     """
     _check_weight(w)
     if factor.dead.shape != (w.shape[1],):
@@ -361,11 +371,12 @@ def prune_with_factor(
         out, loss = _walk(w64, u, blocksize, None, dead_mask)
     scale = None
     if int8:
-        scale = int8_scales(out)
+        col = None if col_scale is None else np.asarray(col_scale, dtype=np.float64).reshape(w.shape[1])
+        scale = int8_scales(out if col is None else out * col)
         if u is None:
-            out = int8_round(out, scale[:, None])
+            out = int8_round(out, scale[:, None] if col is None else scale[:, None] / col)
         else:
-            out, loss = _walk(w64, u, blocksize, scale, dead_mask)
+            out, loss = _walk(w64, u, blocksize, scale, dead_mask, col)
     stats = SparseGPTStats(
         loss=loss,
         damp=factor.damp,
@@ -377,12 +388,14 @@ def prune_with_factor(
     return out.astype(w.dtype), stats
 
 
-def _walk(w64: Array, u: Array, blocksize: int, scale: Array | None, dead: Array) -> tuple[Array, float]:
+def _walk(
+    w64: Array, u: Array, blocksize: int, scale: Array | None, dead: Array, col: Array | None = None
+) -> tuple[Array, float]:
     """The column walk over fixed chunks of rows, side by side (rows are independent given U; the
     same chunks on every machine, so the result does not depend on the number of cores)."""
     chunks = _row_chunks(w64.shape[0])
     parts = blas.parallel_map(
-        lambda r: _obs_prune(np.ascontiguousarray(w64[r].T), u, blocksize, None if scale is None else scale[r]),
+        lambda r: _obs_prune(np.ascontiguousarray(w64[r].T), u, blocksize, None if scale is None else scale[r], col),
         chunks,
     )
     out = np.concatenate([p.T for p, _ in parts]) if len(parts) > 1 else parts[0][0].T
