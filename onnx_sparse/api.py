@@ -259,38 +259,44 @@ def _prune_int8(
     """``prune --int8``: the sparse INT8 model in one reconstruction.
 
     The model is prepared for INT8 (:func:`onnx_sparse.quant.prepare`), the layers that will be INT8
-    are chosen first, their quantized tensors are rescaled for outliers (before the 2:4 masks are
-    chosen, so the masks are chosen on the weights that will be stored), the prune's SparseGPT walk
-    rounds those layers' kept weights onto their INT8 grids as it fixes them (pruning and rounding
-    error compensated together), and :func:`onnx_sparse.quant.finish` writes the Q/DQ model with
-    exactly those integers and holds the fidelity target against the pruned FP32 model.
+    are chosen first and the outlier rescaling of their tensors is chosen on the dense model; the
+    prune's SparseGPT walk rounds those layers' kept weights onto the INT8 grids they will have once
+    rescaled, as it fixes them (pruning and rounding error compensated together; masks, dampings
+    and refits stay the FP32 prune's, which a rescaling before the prune would change through the
+    relative damping); the rescaling is applied to the pruned model and
+    :func:`onnx_sparse.quant.finish` writes the Q/DQ model with exactly those integers and holds the
+    fidelity target against the pruned FP32 model.
     """
     from onnx_sparse.calib.data import split_holdout
     from onnx_sparse.passes.calibrated import CalibratedPrunePass, LayerFit
-    from onnx_sparse.quant import candidates, finish, prepare, smooth_model
+    from onnx_sparse.quant import apply_rescaling, candidates, finish, input_rescaling, prepare, smooth_model
 
     options = recipe.quantize_options()
     prepared = prepare(mf)
     feeds = calib(prepared)
     nodes, reasons = candidates(prepared, options)
-    if options.smooth:
+    choices: list[Any] = []
+    if options.smooth:  # chosen on the dense model, applied after the prune (see below)
         fit, held = split_holdout(list(feeds), options.holdout)
-        prepared, _ = smooth_model(prepared, nodes, fit, held, options.seed)
+        _, choices = smooth_model(prepared, nodes, fit, held, options.seed)
     scales: dict[str, Any] = {}
 
     def keep_scale(fit: LayerFit) -> None:
         if fit.int8_scale is not None:
             scales[fit.group.sites[0].weight] = fit.int8_scale
 
+    # The prune runs on the unscaled weights, so its masks, dampings and refits are exactly the FP32
+    # prune's (a diagonal rescaling would change the relative damping); the walk rounds each weight
+    # onto the grid it will have once its input channels are rescaled.
     for p in pipeline.passes:
         if isinstance(p, CalibratedPrunePass):
             if recipe.int8_joint:
-                p.engine.int8_nodes = frozenset(nodes)
+                p.engine.int8_nodes = input_rescaling(prepared, nodes, choices)
             p.on_fit = keep_scale
     fixed = list(feeds)
     calib.source, calib.limit = fixed, None  # the feeds are loaded once
     result = run_pipeline(pipeline, ModelFile(prepared))
     if made:
         _stamp(result.model.model, recipe, calib)
-    pruned = finalize_inline(result.model.model)
+    pruned = apply_rescaling(finalize_inline(result.model.model), nodes, choices, scales)
     return result, finish(pruned, nodes, reasons, fixed, options, scales)

@@ -449,3 +449,21 @@ def test_int8_scales_clip_search_and_grid() -> None:
     e_search = np.sum((m - int8_round(m, int8_scales(m)[:, None])) ** 2, axis=1)
     e_max = np.sum((m - int8_round(m, int8_scales(m, (1.0,))[:, None])) ** 2, axis=1)
     assert np.all(e_search <= e_max + 1e-12)
+
+
+def test_joint_walk_with_column_scaling_rounds_on_the_stored_grid() -> None:
+    """With ``col_scale`` the walk and its mask are those of ``w``; ``out * col_scale`` (what is stored
+    after the input channels are rescaled) has integer multiples of the row scales."""
+    from onnx_sparse.prune.sparsegpt import inverse_factor, prune_with_factor
+
+    rng = np.random.default_rng(5)
+    x = correlated(rng, 300, 16)
+    w = rng.normal(size=(5, 16))
+    v = np.exp(rng.normal(scale=1.0, size=16))
+    factor = inverse_factor(x.T @ x, 16)
+    plain, _ = prune_with_factor(w, factor)
+    out, stats = prune_with_factor(w, factor, int8=True, col_scale=v)
+    assert nm.is_2_4(out, 1)
+    ints = out * v / stats.scale[:, None]
+    assert np.allclose(ints, np.rint(ints), atol=1e-9) and np.abs(np.rint(ints)).max() <= 127
+    assert np.array_equal(out == 0, plain == 0) or np.mean((out == 0) == (plain == 0)) > 0.9

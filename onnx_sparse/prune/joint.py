@@ -28,8 +28,10 @@ def asymmetric_cv_int8(
     damp: float = 0.01,
     rest: PairedStats | None = None,
     grid: Sequence[float] = DEFAULT_REFIT_GRID,
+    col_scale: np.ndarray | None = None,
 ) -> tuple[np.ndarray, SparseGPTStats, RefitCV]:
-    """:func:`~onnx_sparse.prune.select.asymmetric_cv_2_4` with the joint INT8 walk (``rest`` is consumed the same way).
+    """:func:`~onnx_sparse.prune.select.asymmetric_cv_2_4` with the joint INT8 walk (``rest`` is consumed the same way;
+    ``col_scale``: see :func:`~onnx_sparse.prune.sparsegpt.prune_with_factor`).
 
     Returns:
         ``(new weight in w's dtype, SparseGPT stats with the per-row scales, cross-validation outcome)``.
@@ -46,5 +48,5 @@ def asymmetric_cv_int8(
         w, used, grid, blocksize=blocksize, damp=damp, total=every, budget=SELECT_BUDGET if rest is None else None
     )
     refit = _refit(w.astype(np.float64), every.pp, every.pq, cv.damp)
-    out, stats = prune_with_factor(refit, factor.result(), blocksize, int8=True)
+    out, stats = prune_with_factor(refit, factor.result(), blocksize, int8=True, col_scale=col_scale)
     return out.astype(w.dtype), stats, cv

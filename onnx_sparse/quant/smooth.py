@@ -39,7 +39,7 @@ from onnx import TensorProto, numpy_helper
 from onnx_sparse.quant.assemble import SMOOTH_IN, SMOOTH_OUT, Int8Layer, weight_axes
 from onnx_sparse.quant.calibrate import TensorStats, choose_scale, fake_quant
 
-__all__ = ["Rescale", "choose", "rescale", "ALPHAS", "EQUALIZE", "MIN_GAIN"]
+__all__ = ["Rescale", "choose", "rescale", "fold_target", "ALPHAS", "EQUALIZE", "MIN_GAIN"]
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def _uses(consumers: Mapping[str, list[onnx.NodeProto]], name: str) -> int:
     return len(consumers.get(name, []))
 
 
-def _fold_target(model: onnx.ModelProto, tensor: str, axis_last: bool) -> list[tuple[str, int]] | None:
+def fold_target(model: onnx.ModelProto, tensor: str, axis_last: bool) -> list[tuple[str, int]] | None:
     """The constants to divide by ``v`` so that ``tensor`` comes out divided by ``v``: ``(initializer,
     axis)`` pairs, or None when the producer cannot take it. Only constants used once are changed."""
     producers, consumers, inits = _index(model)
@@ -255,7 +255,7 @@ def rescale(model: onnx.ModelProto, tensor: str, axis: int, v: np.ndarray, reade
     reader_names = {r.node for r in readers}
     others = [n for n in consumers.get(tensor, []) if n.name not in reader_names]
     graph_out = tensor in {o.name for o in model.graph.output}
-    fold = _fold_target(model, tensor, axis_last)
+    fold = fold_target(model, tensor, axis_last)
     rank = 4 if not axis_last else 1
     if fold is not None:
         for name, ax in fold:

@@ -67,6 +67,8 @@ __all__ = [
     "prepare",
     "candidates",
     "smooth_model",
+    "input_rescaling",
+    "apply_rescaling",
     "finish",
     "DEFAULT_TARGET_COSINE",
 ]
@@ -351,6 +353,40 @@ def smooth_model(
                         c.error_before, c.error_after)  # fmt: skip
         choices.append(c)
     return out, choices
+
+
+def input_rescaling(
+    model: onnx.ModelProto, nodes: Sequence[str], choices: Sequence[Rescale]
+) -> dict[str, np.ndarray | None]:
+    """Per INT8 layer of the unscaled ``model``, the ``v`` its input tensor was chosen to be divided by
+    (its weight's input channels take ``v``), or None."""
+    chosen = {c.tensor: c.v for c in choices if c.v is not None}
+    return {x.node: chosen.get(x.act) for x in find_layers(model, nodes)}
+
+
+def apply_rescaling(
+    model: onnx.ModelProto, nodes: Sequence[str], choices: Sequence[Rescale], scales: dict[str, np.ndarray]
+) -> onnx.ModelProto:
+    """The rescalings ``choices`` (made on the dense model by :func:`smooth_model`) applied to a copy of the
+    pruned ``model``, in the same order; a weight whose output channels take ``1/v`` has its INT8 scales
+    in ``scales`` divided the same way, so the joint walk's integers stay exact."""
+    from onnx_sparse.quant.smooth import fold_target
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    layers = {x.node: x for x in find_layers(out, nodes)}
+    axes = _channel_axes(list(layers.values()))
+    for c in choices:
+        if c.v is None or c.tensor not in axes:
+            continue
+        readers = find_layers(out, [x.node for x in layers.values() if x.act == c.tensor])
+        fold = fold_target(out, c.tensor, axes[c.tensor] == -1) or []
+        outs = {x.weight: x.w_out_axis for x in layers.values()}
+        for name, axis in fold:
+            if name in scales and outs.get(name) == axis:
+                scales[name] = scales[name] / c.v
+        rescale(out, c.tensor, axes[c.tensor], c.v, readers)
+    return out
 
 
 @blas.deterministic
