@@ -281,3 +281,40 @@ def test_the_recipe_carries_int8_from_cli_to_file_to_api(run_cli, tmp_path: Path
         api.prune_file(src, tmp_path / "d.onnx", saved.replace(method="magnitude"))
     with pytest.raises(OnnxSparseError, match="unknown layer set"):
         Recipe(int8=True, int8_layers="some")
+
+
+def test_the_walks_integers_are_stored_without_a_second_rounding() -> None:
+    """A weight already on a grid whose largest integer is below 127 (the joint walk's case after its
+    updates): the Q/DQ model stores exactly those integers and scales; rounding afresh would not."""
+    from onnx_sparse.quant import candidates, finish, prepare
+    from onnx_sparse.quant.assemble import find_layers, quantize_weight
+
+    model = prepare(api.prune(onnx.load(case_path("mlp.onnx"))))
+    options = QuantizeOptions(target_cosine=None, smooth=False)
+    nodes, reasons = candidates(model, options)
+    inits = {t.name: t for t in model.graph.initializer}
+    rng = np.random.default_rng(0)
+    given = {}
+    for x in find_layers(model, nodes):
+        w = onnx.numpy_helper.to_array(inits[x.weight])
+        c = w.shape[x.w_out_axis]
+        scale = rng.uniform(0.01, 0.02, size=c).astype(np.float32)
+        shape = [1] * w.ndim
+        shape[x.w_out_axis] = c
+        ints = np.where(w == 0, 0, rng.integers(1, 91, size=w.shape) * rng.choice([-1, 1], size=w.shape))
+        inits[x.weight].CopyFrom(
+            onnx.numpy_helper.from_array((ints * scale.reshape(shape)).astype(np.float32), x.weight)
+        )
+        given[x.weight] = (ints.astype(np.int8), scale, x.w_out_axis)
+    result = finish(
+        model, nodes, reasons, _feeds(model), options, {k: v[1].astype(np.float64) for k, v in given.items()}
+    )
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.model.graph.initializer}
+    assert len(given) == 3
+    for name, (ints, scale, axis) in given.items():
+        assert np.array_equal(stored[f"{name}_quantized"], ints)
+        assert np.array_equal(stored[f"{name}_scale"], scale)
+        shape = [1] * ints.ndim
+        shape[axis] = -1
+        _, fresh_scale = quantize_weight(ints * scale.reshape(shape), axis)
+        assert not np.array_equal(fresh_scale, scale)  # what a second rounding would have stored
