@@ -436,6 +436,53 @@ def data_file_name(model_name: str, digest: str) -> str:
     return f"{model_name}.{digest}.data"
 
 
+def _place_data_file(new: Path, target: Path) -> bool:
+    """Move the data file ``new`` to ``target`` unless that name is taken; True when it was moved.
+
+    The name carries 64 bits of the content's SHA-256 (:func:`data_file_name`): a file already
+    there under that name holds the same bytes (then it is kept as it is) or is a crafted
+    collision (about 2**32 work), a file some other model may read, which is never replaced: the
+    bytes are compared, and a different file is an error. The move itself cannot replace a file
+    that appears meanwhile (a hard link is refused where the name exists; on a file system without
+    hard links, the name is checked just before the rename).
+    """
+    try:
+        os.link(new, target)
+        return True
+    except FileExistsError:
+        pass
+    except OSError:  # no hard links on this file system
+        if not os.path.lexists(target):
+            os.replace(new, target)
+            return True
+    if not _same_bytes(new, target):
+        raise OnnxSparseError(
+            f"{target}: a different file with this name is already there; it was left as it is "
+            "(onnx-sparse names its data files after their content, so this one holds other bytes)",
+            hint="move that file away, or write the model under another name",
+        )
+    return False
+
+
+def _same_bytes(ours: Path, other: Path) -> bool:
+    """True when ``other`` is a regular file (not a link) holding exactly the bytes of ``ours``."""
+    try:
+        fd = os.open(other, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as b, open(ours, "rb") as a:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != os.fstat(a.fileno()).st_size:
+            return False
+        while chunk := a.read(_COMPARE_CHUNK):
+            if b.read(len(chunk)) != chunk:
+                return False
+        return not b.read(1)
+
+
+_COMPARE_CHUNK = 8 << 20
+
+
 def _our_data_file(model_name: str) -> re.Pattern[str]:
     return re.compile(re.escape(model_name) + r"(\.[0-9a-f]{16})?\.data")
 
@@ -563,9 +610,8 @@ def save_model(
             verify_model(tmp / final.name, reference=reference)
         stale = _old_data_files(final)
         if data_name is not None:
-            if not (folder / data_name).exists():  # else: the same content is there already
+            if _place_data_file(tmp / data_name, folder / data_name):  # else: the same bytes are there already
                 placed = folder / data_name
-            os.replace(tmp / data_name, folder / data_name)
             stale.discard(folder / data_name)
         os.replace(tmp / final.name, final)
         placed = None

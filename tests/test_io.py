@@ -397,3 +397,44 @@ def test_clean_orphans_removes_only_unread_data_files_named_like_ours(tmp_path: 
     assert sorted(p.name for p in removed) == sorted([mine.name, unread.name])
     assert foreign.exists() and (tmp_path / "m.onnx.0123456789abcdef.data").exists()  # m.onnx reads it
     assert (tmp_path / "link.onnx.00000000000000bb.data").is_symlink()  # links are never taken for ours
+
+
+def test_a_different_file_with_the_data_files_name_is_never_replaced(tmp_path: Path) -> None:
+    """Data file names carry 64 bits of SHA-256: a file of that name with other bytes (a crafted
+    collision, about 2**32 work) belongs to some other model and must survive the save."""
+    src, elsewhere, folder = tmp_path / "m.onnx", tmp_path / "first", tmp_path / "out"
+    elsewhere.mkdir()
+    folder.mkdir()
+    _save_external(case_path("conv_bn_folded.onnx"), src)
+    io.save_model(io.load_model(src), elsewhere / "o.onnx")
+    name = _data_name(elsewhere / "o.onnx")  # the name this content gets
+    # An older model in the target folder reads a file of exactly that name, with other bytes.
+    victim = folder / "older.onnx"
+    _save_external(case_path("mlp.onnx"), victim, location=name)
+    before = {p.name: sha256(p) for p in folder.iterdir()}
+    with pytest.raises(OnnxSparseError, match="different file with this name") as err:
+        io.save_model(io.load_model(src), folder / "o.onnx")
+    assert err.value.hint
+    assert {p.name: sha256(p) for p in folder.iterdir()} == before  # no output, nothing replaced or left
+    io.check_input_model(victim)
+    # The same bytes under that name (the same model saved again) are kept as they are, not replaced.
+    (folder / name).unlink()
+    victim.unlink()
+    shutil.copy(elsewhere / name, folder / name)
+    inode = (folder / name).stat().st_ino
+    io.save_model(io.load_model(src), folder / "o.onnx")
+    assert _data_name(folder / "o.onnx") == name and (folder / name).stat().st_ino == inode
+    io.check_input_model(folder / "o.onnx")
+
+
+def test_a_link_with_the_data_files_name_is_not_taken_for_the_same_bytes(tmp_path: Path) -> None:
+    src, elsewhere, folder = tmp_path / "m.onnx", tmp_path / "first", tmp_path / "out"
+    elsewhere.mkdir()
+    folder.mkdir()
+    _save_external(case_path("conv_bn_folded.onnx"), src)
+    io.save_model(io.load_model(src), elsewhere / "o.onnx")
+    name = _data_name(elsewhere / "o.onnx")
+    (folder / name).symlink_to(elsewhere / name)  # the same bytes, through a link
+    with pytest.raises(OnnxSparseError, match="different file with this name"):
+        io.save_model(io.load_model(src), folder / "o.onnx")
+    assert (folder / name).is_symlink() and not (folder / "o.onnx").exists()
