@@ -326,3 +326,38 @@ def test_weight_scales_without_a_zero_point_and_per_tensor() -> None:
     wzp = next(t for t in per_tensor.graph.initializer if t.name == "wzp")
     wzp.CopyFrom(numpy_helper.from_array(np.array(0, np.int8), "wzp"))
     assert _site(per_tensor).int8.weight == ""  # one scale: its axis attribute means nothing
+
+
+def _epilogue_model(add_inputs: list[str], float_layer: bool = False) -> onnx.ModelProto:
+    """x -> [Q/DQ] -> MatMul -> Add(add_inputs) -> QuantizeLinear int8 -> DequantizeLinear -> y."""
+    model = _qdq_matmul(after="output")
+    mm = _node(model, "mm")
+    mm.output[0] = "mm"
+    if float_layer:
+        mm.input[:] = ["x", "wf"]
+        model.graph.initializer.append(numpy_helper.from_array(np.ones((16, 16), np.float32), "wf"))
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(16, np.float32), "bias"))
+    model.graph.node.extend([
+        helper.make_node("Add", add_inputs, ["sum"], name="add"),
+        helper.make_node("QuantizeLinear", ["sum", "s", "ozp"], ["yq"], name="yq"),
+        helper.make_node("DequantizeLinear", ["yq", "s", "ozp"], ["y"], name="yd"),
+    ])  # fmt: skip
+    return model
+
+
+def test_bias_add_is_fused_whichever_side_the_bias_is_on() -> None:
+    assert _site(_epilogue_model(["mm", "bias"])).int8.possible
+    assert _site(_epilogue_model(["bias", "mm"])).int8.possible
+
+
+def test_residual_add_of_another_activation_is_not_an_epilogue() -> None:
+    """Adding another activation (a residual, named here to sort before the layer's output) is not a bias."""
+    model = _epilogue_model(["mm", "a_res"])
+    model.graph.input.append(helper.make_tensor_value_info("a_res", TensorProto.FLOAT, ["N", 16]))
+    io = _site(model).int8
+    assert io.missing == ["output"] and io.output == "feeds Add in float, not a QuantizeLinear"
+
+
+def test_float_layer_with_an_int8_output_quantizer_is_quantized() -> None:
+    io = _site(_epilogue_model(["mm", "bias"], float_layer=True)).int8
+    assert io.quantized and io.output == "" and io.missing == ["input", "weight"]
