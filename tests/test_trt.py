@@ -283,3 +283,94 @@ def test_build_command_with_a_fake_tensorrt(run_cli, tmp_path: Path, monkeypatch
     assert (node["trt_eligible"], node["trt_picked"], node["tactic_sparse"]) == (True, True, True)
     assert doc["trt_eligible_count"] == 1 and "strongly typed" in doc["precision"]
     assert "1 layer(s) eligible for sparse tactics, 1 chose them" in out
+
+
+# --------------------------------------------------------------------------- build's outputs, with a fake TensorRT
+
+
+@pytest.fixture
+def fake_tensorrt(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """An importable ``tensorrt`` module (version 10.0.0) and the builder, timer and inspector faked:
+    ``build`` runs end to end; the fake builder writes ``--save-engine`` like the real one."""
+    import sys
+    import types
+
+    module = types.ModuleType("tensorrt")
+    module.__version__ = "10.0.0"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tensorrt", module)
+    saved: list[Path] = []
+
+    def fake_build(path, sparse=True, save_path=None, **kw):
+        if save_path is None:
+            return trt.EngineBuild(b"engine", "[I] [TRT] (Sparsity) Found 0 layer(s) eligible to use sparse tactics\n")
+        Path(save_path).write_bytes(b"engine")
+        saved.append(Path(save_path))
+        return trt.EngineBuild(Path(save_path), "")
+
+    monkeypatch.setattr(trt, "build_engine", fake_build)
+    monkeypatch.setattr(trt, "time_engine", lambda engine, iterations=1: 1.0)
+    monkeypatch.setattr(trt, "engine_layers", lambda engine: [])
+    return saved
+
+
+def _external_model(folder: Path) -> tuple[Path, Path]:
+    model, data = folder / "m.onnx", folder / "m.onnx.data"
+    onnx.save(
+        onnx.load(MODELS_DIR / "conv_bn_folded.onnx"),
+        model,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=0,
+    )
+    return model, data
+
+
+@pytest.mark.parametrize(
+    ("argv", "option", "message"),
+    [
+        (["--save-engine", "{model}"], "--save-engine", "input"),
+        (["--save-log", "{data}"], "--save-log", "external data file"),
+        (["--report", "{folder}/nosuchdir/../m.onnx"], "--report", "output folder does not exist"),
+        (["--save-log", "{folder}/log.txt", "--report", "{folder}/log.txt"], "--report", "log.txt"),
+        (["--save-engine", "{folder}"], "--save-engine", "folder"),
+    ],
+    ids=["engine-over-model", "log-over-data", "missing-folder-dotdot", "two-outputs-one-file", "a-folder"],
+)
+def test_build_outputs_never_replace_an_input_or_each_other(
+    fake_tensorrt, run_cli, tmp_path: Path, argv: list[str], option: str, message: str
+) -> None:
+    from conftest import error_lines, sha256
+
+    model, data = _external_model(tmp_path)
+    before = {p.name: sha256(p) for p in tmp_path.iterdir() if p.is_file()}
+    args = [a.format(model=model, data=data, folder=tmp_path) for a in argv]
+    rc, out = run_cli(["build", model, *args])
+    assert rc == 2, out
+    (line,) = error_lines(out)
+    assert option in line and message in line, line
+    assert {p.name: sha256(p) for p in tmp_path.iterdir() if p.is_file()} == before  # nothing written or replaced
+    assert not fake_tensorrt  # refused before any build
+
+
+def test_build_writes_its_outputs_where_the_guard_looked(fake_tensorrt, run_cli, tmp_path: Path) -> None:
+    import json
+
+    model, _ = _external_model(tmp_path)
+    (tmp_path / "sub").mkdir()
+    out = tmp_path / "sub"
+    rc, text = run_cli(
+        [
+            "build",
+            model,
+            "--save-engine",
+            out / "e.plan",
+            "--save-log",
+            out / "log.txt",
+            "--report",
+            tmp_path / "sub" / ".." / "sub" / "r.json",
+        ]  # fmt: skip
+    )
+    assert rc == 0, text
+    assert fake_tensorrt == [out / "e.plan"] and (out / "e.plan").read_bytes() == b"engine"
+    assert (out / "log.txt").is_file() and json.loads((out / "r.json").read_text())["tensorrt"] == "10.0.0"
