@@ -55,3 +55,19 @@ def test_read_provenance_of_partial_or_broken_metadata() -> None:
     assert read_provenance({}) is None
     assert read_provenance({META_VERSION: "0.1.0"}) == {"version": "0.1.0", "recipe": None}
     assert read_provenance({META_RECIPE: "{not json"}) == {"version": None, "recipe": "{not json"}
+
+
+@pytest.mark.parametrize(
+    ("settings", "needs"),
+    [
+        ({}, False),
+        ({"method": "wanda"}, True),
+        ({"bias_correction": True}, True),
+        ({"refit_head": True}, True),
+        ({"sensitivity": True}, True),
+        ({"target_cosine": 0.98}, True),
+    ],
+)
+def test_needs_data(settings: dict, needs: bool) -> None:
+    """Without data, each of these must be refused up front (magnitude alone needs none)."""
+    assert Recipe(**settings).resolve(has_data=False).needs_data is needs
