@@ -106,6 +106,12 @@ def old_quantize(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]])
         def set_range(self, start_index: int, end_index: int) -> None:
             self.i, self.end = start_index, min(end_index, len(feeds))
 
+        def rewind(self) -> None:
+            self.i = 0
+
+        def __len__(self) -> int:
+            return len(feeds)
+
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         onnx.save(prepared, str(src))
