@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import mmap as mmap_module
 import os
 import queue
 import re
@@ -72,13 +73,60 @@ _ALIGN = 4096
 _COPY_CHUNK = 64 << 20
 
 
+#: New values of external tensors from this size on wait for the save on disk (:class:`_Scratch`).
+SCRATCH_FROM = 64 << 10
+
+
+class _Scratch:
+    """New values of external tensors, on disk until the save: one unlinked temporary file,
+    appended to, each value handed back as a read-only memory map of its bytes.
+
+    A prune rewrites every weight of a large model; held in memory until the save, the new
+    values would be a second copy of the weights. Here they cost disk and page cache: a mapped
+    value is resident only while something reads it (the next stage's capture, the save). The
+    file lives in ``ONNX_SPARSE_SPILL_DIR`` or the system's temporary folder, and is unlinked at
+    once, so nothing is left behind even when the process is killed.
+    """
+
+    def __init__(self) -> None:
+        folder = os.environ.get("ONNX_SPARSE_SPILL_DIR") or None
+        fd, path = tempfile.mkstemp(prefix="onnx-sparse-values-", dir=folder)
+        os.unlink(path)
+        self._file = os.fdopen(fd, "w+b")
+        self._end = 0
+        self._lock = threading.Lock()
+
+    def put(self, value: np.ndarray) -> np.ndarray:
+        """``value``'s bytes appended to the file; returns a read-only memory map of them."""
+        data = np.ascontiguousarray(value)
+        with self._lock:
+            pos = self._end + (-self._end % _ALIGN)
+            self._end = pos + data.nbytes
+        view = memoryview(data.reshape(-1).view(np.uint8).data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._file.fileno(), view[done:], pos + done)
+        mapped = np.memmap(self._file, dtype=data.dtype, mode="r", offset=pos, shape=data.shape)
+        return mapped
+
+
+def _release_pages(value: np.ndarray) -> None:
+    """Drop ``value``'s pages from this process's resident set when it is a memory map of a file
+    (they are read again from the file when touched), so streaming a mapped value costs no memory."""
+    mm = getattr(value, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap_module, "MADV_DONTNEED"):
+        with contextlib.suppress(OSError, ValueError):
+            mm.madvise(mmap_module.MADV_DONTNEED)
+
+
 @dataclass
 class ModelFile:
     """A model and the folder its external data paths are relative to (None: all inline).
 
     New values for external tensors are kept aside (``pending``) until :func:`save_model`
     streams them into the output's data file, so a large model's weights are never copied
-    into the protobuf.
+    into the protobuf; values from :data:`SCRATCH_FROM` bytes wait on disk (:class:`_Scratch`),
+    so they are not a second copy of the weights in memory either.
     """
 
     model: onnx.ModelProto
@@ -90,6 +138,8 @@ class ModelFile:
     #: the data files checked at load, with their :func:`~onnx_sparse.external.file_version`:
     #: a later read must find the same file, unchanged.
     data_ids: dict[Path, tuple[int, ...]] = field(default_factory=dict, repr=False)
+    #: where large pending values wait for the save (made on the first one)
+    scratch: _Scratch | None = field(default=None, repr=False)
 
     def read(self, t: TensorProto, mmap: bool = True) -> np.ndarray:
         """The current value of ``t`` (a pending new value, or what is stored)."""
@@ -106,6 +156,16 @@ class ModelFile:
         _check_value(t, value)
         if t.data_location == TensorProto.EXTERNAL:
             value = np.ascontiguousarray(value)
+            if value.nbytes >= SCRATCH_FROM:
+                if self.scratch is None:
+                    self.scratch = _Scratch()
+                try:
+                    value = self.scratch.put(value)
+                except OSError as exc:
+                    raise OnnxSparseError(
+                        f"cannot keep the new value of {t.name!r} on disk until the save ({exc.strerror or exc})",
+                        hint="set ONNX_SPARSE_SPILL_DIR to a folder with free space",
+                    ) from exc
             value.flags.writeable = False
             self.pending[id(t)] = (t, value)
         else:
@@ -501,7 +561,10 @@ def _write_external(mf: ModelFile, folder: Path, model_name: str, externalize_al
                 pos = out.tell()
             if id(t) in mf.pending:
                 value = mf.pending[id(t)][1]
-                out.write(value.view(np.uint8).reshape(-1).data)
+                flat = value.reshape(-1).view(np.uint8)
+                for start in range(0, flat.size, _COPY_CHUNK):
+                    out.write(flat[start : start + _COPY_CHUNK].data)
+                    _release_pages(value)  # a value waiting on disk is streamed, never resident whole
                 placed.append((t, pos, value.nbytes))
             elif t.data_location == TensorProto.EXTERNAL:
                 ref = mf.ref(t)

@@ -179,6 +179,36 @@ def test_write_tensor_on_external_data_is_saved_into_the_new_file(tmp_path: Path
     )
 
 
+def test_a_large_new_value_waits_on_disk_until_the_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rewritten external weight is not a second copy in memory: its bytes go to an unlinked
+    file in ONNX_SPARSE_SPILL_DIR at once, are read back through a memory map, and are streamed
+    into the output at the save; a small one stays in memory."""
+    src = tmp_path / "m.onnx"
+    _save_external(case_path("conv_bn_folded.onnx"), src)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    monkeypatch.setenv("ONNX_SPARSE_SPILL_DIR", str(spill))
+    monkeypatch.setattr(io, "SCRATCH_FROM", 10_000)
+    mf = io.load_model(src)
+    big = next(t for t in mf.model.graph.initializer if t.name == "conv1.weight")  # 18 KB
+    small = next(t for t in mf.model.graph.initializer if t.name == "conv2.weight")  # 8 KB
+    want = np.arange(32 * 16 * 9, dtype=np.float32).reshape(32, 16, 3, 3)
+    new_big, new_small = want.copy(), np.full((64, 32, 1, 1), 0.5, np.float32)
+    mf.write(big, new_big)
+    mf.write(small, new_small)
+    new_big[:] = -1  # the caller's array is not what is kept
+    kept = mf.read(big)
+    assert isinstance(kept, np.memmap) and not kept.flags.writeable
+    assert not isinstance(mf.read(small), np.memmap)
+    np.testing.assert_array_equal(kept, want)
+    assert list(spill.iterdir()) == []  # unlinked at once: nothing is left behind
+    out = tmp_path / "o.onnx"
+    io.save_model(mf, out)
+    saved = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
+    np.testing.assert_array_equal(saved["conv1.weight"], want)
+    np.testing.assert_array_equal(saved["conv2.weight"], new_small)
+
+
 def test_write_tensor_checks_shape_and_dtype() -> None:
     t = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
     with pytest.raises(ValueError, match="shape"):
