@@ -62,6 +62,7 @@ def session(
     spin: bool = True,
     providers: Sequence[Any] | None = None,
     hint: str | None = None,
+    external_folder: str | os.PathLike[str] | None = None,
 ) -> Any:
     """An ``onnxruntime.InferenceSession`` (CPU unless ``providers``) with onnxruntime's logging quieted.
 
@@ -74,6 +75,8 @@ def session(
         spin: False: worker threads do not spin between runs (calibration alternates runs with numpy).
         providers: Execution providers (default CPU).
         hint: The error's hint (default: how to make onnxruntime accept the model).
+        external_folder: For a model given in memory whose tensors are external data: the folder
+            their locations are relative to (onnxruntime maps the files itself; no copy here).
 
     Raises:
         OnnxSparseError: onnxruntime cannot open the model.
@@ -91,6 +94,8 @@ def session(
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
+    if external_folder is not None:
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_folder))
     if isinstance(model, os.PathLike):
         source: Any = str(model)
     elif isinstance(model, (str, bytes)):

@@ -146,6 +146,51 @@ def test_inline_model_loads_external_data(tmp_path) -> None:
     assert got["a2"].shape == (16, 64)
 
 
+def test_sessions_map_external_data_instead_of_copying_it(tmp_path, monkeypatch) -> None:
+    """Whole-model sessions and staged pieces hand the external tensors that still hold their
+    values to onnxruntime by reference (it maps the file); a value written since the load is
+    copied in; onnxruntime refusing the references falls back to reading them in. The outputs are
+    those of the fully inlined model, to the bit."""
+    from onnx_sparse.calib import capture
+    from onnx_sparse.errors import OnnxSparseError
+
+    onnx.save(mlp(), tmp_path / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    mf = load_model(tmp_path / "m.onnx")
+    feeds = mlp_data(0, 2)
+    w = next(t for t in mf.model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    mf.write(w, np.asarray(mf.read(w)) * 0.5)  # pending: the file still holds the old value
+    kept = inline_model(mf, keep_external=True)
+    kinds = {t.name: t.data_location for t in kept.graph.initializer}
+    assert kinds[w.name] == onnx.TensorProto.DEFAULT  # the new value, inline
+    assert sum(k == onnx.TensorProto.EXTERNAL for k in kinds.values()) == len(kinds) - 1
+    want = list(run_model(inline_model(mf), feeds))  # every value inline: the reference
+    folders = []
+    real = capture._session
+
+    def spy(model, threads=None, folder=None):
+        folders.append(folder)
+        return real(model, threads, folder)
+
+    monkeypatch.setattr(capture, "_session", spy)
+    got = list(run_model(mf, feeds))
+    assert folders == [mf.base_dir]
+    for a, b in zip(want, got, strict=True):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    runner = StagedRunner(mf, feeds)
+    piece = runner._build(runner._plan(["a2"]))
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in piece.graph.initializer)
+
+    def refuse(model, threads=None, folder=None):
+        if folder is not None:
+            raise OnnxSparseError("onnxruntime cannot open the model: external data path refused")
+        return real(model, threads, folder)
+
+    monkeypatch.setattr(capture, "_session", refuse)
+    again = list(run_model(mf, feeds))
+    for a, b in zip(want, again, strict=True):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_runner_error_names_the_sample() -> None:
     from onnx_sparse.errors import OnnxSparseError
 

@@ -49,6 +49,35 @@ def test_calibrated_methods_beat_magnitude_on_held_out_data(make, data) -> None:
     assert err["asym"] < 1.05 * err["sparsegpt"], err
 
 
+# --------------------------------------------------------------------------- one set of statistics per input
+
+
+@pytest.mark.parametrize(("method", "options"), [("asym", {"bias_correction": True}), ("sparsegpt", {})])
+def test_layers_reading_one_input_share_its_statistics_to_the_bit(monkeypatch, method, options) -> None:
+    """Q, K and V read one tensor: one LayerStats gathers it and the solves share the folds and
+    factorisations; the weights are exactly those of three separate sets of statistics."""
+    from test_calibrated_models import qkv
+
+    from onnx_sparse.passes import calibrated
+
+    feeds = mlp_data(3, 8)
+    made: list[int] = []
+    real = calibrated.LayerStats
+
+    def counting(*args, **kwargs):
+        made.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibrated, "LayerStats", counting)
+    shared = CalibratedPrunePass(method, feeds, **options)(qkv()).model.model
+    assert len(made) == 2  # x (read by q, k and v) and the attention output (read by o)
+    made.clear()
+    monkeypatch.setattr(calibrated, "_input_key", lambda g: (g.key,))  # every group its own statistics
+    apart = CalibratedPrunePass(method, feeds, **options)(qkv()).model.model
+    assert len(made) == 4
+    assert shared.SerializeToString() == apart.SerializeToString()
+
+
 # --------------------------------------------------------------------------- sequential capture
 
 
@@ -70,16 +99,26 @@ def test_second_layer_is_fitted_to_the_pruned_first_layer() -> None:
     np.testing.assert_allclose(fits["fc3"].acc.stats[0].xtx, pruned_in3.T @ pruned_in3, rtol=1e-4, atol=1e-3)
 
 
-def test_asym_pairs_pruned_and_dense_inputs() -> None:
+def test_asym_pairs_pruned_and_dense_inputs(monkeypatch) -> None:
+    from onnx_sparse.passes import calibrated
+
     model = mlp()
     feeds = mlp_data(1, 6)
     fits = {}
+    made: list[list] = []  # each layer's folds, as the solve takes them over (it lets go of what it is done with)
+    real = calibrated.InputFolds
+
+    def keeping(folds, *args, **kwargs):
+        made.append(list(folds))
+        return real(folds, *args, **kwargs)
+
+    monkeypatch.setattr(calibrated, "InputFolds", keeping)
     result = CalibratedPrunePass("asym", feeds, on_fit=lambda f: fits.setdefault(f.group.sites[0].node, f))(model)
     w, w0 = _weights(result.model.model), _weights(model)
     x = np.concatenate([f["x"] for f in feeds]).astype(np.float64)
     xp = np.maximum(x @ w["w1"] + w["b1"], 0)
     xd = np.maximum(x @ w0["w1"] + w0["b1"], 0)
-    folds = fits["fc2"].acc.paired[0]
+    folds = made[1]  # fc2's
     assert len(folds) == 4 and sum(f.n for f in folds) == x.shape[0]
     np.testing.assert_allclose(sum(f.pp for f in folds), xp.T @ xp, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(sum(f.pd for f in folds), xp.T @ xd, rtol=1e-4, atol=1e-3)

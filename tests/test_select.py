@@ -169,6 +169,54 @@ def test_folds_never_held_out_can_live_in_one_sum(monkeypatch) -> None:
         sg.ridge_cv_scores(w, folds[:1], total=folds[0])
 
 
+@pytest.mark.parametrize("rest", [False, True])
+@pytest.mark.parametrize("confirm", [0, 2])
+def test_weights_that_read_one_input_share_its_folds_to_the_bit(monkeypatch, rest: bool, confirm: int) -> None:
+    """Q, K and V read one input: their folds, training Gram matrices, factorisations and
+    SparseGPT factor are made once (InputFolds) and each weight gets exactly what its own solve
+    gives; each factorisation is made once instead of once per weight."""
+    from onnx_sparse.prune import select as sg
+
+    rng = np.random.default_rng(5)
+    cols, mix, distort, _ = cv_problem(rng)
+    folds = cv_folds(rng, 40, 4, cols, mix, distort)
+    ws = [rng.standard_normal((24, cols)) * s for s in (1.0, 0.3, 3.0)]
+    monkeypatch.setattr(sg, "_FLOAT32_FROM", 16)  # the float32 path with its refinement, on a small layer
+    made: list[tuple[int, float]] = []
+    real = sg._float32_factor
+
+    def counting(g, ridge):
+        made.append((g.shape[0], ridge))
+        return real(g, ridge)
+
+    monkeypatch.setattr(sg, "_float32_factor", counting)
+
+    def stats() -> tuple[list[PairedStats], PairedStats | None]:
+        copies = [f.copy() for f in folds]
+        return (copies[:1], PairedStats.total(copies[1:])) if rest else (copies, None)
+
+    if rest:
+        monkeypatch.setattr(sg, "SELECT_BUDGET", 5 * cols**3 / 6)  # one held-out fold, as a wide layer
+    alone = []
+    for w in ws:
+        f, r = stats()
+        alone.append(sg.asymmetric_cv_2_4(w, f, confirm=confirm, rest=r))
+    separate = len(made)
+    made.clear()
+    f, r = stats()
+    shared = sg.InputFolds(f, r, 0.01, users=len(ws))
+    together = [sg.asymmetric_cv_2_4(w, confirm=confirm, inputs=shared) for w in ws]
+    for (w1, s1, cv1), (w2, s2, cv2) in zip(alone, together, strict=True):
+        assert np.array_equal(w1, w2) and s1 == s2
+        assert cv1.damp == cv2.damp
+        assert np.array_equal(cv1.scores, cv2.scores, equal_nan=True)
+        assert np.array_equal(cv1.pruned_scores, cv2.pruned_scores, equal_nan=True)
+    assert len(made) == len(set(made)) < separate  # each factorisation once
+    assert shared.factors is None and shared.refit_factors is None  # dropped after the last weight
+    with pytest.raises(ValueError, match="not both"):
+        sg.asymmetric_cv_2_4(ws[0], folds, inputs=shared)
+
+
 STARVED_GRID = (0.01, 0.1, 1.0)
 
 

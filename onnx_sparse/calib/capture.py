@@ -17,8 +17,10 @@ sample, memory holds the frontier for the calibration set plus one sample's capt
 and each captured activation is handed to the caller one sample at a time. A frontier larger
 than the memory budget goes to memory-mapped files (:mod:`onnx_sparse.calib.spill`).
 
-The pieces are built from the in-memory model with its current weights (pending values of
-external tensors included), so a model with external data needs no temporary files.
+The pieces are built from the in-memory model with its current weights: tensors still stored
+as the external data they were loaded with are read by onnxruntime from their files (it maps
+them; :func:`model_session`), and only values written since the load are copied in, so a model
+with external data needs neither temporary files nor a second copy of its weights.
 Only the main graph is split; If/Loop/Scan nodes run whole (their outer-scope reads count
 as inputs).
 """
@@ -29,6 +31,7 @@ import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import cast
 
 import numpy as np
@@ -46,6 +49,7 @@ __all__ = [
     "StagedRunner",
     "run_model",
     "inline_model",
+    "model_session",
     "toposort_graph",
     "body_path",
     "body_producers",
@@ -189,7 +193,7 @@ def schedule(
     return Schedule(stages=stages, cyclic=tuple(sorted(cyclic)))
 
 
-def _session(model: onnx.ModelProto, threads: int | None = None):
+def _session(model: onnx.ModelProto, threads: int | None = None, folder: Path | None = None):
     from onnx_sparse import runtime
 
     # Calibration alternates onnxruntime runs with numpy solves in this process: onnxruntime's
@@ -200,6 +204,7 @@ def _session(model: onnx.ModelProto, threads: int | None = None):
         threads=threads,
         spin=False,
         hint="calibration runs the model on CPU with onnxruntime; custom operators must be registered there",
+        external_folder=folder,
     )
 
 
@@ -221,21 +226,71 @@ def _tensor_copy(mf: ModelFile, t: TensorProto, name: str | None = None) -> Tens
     return out
 
 
-def inline_model(mf: ModelFile) -> onnx.ModelProto:
-    """A copy of ``mf.model`` with every tensor's current value inline (for an onnxruntime session)."""
+def inline_model(mf: ModelFile, keep_external: bool = False) -> onnx.ModelProto:
+    """A copy of ``mf.model`` with every tensor's current value inline (for an onnxruntime session).
+
+    ``keep_external``: tensors whose stored external data is still their value keep their
+    references (a copy without the weights, for :func:`model_session`); only values written
+    since the load are copied in.
+    """
     from onnx_sparse.io import iter_tensors
 
     model = onnx.ModelProto()
     model.CopyFrom(mf.model)
     for src, dst in zip(iter_tensors(mf.model), iter_tensors(model), strict=True):
+        if keep_external and id(src) not in mf.pending and src.data_location == TensorProto.EXTERNAL:
+            continue
         if id(src) in mf.pending or src.data_location == TensorProto.EXTERNAL or len(src.external_data):
             dst.CopyFrom(_tensor_copy(mf, src))
     return model
 
 
-def run_model(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]], threads: int | None = None):
-    """Yield the outputs of ``model`` (all graph outputs, by name) for each feed."""
-    sess = _session(model, threads)
+def model_session(mf: ModelFile, model: onnx.ModelProto | None = None, threads: int | None = None):
+    """An onnxruntime session of the whole model on ``mf``'s current weights, without a copy of its
+    external data: onnxruntime maps the data files itself (from ``mf``'s folder), and only values
+    written since the load are given inline.
+
+    ``model``: :func:`inline_model` ``(mf, keep_external=True)`` after the caller's changes (extra
+    outputs); default: that copy as it is. The data files are checked to be the ones checked at
+    load first; if onnxruntime refuses to read them itself (a path form it does not take), their
+    tensors are read in here instead, as before.
+    """
+    from onnx_sparse.io import finalize_inline, iter_tensors, read_tensor, write_tensor
+
+    model = inline_model(mf, keep_external=True) if model is None else model
+    external = [t for t in iter_tensors(model) if t.data_location == TensorProto.EXTERNAL]
+    if not external:
+        return _session(model, threads)
+    for t in external:
+        mf.ref(t)  # the file that was checked at load, unchanged
+    try:
+        return _session(model, threads, folder=mf.base_dir)
+    except OnnxSparseError as exc:
+        logger.debug("onnxruntime did not map the external data itself (%s); reading it in", exc.message)
+    for t in external:
+        write_tensor(t, np.array(read_tensor(t, mf.base_dir, mmap=False, pinned=mf.data_ids)))
+    return _session(finalize_inline(model), threads)
+
+
+def run_model(
+    model: onnx.ModelProto | ModelFile,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    threads: int | None = None,
+    *,
+    source: ModelFile | None = None,
+):
+    """Yield the outputs of ``model`` (all graph outputs, by name) for each feed.
+
+    A :class:`ModelFile` runs on its current weights through :func:`model_session` (no copy of
+    its external data); so does a ModelProto made by :func:`inline_model` ``(source,
+    keep_external=True)`` when ``source`` is given.
+    """
+    if isinstance(model, ModelFile):
+        sess = model_session(model, None, threads)
+    elif source is not None:
+        sess = model_session(source, model, threads)
+    else:
+        sess = _session(model, threads)
     names = [o.name for o in sess.get_outputs()]
     for i, feed in enumerate(feeds):
         yield dict(zip(names, _run(sess, names, feed, i), strict=True))
@@ -406,6 +461,8 @@ class StagedRunner:
         for name in piece.initializers:
             if name in self.extra:
                 g.initializer.append(numpy_helper.from_array(self.extra[name], name))
+            elif self._stored(self.initializers[name]):
+                g.initializer.add().CopyFrom(self.initializers[name])  # onnxruntime maps it: model_session
             else:
                 g.initializer.append(_tensor_copy(self.mf, self.initializers[name]))
         for name in piece.outputs:
@@ -414,6 +471,10 @@ class StagedRunner:
         model.opset_import.extend(src.opset_import)
         model.functions.extend(src.functions)
         return model
+
+    def _stored(self, t: TensorProto) -> bool:
+        """Whether ``t``'s value is still the external data it was loaded with."""
+        return t.data_location == TensorProto.EXTERNAL and id(t) not in self.mf.pending
 
     def constant(self, name: str) -> np.ndarray | None:
         """The value of ``name`` when it is a constant tensor (initializer), else None."""
@@ -435,7 +496,7 @@ class StagedRunner:
         piece = self._plan(targets)
         sess = self._build(piece) if piece.nodes else None
         if sess is not None:
-            sess = _session(sess, self.threads)
+            sess = model_session(self.mf, sess, self.threads)
         self.stats["build_s"] += time.perf_counter() - t0
         self.stats["pieces"] += 1 if piece.nodes else 0
         self.stats["nodes"] += len(piece.nodes)
@@ -471,6 +532,7 @@ class StagedRunner:
                     assert const is not None, t
                     result[t] = const
             yield i, result
+        sess = None  # the piece's session (and its packed weights) goes now, not with the generator
         self.stats["run_s"] += run_s
         self.done.update(id(n) for n in piece.nodes if n.op_type != "Constant")
         later: set[str] = set()
@@ -653,7 +715,7 @@ def iter_body_values(
     enclosing loops merged into its first axis, or None when the sample never reached it (an If
     branch not taken, a loop that ran zero times). ``like``: the model the target nodes belong to,
     when that is a structural copy of ``mf.model`` (the dense model of ``asym``)."""
-    model = inline_model(mf)
+    model = inline_model(mf, keep_external=True)
     paths = []
     for node, value in targets:
         path = body_path(like if like is not None else mf.model, node)
@@ -663,8 +725,9 @@ def iter_body_values(
             path = _same_path(like, mf.model, path)
         paths.append((_same_path(mf.model, model, path), value))
     exposed, outs = expose_body_values(model, paths)
+    del model
     names = [n for n, _ in outs]
-    sess = _session(exposed, threads)
+    sess = model_session(mf, exposed, threads)
     for i, feed in enumerate(feeds):
         values = _run(sess, names, feed, i)
         result: list[np.ndarray | None] = []

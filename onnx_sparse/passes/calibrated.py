@@ -66,7 +66,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnx_sparse.calib.capture import StagedRunner, body_producers, inline_model, run_model, schedule
+from onnx_sparse.calib.capture import StagedRunner, body_producers, run_model, schedule
 from onnx_sparse.calib.data import validate_feeds
 from onnx_sparse.calib.layers import LayerView, Unsupported, layer_view
 from onnx_sparse.calib.spill import Spill
@@ -84,9 +84,8 @@ from onnx_sparse.passes.head import HeadLayer, head_candidates, head_tensors, re
 from onnx_sparse.passes.prune import PrunePass, SiteRecord, apply_site, group_by_tensor, totals
 from onnx_sparse.progress import Progress, line
 from onnx_sparse.prune.bias import bias_shift
-from onnx_sparse.prune.joint import asymmetric_cv_int8
-from onnx_sparse.prune.select import asymmetric_cv_2_4, choose_damp
-from onnx_sparse.prune.sparsegpt import sparsegpt_2_4
+from onnx_sparse.prune.select import InputFolds, asymmetric_cv_2_4, choose_damp
+from onnx_sparse.prune.sparsegpt import InverseFactor, inverse_factor, prune_with_factor, sparsegpt_2_4
 from onnx_sparse.prune.wanda import wanda_2_4
 from onnx_sparse.recipe import DATA_METHODS, DEFAULT_CALIBRATED, DEFAULT_MAX_ROWS, METHODS, Recipe
 
@@ -176,6 +175,37 @@ class LayerFit:
 def _drain(gen: Iterator[Any]) -> None:
     for _ in gen:
         pass
+
+
+def _input_key(g: LayerGroup) -> tuple[Any, ...]:
+    """What makes two groups' statistics the same: the activations their sites read and how the
+    view turns them into rows (groups with equal keys share one :class:`LayerStats`)."""
+    v = g.view
+    assert v is not None
+    return (
+        tuple(s.activation for s in g.sites), v.kind, v.groups, v.cols, v.trans_a,
+        v.kernel_shape, v.strides, v.dilations, v.pads, v.auto_pad,
+    )  # fmt: skip
+
+
+class SharedInput:
+    """What the groups that read one input compute once (:meth:`Calibrator.solve`): the
+    cross-validation folds of ``asym`` (:class:`~onnx_sparse.prune.select.InputFolds`) and
+    SparseGPT's factor, per conv group (and damping). The groups are solved one after the
+    other, each with the very factorisations it would otherwise make itself."""
+
+    def __init__(self, users: int) -> None:
+        self.users = users
+        #: per conv group, the folds the first weight prepared (:meth:`Calibrator._folds`)
+        self.folds: dict[int, InputFolds] = {}
+        self._factors: dict[tuple[int, float], InverseFactor] = {}
+
+    def factor(self, g: int, damp: float, make: Callable[[], InverseFactor]) -> InverseFactor:
+        """SparseGPT's factor of group ``g``'s input at ``damp`` (made by ``make`` the first time)."""
+        key = (g, damp)
+        if key not in self._factors:
+            self._factors[key] = make()
+        return self._factors[key]
 
 
 class Calibrator:
@@ -270,14 +300,20 @@ class Calibrator:
 
     # ---------------------------------------------------------------- solving
 
-    def solve(self, grp: LayerGroup, acc: LayerStats | None, mf: ModelFile, t0: float) -> LayerFit:
-        """The new stored weight of one group from its statistics (magnitude without a view or data)."""
+    def solve(
+        self, grp: LayerGroup, acc: LayerStats | None, mf: ModelFile, t0: float, shared: SharedInput | None = None
+    ) -> LayerFit:
+        """The new stored weight of one group from its statistics (magnitude without a view or data).
+
+        ``shared``: what the groups that read the same input (and so share ``acc``) compute once."""
         if acc is not None:
             acc.flush()
         with blas.single_threaded():
-            return self._solve(grp, acc, mf, t0)
+            return self._solve(grp, acc, mf, t0, shared)
 
-    def _solve(self, grp: LayerGroup, acc: LayerStats | None, mf: ModelFile, t0: float) -> LayerFit:
+    def _solve(
+        self, grp: LayerGroup, acc: LayerStats | None, mf: ModelFile, t0: float, shared: SharedInput | None
+    ) -> LayerFit:
         site = grp.sites[0]
         view = grp.view
         stored = np.array(read_weight(site, mf, mmap=False))
@@ -325,31 +361,32 @@ class Calibrator:
                         assert st.xtx is not None
                         damp = self._cv_damp(w, st.xtx, [(f, rows[g]) for f, rows in acc.raw])
                         chosen = damp if chosen is None else max(chosen, damp)
-                    new_w, info = sparsegpt_2_4(
-                        w, st.hessian(damp=0.0), blocksize=self.blocksize, damp=damp, dead=st.dead, int8=joint,
-                        col_scale=cols,
-                    )  # fmt: skip
+                    if shared is not None:  # one factor for every weight that reads this input
+                        factor = shared.factor(g, damp, lambda st=st, w=w, damp=damp: inverse_factor(
+                            st.hessian(damp=0.0), w.shape[1], damp=damp, dead=st.dead))  # fmt: skip
+                        new_w, info = prune_with_factor(w, factor, self.blocksize, int8=joint, col_scale=cols)
+                    else:
+                        new_w, info = sparsegpt_2_4(
+                            w, st.hessian(damp=0.0), blocksize=self.blocksize, damp=damp, dead=st.dead, int8=joint,
+                            col_scale=cols,
+                        )  # fmt: skip
                     out.append(new_w)
                     if info.scale is not None:
                         scales.append(info.scale)
                     losses.append(info.loss)
                 else:
                     assert acc.paired is not None
-                    slots = acc.paired[g]
-                    held, rest = (slots, None) if len(slots) == acc.held else (slots[: acc.held], slots[acc.held])
-                    n_rows = sum(f.n for f in slots)
-                    folds = [f for f in held if f.n > 0]
-                    if len(folds) >= 2 or (folds and rest is not None and rest.n > 0):
-                        if joint:
-                            new_w, info, cv = asymmetric_cv_int8(
-                                w, folds, blocksize=self.blocksize, damp=self.damp, rest=rest, col_scale=cols
-                            )
-                        else:
-                            new_w, info, cv = asymmetric_cv_2_4(
-                                w, folds, blocksize=self.blocksize, damp=self.damp, rest=rest
-                            )
+                    # the folds prepared once for every weight that reads this input
+                    inputs = self._folds(acc, g, shared)
+                    if inputs is not None:
+                        n_rows = inputs.every.n
+                        new_w, info, cv = asymmetric_cv_2_4(
+                            w, blocksize=self.blocksize, damp=self.damp, inputs=inputs, int8=joint, col_scale=cols
+                        )
                         refit = cv.damp if refit is None else max(refit, cv.damp)
                     else:
+                        slots = acc.paired[g]
+                        n_rows = sum(f.n for f in slots)
                         every = PairedStats.total([f for f in slots if f.n > 0])
                         new_w, info = sparsegpt_2_4(
                             w, every.pp, blocksize=self.blocksize, damp=self.damp, int8=joint, col_scale=cols
@@ -370,6 +407,25 @@ class Calibrator:
             grp, method, stored, new, acc.rows if acc else 0, loss, refit, time.perf_counter() - t0, note, acc, chosen,
             int8_scale,
         )  # fmt: skip
+
+    def _folds(self, acc: LayerStats, g: int, shared: SharedInput | None) -> InputFolds | None:
+        """Group ``g``'s cross-validation folds (from ``shared`` when an earlier weight of the same
+        input made them), or None when there are too few for a cross-validation. The folds take the
+        statistics over (``acc`` lets go of them), so that what the cross-validation no longer
+        needs is freed during the solve (:class:`~onnx_sparse.prune.select.InputFolds`)."""
+        if shared is not None and g in shared.folds:
+            return shared.folds[g]
+        assert acc.paired is not None
+        slots = acc.paired[g]
+        held, rest = (slots, None) if len(slots) == acc.held else (slots[: acc.held], slots[acc.held])
+        folds = [f for f in held if f.n > 0]
+        if not (len(folds) >= 2 or (folds and rest is not None and rest.n > 0)):
+            return None
+        inputs = InputFolds(folds, rest, self.damp, users=shared.users if shared is not None else 1)
+        acc.paired[g] = []
+        if shared is not None:
+            shared.folds[g] = inputs
+        return inputs
 
     def _int8_columns(self, grp: LayerGroup, view: LayerView) -> np.ndarray | None:
         """The per-column scaling the group's weight will be stored with (its input channels' rescaling,
@@ -446,11 +502,18 @@ class Calibrator:
             members = [groups[k] for k in stage]
             targets = [s.activation for g in members for s in g.sites]
             needs_data = self.method in DATA_METHODS or means
-            accs = {
-                g.key: LayerStats(g.key, g.view, len(g.sites), self.method, len(feeds), self.folds, self.max_rows,
-                            self.seed, means) if needs_data and g.view is not None else None
-                for g in members
-            }  # fmt: skip
+            # groups that read the same input the same way (Q, K and V) share one set of statistics
+            accs: dict[int, LayerStats | None] = {}
+            lead: dict[int, int] = {}  # group key -> the key of the first group of its input
+            for g in members:
+                if not needs_data or g.view is None:
+                    accs[g.key] = None
+                    continue
+                first = lead.setdefault(_input_key(g), g.key)
+                lead[g.key] = first
+                accs[g.key] = accs[first] if first != g.key else LayerStats(
+                    g.key, g.view, len(g.sites), self.method, len(feeds), self.folds, self.max_rows, self.seed, means
+                )  # fmt: skip
             if needs_data:
                 t_cap = time.perf_counter()
                 gen = runner.iter_stage(targets)
@@ -460,30 +523,42 @@ class Calibrator:
                     keep = feeds[i][self.row_mask] if self.row_mask is not None else None
                     for g in members:
                         acc = accs[g.key]
-                        if acc is None:
-                            continue
+                        if acc is None or lead[g.key] != g.key:
+                            continue  # no statistics, or the first group of its input gathers them
                         for m, s in enumerate(g.sites):
                             try:
                                 acc.update(m, i, acts[s.activation], dacts[s.activation] if dacts else None, keep)
                             except Unsupported as exc:
-                                g.note = str(exc)
-                                accs[g.key] = None
+                                for h in members:
+                                    if accs[h.key] is acc:
+                                        h.note = str(exc)
+                                        accs[h.key] = None
                                 break
                 if dgen is not None:
                     _drain(dgen)
                 logger.debug("stage of %d tensor(s): capture %.2fs", len(members), time.perf_counter() - t_cap)
+            for acc in {id(a): a for a in accs.values() if a is not None}.values():
+                acc.flush()  # the last products, in blocks side by side
+            # the inputs of a stage are independent: solved side by side, applied in order; the groups
+            # that share an input one after the other, sharing what only depends on the input
+            jobs: dict[int, list[LayerGroup]] = {}
             for g in members:
-                if accs[g.key] is not None:
-                    accs[g.key].flush()  # the last products, in blocks side by side
-            # the groups of a stage are independent: solved side by side, applied in order
-            jobs = [(g, accs[g.key]) for g in members]
-            fits = blas.parallel_map(lambda job: self.solve(job[0], job[1], mf, time.perf_counter()), jobs)
-            for g, fit in zip(members, fits, strict=True):
+                acc = accs[g.key]
+                jobs.setdefault(id(acc) if acc is not None else -1 - g.key, []).append(g)
+
+            def solve_input(grps: list[LayerGroup], accs: dict[int, LayerStats | None] = accs) -> list[LayerFit]:
+                acc = accs[grps[0].key]
+                shared = SharedInput(len(grps)) if acc is not None and len(grps) > 1 else None
+                return [self.solve(g, acc, mf, time.perf_counter(), shared) for g in grps]
+
+            fits = {f.group.key: f for part in blas.parallel_map(solve_input, list(jobs.values())) for f in part}
+            for g in members:
+                fit = fits.pop(g.key)
                 if apply is not None:
                     apply(fit, runner)
                 accs[g.key] = None  # free the statistics
                 yield fit
-            del fits, jobs  # the stage's statistics must not live on through the next capture
+            del fits, jobs, fit  # the stage's statistics must not live on through the next capture
         if tail and all(r.computable(tail) for r in (runner, dense_runner) if r is not None):
             self.last_tail = [values for _, values in runner.iter_stage(tail)]
             if dense_runner is not None:
@@ -677,7 +752,7 @@ class CalibratedPrunePass(Pass):
         # nodes after the last pruned layer run again); asym's dense capture gives the dense outputs
         tail = head_tensors(mf, heads, feeds[0]) if heads else []
         dense_outputs: Sequence[Mapping[str, np.ndarray]] = (
-            list(run_model(inline_model(mf), feeds, self.engine.threads)) if heads and dense is None else []
+            list(run_model(mf, feeds, self.engine.threads)) if heads and dense is None else []
         )
         records: list[SiteRecord] = []
         # Layers that cannot be calibrated are pruned first, so the others see them as final.
@@ -748,7 +823,7 @@ class CalibratedPrunePass(Pass):
                 dense_outputs = (
                     [{k: v[k] for k in outputs} for v in self.engine.last_tail_dense]
                     if self.engine.last_tail_dense
-                    else list(run_model(inline_model(dense), feeds, self.engine.threads))
+                    else list(run_model(dense, feeds, self.engine.threads))
                 )
             self._refit_heads(mf, heads, feeds, dense_outputs, records, self.engine.last_tail or None)
         modified = any(r.groups_changed for r in records) or any(getattr(r, "bias_corrected", False) for r in records)
@@ -790,6 +865,7 @@ class CalibratedPrunePass(Pass):
                 continue
             at = next(i for i, r in enumerate(records) if r.nodes == tuple(s.node for s in layer.sharers))
             old = records[at]
+            assert layer.dense is not None  # copied by the screen
             rec = apply_site(layer.site, layer.sharers, mf, res.new_stored, old.method, original=layer.dense)
             base = {f.name for f in fields(SiteRecord)}
             extra = {f.name: getattr(old, f.name) for f in fields(CalibratedSiteRecord) if f.name not in base}

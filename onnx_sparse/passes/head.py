@@ -59,12 +59,13 @@ _STOP = {"MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "QLinearMat
 
 @dataclass
 class HeadLayer:
-    """A candidate head: its (only) site, its view, and the dense stored weight."""
+    """A candidate head: its (only) site, its view, and the dense stored weight (a copy, made
+    only for the candidates :func:`softmax_heads` keeps: before any weight is rewritten)."""
 
     site: WeightSite
     sharers: list[WeightSite]
     view: LayerView
-    dense: np.ndarray
+    dense: np.ndarray | None = None
 
 
 def _reaches_output(readers: Mapping[str, list[onnx.NodeProto]], outputs: set[str], start: str) -> bool:
@@ -100,7 +101,7 @@ def head_candidates(mf: ModelFile, groups: Sequence[tuple[Sequence[WeightSite], 
         node = site.node_proto
         if node is None or not _reaches_output(readers, outputs, node.output[0]):
             continue
-        out.append(HeadLayer(site, list(sites), view, np.array(read_weight(site, mf, mmap=False))))
+        out.append(HeadLayer(site, list(sites), view))
     return out
 
 
@@ -215,7 +216,10 @@ def softmax_heads(
     runner = StagedRunner(mf, [feed], threads=threads)
     logits, outs = _run_heads(mf, layers, runner, [feed], threads)
     graph_outputs = [o.name for o in mf.model.graph.output]
-    return [layer for layer in layers if _softmax_of(layer, logits[id(layer)], outs, graph_outputs, row_mask)]
+    heads = [layer for layer in layers if _softmax_of(layer, logits[id(layer)], outs, graph_outputs, row_mask)]
+    for layer in heads:  # what the refit starts from and the record compares with
+        layer.dense = np.array(read_weight(layer.site, mf, mmap=False))
+    return heads
 
 
 def head_tensors(mf: ModelFile, layers: Sequence[HeadLayer], feed: Mapping[str, np.ndarray]) -> list[str]:
@@ -249,10 +253,10 @@ def _run_heads(
     head's input and logits (and the feed itself: a head may read a graph input directly)."""
     logits = _logits_names(runner, mf, layers)
     graph_outputs = [o.name for o in mf.model.graph.output]
-    model = inline_model(mf)
+    model = inline_model(mf, keep_external=True)  # onnxruntime maps the external data itself
     extra = [n for n in _head_tensors(mf, layers, logits, feeds[0]) if n not in graph_outputs]
     model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in extra)
-    outs = [{**feed, **out} for feed, out in zip(feeds, run_model(model, feeds, threads), strict=True)]
+    outs = [{**feed, **out} for feed, out in zip(feeds, run_model(model, feeds, threads, source=mf), strict=True)]
     return logits, outs
 
 

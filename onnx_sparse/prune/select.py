@@ -24,6 +24,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -32,6 +33,7 @@ import scipy.linalg
 from onnx_sparse.core import blas
 from onnx_sparse.core.hessian import PairedStats
 from onnx_sparse.prune.sparsegpt import (
+    InverseFactor,
     SparseGPTStats,
     _check_square,
     _check_weight,
@@ -44,6 +46,8 @@ from onnx_sparse.prune.sparsegpt import (
 
 __all__ = [
     "RefitCV",
+    "InputFolds",
+    "OVERLAP_COLS",
     "DEFAULT_REFIT_GRID",
     "SELECT_ROWS",
     "SELECT_BUDGET",
@@ -91,30 +95,64 @@ _REFINE_TOL = 1e-3
 _FLOAT32_FROM = 1024
 
 
-def _ridge_solve_scored(g: np.ndarray, rhs: np.ndarray, ridge: float) -> np.ndarray:
+def _float32_factor(g: np.ndarray, ridge: float) -> Any:
+    """The float32 Cholesky factorisation of ``g + ridge I`` (None: float32 cannot factorise it)."""
+    a = g.astype(np.float32)
+    a.flat[:: g.shape[0] + 1] += np.float32(ridge)
+    try:
+        return scipy.linalg.cho_factor(a.T, check_finite=False, overwrite_a=True)
+    except np.linalg.LinAlgError:
+        return None
+
+
+def _ridge_solve_scored(
+    g: np.ndarray, rhs: np.ndarray, ridge: float, factors: dict[tuple[str, float], Any] | None = None
+) -> np.ndarray:
     """``(g + ridge I)^{-1} rhs`` for scoring a candidate (``ridge > 0``): the Cholesky
     factorisation in float32 (about 1.6x faster), then one step of iterative refinement against
     the float64 matrix, which brings the error from ``eps32 * cond`` to about its square; when
     that step is not small (or float32 cannot factorise the matrix), plain float64.
 
     Only the cross-validation scores use it: the weights come from :func:`_ridge_solve`.
+    ``factors``: the factorisations of ``g + ridge I`` made so far, shared by the weights that
+    read the same input (the same factorisation, so the same numbers, as when each makes its own).
     """
+    f64: dict[float, Any] | None = None
+    if factors is not None:
+        f64 = {r: f for (kind, r), f in factors.items() if kind == "64"}
     if g.shape[0] < _FLOAT32_FROM:
-        return _ridge_solve(g, rhs, ridge)
-    a = g.astype(np.float32)
-    a.flat[:: g.shape[0] + 1] += np.float32(ridge)
-    try:
-        factor = scipy.linalg.cho_factor(a.T, check_finite=False, overwrite_a=True)
-    except np.linalg.LinAlgError:
-        return _ridge_solve(g, rhs, ridge)
+        return _solve64(g, rhs, ridge, factors, f64)
+    key = ("32", ridge)
+    if factors is not None and key in factors:
+        factor = factors[key]
+    else:
+        factor = _float32_factor(g, ridge)
+        if factors is not None:
+            factors[key] = factor
+    if factor is None:
+        return _solve64(g, rhs, ridge, factors, f64)
     x = scipy.linalg.cho_solve(factor, rhs.astype(np.float32), check_finite=False).astype(np.float64)
     resid = rhs - g @ x - ridge * x
     step = scipy.linalg.cho_solve(factor, resid.astype(np.float32), check_finite=False)
     size = float(np.linalg.norm(step)) / max(float(np.linalg.norm(x)), 1e-300)
     if not np.isfinite(size) or size > _REFINE_TOL:
-        return _ridge_solve(g, rhs, ridge)
+        return _solve64(g, rhs, ridge, factors, f64)
     x += step
     return x
+
+
+def _solve64(
+    g: np.ndarray,
+    rhs: np.ndarray,
+    ridge: float,
+    factors: dict[tuple[str, float], Any] | None,
+    f64: dict[float, Any] | None,
+) -> np.ndarray:
+    """:func:`_ridge_solve` in float64, its factorisation kept in ``factors`` (as ``("64", ridge)``)."""
+    out = _ridge_solve(g, rhs, ridge, f64)
+    if factors is not None and f64 is not None and ridge in f64:
+        factors[("64", ridge)] = f64[ridge]
+    return out
 
 
 #: Output rows (rows of ``W``) that :func:`ridge_cv_scores` scores by default: the held-out
@@ -148,6 +186,105 @@ def _check_folds(used: Sequence[PairedStats], total: PairedStats | None) -> None
         raise ValueError("cross-validation needs a fold with rows and rows outside each fold")
 
 
+#: Up to this many input columns, SparseGPT's factor of ``pp`` is made in the background while the
+#: refit damping is chosen (:func:`asymmetric_cv_2_4`); a wider layer makes it after the choice, so
+#: that its copy of ``H`` (``cols^2`` float64: 0.5 GB at 8,192) is not held together with the
+#: cross-validation's matrices. (The choice keeps both cores busy on such a layer anyway.)
+OVERLAP_COLS = 4096
+
+
+class InputFolds:
+    """One input's cross-validation folds, prepared once for every weight that reads it.
+
+    Layers that read the same tensor (Q, K and V; gate and up) have the same paired statistics,
+    so the same total, the same training Gram matrix per held-out fold and the same
+    factorisations of it per candidate damping, and the same SparseGPT factor: this holds
+    them, so that each is computed once while each weight's own work (its right-hand sides,
+    its scores, its damping, its column walk) stays its own. What is shared is the very
+    computation each weight would make, so the results are the same bits as without sharing.
+
+    Args:
+        folds: Per-fold statistics (folds with no rows are ignored).
+        rest: The rows of folds that are never held out, in one sum (see
+            :func:`asymmetric_cv_2_4`); it is **consumed**: the total is added into it in place.
+        damp: SparseGPT's relative damping (its factor of the total ``pp`` is made in the
+            background while the first weight's damping is chosen).
+        users: How many weights will use this; the cross-validation's matrices are dropped
+            after the last one's choice, and factorisations are kept only when more than one
+            weight will use them (one weight alone needs each only once).
+    """
+
+    def __init__(self, folds: Sequence[PairedStats], rest: PairedStats | None, damp: float, users: int = 1) -> None:
+        used = [f for f in folds if f.n > 0]
+        if rest is None:
+            every = PairedStats.total(used)
+        else:
+            every = rest
+            for f in used:
+                every.add_(f)
+        self.used = used
+        self.every = every
+        self.budgeted = rest is None  # the folds' budget applies when every fold is kept apart
+        self.damp = damp
+        self.users = users
+        self._left = users
+        self._unprepared = users
+        self._factor: blas.Background[InverseFactor] | None = None
+        self._grams: dict[int, Array] = {}
+        self.factors: dict[int, dict[tuple[str, float], Any]] | None = {} if users > 1 else None
+        self.refit_factors: dict[float, Any] | None = {} if users > 1 else None
+        self.fold_factors: dict[int, InverseFactor] | None = {} if users > 1 else None
+
+    def train_gram(self, k: int, held: PairedStats) -> Array:
+        """``pp`` of every row but held-out fold ``k``'s (kept for the other weights when shared)."""
+        g = self._grams.get(k)
+        if g is None:
+            g = self.every.pp - held.pp
+            if self.users > 1:
+                self._grams[k] = g
+        return g
+
+    def prepared(self, keep: bool) -> None:
+        """One weight has prepared its folds: after the last, unless ``keep`` (the pruned scores of
+        ``confirm`` read the whole folds), the folds' own statistics are let go (each held-out fold's
+        ``pp`` stays with the preparations; its ``pq`` is no longer needed: half of them)."""
+        self._unprepared -= 1
+        if not keep and self._unprepared <= 0:
+            self.used.clear()  # in place: the callers' references to this list see it empty too
+
+    def fold_factors_of(self, k: int) -> dict[tuple[str, float], Any] | None:
+        """The ridge factorisations of fold ``k``'s training Gram matrix made so far (None: not kept)."""
+        if self.factors is None:
+            return None
+        return self.factors.setdefault(k, {})
+
+    def start(self) -> None:
+        """Start SparseGPT's factor of the total ``pp`` in the background (it depends on ``pp``
+        only, not on the refit: it is made while the damping is chosen). Needs a
+        :func:`~onnx_sparse.core.blas.single_threaded` block around the caller."""
+        if self._factor is None:
+            self._factor = blas.Background(inverse_factor, self.every.pp, self.every.cols, self.damp)
+
+    def factor(self) -> InverseFactor:
+        """SparseGPT's factor of the total ``pp``."""
+        self.start()
+        assert self._factor is not None
+        return self._factor.result()
+
+    def chose(self) -> None:
+        """One weight's damping is chosen: after the last, the cross-validation's matrices go."""
+        self._left -= 1
+        if self._left <= 0:
+            self._grams.clear()
+            self.factors = None
+            self.fold_factors = None
+
+    def done(self) -> None:
+        """One weight is finished: after the last, the refit's factorisations go too."""
+        if self._left <= 0:
+            self.refit_factors = None
+
+
 class _FoldCV:
     """One weight's cross-validation over folds of paired statistics: the folds prepared once,
     scored by the dense refit (:meth:`ridge`) and, for a shortlist, by the pruned refit
@@ -171,7 +308,10 @@ class _FoldCV:
         seed: int,
         held_out: int | None,
         total: PairedStats | None,
+        inputs: InputFolds | None = None,
+        keep_folds: bool = True,
     ) -> None:
+        self.inputs = inputs
         a = np.asarray(w, dtype=np.float64)
         self.factor = 1.0
         if rows is not None and rows < a.shape[0]:
@@ -184,19 +324,22 @@ class _FoldCV:
         tested = list(used) if held_out is None else list(used[: max(1, held_out)])
         every_r = every.pq @ at
 
-        def prepare(held: PairedStats) -> tuple[PairedStats, Array, Array, Array, float, float]:
-            g = every.pp - held.pp
+        def prepare(k: int) -> tuple[Array, Array, Array, Array, float, float]:
+            held = tested[k]
+            g = every.pp - held.pp if inputs is None else inputs.train_gram(k, held)
             hq = held.pq @ at
             r = every_r - hq  # the right-hand side (C - G) W^T
             e = -hq  # (P - Pd) W^T
             base = float(np.einsum("ij,ij->", -(held.pp @ at) - 2.0 * hq, at))
             # r = 0 (the layer sees the same input in both models, e.g. the first layer): W' = W
             scale = float(np.mean(np.diag(g))) if np.any(r) else 0.0
-            return held, g, r, e, base, scale
+            return held.pp, g, r, e, base, scale
 
         # folds are independent: prepared and scored side by side
-        self.prepared = blas.parallel_map(prepare, tested)
+        self.prepared = blas.parallel_map(prepare, range(len(tested)))
         self.n_rows = sum(f.n for f in tested)
+        # the dense scores need each held-out fold's pp only; the pruned ones (pruned()) the whole fold
+        self.tested = tested if keep_folds else None
         self._solves: dict[tuple[int, float], Array | None] = {}
 
     def _solve(self, k: int, lam: float) -> Array | None:
@@ -205,7 +348,11 @@ class _FoldCV:
         key = (k, lam)
         if key not in self._solves:
             _, g, r, _, _, scale = self.prepared[k]
-            self._solves[key] = None if math.isinf(lam) or scale <= 0 else _ridge_solve_scored(g, r, lam * scale)
+            if math.isinf(lam) or scale <= 0:
+                self._solves[key] = None
+            else:
+                shared = self.inputs.fold_factors_of(k) if self.inputs is not None else None
+                self._solves[key] = _ridge_solve_scored(g, r, lam * scale, shared)
         return self._solves[key]
 
     def _per_fold(self, fn: Callable[[int, float], float], lams: Sequence[float]) -> list[float]:
@@ -217,14 +364,14 @@ class _FoldCV:
         """Held-out error of the dense refit per damping (``inf`` for a failed factorisation)."""
 
         def score(k: int, lam: float) -> float:
-            held, _, _, e, base, _ = self.prepared[k]
+            held_pp, _, _, e, base, _ = self.prepared[k]
             try:
                 d = self._solve(k, lam)
             except np.linalg.LinAlgError:
                 return math.inf
             if d is None:
                 return base
-            return base + 2.0 * float(np.einsum("ij,ij->", d, e)) + float(np.einsum("ij,ij->", held.pp @ d, d))
+            return base + 2.0 * float(np.einsum("ij,ij->", d, e)) + float(np.einsum("ij,ij->", held_pp @ d, d))
 
         return self._per_fold(score, lams)
 
@@ -233,10 +380,22 @@ class _FoldCV:
         same rows and folds as :meth:`ridge`, SparseGPT's factor of each fold's ``G`` shared by
         the candidates."""
         cols = self.a.shape[1]
-        factors = blas.parallel_map(lambda p: inverse_factor(p[1], cols, damp=damp), self.prepared)
+        tested = self.tested
+        assert tested is not None, "made without its folds (keep_folds=False)"
+        kept = self.inputs.fold_factors if self.inputs is not None else None
+
+        def fold_factor(k: int) -> InverseFactor:
+            if kept is not None and k in kept and kept[k].damp == damp:
+                return kept[k]
+            f = inverse_factor(self.prepared[k][1], cols, damp=damp)
+            if kept is not None:
+                kept[k] = f
+            return f
+
+        factors = blas.parallel_map(fold_factor, range(len(self.prepared)))
 
         def score(k: int, lam: float) -> float:
-            held = self.prepared[k][0]
+            held = tested[k]
             try:
                 d = self._solve(k, lam)
             except np.linalg.LinAlgError:
@@ -350,6 +509,7 @@ def choose_refit_damp(
     budget: float | None = SELECT_BUDGET,
     total: PairedStats | None = None,
     seed: int = 0,
+    inputs: InputFolds | None = None,
 ) -> RefitCV:
     """Choose the refit ridge damping by K-fold cross-validation.
 
@@ -380,6 +540,9 @@ def choose_refit_damp(
             within this (at least one fold; None: every fold).
         total: The statistics of every row, when the caller has them (see :func:`ridge_cv_scores`).
         seed: Seed of the row subset.
+        inputs: The folds prepared for every weight that reads the same input (``folds`` and
+            ``total`` are then its ``used`` and ``every``): their Gram matrices and
+            factorisations are made once (:class:`InputFolds`).
 
     Returns:
         The chosen damping with every candidate's scores.
@@ -391,7 +554,11 @@ def choose_refit_damp(
     if confirm < 0:
         raise ValueError(f"confirm must be non-negative, got {confirm}")
     held = None if budget is None else held_out_folds(np.shape(w)[1], len(used), budget)
-    cv = _FoldCV(w, used, rows, seed, held, total)
+    cv = _FoldCV(w, used, rows, seed, held, total, inputs, keep_folds=bool(confirm) or inputs is None)
+    n_folds = len(used)
+    if inputs is not None:
+        del used
+        inputs.prepared(keep=bool(confirm))  # the folds' own statistics may go once every weight is prepared
     scores = _ridge_scores(cv, grid, unimodal and confirm < len(grid))
     best = _best(grid, scores)
     pruned = [math.nan] * len(grid)
@@ -403,7 +570,7 @@ def choose_refit_damp(
         best = _best(grid, pruned)
     logger.debug(
         "refit damping by %d-fold CV: %s, pruned %s -> %g",
-        len(used), dict(zip(grid, scores, strict=True)), dict(zip(grid, pruned, strict=True)), grid[best],
+        n_folds, dict(zip(grid, scores, strict=True)), dict(zip(grid, pruned, strict=True)), grid[best],
     )  # fmt: skip
     return RefitCV(
         damp=float(grid[best]),
@@ -416,12 +583,15 @@ def choose_refit_damp(
 @blas.deterministic
 def asymmetric_cv_2_4(
     w: Array,
-    folds: Sequence[PairedStats],
+    folds: Sequence[PairedStats] = (),
     grid: Sequence[float] = DEFAULT_REFIT_GRID,
     confirm: int = 0,
     blocksize: int = 128,
     damp: float = 0.01,
     rest: PairedStats | None = None,
+    inputs: InputFolds | None = None,
+    int8: bool = False,
+    col_scale: Array | None = None,
 ) -> tuple[Array, SparseGPTStats, RefitCV]:
     """Asymmetric SparseGPT with the refit damping chosen by :func:`choose_refit_damp`.
 
@@ -432,26 +602,42 @@ def asymmetric_cv_2_4(
         rest: The rows of folds that are never held out, in one sum (``folds`` are then the
             ones held out in turn, e.g. :func:`held_out_folds` of them): four matrices
             instead of two per fold. It is **consumed**: the total is added into it in place.
+        inputs: ``folds`` and ``rest`` prepared once for every weight that reads the same
+            input (:class:`InputFolds`, made with the same ``damp``); ``folds`` and ``rest``
+            are then not given.
+        int8: SparseGPT's joint INT8 walk, ``col_scale`` its per-column grids
+            (:func:`~onnx_sparse.prune.sparsegpt.prune_with_factor`).
 
     Returns:
         ``(new weight in w's dtype, SparseGPT stats, cross-validation outcome)``.
     """
     _check_weight(w)
-    used = [f for f in folds if f.n > 0]
-    if rest is None:
-        every = PairedStats.total(used)
-    else:
-        every = rest
-        for f in used:
-            every.add_(f)
-    # SparseGPT's factor depends on pp only, not on the refit: computed while the damping is chosen
-    factor = blas.Background(inverse_factor, every.pp, w.shape[1], damp)
-    cv = choose_refit_damp(
-        w, used, grid, confirm=confirm, blocksize=blocksize, damp=damp, total=every,
-        budget=SELECT_BUDGET if rest is None else None,
-    )  # fmt: skip
-    refit = _refit(w.astype(np.float64), every.pp, every.pq, cv.damp)
-    out, stats = prune_with_factor(refit, factor.result(), blocksize)
+    if inputs is None:
+        inputs = InputFolds(folds, rest, damp)
+    elif folds or rest is not None:
+        raise ValueError("pass either inputs or folds and rest, not both")
+    if inputs.damp != damp:
+        raise ValueError(f"the inputs' SparseGPT factor is for damping {inputs.damp}, not {damp}")
+    every = inputs.every
+    # SparseGPT's factor (a copy of H) is made while the damping is chosen, except on a layer so wide
+    # that it would be held together with the cross-validation's matrices: then after the choice
+    overlap = every.cols <= OVERLAP_COLS
+    if overlap:
+        inputs.start()
+    try:
+        cv = choose_refit_damp(
+            w, inputs.used, grid, confirm=confirm, blocksize=blocksize, damp=damp, total=every,
+            budget=SELECT_BUDGET if inputs.budgeted else None, inputs=inputs,
+        )  # fmt: skip
+    finally:
+        inputs.chose()
+    if not overlap:
+        inputs.start()
+    try:
+        refit = _refit(w.astype(np.float64), every.pp, every.pq, cv.damp, inputs.refit_factors)
+    finally:
+        inputs.done()
+    out, stats = prune_with_factor(refit, inputs.factor(), blocksize, int8=int8, col_scale=col_scale)
     return out.astype(w.dtype), stats, cv
 
 

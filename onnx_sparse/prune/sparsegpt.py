@@ -44,6 +44,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -444,8 +445,11 @@ def asymmetric_refit(w: Array, pp: npt.ArrayLike, pd: npt.ArrayLike, damp: float
     return _refit(w.astype(np.float64), g, c - g, damp)
 
 
-def _refit(w64: Array, pp: Array, pq: Array, damp: float) -> Array:
-    """:func:`asymmetric_refit` from ``pp`` and ``pq = pd - pp`` (``Xp^T (Xd - Xp)``)."""
+def _refit(w64: Array, pp: Array, pq: Array, damp: float, factors: dict[float, Any] | None = None) -> Array:
+    """:func:`asymmetric_refit` from ``pp`` and ``pq = pd - pp`` (``Xp^T (Xd - Xp)``).
+
+    ``factors``: factorisations of ``pp + ridge I`` by ridge, kept for the weights that read the
+    same input (:func:`_ridge_solve`)."""
     scale = float(np.mean(np.diag(pp)))
     if math.isinf(damp) or scale <= 0:
         return w64
@@ -454,7 +458,7 @@ def _refit(w64: Array, pp: Array, pq: Array, damp: float) -> Array:
     rhs = _in_pieces(lambda r: pq @ w64[r].T, w64.shape[0])
     if not np.any(rhs):  # the same input in both models: nothing to refit
         return w64
-    return w64 + _ridge_solve(pp, rhs, damp * scale).T
+    return w64 + _ridge_solve(pp, rhs, damp * scale, factors).T
 
 
 #: Rows (or right-hand sides) per independent piece of a solve that is split across workers.
@@ -477,17 +481,27 @@ def _in_pieces(fn: Callable[[slice], Array], n: int) -> Array:
     return np.concatenate(blas.parallel_map(fn, pieces), axis=1)
 
 
-def _ridge_solve(g: np.ndarray, rhs: np.ndarray, ridge: float) -> np.ndarray:
-    """``(g + ridge I)^{-1} rhs`` by Cholesky; ``ridge == 0``: the minimum-norm least-squares solution.
-
-    One factorisation; many right-hand sides are solved in fixed pieces side by side.
-    """
-    if ridge == 0:
-        return np.linalg.lstsq(g, rhs, rcond=None)[0]
+def _ridge_factor(g: np.ndarray, ridge: float) -> Any:
+    """The Cholesky factorisation of ``g + ridge I`` (``ridge > 0``) for :func:`_ridge_solve`."""
     a = g.copy()
     a.flat[:: g.shape[0] + 1] += ridge
     # a is symmetric: its Fortran view a.T is the same matrix, factorised in place (no copy)
-    factor = scipy.linalg.cho_factor(a.T, check_finite=False, overwrite_a=True)
+    return scipy.linalg.cho_factor(a.T, check_finite=False, overwrite_a=True)
+
+
+def _ridge_solve(g: np.ndarray, rhs: np.ndarray, ridge: float, factors: dict[float, Any] | None = None) -> np.ndarray:
+    """``(g + ridge I)^{-1} rhs`` by Cholesky; ``ridge == 0``: the minimum-norm least-squares solution.
+
+    One factorisation (taken from, or kept in, ``factors`` by ridge when given: weights that read
+    the same input share it); many right-hand sides are solved in fixed pieces side by side.
+    """
+    if ridge == 0:
+        return np.linalg.lstsq(g, rhs, rcond=None)[0]
+    factor = factors.get(ridge) if factors is not None else None
+    if factor is None:
+        factor = _ridge_factor(g, ridge)
+        if factors is not None:
+            factors[ridge] = factor
     return _in_pieces(lambda c: scipy.linalg.cho_solve(factor, rhs[:, c], check_finite=False), rhs.shape[1])
 
 
