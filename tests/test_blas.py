@@ -147,6 +147,25 @@ def test_add_gram_is_the_product_and_the_same_for_any_number_of_workers(monkeypa
         assert np.array_equal(got["1"], got["1"].T)
 
 
+@pytest.mark.parametrize(("n", "p"), [(5000, 27), (300, 64), (700, 768)])
+def test_add_gram_minus_a_is_the_product_with_the_difference_to_the_bit(monkeypatch, n, p) -> None:
+    """``minus_a`` takes ``b - a`` piece by piece in the workers of a narrow product (once for a
+    wide one): exactly the sums of the product with the difference made first, on any number of
+    workers."""
+    rng = np.random.default_rng(n)
+    a = rng.standard_normal((n, p)).astype(np.float32)
+    b = (a + 0.1 * rng.standard_normal((n, p))).astype(np.float32)
+    want = np.full((p, p), 0.25)
+    blas.add_gram(want, a, b - a)
+    for threads in ("1", "3"):
+        monkeypatch.setenv("ONNX_SPARSE_SOLVE_THREADS", threads)
+        acc = np.full((p, p), 0.25)
+        blas.add_gram(acc, a, b, minus_a=True)
+        assert np.array_equal(acc, want), threads
+    with pytest.raises(ValueError, match="minus_a"):
+        blas.add_gram(np.zeros((p, p)), a, None, minus_a=True)
+
+
 def test_add_gram_checks_shapes() -> None:
     with pytest.raises(ValueError, match="do not fit"):
         blas.add_gram(np.zeros((3, 3)), np.zeros((5, 3)), np.zeros((4, 3)))

@@ -17,6 +17,7 @@ from onnx_sparse.core.hessian import (
     conv_output_shape,
     conv_weight_to_matrix,
     im2col,
+    im2col_rows,
     iter_im2col,
     matrix_to_conv_weight,
 )
@@ -141,6 +142,57 @@ def test_iter_im2col_chunks_concatenate_to_im2col(chunk_rows):
     line = conv_output_shape(x.shape[2:], *args[:4])[1]
     if chunk_rows is not None and chunk_rows >= line:
         assert all(c[0].shape[0] <= chunk_rows for c in chunks)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 2),
+    group=st.sampled_from([1, 2]),
+    k=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    s=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    d=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    p=st.tuples(st.integers(0, 2), st.integers(0, 2), st.integers(0, 2), st.integers(0, 2)),
+    share=st.floats(0.0, 1.0),
+    chunk=st.sampled_from([None, 1, 3, 50]),
+    seed=st.integers(0, 100),
+)
+def test_im2col_rows_are_those_rows_of_im2col(n, group, k, s, d, p, share, chunk, seed):
+    rng = np.random.default_rng(seed)
+    hw = tuple(d[i] * (k[i] - 1) + 1 + 3 for i in range(2))
+    x = rng.standard_normal((n, 2 * group) + hw).astype(np.float32)
+    full = im2col(x, k, s, p, d, group)
+    total = full[0].shape[0]
+    rows = np.sort(rng.choice(total, size=int(share * total), replace=False))
+    chunks = list(im2col_rows(x, k, rows, s, p, d, group, chunk))
+    if not rows.size:
+        assert chunks == []
+        return
+    # the chunks of iter_im2col, each holding its selected rows (the chunking decides how the
+    # statistics batch their rows, so it must not change with the path)
+    want, offset = [], 0
+    for c in iter_im2col(x, k, s, p, d, group, chunk):
+        n = c[0].shape[0]
+        local = rows[(rows >= offset) & (rows < offset + n)] - offset
+        if local.size:
+            want.append([m[local] for m in c])
+        offset += n
+    assert len(chunks) == len(want)
+    for got, ref in zip(chunks, want, strict=True):
+        assert all(a.dtype == x.dtype and np.array_equal(a, b) for a, b in zip(got, ref, strict=True))
+    for g in range(group):
+        assert np.array_equal(np.concatenate([c[g] for c in chunks]), full[g][rows])
+
+
+def test_im2col_rows_one_and_three_spatial_axes():
+    rng = np.random.default_rng(4)
+    for shape, k in (((2, 3, 9), (3,)), ((1, 2, 4, 5, 6), (2, 3, 2))):
+        x = rng.standard_normal(shape)
+        full = im2col(x, k, pads=(1,) * (2 * len(k)))
+        rows = np.arange(0, full[0].shape[0], 3)
+        (got,) = [np.concatenate(c) for c in zip(*im2col_rows(x, k, rows, pads=(1,) * (2 * len(k))), strict=True)]
+        assert np.array_equal(got, full[0][rows])
+    with pytest.raises(ValueError, match="row indices"):
+        list(im2col_rows(rng.standard_normal((1, 2, 3, 3)), (1, 1), [9]))
 
 
 def test_im2col_rejects_bad_arguments():

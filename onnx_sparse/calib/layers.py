@@ -45,7 +45,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_sparse.core import nm
-from onnx_sparse.core.hessian import conv_output_shape, conv_weight_to_matrix, iter_im2col
+from onnx_sparse.core.hessian import conv_output_shape, conv_weight_to_matrix, im2col_rows, iter_im2col
 from onnx_sparse.graph.locate import LOOK_THROUGH, WeightSite
 from onnx_sparse.io import ModelFile
 
@@ -224,10 +224,15 @@ class LayerView:
         sel = _row_subset(self.n_rows(x), rng, max_rows)
         width = math.prod(self.kernel_shape) * (self.cols // math.prod(self.kernel_shape)) * self.groups
         chunk_rows = max(1, CHUNK_BYTES // (8 * width))
+        pads = self.conv_pads(x.shape[2:])
+        if sel is not None and math.prod(self.kernel_shape) > 1:
+            # a subsample of a large map: gather just its rows (the same values, in the same order)
+            yield from im2col_rows(
+                x, self.kernel_shape, sel, self.strides, pads, self.dilations, self.groups, chunk_rows
+            )
+            return
         offset = 0
-        for chunk in iter_im2col(
-            x, self.kernel_shape, self.strides, self.conv_pads(x.shape[2:]), self.dilations, self.groups, chunk_rows
-        ):
+        for chunk in iter_im2col(x, self.kernel_shape, self.strides, pads, self.dilations, self.groups, chunk_rows):
             n = chunk[0].shape[0]
             if sel is None:
                 yield chunk

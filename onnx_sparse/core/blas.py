@@ -216,8 +216,15 @@ def _bounds(n: int, step: int) -> list[tuple[int, int]]:
 
 
 @deterministic
-def add_gram(acc: npt.NDArray[np.float64], a: npt.NDArray, b: npt.NDArray | None = None, scale: float = 1.0) -> None:
-    """``acc += scale * a^T b`` (``b`` None: ``a^T a``), in pieces side by side.
+def add_gram(
+    acc: npt.NDArray[np.float64],
+    a: npt.NDArray,
+    b: npt.NDArray | None = None,
+    scale: float = 1.0,
+    *,
+    minus_a: bool = False,
+) -> None:
+    """``acc += scale * a^T b`` (``b`` None: ``a^T a``; ``minus_a``: ``a^T (b - a)``), in pieces side by side.
 
     The pieces depend on the shapes only, so the sum is the same on any machine and any number
     of workers: a product with :data:`GRAM_WIDE` columns or more is split into output blocks of
@@ -231,8 +238,12 @@ def add_gram(acc: npt.NDArray[np.float64], a: npt.NDArray, b: npt.NDArray | None
         a: Rows ``[n, p]``.
         b: Rows ``[n, q]`` paired with ``a``'s, or None for ``a`` itself.
         scale: Multiplies the product.
+        minus_a: Multiply by ``b - a`` (``q == p``): a narrow product takes the difference piece by
+            piece in its workers (the same values as one difference of the whole, made side by side).
     """
     sym = b is None
+    if minus_a and (b is None or b.shape != a.shape):
+        raise ValueError("add_gram: minus_a needs b of a's shape")
     bb = a if b is None else b
     n, p = a.shape
     q = bb.shape[1]
@@ -248,6 +259,8 @@ def add_gram(acc: npt.NDArray[np.float64], a: npt.NDArray, b: npt.NDArray | None
             target += scale * part.astype(np.float64, copy=False)
 
     if min(p, q) >= GRAM_WIDE:
+        if minus_a:
+            bb = bb - a  # every output block reads it: one difference of the whole
         rows_p, rows_q = _bounds(p, GRAM_BLOCK), _bounds(q, GRAM_BLOCK)
         blocks = [(i, j) for i in range(len(rows_p)) for j in range(len(rows_q)) if not sym or j >= i]
 
@@ -263,12 +276,15 @@ def add_gram(acc: npt.NDArray[np.float64], a: npt.NDArray, b: npt.NDArray | None
         return
     pieces = _bounds(n, max(GRAM_ROWS, -(-n // GRAM_PIECES)))
     if len(pieces) == 1:
-        add(acc, a.T @ bb if not sym else a.T @ a)
+        add(acc, a.T @ a if sym else a.T @ (bb - a if minus_a else bb))
         return
 
     def piece(r: tuple[int, int]) -> npt.NDArray:
         x = a[r[0] : r[1]]
-        return x.T @ x if sym else x.T @ bb[r[0] : r[1]]
+        if sym:
+            return x.T @ x
+        y = bb[r[0] : r[1]]
+        return x.T @ (y - x if minus_a else y)
 
     for part in parallel_map(piece, pieces):  # added in the pieces' order
         add(acc, part)

@@ -49,6 +49,7 @@ __all__ = [
     "PairedStats",
     "im2col",
     "iter_im2col",
+    "im2col_rows",
     "conv_output_shape",
     "conv_weight_to_matrix",
     "matrix_to_conv_weight",
@@ -304,7 +305,7 @@ class PairedStats:
             xp, xd = xp[idx], xd[idx]
         self.n += n
         blas.add_gram(self.pp, xp, None, scale)
-        blas.add_gram(self.pq, xp, xd - xp, scale)
+        blas.add_gram(self.pq, xp, xd, scale, minus_a=True)  # xd - xp, taken piece by piece
         if self.dd is not None:
             blas.add_gram(self.dd, xd, None, scale)
 
@@ -467,6 +468,67 @@ def iter_im2col(
             rows = stack.reshape(-1, len(offsets), channels)
             width_g = len(offsets) * cg
             yield [rows[:, :, g * cg : (g + 1) * cg].reshape(rows.shape[0], width_g) for g in range(group)]
+
+
+def im2col_rows(
+    x: npt.ArrayLike,
+    kernel_shape: Sequence[int],
+    rows: npt.ArrayLike,
+    strides: Sequence[int] | None = None,
+    pads: Sequence[int] | None = None,
+    dilations: Sequence[int] | None = None,
+    group: int = 1,
+    chunk_rows: int | None = None,
+) -> Iterator[list[Array]]:
+    """:func:`iter_im2col` restricted to the rows ``rows`` (sorted indices into :func:`im2col`'s
+    rows): the same chunks (each holding the selected rows of the chunk :func:`iter_im2col` would
+    yield; chunks with none are skipped), with the same values in the same order.
+
+    The rows are gathered directly, so a subsample of a large feature map (the calibration's row
+    budget) costs its own rows, not the whole matrix: the input is padded and put channels-last
+    once, and each kernel position is one gather of whole channel vectors.
+    """
+    a = np.asarray(x)
+    if a.ndim < 3:
+        raise ValueError(f"im2col needs an input [N, C, *spatial] (1 to 3 spatial axes), got {a.shape}")
+    spatial = a.ndim - 2
+    k, s, p, d = _conv_params(spatial, kernel_shape, strides, pads, dilations)
+    n_batch, channels = a.shape[:2]
+    cg = _check_group(channels, group, "input channels")
+    out_shape = conv_output_shape(a.shape[2:], k, s, p, d)
+    idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+    per_item = math.prod(out_shape)
+    if idx.size and (idx.min() < 0 or idx.max() >= n_batch * per_item):
+        raise ValueError(f"row indices must be in [0, {n_batch * per_item})")
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be positive or None, got {chunk_rows}")
+    if not idx.size:
+        return
+    width = [(0, 0), (0, 0)] + [(p[i], p[i + spatial]) for i in range(spatial)]
+    padded = np.pad(a, width) if any(p) else a
+    last = np.ascontiguousarray(np.moveaxis(padded, 1, -1))  # [N, *padded, C]
+    offsets = list(itertools.product(*(range(v) for v in k)))
+    width_g = len(offsets) * cg
+    # iter_im2col's chunks: per batch item, slabs of `step` positions of the first output axis
+    line = math.prod(out_shape[1:])
+    step = out_shape[0] if chunk_rows is None else max(1, chunk_rows // max(line, 1))
+    bounds = [b * per_item + o0 * line for b in range(n_batch) for o0 in range(0, out_shape[0], step)] + [
+        n_batch * per_item
+    ]
+    cuts = np.searchsorted(idx, bounds)
+    for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+        if hi == lo:
+            continue
+        part = idx[lo:hi]
+        b, *pos = np.unravel_index(part, (n_batch, *out_shape))
+        base = [pos[i] * s[i] for i in range(spatial)]
+        gathered = np.stack(
+            [last[(b, *(base[i] + off[i] * d[i] for i in range(spatial)))] for off in offsets], axis=1
+        )  # [rows, kpos, C]
+        if group == 1:
+            yield [gathered.reshape(part.size, width_g)]
+        else:
+            yield [gathered[:, :, g * cg : (g + 1) * cg].reshape(part.size, width_g) for g in range(group)]
 
 
 def im2col(
