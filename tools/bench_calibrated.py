@@ -10,7 +10,12 @@ up + erf-GELU + down, residual + LayerNormalization); the input is the embedding
 * ``big``: (hidden 2048, FFN 8192, 16 heads, enough layers for > 2 GB of
   weights), external data. Give it ``--samples 72`` (9,216 rows): with 4,096 rows its
   8,192-wide layers are row-starved, and their damping is then cross-validated (about 30 s
-  more per layer), which measures the starved path rather than the usual one.
+  more per layer), which measures the starved path rather than the usual one;
+* ``huge``: the ``big`` layer, 20 of them: 4.03 GB of external data, the size that shows
+  whether memory stays within the weights plus a fixed amount (``--samples 72`` too).
+
+Models with external data are written tensor by tensor into their data file (never held
+whole in memory, so even ``huge`` is written on a small machine).
 
 Calibration: ``--samples`` sequences of ``--seq`` tokens (default 32 x 128 = 4,096 rows),
 standard normal, seeded. Each (model, method) run is its own subprocess (``--run-one``), so its
@@ -56,33 +61,57 @@ METHODS = {
     "best": {"method": "asym", "bias_correction": True, "refit_head": True},
     "wanda": {"method": "wanda"},
 }
-SHAPES = {"base": (768, 3072, 12), "large": (1024, 4096, 16), "big": (2048, 8192, 16)}
+SHAPES = {"base": (768, 3072, 12), "large": (1024, 4096, 16), "big": (2048, 8192, 16), "huge": (2048, 8192, 16)}
+#: Tensors from this size on go to the data file (``large``, ``big``, ``huge``), at this alignment.
+EXTERNAL_FROM = 1024
+ALIGN = 4096
 
 
 def _size(spec: str) -> tuple[str, int]:
-    """``base-4`` -> (``base``, 4); ``large`` -> 24 layers; ``big`` -> > 2 GB of weights; ``large-2``: 2 layers."""
+    """``base-4`` -> (``base``, 4); ``large`` -> 24 layers; ``big`` -> > 2 GB of weights; ``huge`` -> 20
+    ``big`` layers (4 GB); ``large-2``: 2 layers."""
     kind, _, n = spec.partition("-")
     if kind not in SHAPES or (n and not n.isdigit()) or (kind == "base" and not n):
-        raise argparse.ArgumentTypeError(f"unknown size {spec!r} (base-L, large[-L] or big[-L])")
+        raise argparse.ArgumentTypeError(f"unknown size {spec!r} (base-L, large[-L], big[-L] or huge[-L])")
     if n:
         return kind, int(n)
     if kind == "large":
         return "large", 24
+    if kind == "huge":
+        return "huge", 20
     hidden, ffn, _ = SHAPES["big"]
     per_layer = (4 * hidden * hidden + 2 * hidden * ffn) * 4
     return "big", math.ceil(2.2e9 / per_layer)
 
 
-def build_encoder(kind: str, layers: int, seed: int = 0) -> onnx.ModelProto:
-    """A BERT-shaped encoder with random weights (see the module docstring)."""
+def build_encoder(kind: str, layers: int, seed: int = 0, data: Path | None = None) -> onnx.ModelProto:
+    """A BERT-shaped encoder with random weights (see the module docstring).
+
+    ``data``: write every tensor of :data:`EXTERNAL_FROM` bytes or more into this file as it
+    is drawn (the model then refers to it by name, offset and length), so the weights are
+    never in memory together.
+    """
     hidden, ffn, heads = SHAPES[kind]
     head = hidden // heads
     rng = np.random.default_rng(seed)
     nodes: list[onnx.NodeProto] = []
     inits: list[TensorProto] = []
+    sink = data.open("wb") if data is not None else None
 
     def const(name: str, value: np.ndarray) -> str:
-        inits.append(numpy_helper.from_array(value, name))
+        if sink is None or value.nbytes < EXTERNAL_FROM:
+            inits.append(numpy_helper.from_array(value, name))
+            return name
+        assert data is not None
+        sink.write(b"\0" * (-sink.tell() % ALIGN))
+        offset = sink.tell()
+        sink.write(np.ascontiguousarray(value).astype(value.dtype.newbyteorder("<"), copy=False).tobytes())
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(value.dtype), dims=value.shape)
+        t.data_location = TensorProto.EXTERNAL
+        for key, v in (("location", data.name), ("offset", offset), ("length", value.nbytes)):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, str(v)
+        inits.append(t)
         return name
 
     def dense(x: str, name: str, fan_in: int, fan_out: int) -> str:
@@ -140,20 +169,25 @@ def build_encoder(kind: str, layers: int, seed: int = 0) -> onnx.ModelProto:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
+    if sink is not None:
+        sink.close()
     return model
 
 
 def write_model(kind: str, layers: int, out_dir: Path) -> Path:
-    """Write the encoder (external data beside it for ``large``/``big``); reuse an existing file."""
+    """Write the encoder (external data beside it, streamed, for ``large``/``big``/``huge``); reuse
+    an existing file."""
     path = out_dir / f"bert_{kind}_{layers}" / "model.onnx"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = build_encoder(kind, layers)
+    tmp = path.with_name("model.onnx.partial")
     if kind == "base":
-        onnx.save(model, path)
+        onnx.save(build_encoder(kind, layers), tmp)
     else:
-        onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data")
+        model = build_encoder(kind, layers, data=path.with_name("model.onnx.data"))
+        tmp.write_bytes(model.SerializeToString())
+    tmp.rename(path)  # last: an interrupted write leaves no model to reuse
     return path
 
 
@@ -222,16 +256,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(path.parent, ignore_errors=True)
     base = {r["size"]: r.get("prune_s") for r in rows if r["method"] == "sparsegpt"}
     print(f"\n{args.samples} x {args.seq} calibration rows, median of {args.repeats}; load {loadavg()}")
-    print("| size | layers | method | wall s | prune s | s/layer | peak RSS | weights | x sparsegpt |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| size | layers | method | wall s | prune s | s/layer | peak RSS | weights | RSS - weights | x sparsegpt |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "wall_s" not in r:
-            print(f"| {r['size']} | {r['layers']} | {r['method']} | failed | | | | | |")
+            print(f"| {r['size']} | {r['layers']} | {r['method']} | failed | | | | | | |")
             continue
         ratio = r["prune_s"] / base[r["size"]] if base.get(r["size"]) else float("nan")
         print(f"| {r['size']} | {r['layers']} | {r['method']} | {r['wall_s']:.1f} | {r['prune_s']:.1f} | "
               f"{r['prune_s'] / r['layers']:.2f} | {fmt_bytes(r['peak_rss'])} | {fmt_bytes(r['weight_bytes'])} | "
-              f"{ratio:.2f} |")  # fmt: skip
+              f"{fmt_bytes(r['peak_rss'] - r['weight_bytes'])} | {ratio:.2f} |")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine_info(), "rows": rows}, indent=2))
     return 0
