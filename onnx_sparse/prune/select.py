@@ -377,8 +377,9 @@ class _FoldCV:
 
     def pruned(self, lams: Sequence[float], damp: float, blocksize: int) -> list[float]:
         """Held-out error of the refit pruned by SparseGPT (what is deployed) per damping: the
-        same rows and folds as :meth:`ridge`, SparseGPT's factor of each fold's ``G`` shared by
-        the candidates."""
+        same rows and folds as :meth:`ridge`; per fold, SparseGPT's factor of ``G`` (shared with
+        the other layers that read the same input) and one column walk over the candidates'
+        refits stacked."""
         cols = self.a.shape[1]
         tested = self.tested
         assert tested is not None, "made without its folds (keep_folds=False)"
@@ -392,19 +393,30 @@ class _FoldCV:
                 kept[k] = f
             return f
 
-        factors = blas.parallel_map(fold_factor, range(len(self.prepared)))
+        k_rows = self.a.shape[0]
 
-        def score(k: int, lam: float) -> float:
-            held = tested[k]
-            try:
-                d = self._solve(k, lam)
-            except np.linalg.LinAlgError:
-                return math.inf
-            refit = self.a if d is None else self.a + d.T
-            cand, _ = prune_with_factor(refit, factors[k], blocksize)
-            return refit_error(self.a, cand, held)
+        def fold(k: int) -> list[float]:
+            # the candidates' refits stacked: rows are independent given the factor, so one walk
+            refits: list[Array] = []
+            ok: list[bool] = []
+            for lam in lams:
+                try:
+                    d = self._solve(k, lam)
+                except np.linalg.LinAlgError:
+                    ok.append(False)
+                    continue
+                ok.append(True)
+                refits.append(self.a if d is None else self.a + d.T)
+            if not refits:
+                return [math.inf] * len(lams)
+            cand, _ = prune_with_factor(np.concatenate(refits), fold_factor(k), blocksize)
+            errs = iter(
+                [refit_error(self.a, cand[i * k_rows : (i + 1) * k_rows], tested[k]) for i in range(len(refits))]
+            )
+            return [next(errs) if good else math.inf for good in ok]
 
-        return self._per_fold(score, lams)
+        per = blas.parallel_map(fold, range(len(self.prepared)))
+        return [sum(p[i] for p in per) * self.factor / self.n_rows for i in range(len(lams))]
 
 
 @blas.deterministic
