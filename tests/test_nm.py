@@ -325,3 +325,143 @@ def test_prune_stats_hand_example():
     assert nm.prune_stats(w, w, -1) == nm.PruneStats(2, 0, False, False, 1.0)  # not pruned: still not 2:4
     assert nm.prune_stats(out, out, 1) == nm.PruneStats(2, 0, True, True, 1.0)
     assert nm.prune_stats(w, out, None) == nm.PruneStats(0, 0, False, False, pytest.approx(18 / 21))  # no axis
+
+
+# --------------------------------------------------------------------------- the kernel against a plain reference
+
+
+def _reference_prune(w: np.ndarray, axis: int, zero, scores: np.ndarray | None = None) -> np.ndarray:
+    """2:4 pruning written out group by group, in plain Python (independent of nm's vectorized kernel).
+
+    Pair (i, j), i < j: j beats i when its score is strictly greater (a tie or a NaN goes to i);
+    a member is kept when at most one member beats it; an entry equal to the zero is copied as it is.
+    """
+    z = np.broadcast_to(np.asarray(zero).astype(w.dtype), w.shape)
+    if scores is None:
+        s = nm.magnitude_scores(w, zero).astype(np.float64)
+    else:
+        s = np.where(w == z, -np.inf, scores.astype(np.float64))
+    out = w.copy()
+    wg, sg, zg, og = (np.moveaxis(a, axis, -1).reshape(-1, 4) for a in (w, s, z, out))
+    for g in range(wg.shape[0]):
+        for i in range(4):
+            beaten = sum(sg[g, j] > sg[g, i] for j in range(i + 1, 4)) + sum(
+                not (sg[g, i] > sg[g, j]) for j in range(i)
+            )
+            if beaten >= 2 and not wg[g, i] == zg[g, i]:
+                og[g, i] = zg[g, i]
+    return np.moveaxis(og.reshape(np.moveaxis(out, axis, -1).shape), -1, axis)
+
+
+_wild_elements = st.one_of(
+    st.floats(width=32, allow_nan=True, allow_infinity=True),
+    st.sampled_from([0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan]),
+)
+
+
+@st.composite
+def wild_weights(draw) -> tuple[np.ndarray, int, object]:
+    """Like :func:`weights`, plus NaN/inf, float64, a per-row zero point and tensors of many blocks."""
+    shape, axis = draw(shapes_and_axis())
+    shape = (draw(st.integers(1, 9)),) + shape  # more rows along axis 0: several blocks
+    axis = axis + 1 if axis >= 0 else axis
+    kind = draw(st.sampled_from(["float32", "float64", "float16", "bfloat16", "int8", "int8-rows"]))
+    if kind.startswith("int8"):
+        w = draw(arrays(np.int8, shape, elements=st.one_of(st.integers(-128, 127), st.sampled_from([0, 1, 3]))))
+        if kind == "int8":
+            return w, axis, draw(st.integers(-10, 10))
+        zero = draw(arrays(np.int8, (shape[0],) + (1,) * (len(shape) - 1), elements=st.sampled_from([0, 1, 3])))
+        return w, axis, zero
+    w32 = draw(arrays(np.float32, shape, elements=_wild_elements))
+    with np.errstate(over="ignore"):  # large float32 values become inf in float16: wanted
+        return w32.astype(ml_dtypes.bfloat16 if kind == "bfloat16" else np.dtype(kind)), axis, 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=wild_weights(), block=st.sampled_from([1, 8, 24, 1 << 20]))
+def test_prune_matches_the_reference_across_blocks(case, block):
+    w, axis, zero = case
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(nm, "BLOCK_ELEMENTS", block)
+        out = nm.prune_2_4(w, axis, zero=zero)
+    np.testing.assert_array_equal(_bits(out), _bits(_reference_prune(w, axis, zero)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=wild_weights(), block=st.sampled_from([1, 8, 1 << 20]), data=st.data())
+def test_prune_with_scores_matches_the_reference_across_blocks(case, block, data):
+    w, axis, zero = case
+    scores = data.draw(arrays(np.float32, w.shape, elements=st.integers(-3, 3).map(float)))  # many ties
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(nm, "BLOCK_ELEMENTS", block)
+        out = nm.prune_2_4(w, axis, scores=scores, zero=zero)
+    np.testing.assert_array_equal(_bits(out), _bits(_reference_prune(w, axis, zero, scores)))
+
+
+def _same_stats(a: nm.PruneStats, b: nm.PruneStats) -> bool:
+    """Field by field, a NaN retained magnitude (a NaN weight) equal to a NaN."""
+    ra, rb = a.retained_magnitude, b.retained_magnitude
+    counts = (a.groups, a.groups_changed, a.was_2_4, a.is_2_4) == (b.groups, b.groups_changed, b.was_2_4, b.is_2_4)
+    return counts and (ra == rb or (np.isnan(ra) and np.isnan(rb)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=wild_weights(), block=st.sampled_from([1, 8, 24, 1 << 20]), in_place=st.booleans())
+def test_prune_2_4_stats_is_prune_2_4_and_prune_stats_in_one_pass(case, block, in_place):
+    w, axis, zero = case
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(nm, "BLOCK_ELEMENTS", block)
+        expected = nm.prune_2_4(w, axis, zero=zero)
+        expected_stats = nm.prune_stats(w, expected, axis, zero)
+        mine = w.copy()
+        out, stats = nm.prune_2_4_stats(mine, axis, zero, out=mine if in_place else None)
+    np.testing.assert_array_equal(_bits(out), _bits(expected))
+    assert (out is mine) == in_place
+    if not in_place:
+        np.testing.assert_array_equal(_bits(mine), _bits(w))  # the input untouched
+    assert _same_stats(stats, expected_stats), (stats, expected_stats)
+
+
+def test_prune_2_4_stats_hand_example():
+    w = np.array([[1.0, -2.0, 3.0, -4.0], [0.0, 0.0, 5.0, 6.0], [-0.0, 7.0, 0.0, 0.0]], np.float32)
+    out, stats = nm.prune_2_4_stats(w, 1)
+    np.testing.assert_array_equal(
+        _bits(out), _bits(np.array([[0, 0, 3, -4], [0, 0, 5, 6], [-0.0, 7, 0, 0]], np.float32))
+    )
+    assert stats == nm.PruneStats(3, 1, False, True, pytest.approx(25 / 28))
+    again, stats = nm.prune_2_4_stats(out, 1, out=out)  # in place, already 2:4: nothing changes
+    assert stats == nm.PruneStats(3, 0, True, True, 1.0) and again is out
+
+
+@pytest.mark.parametrize(
+    "out",
+    [
+        np.empty((4, 4), np.float64),  # dtype
+        np.empty((4, 8), np.float32),  # shape
+        np.empty((8, 8), np.float32)[::2, ::2],  # not contiguous
+        np.zeros((4, 4), np.float32).T.copy(order="F"),  # Fortran order
+    ],
+    ids=["dtype", "shape", "strided", "fortran"],
+)
+def test_prune_refuses_an_out_it_cannot_write_in_order(out):
+    w = np.arange(16, dtype=np.float32).reshape(4, 4)
+    with pytest.raises(ValueError, match="out must be"):
+        nm.prune_2_4(w, 1, out=out)
+
+
+def test_prune_refuses_a_read_only_out():
+    w = np.arange(16, dtype=np.float32).reshape(4, 4)
+    out = np.zeros_like(w)
+    out.flags.writeable = False
+    with pytest.raises(ValueError, match="out must be"):
+        nm.prune_2_4(w, 1, out=out)
+
+
+@settings(max_examples=200, deadline=None)
+@given(sa=shapes_and_axis(), data=st.data())
+def test_keep_top2_with_nan_and_inf_matches_the_pairwise_rule(sa, data):
+    shape, axis = sa
+    scores = data.draw(arrays(np.float64, shape, elements=st.sampled_from([0.0, 1.0, 2.0, np.inf, -np.inf, np.nan])))
+    keep = nm.keep_top2(scores, axis)
+    w = np.ones(shape, np.float32)  # nothing is zero: the kept entries are exactly the 2 winners
+    np.testing.assert_array_equal(keep, _reference_prune(w, axis, 0, scores) != 0)

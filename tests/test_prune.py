@@ -584,3 +584,146 @@ def test_magnitude_prune_imports_no_calibration_or_int8_machinery(tmp_path: Path
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "0 []", out
+
+
+# --------------------------------------------------------------------------- the magnitude path: private copies, reused buffers
+
+
+def _matmul_chain(tmp_path: Path, shapes: list[tuple[int, int]], seed: int = 0) -> Path:
+    """x -> MatMul(w0) -> MatMul(w1) -> ...: every weight external, in one data file."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, prev = [], [], "x"
+    for i, shape in enumerate(shapes):
+        inits.append(numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"y{i}"], name=f"mm{i}"))
+        prev = f"y{i}"
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", shapes[0][0]])],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["N", shapes[-1][1]])],
+        initializer=inits,
+    )
+    path = tmp_path / "chain.onnx"
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="chain.onnx.data",
+        size_threshold=0,
+    )
+    return path
+
+
+@pytest.mark.parametrize("keeps_view", [True, False], ids=["model-keeps-the-array", "model-copies-it"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_magnitude_pass_reuses_a_buffer_only_when_the_model_does_not_hold_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keeps_view: bool, workers: int
+) -> None:
+    # Several weights, some of one size: a read buffer handed to the model as a new value must never
+    # be read into again, whether ModelFile keeps that very array (pending) or stores a copy.
+    shapes = [(16, 16), (16, 16), (16, 8), (8, 8), (8, 16), (16, 16)]
+    src = _matmul_chain(tmp_path, shapes)
+    original = {f"w{i}": stored_weight(onnx.load(src), f"w{i}") for i in range(len(shapes))}
+    if not keeps_view:
+        real_write = io.ModelFile.write
+        monkeypatch.setattr(io.ModelFile, "write", lambda self, t, value: real_write(self, t, np.array(value)))
+    import onnx_sparse.passes.prune as prune_pass
+
+    scratches: list[int] = []
+    real_copy = prune_pass.read_weight_copy
+
+    def spy(site, mf, scratch=None):
+        scratches.append(0 if scratch is None else scratch.nbytes)
+        return real_copy(site, mf, scratch)
+
+    monkeypatch.setattr(prune_pass, "read_weight_copy", spy)
+    result = PrunePass(workers=workers)(io.load_model(src))
+    for name, w in original.items():
+        np.testing.assert_array_equal(result.model.read(_tensor(result.model, name)), nm.prune_2_4(w, 0))
+    assert result.modified and all(r.groups_changed for r in result.records)
+    if keeps_view:
+        assert not any(scratches)  # every array read went into the model
+    elif workers == 1:
+        assert scratches[0] == 0 and all(scratches[1:])  # one buffer, read into again and again
+
+
+def _tensor(mf: io.ModelFile, name: str) -> TensorProto:
+    return next(t for t in io.iter_tensors(mf.model) if t.name == name)
+
+
+def test_magnitude_pass_on_an_already_sparse_model_writes_nothing(tmp_path: Path) -> None:
+    src = _matmul_chain(tmp_path, [(16, 16), (16, 16)])
+    once = tmp_path / "once.onnx"
+    api.prune_file(io.load_model(src), once)
+    mf = io.load_model(once)
+    result = PrunePass(workers=1)(mf)
+    assert not result.modified and not mf.pending and not result.model.pending
+    assert all(r.already_sparse and r.groups_changed == 0 for r in result.records)
+
+
+def test_custom_pruner_goes_through_the_checked_path(tmp_path: Path) -> None:
+    from onnx_sparse.passes.prune import magnitude_pruner
+
+    src = _matmul_chain(tmp_path, [(16, 16), (16, 8)])
+    default, custom = PrunePass()(io.load_model(src)), PrunePass(pruner=magnitude_pruner)(io.load_model(src))
+    assert default.records == custom.records
+    for name in ("w0", "w1"):
+        np.testing.assert_array_equal(
+            default.model.read(_tensor(default.model, name)), custom.model.read(_tensor(custom.model, name))
+        )
+
+    def not_2_4(site, w, zero):
+        return w.copy()
+
+    with pytest.raises(AssertionError, match="not 2:4"):
+        PrunePass(pruner=not_2_4)(io.load_model(src))
+
+
+def test_read_weight_copy_is_private_and_reads_into_the_scratch(tmp_path: Path) -> None:
+    from onnx_sparse.graph.weights import read_weight, read_weight_copy
+
+    src = _matmul_chain(tmp_path, [(16, 16), (16, 8)])
+    mf = io.load_model(src)
+    sites = {s.weight: s for s in find_weight_sites(mf.model)}
+    stored = np.array(read_weight(sites["w0"], mf))
+    fresh = read_weight_copy(sites["w0"], mf)
+    assert fresh.flags.writeable and fresh.flags.c_contiguous
+    np.testing.assert_array_equal(fresh, stored)
+    fresh[...] = 0  # private: the model's data is untouched
+    np.testing.assert_array_equal(read_weight(sites["w0"], mf), stored)
+    scratch = np.full(16 * 16 * 4 + 100, 7, np.uint8)
+    into = read_weight_copy(sites["w1"], mf, scratch)
+    assert np.shares_memory(into, scratch) and into.shape == (16, 8)
+    np.testing.assert_array_equal(into, read_weight(sites["w1"], mf))
+    small = np.zeros(8, np.uint8)  # too small: a new array
+    assert not np.shares_memory(read_weight_copy(sites["w0"], mf, small), small)
+    # A pending new value is what a read gives, copied.
+    mf.write(sites["w0"].tensor, np.ones((16, 16), np.float32))
+    pending = read_weight_copy(sites["w0"], mf)
+    np.testing.assert_array_equal(pending, np.ones((16, 16), np.float32))
+    assert pending.flags.writeable and not np.shares_memory(pending, mf.read(sites["w0"].tensor))
+
+
+def test_read_weight_copy_refuses_a_data_file_cut_short_after_the_load(tmp_path: Path) -> None:
+    from onnx_sparse.graph.weights import read_weight_copy
+
+    src = _matmul_chain(tmp_path, [(16, 16), (16, 8)])
+    mf = io.load_model(src)
+    site = next(s for s in find_weight_sites(mf.model) if s.weight == "w1")
+    data = tmp_path / "chain.onnx.data"
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(OnnxSparseError):
+        read_weight_copy(site, mf)
+
+
+def test_inline_weight_copy(tmp_path: Path) -> None:
+    from onnx_sparse.graph.weights import read_weight, read_weight_copy
+
+    mf = io.load_model(case_path("mlp.onnx"))
+    site = next(s for s in find_weight_sites(mf.model) if s.eligible)
+    copy = read_weight_copy(site, mf)
+    np.testing.assert_array_equal(copy, read_weight(site, mf))
+    copy[...] = 1
+    assert not np.array_equal(read_weight(site, mf), copy)

@@ -9,14 +9,19 @@ quantized tensor is its zero point: the value a pruned entry must hold to dequan
 from __future__ import annotations
 
 from dataclasses import dataclass
+from io import BufferedReader
+from typing import cast
 
 import numpy as np
+from onnx import TensorProto
 
 from onnx_sparse.core import nm
+from onnx_sparse.errors import OnnxSparseError
+from onnx_sparse.external import PACKED_4BIT, open_data, tensor_dtype
 from onnx_sparse.graph.locate import WeightSite
 from onnx_sparse.io import ModelFile
 
-__all__ = ["WeightStats", "zero_value", "read_weight", "write_weight", "weight_stats"]
+__all__ = ["WeightStats", "zero_value", "read_weight", "read_weight_copy", "write_weight", "weight_stats"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,40 @@ def read_weight(site: WeightSite, mf: ModelFile, mmap: bool = True) -> np.ndarra
     """The stored weight of ``site`` (read-only; memory-mapped when external)."""
     assert site.tensor is not None, f"{site.node}: no stored weight"
     return mf.read(site.tensor, mmap=mmap)
+
+
+def read_weight_copy(site: WeightSite, mf: ModelFile, scratch: np.ndarray | None = None) -> np.ndarray:
+    """A private, writable copy of the stored weight of ``site`` (to prune in place).
+
+    External data is read with plain reads from the file checked at load, never through a
+    memory map (a data file cut short while mapped would kill the process instead of failing
+    cleanly). With ``scratch`` (a flat uint8 array at least as large) the copy is a view of its
+    first bytes, so a buffer reused from weight to weight costs no fresh memory; otherwise it is
+    a new array. Pending new values and inline tensors are copied from memory.
+    """
+    t = site.tensor
+    assert t is not None, f"{site.node}: no stored weight"
+    dtype, shape = tensor_dtype(t), tuple(int(d) for d in t.dims)
+    nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    if scratch is not None and scratch.nbytes >= nbytes:
+        out = scratch[:nbytes].view(dtype).reshape(shape)
+    else:
+        out = np.empty(shape, dtype)
+    if t.data_location != TensorProto.EXTERNAL or t.data_type in PACKED_4BIT or id(t) in mf.pending or not nbytes:
+        np.copyto(out, mf.read(t, mmap=False))
+        return out
+    ref = mf.ref(t)  # checked against the file checked at load
+    view = out.reshape(-1).view(np.uint8).data
+    with open_data(ref, t.name) as f:
+        f.seek(ref.offset)
+        reader = cast(BufferedReader, f)  # open_data opens in binary mode, buffered
+        done = 0
+        while done < nbytes:
+            got = reader.readinto(view[done:])
+            if not got:
+                raise OnnxSparseError(f"external data file {ref.file} ended early (changed while reading?)")
+            done += got
+    return out
 
 
 def write_weight(site: WeightSite, mf: ModelFile, value: np.ndarray) -> None:

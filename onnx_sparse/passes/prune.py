@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -26,11 +27,11 @@ import numpy as np
 from onnx_sparse.analysis import select_sites
 from onnx_sparse.core import nm
 from onnx_sparse.graph.locate import WeightSite, find_weight_sites
-from onnx_sparse.graph.weights import read_weight, write_weight, zero_value
+from onnx_sparse.graph.weights import read_weight, read_weight_copy, write_weight, zero_value
 from onnx_sparse.io import ModelFile
 from onnx_sparse.passes.base import Pass, PassResult
 
-__all__ = ["SiteRecord", "WeightPruner", "magnitude_pruner", "PrunePass", "apply_site", "totals"]
+__all__ = ["SiteRecord", "WeightPruner", "magnitude_pruner", "PrunePass", "apply_site", "record_site", "totals"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +77,16 @@ def apply_site(
     """Write ``new`` as the stored weight of ``site`` (if it differs) and describe the change."""
     assert site.axis is not None
     w = read_weight(site, mf) if original is None else original
-    zero = zero_value(site)
     if new.shape != w.shape or new.dtype != w.dtype:
         raise AssertionError(f"{site.node}: pruner returned {new.dtype}{new.shape}, expected {w.dtype}{w.shape}")
-    stats = nm.prune_stats(w, new, site.axis, zero)
+    return record_site(site, sharers, mf, new, nm.prune_stats(w, new, site.axis, zero_value(site)), method)
+
+
+def record_site(
+    site: WeightSite, sharers: Sequence[WeightSite], mf: ModelFile, new: np.ndarray, stats: nm.PruneStats, method: str
+) -> SiteRecord:
+    """Write ``new`` (described by ``stats``) as the stored weight of ``site`` if it changed; its record."""
+    assert site.axis is not None
     if not stats.is_2_4:
         raise AssertionError(f"{site.node}: pruner returned a weight that is not 2:4 along axis {site.axis}")
     if stats.groups_changed:
@@ -90,9 +97,9 @@ def apply_site(
         op=site.op,
         method=method,
         axis=site.axis,
-        shape=tuple(w.shape),
-        dtype=str(w.dtype),
-        params=int(w.size),
+        shape=tuple(new.shape),
+        dtype=str(new.dtype),
+        params=int(new.size),
         groups=stats.groups,
         groups_changed=stats.groups_changed,
         already_sparse=stats.was_2_4,
@@ -125,7 +132,9 @@ class PrunePass(Pass):
     """Prune every selected eligible weight to 2:4 (functional: the input model is not changed).
 
     Args:
-        pruner: the weight pruner (default: magnitude).
+        pruner: the weight pruner (default: magnitude, which prunes a private copy of each weight
+            in place and gathers its statistics in the same pass, see
+            :func:`onnx_sparse.core.nm.prune_2_4_stats`).
         method: the name recorded in the report.
         include/exclude: regular expressions on node names; ops: op types; min_channels:
             skip layers whose input or output channels are fewer (see
@@ -141,7 +150,7 @@ class PrunePass(Pass):
 
     def __init__(
         self,
-        pruner: WeightPruner = magnitude_pruner,
+        pruner: WeightPruner | None = None,
         method: str = "magnitude",
         include: Sequence[str] = (),
         exclude: Sequence[str] = (),
@@ -173,12 +182,27 @@ class PrunePass(Pass):
 
     def call(self, mf: ModelFile) -> PassResult:
         groups = group_by_tensor(self.selected_sites(mf))
+        spare: list[np.ndarray] = []  # read buffers no pending value holds, for the next weight
+        lock = threading.Lock()
 
         def one(group: list[WeightSite]) -> SiteRecord:
             site = group[0]
-            w = read_weight(site, mf, mmap=False)
-            new = self.pruner(site, w, zero_value(site))
-            return apply_site(site, group, mf, new, self.method, original=w)
+            assert site.axis is not None
+            zero = zero_value(site)
+            if self.pruner is not None:
+                w = read_weight(site, mf, mmap=False)
+                return apply_site(site, group, mf, self.pruner(site, w, zero), self.method, original=w)
+            with lock:
+                scratch = spare.pop() if spare else None
+            w = read_weight_copy(site, mf, scratch)
+            new, stats = nm.prune_2_4_stats(w, site.axis, zero, out=w)  # in place: w is our own copy
+            record = record_site(site, group, mf, new, stats, self.method)
+            if scratch is None or not np.may_share_memory(w, scratch):  # read into a new array
+                scratch = w.reshape(-1).view(np.uint8)
+            if not stats.groups_changed or not np.may_share_memory(mf.read(site.tensor), scratch):
+                with lock:  # the model keeps no view of it (its new value went elsewhere): reuse it
+                    spare.append(scratch)
+            return record
 
         # Tensors are independent and numpy releases the GIL: prune them on all cores.
         # (At most `workers` weights are in flight, so memory stays bounded.)
