@@ -17,7 +17,13 @@ output/input guard and model load, onnx.checker on the input, the prune pass and
 the data file's write and hash, onnx.checker and the onnxruntime session on the output, the
 folder cleanup) and prints the median wall time of each. ``--code DIR`` runs ours from another
 checkout (for example ``git worktree add /tmp/wt-old <commit>``), to compare with an older
-commit on the same machine in the same session; steps it does not have are left out.
+commit on the same machine in the same session; steps it does not have are left out. Ours then
+runs in that folder (``python -m`` puts the working folder first on the import path, so run from
+here it would import this checkout whatever PYTHONPATH says), and the run stops unless
+``onnx_sparse`` really comes from DIR.
+
+On a shared, loaded machine, run it at real-time priority to stand in for a quiet one
+(``chrt -f 10 python tools/bench_prune.py ...``; its children inherit the priority).
 
 Usage::
 
@@ -211,6 +217,19 @@ def _code_env(code: Path | None) -> dict[str, str] | None:
     return {**os.environ, "PYTHONPATH": str(code)}
 
 
+def _check_code(code: Path) -> None:
+    """Refuse to time another checkout unless ``python -m onnx_sparse`` really runs it there.
+
+    (Run from this repository, ``-m`` finds this checkout's package first, whatever PYTHONPATH says.)
+    """
+    where = subprocess.run(
+        [sys.executable, "-c", "import onnx_sparse; print(onnx_sparse.__file__)"],
+        cwd=code, env=_code_env(code), capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    if not Path(where).resolve().is_relative_to(code.resolve()):
+        raise SystemExit(f"--code {code}: onnx_sparse is imported from {where}, not from that checkout")
+
+
 def _steps(model: Path, workdir: Path, runs: int, code: Path | None) -> list[list[str]]:
     """Median wall and CPU time (all threads) of each step over ``runs`` runs (fresh output folder each)."""
     per: dict[str, list[tuple[float, float]]] = {}
@@ -332,13 +351,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
 
+    # With --code, ours runs from that checkout's folder: there `-m onnx_sparse` imports its package.
+    cwds = {"ours": args.code.resolve() if args.code else REPO, "anchor": REPO}
+    if args.code is not None:
+        _check_code(args.code)
     for _ in range(args.warmup):
         _fresh(out_dirs["ours"])
-        run_measured("ours-warmup", commands["ours"])
+        run_measured("ours-warmup", commands["ours"], cwd=cwds["ours"])
     results: dict[str, list[RunResult]] = {"ours": [], "anchor": []}
     for n, who in enumerate(schedule(args.runs, args.anchor_runs), 1):
         _fresh(out_dirs[who])
-        result = run_measured(who, commands[who])
+        result = run_measured(who, commands[who], cwd=cwds[who])
         results[who].append(result)
         status = "ok" if result.rc == 0 else f"rc={result.rc}"
         print(
