@@ -105,7 +105,8 @@ def int8_scales(w: Array, ratios: tuple[float, ...] = CLIP_RATIOS) -> Array:
         e = np.sum((w - int8_round(w, s[:, None])) ** 2, axis=1)
         better = e < err * (1 - 1e-12)
         best, err = np.where(better, s, best), np.where(better, e, err)
-    return best.astype(np.float32).astype(np.float64)
+    best = best.astype(np.float32).astype(np.float64)
+    return np.where(best > 0, best, 1.0)  # a row too small for a float32 scale rounds to 0 on scale 1
 
 
 @dataclass(frozen=True)
