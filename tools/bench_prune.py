@@ -22,6 +22,11 @@ runs in that folder (``python -m`` puts the working folder first on the import p
 here it would import this checkout whatever PYTHONPATH says), and the run stops unless
 ``onnx_sparse`` really comes from DIR.
 
+``--baseline DIR`` runs ours from another checkout too, round by round with ours, so both see the
+same load; it reports the ratio of the medians, the median of the paired ratios, and whether both
+wrote the same weights. ``--anchor-seconds S`` gives the anchor's time from an earlier measurement
+when ``--anchor-runs 0`` (polygraphy takes minutes a run).
+
 On a shared, loaded machine, run it at real-time priority to stand in for a quiet one
 (``chrt -f 10 python tools/bench_prune.py ...``; its children inherit the priority).
 
@@ -31,6 +36,7 @@ Usage::
     python tools/bench_prune.py --big --runs 1 --anchor-runs 0
     python tools/bench_prune.py --runs 1 --anchor-runs 0 --profile   # + cProfile of one prune
     python tools/bench_prune.py --runs 5 --anchor-runs 0 --steps 5 [--code /tmp/wt-old]
+    python tools/bench_prune.py --runs 9 --anchor-runs 0 --anchor-seconds 266.5 --baseline /tmp/wt-old
 """
 
 from __future__ import annotations
@@ -282,6 +288,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="also cProfile one run of ours")
     parser.add_argument("--steps", type=int, default=0, metavar="N", help="N step-timed runs of ours (median per step)")
     parser.add_argument("--code", type=Path, help="run ours from this checkout (e.g. a worktree of an older commit)")
+    parser.add_argument(
+        "--baseline", type=Path, metavar="DIR",
+        help="also run ours from this checkout, round by round with ours (same load), and compare: times, "
+        "the paired ratio, and whether both write the same weights",
+    )  # fmt: skip
+    parser.add_argument(
+        "--anchor-seconds", type=float, metavar="S",
+        help="the anchor's time measured before (e.g. polygraphy's CPU time on a quiet machine), for the ratio "
+        "when --anchor-runs is 0",
+    )  # fmt: skip
     parser.add_argument("--workdir", type=Path, default=WORKDIR)
     parser.add_argument("--json", type=Path, help="default: .cache/bench/prune.json (prune_big.json with --big)")
     args = parser.parse_args(argv)
@@ -319,22 +335,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {model} not found; run python tools/make_big_model.py first", file=sys.stderr)
             return 2
     wbytes = weight_bytes(model)
-    out_dirs = {"ours": workdir / "ours", "anchor": workdir / "anchor"}
+    out_dirs = {"ours": workdir / "ours", "anchor": workdir / "anchor", "baseline": workdir / "baseline"}
     outputs = {who: d / "model.onnx" for who, d in out_dirs.items()}
+
+    def ours_command(code: Path | None, out: Path) -> list[str]:
+        if code is None:
+            return [venv_tool("onnx-sparse"), "prune", str(model), "-o", str(out)]
+        return ["env", f"PYTHONPATH={code.resolve()}", sys.executable, "-m", "onnx_sparse", "prune", str(model),
+                "-o", str(out)]  # fmt: skip
+
     commands = {
-        "ours": [venv_tool("onnx-sparse"), "prune", str(model), "-o", str(outputs["ours"])]
-        if args.code is None
-        else [
-            "env",
-            f"PYTHONPATH={args.code.resolve()}",
-            sys.executable,
-            "-m",
-            "onnx_sparse",
-            "prune",
-            str(model),
-            "-o",
-            str(outputs["ours"]),
-        ],  # fmt: skip
+        "ours": ours_command(args.code, outputs["ours"]),
+        "baseline": ours_command(args.baseline, outputs["baseline"]) if args.baseline else [],
         "anchor": [
             venv_tool("polygraphy"),
             "surgeon",
@@ -351,21 +363,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
 
-    # With --code, ours runs from that checkout's folder: there `-m onnx_sparse` imports its package.
-    cwds = {"ours": args.code.resolve() if args.code else REPO, "anchor": REPO}
-    if args.code is not None:
-        _check_code(args.code)
+    # With --code/--baseline, ours runs from that checkout's folder: there `-m onnx_sparse` imports its package.
+    cwds = {"ours": (args.code or REPO).resolve(), "anchor": REPO, "baseline": (args.baseline or REPO).resolve()}
+    for code in (args.code, args.baseline):
+        if code is not None:
+            _check_code(code)
+    mine = ["ours", "baseline"] if args.baseline else ["ours"]
     for _ in range(args.warmup):
-        _fresh(out_dirs["ours"])
-        run_measured("ours-warmup", commands["ours"], cwd=cwds["ours"])
-    results: dict[str, list[RunResult]] = {"ours": [], "anchor": []}
-    for n, who in enumerate(schedule(args.runs, args.anchor_runs), 1):
+        for who in mine:
+            _fresh(out_dirs[who])
+            run_measured(f"{who}-warmup", commands[who], cwd=cwds[who])
+    results: dict[str, list[RunResult]] = {"ours": [], "anchor": [], "baseline": []}
+    order = [who for n in schedule(args.runs, args.anchor_runs) for who in (mine if n == "ours" else [n])]
+    for n, who in enumerate(order, 1):
         _fresh(out_dirs[who])
         result = run_measured(who, commands[who], cwd=cwds[who])
         results[who].append(result)
         status = "ok" if result.rc == 0 else f"rc={result.rc}"
         print(
-            f"  [{n}] {who:6s} {result.wall_s:8.2f}s  peak RSS {fmt_bytes(result.peak_rss_bytes):>9s}  "
+            f"  [{n}] {who:8s} {result.wall_s:8.2f}s  peak RSS {fmt_bytes(result.peak_rss_bytes):>9s}  "
             f"load {result.loadavg_before[0]:.2f}  {status}",
             flush=True,
         )
@@ -375,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Validate the last output of each with our checker; compare the two outputs' weights.
     validation: dict[str, dict] = {}
-    for who in ("ours", "anchor"):
+    for who in ("ours", "anchor", "baseline"):
         if not results[who] or results[who][-1].rc != 0:
             continue
         check = run_measured(f"check-{who}", [venv_tool("onnx-sparse"), "check", str(outputs[who])])
@@ -388,21 +404,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
     if "ours" in validation and "anchor" in validation:
         validation["ours_vs_anchor_weights"] = _compare_weights(outputs["ours"], outputs["anchor"])
+    if "ours" in validation and "baseline" in validation:
+        validation["ours_vs_baseline_weights"] = _compare_weights(outputs["ours"], outputs["baseline"])
 
-    ours, anchor = summarize(results["ours"]), summarize(results["anchor"])
+    ours, anchor, baseline = summarize(results["ours"]), summarize(results["anchor"]), summarize(results["baseline"])
     if ours is not None:
         internal = [t for t in map(reported_runtime, results["ours"]) if t is not None]
         ours["cli_reported_runtime_median_s"] = statistics.median(internal) if internal else None
         ours["peak_rss_over_weight_bytes"] = ours["peak_rss_max_bytes"] / wbytes
-    if anchor is not None:
-        anchor["peak_rss_over_weight_bytes"] = anchor["peak_rss_max_bytes"] / wbytes
-    speedup = anchor["wall_median_s"] / ours["wall_median_s"] if ours and anchor else None
+    for other in (anchor, baseline):
+        if other is not None:
+            other["peak_rss_over_weight_bytes"] = other["peak_rss_max_bytes"] / wbytes
+    anchor_s = anchor["wall_median_s"] if anchor else args.anchor_seconds
+    speedup = anchor_s / ours["wall_median_s"] if ours and anchor_s else None
+    # Paired: round by round, the two ran under about the same load.
+    pairs = [b.wall_s / o.wall_s for o, b in zip(results["ours"], results["baseline"], strict=False)
+             if o.rc == 0 and b.rc == 0]  # fmt: skip
+    baseline_ratio = statistics.median(pairs) if pairs else None
     profile = _profile(model, workdir, 40) if args.profile else None
     steps = _steps(model, workdir, args.steps, args.code) if args.steps else None
 
     print()
     rows = []
-    for who, summary in (("ours: onnx-sparse prune", ours), ("anchor: polygraphy surgeon prune", anchor)):
+    labelled = [("ours: onnx-sparse prune", ours), ("anchor: polygraphy surgeon prune", anchor)]
+    if args.baseline:
+        labelled.append((f"baseline: onnx-sparse prune from {args.baseline}", baseline))
+    for who, summary in labelled:
         check = validation.get(who.split(":")[0], {})
         passes = {True: "passes", False: "FAILS"}.get(check.get("check_passes"), "-")
         if summary is None:
@@ -424,7 +451,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"big model: {args.big_layers}x[{args.big_dim},{args.big_dim}], generated in {generate.wall_s:.1f}s")
     if speedup is not None:
         verdict = "meets" if speedup >= TARGET_SPEEDUP else "MISSES"
-        print(f"speedup anchor/ours (median wall): {speedup:.1f}x ({verdict} the >= {TARGET_SPEEDUP:.0f}x target)")
+        given = "" if anchor else f", anchor {anchor_s:.1f}s given, not measured"
+        print(
+            f"speedup anchor/ours (median wall{given}): {speedup:.1f}x ({verdict} the >= {TARGET_SPEEDUP:.0f}x target)"
+        )
+    if baseline_ratio is not None and ours and baseline:
+        print(
+            f"baseline/ours: {baseline['wall_median_s'] / ours['wall_median_s']:.2f}x by medians, "
+            f"{baseline_ratio:.2f}x by the median of {len(pairs)} paired rounds"
+        )
     if ours is not None:
         ratio = ours["peak_rss_over_weight_bytes"]
         verdict = "meets" if ratio <= TARGET_RSS_OVER_WEIGHTS else "MISSES"
@@ -432,6 +467,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"ours peak RSS / weight bytes: {fmt_bytes(ours['peak_rss_max_bytes'])} / {fmt_bytes(wbytes)} = "
             f"{ratio:.2f}x ({verdict} the <= {TARGET_RSS_OVER_WEIGHTS:.0f}x target)"
         )
+    if "ours_vs_baseline_weights" in validation:
+        cmp = validation["ours_vs_baseline_weights"]
+        print(f"weights ours vs baseline: {len(cmp['identical'])} identical, {len(cmp['differing'])} differ")
     if "ours_vs_anchor_weights" in validation:
         cmp = validation["ours_vs_anchor_weights"]
         detail = ", ".join(
@@ -461,6 +499,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "generate": generate.to_json() if generate else None,
         "ours": ours,
         "anchor": anchor,
+        "anchor_seconds_given": None if anchor else args.anchor_seconds,
+        "baseline": baseline,
+        "baseline_code": str(args.baseline) if args.baseline else None,
+        "baseline_over_ours_paired_median": baseline_ratio,
         "speedup_anchor_over_ours": speedup,
         "target_speedup": TARGET_SPEEDUP,
         "meets_speed_target": None if speedup is None else speedup >= TARGET_SPEEDUP,
