@@ -191,6 +191,42 @@ def test_sessions_map_external_data_instead_of_copying_it(tmp_path, monkeypatch)
         assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_prefetch_gives_the_items_in_order_and_each_error_in_its_place() -> None:
+    import threading
+
+    from onnx_sparse.calib.capture import prefetch
+
+    def items(fail_at: int | None):
+        for i in range(6):
+            if i == fail_at:
+                raise ValueError(f"item {i}")
+            yield i, threading.current_thread().name
+
+    got = list(prefetch(items(None)))
+    assert [i for i, _ in got] == list(range(6))
+    assert {name for _, name in got} == {"onnx-sparse-capture"}  # made in the worker thread
+    seen = []
+    with pytest.raises(ValueError, match="item 3"):
+        for i, _ in prefetch(items(3), ahead=1):
+            seen.append(i)
+    assert seen == [0, 1, 2]
+    closed = []
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            closed.append(True)
+
+    stream = prefetch(endless())
+    assert [next(stream) for _ in range(3)] == [0, 1, 2]
+    stream.close()  # the caller stops early: the worker stops and the source is closed
+    assert closed == [True]
+
+
 def test_runner_error_names_the_sample() -> None:
     from onnx_sparse.errors import OnnxSparseError
 

@@ -28,11 +28,13 @@ as inputs).
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import onnx
@@ -50,6 +52,7 @@ __all__ = [
     "run_model",
     "inline_model",
     "model_session",
+    "prefetch",
     "toposort_graph",
     "body_path",
     "body_producers",
@@ -58,6 +61,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
@@ -270,6 +275,57 @@ def model_session(mf: ModelFile, model: onnx.ModelProto | None = None, threads: 
     for t in external:
         write_tensor(t, np.array(read_tensor(t, mf.base_dir, mmap=False, pinned=mf.data_ids)))
     return _session(finalize_inline(model), threads)
+
+
+_END = object()
+
+
+def prefetch(items: Iterator[T], ahead: int = 2) -> Iterator[T]:
+    """``items``, computed by a worker thread up to ``ahead`` items before they are asked for.
+
+    The staged capture alternates onnxruntime runs (of the pruned and the dense model) with the
+    statistics of what they gave; with the runs in their own threads, the three overlap on the
+    cores. The items, their order and where an error is raised (at the item it replaced) are
+    those of ``items`` itself. ``items`` is run to its end, or closed when the caller stops early.
+    """
+    out: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=max(1, ahead))
+    stop = threading.Event()
+
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for x in items:
+                if not put((x, None)):
+                    return
+        except BaseException as exc:  # handed to the consumer at its place in the sequence
+            put((_END, exc))
+            return
+        put((_END, None))
+
+    thread = threading.Thread(target=work, name="onnx-sparse-capture", daemon=True)
+    thread.start()
+    try:
+        while True:
+            x, error = out.get()
+            if x is _END:
+                if error is not None:
+                    raise error
+                return
+            yield x
+    finally:
+        stop.set()
+        thread.join()
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
 
 
 def run_model(

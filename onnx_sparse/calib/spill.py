@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 
 import numpy as np
 
@@ -65,20 +66,27 @@ class Spill:
         self.spilled = 0
         self._dir: str | None = None
         self._warned = False
+        self._lock = threading.Lock()  # the pruned and the dense model's captures run in threads of their own
 
     def keep(self, value: np.ndarray) -> np.ndarray:
         """``value`` itself while the budget allows, else a read-only memory-mapped copy of it."""
-        if value.dtype.hasobject or self.in_memory + value.nbytes <= self.budget or value.nbytes == 0:
-            self.in_memory += value.nbytes
-            return value
+        with self._lock:
+            if value.dtype.hasobject or self.in_memory + value.nbytes <= self.budget or value.nbytes == 0:
+                self.in_memory += value.nbytes
+                return value
         return self._to_file(value)
 
     def release(self, value: np.ndarray) -> None:
         """Forget ``value``'s bytes (it was dropped by the caller)."""
         if not isinstance(value, np.memmap):
-            self.in_memory = max(0, self.in_memory - value.nbytes)
+            with self._lock:
+                self.in_memory = max(0, self.in_memory - value.nbytes)
 
     def _to_file(self, value: np.ndarray) -> np.ndarray:
+        with self._lock:
+            return self._spill(value)
+
+    def _spill(self, value: np.ndarray) -> np.ndarray:
         if self._dir is None or not os.path.isdir(self._dir):
             base = os.environ.get("ONNX_SPARSE_SPILL_DIR") or None
             self._dir = tempfile.mkdtemp(prefix="onnx-sparse-spill-", dir=base)

@@ -66,7 +66,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnx_sparse.calib.capture import StagedRunner, body_producers, run_model, schedule
+from onnx_sparse.calib.capture import StagedRunner, body_producers, prefetch, run_model, schedule
 from onnx_sparse.calib.data import validate_feeds
 from onnx_sparse.calib.layers import LayerView, Unsupported, layer_view
 from onnx_sparse.calib.spill import Spill
@@ -516,8 +516,9 @@ class Calibrator:
                 )  # fmt: skip
             if needs_data:
                 t_cap = time.perf_counter()
-                gen = runner.iter_stage(targets)
-                dgen = dense_runner.iter_stage(targets) if dense_runner is not None else None
+                # both models' runs in threads of their own, overlapping each other and the statistics
+                gen = prefetch(runner.iter_stage(targets))
+                dgen = prefetch(dense_runner.iter_stage(targets)) if dense_runner is not None else None
                 for i, acts in gen:
                     dacts = next(dgen)[1] if dgen is not None else None
                     keep = feeds[i][self.row_mask] if self.row_mask is not None else None
