@@ -47,7 +47,7 @@ from onnx import numpy_helper
 from onnx_sparse.core import nm
 from onnx_sparse.core.hessian import conv_output_shape, conv_weight_to_matrix, im2col_rows, iter_im2col
 from onnx_sparse.graph.locate import LOOK_THROUGH, WeightSite
-from onnx_sparse.io import ModelFile
+from onnx_sparse.io import ModelFile, tensor_dtype
 
 __all__ = ["Unsupported", "LayerView", "layer_view", "CHUNK_BYTES"]
 
@@ -423,8 +423,11 @@ def layer_view(
 
     opsets = tuple((o.domain if o.domain != "ai.onnx" else "", int(o.version)) for o in mf.model.opset_import)
     opsets = tuple(o for o in opsets if o[0] == "") or (("", 17),)
-    stored = np.asarray(mf.read(site.tensor))
-    shape = tuple(stored.shape)
+    if chain:
+        stored = np.asarray(mf.read(site.tensor))
+        shape, dtype = tuple(stored.shape), stored.dtype
+    else:  # a weight read as stored: its view needs its shape and dtype, not its values
+        shape, dtype = tuple(int(d) for d in site.tensor.dims), tensor_dtype(site.tensor)
     groups = int(attrs.get("group", 1)) if kind == "conv" else 1
     if chain:
         index_arr = np.arange(stored.size, dtype=np.int64).reshape(shape)
@@ -443,15 +446,21 @@ def layer_view(
     else:
         if shape != tuple(site.consumer_shape):
             raise Unsupported(f"{site.node}: weight path gives {shape}, expected {site.consumer_shape}")
-        index = _index_matrices(kind, shape, groups, site)  # the same indices the view remakes on demand
+        # Every output row of a plain weight has the same column layout: the view's indices (remade
+        # on demand) and the sanity probe below need only one row per group, not the whole weight.
+        out_axis = 0 if kind == "conv" or (kind == "gemm" and int(attrs.get("transB", 0))) else 1
+        if len(shape) != 2 and kind != "conv":
+            raise Unsupported(f"{site.node}: weight of rank {len(shape)}")
+        shape_small = tuple(groups if a == out_axis else d for a, d in enumerate(shape))
+        index = _index_matrices(kind, shape_small, groups, site)
     rows_g, cols = index[0].shape
+    if not chain:
+        rows_g = shape[out_axis] // groups
     if cols % nm.GROUP_SIZE:
         raise Unsupported(f"{site.node}: {cols} input features are not a multiple of 4")
-    requant = _requantizer(chain, side, stored)
-    fake_quant = stored.dtype.kind == "f" and _is_qdq_pair(chain)
-    mask_only = (
-        requant is None and not fake_quant and (any(c.op_type in _QUANT for c in chain) or stored.dtype.kind in "iu")
-    )
+    requant = _requantizer(chain, side, stored) if chain else None
+    fake_quant = dtype.kind == "f" and _is_qdq_pair(chain)
+    mask_only = requant is None and not fake_quant and (any(c.op_type in _QUANT for c in chain) or dtype.kind in "iu")
     view = LayerView(
         site=site,
         kind=kind,
@@ -461,7 +470,7 @@ def layer_view(
         path_index=index if chain else None,  # a plain weight's indices are remade on demand
         mask_only=mask_only,
         stored_shape=shape,
-        stored_dtype=stored.dtype,
+        stored_dtype=dtype,
         chain=tuple(chain),
         side=side,
         opsets=opsets,
@@ -486,9 +495,13 @@ def layer_view(
         view.auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
         if view.auto_pad not in ("NOTSET", "", "VALID", "SAME_UPPER", "SAME_LOWER"):
             raise Unsupported(f"{site.node}: auto_pad={view.auto_pad}")
-    # Sanity: the matrix groups of 4 must be the stored axis' groups of 4.
-    probe = view.to_stored([np.tile([1.0, 1.0, 0.0, 0.0], m.size // 4).reshape(m.shape) for m in index],
-                           np.ones(shape, dtype=np.float64))  # fmt: skip
-    if not nm.is_2_4(probe, site.axis):
+    # Sanity: the matrix groups of 4 must be the stored axis' groups of 4 (for a plain weight, on
+    # its first row per group: the other rows have the same layout).
+    probe_shape = shape if chain else shape_small
+    flat = np.zeros(math.prod(probe_shape))
+    flat[np.concatenate([m.ravel() for m in index])] = np.concatenate(
+        [np.tile([1.0, 1.0, 0.0, 0.0], m.size // 4) for m in index]
+    )
+    if not nm.is_2_4(flat.reshape(probe_shape), site.axis):
         raise Unsupported(f"{site.node}: the matrix columns do not follow the stored axis {site.axis}")
     return view
