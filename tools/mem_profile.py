@@ -24,6 +24,7 @@ import argparse
 import functools
 import inspect
 import json
+import os
 import shutil
 import sys
 import threading
@@ -205,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kind, layers = _size(args.size)
     path = write_model(kind, layers, args.workdir)
     weights = sum(p.stat().st_size for p in path.parent.iterdir())
-    out = args.workdir / "profile-out" / "model.onnx"
+    out = args.workdir / f"profile-out-{os.getpid()}" / "model.onnx"  # runs side by side do not meet
     shutil.rmtree(out.parent, ignore_errors=True)
     out.parent.mkdir(parents=True)
     cal = feeds(SHAPES[kind][0], args.samples, args.seq)
