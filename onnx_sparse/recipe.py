@@ -394,9 +394,9 @@ def calibration_digest(feeds: Sequence[Mapping[str, Any]]) -> str:
     for feed in feeds:
         h.update(b"feed")
         for name in sorted(feed):
-            a = np.ascontiguousarray(np.asarray(feed[name]))
+            a = np.asarray(feed[name])  # not ascontiguousarray: it turns a rank-0 feed into shape (1,)
             h.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode())
-            h.update(a.tobytes())
+            h.update(a.tobytes(order="C"))
     return "sha256:" + h.hexdigest()
 
 

@@ -49,6 +49,13 @@ def test_calibration_digest_depends_on_names_values_and_order_of_feeds() -> None
     assert digest != calibration_digest([{"x": b}])
     assert digest != calibration_digest([{"y": a}])
     assert calibration_digest([{"x": a}, {"x": b}]) != calibration_digest([{"x": b}, {"x": a}])
+    # the shape is part of the data: a rank-0 feed (a sample rate) is not the same as shape (1,) or (1, 1)
+    scalar = calibration_digest([{"sr": np.array(16000, np.int64)}])
+    assert scalar != calibration_digest([{"sr": np.array([16000], np.int64)}])
+    assert scalar != calibration_digest([{"sr": np.array([[16000]], np.int64)}])
+    # the layout in memory is not: a transposed (non-contiguous) view digests as its C-order copy
+    t = np.arange(6, dtype=np.float32).reshape(3, 2).T
+    assert calibration_digest([{"x": t}]) == calibration_digest([{"x": np.ascontiguousarray(t)}])
 
 
 def test_read_provenance_of_partial_or_broken_metadata() -> None:
