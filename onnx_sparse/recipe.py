@@ -103,6 +103,9 @@ class Recipe:
         refit_head: Refit a pruned softmax head to the dense probabilities by KL divergence
             (needs data). None: the default's choice.
         damp: SparseGPT relative damping (``lambda = damp * mean(diag H)``).
+        refit_confirm: ``asym``: the refit's ridge damping is chosen by cross-validation of the dense
+            refit's held-out error; with ``k > 0`` the ``k`` best candidates are then decided by the
+            pruned refit's held-out error (closer to what the layer will compute, dearer).
         blocksize: SparseGPT lazy-update block size (a multiple of 4).
         max_rows: Activation rows per calibration sample and layer (None: all).
         seed: Seed of the row subsampling (and of the head refit's held-out split).
@@ -134,6 +137,7 @@ class Recipe:
     bias_correction: bool | None = None
     refit_head: bool | None = None
     damp: float = 0.01
+    refit_confirm: int = 0
     blocksize: int = 128
     max_rows: int | None = DEFAULT_MAX_ROWS
     seed: int = 0
@@ -172,6 +176,8 @@ class Recipe:
             raise OnnxSparseError(f"--min-channels must be >= 0, got {self.min_channels}")
         if not self.damp >= 0:
             raise OnnxSparseError(f"--damp must be non-negative, got {self.damp}")
+        if self.refit_confirm < 0:
+            raise OnnxSparseError(f"--refit-confirm must be >= 0, got {self.refit_confirm}")
         if self.blocksize < 4 or self.blocksize % 4:
             raise OnnxSparseError(f"--blocksize must be a positive multiple of 4, got {self.blocksize}")
         if self.max_rows is not None and self.max_rows < 1:
@@ -331,6 +337,7 @@ _TYPES: dict[str, str] = {
     "bias_correction": "bool?",
     "refit_head": "bool?",
     "damp": "float",
+    "refit_confirm": "int",
     "blocksize": "int",
     "max_rows": "int?",
     "seed": "int",

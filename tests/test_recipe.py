@@ -133,7 +133,8 @@ def test_defaults_are_pinned() -> None:
     one changes outputs, so it is a decision, not an edit. The README states some of them."""
     assert Recipe().to_dict() == {
         "format": 1, "method": None, "include": [], "exclude": [], "ops": [], "min_channels": 0,
-        "bias_correction": None, "refit_head": None, "damp": 0.01, "blocksize": 128, "max_rows": 20_000,
+        "bias_correction": None, "refit_head": None, "damp": 0.01, "refit_confirm": 0, "blocksize": 128,
+        "max_rows": 20_000,
         "seed": 0, "row_mask": None, "calib_samples": None, "sensitivity": False, "target_cosine": None,
         "holdout": 0.25, "fc_layout": False, "annotate": False, "int8": False, "int8_calibration": "search",
         "int8_percentile": 99.999, "int8_layers": "eligible", "int8_max_error": None, "int8_smooth": True,
@@ -145,7 +146,13 @@ def test_defaults_are_pinned() -> None:
 
 @pytest.mark.parametrize(
     ("field", "ok", "bad"),
-    [("calib_samples", 1, 0), ("target_cosine", -1.0, -1.5), ("target_cosine", 1.0, 1.01), ("max_rows", 1, 0)],
+    [
+        ("calib_samples", 1, 0),
+        ("target_cosine", -1.0, -1.5),
+        ("target_cosine", 1.0, 1.01),
+        ("max_rows", 1, 0),
+        ("refit_confirm", 0, -1),
+    ],
 )
 def test_validation_edges(field: str, ok, bad) -> None:
     assert getattr(Recipe(**{field: ok}), field) == ok
@@ -172,6 +179,7 @@ def test_passes_take_the_recipe() -> None:
     r = Recipe(method="wanda", exclude=("fc3",), max_rows=100, seed=3)
     p = CalibratedPrunePass(r, mlp_data(0, 2))
     assert p.recipe == r.resolve(True) and p.engine.max_rows == 100 and p.engine.seed == 3
+    assert CalibratedPrunePass(r.replace(refit_confirm=2), mlp_data(0, 2)).engine.refit_confirm == 2
     assert p.selection["exclude"] == ("fc3",)
     s = SensitivityPrunePass(r.replace(target_cosine=0.9), mlp_data(0, 2))
     assert s.target == 0.9 and s.method == "wanda"
@@ -180,6 +188,26 @@ def test_passes_take_the_recipe() -> None:
     assert isinstance(make_prune_pass(Recipe(sensitivity=True), mlp_data(0, 2)), SensitivityPrunePass)
     with pytest.raises(TypeError, match="either a Recipe or keyword options"):
         CalibratedPrunePass(r, mlp_data(0, 2), damp=0.1)
+
+
+def test_refit_confirm_reaches_the_damping_choice(monkeypatch) -> None:
+    """`refit_confirm` (`--refit-confirm K`) is what every asym layer's damping choice confirms with."""
+    from onnx_sparse.prune import select
+
+    seen: list[int] = []
+    real = select.choose_refit_damp
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("confirm", 0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(select, "choose_refit_damp", spy)
+    model, feeds = mlp(), mlp_data(1, 6)
+    api.prune(model, Recipe(method="asym", refit_confirm=2), calibration=feeds)
+    assert seen and set(seen) == {2}
+    seen.clear()
+    api.prune(model, Recipe(method="asym"), calibration=feeds)
+    assert seen and set(seen) == {0}
 
 
 def test_keyword_api_equals_recipe_api() -> None:

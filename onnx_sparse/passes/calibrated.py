@@ -214,6 +214,8 @@ class Calibrator:
     Args:
         method: One of :data:`METHODS`.
         damp: SparseGPT relative damping.
+        refit_confirm: ``asym``: the refit dampings the pruned refit's held-out error decides
+            between (:func:`~onnx_sparse.prune.select.choose_refit_damp`'s ``confirm``).
         blocksize: SparseGPT block size.
         max_rows: Row budget per sample and layer (None: all rows).
         seed: Seed of the row subsampling.
@@ -232,6 +234,7 @@ class Calibrator:
         method: str = "sparsegpt",
         *,
         damp: float = 0.01,
+        refit_confirm: int = 0,
         blocksize: int = 128,
         max_rows: int | None = DEFAULT_MAX_ROWS,
         seed: int = 0,
@@ -250,7 +253,10 @@ class Calibrator:
         if max_rows is not None and max_rows < 1:
             raise OnnxSparseError(f"max_rows must be positive, got {max_rows}")
         self.method = method
+        if refit_confirm < 0:
+            raise OnnxSparseError(f"--refit-confirm must be >= 0, got {refit_confirm}")
         self.damp = damp
+        self.refit_confirm = refit_confirm
         self.blocksize = blocksize
         self.max_rows = max_rows
         self.seed = seed
@@ -381,7 +387,13 @@ class Calibrator:
                     if inputs is not None:
                         n_rows = inputs.every.n
                         new_w, info, cv = asymmetric_cv_2_4(
-                            w, blocksize=self.blocksize, damp=self.damp, inputs=inputs, int8=joint, col_scale=cols
+                            w,
+                            confirm=self.refit_confirm,
+                            blocksize=self.blocksize,
+                            damp=self.damp,
+                            inputs=inputs,
+                            int8=joint,
+                            col_scale=cols,
                         )
                         refit = cv.damp if refit is None else max(refit, cv.damp)
                     else:
@@ -690,6 +702,7 @@ class CalibratedPrunePass(Pass):
         self.engine = Calibrator(
             method,
             damp=recipe.damp,
+            refit_confirm=recipe.refit_confirm,
             blocksize=recipe.blocksize,
             max_rows=recipe.max_rows,
             seed=recipe.seed,
