@@ -82,7 +82,8 @@ class Profile:
         self.interval = interval
         self.t0 = time.perf_counter()
         self.samples: list[tuple[float, int, int]] = []
-        self.events: list[tuple[float, str, str, int]] = []  # (t, "enter"/"exit", name, rss)
+        #: (t, "enter"/"exit", name, rss, thread): capture's worker threads mark their phases too
+        self.events: list[tuple[float, str, str, int, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._lock = threading.Lock()
@@ -103,7 +104,9 @@ class Profile:
     def mark(self, kind: str, name: str) -> None:
         anon, file = _rss()
         with self._lock:
-            self.events.append((time.perf_counter() - self.t0, kind, name, anon + file))
+            thread = threading.current_thread()
+            label = "" if thread is threading.main_thread() else thread.name
+            self.events.append((time.perf_counter() - self.t0, kind, name, anon + file, label))
             self.samples.append((time.perf_counter() - self.t0, anon, file))
 
     def wrap(self, fn: Callable[..., Any], name: str) -> Callable[..., Any]:
@@ -158,12 +161,19 @@ class Profile:
                         setattr(m, attr, wrapped)
 
     def phases(self) -> list[dict[str, Any]]:
-        """One entry per marked call: start, seconds, RSS at entry, the peak sample inside, at exit."""
+        """One entry per marked call: start, seconds, RSS at entry, the peak sample inside, at exit.
+
+        Nesting is followed per thread (capture runs pieces in worker threads while the main
+        thread solves; one shared stack paired their exits with the wrong entries). A worker
+        thread's phases sit one level below the outermost phase and carry the thread's name.
+        """
         out = []
-        stack: list[tuple[float, str, int, int]] = []
-        for t, kind, name, rss in self.events:
+        stacks: dict[str, list[tuple[float, str, int, int]]] = {}
+        for t, kind, name, rss, thread in self.events:
+            stack = stacks.setdefault(thread, [])
+            base = 1 if thread else 0
             if kind == "enter":
-                stack.append((t, name, rss, len(stack)))
+                stack.append((t, name, rss, base + len(stack)))
                 continue
             while stack and stack[-1][1] != name:
                 stack.pop()
@@ -171,7 +181,8 @@ class Profile:
                 continue
             t_in, _, rss_in, depth = stack.pop()
             peak = max((a + f for s, a, f in self.samples if t_in <= s <= t), default=rss)
-            out.append({"name": name, "depth": depth, "start": t_in, "seconds": t - t_in, "rss_in": rss_in,
+            label = f"{name} [{thread}]" if thread else name
+            out.append({"name": label, "depth": depth, "start": t_in, "seconds": t - t_in, "rss_in": rss_in,
                         "peak": peak, "rss_out": rss})  # fmt: skip
         return sorted(out, key=lambda p: p["start"])
 
