@@ -313,6 +313,18 @@ def test_magnitude_scores_default_and_float_zero():
     assert nm.magnitude_scores(w.astype(np.float64)).dtype == np.float64
 
 
+def test_scores_rank_at_their_own_precision_not_the_weights():
+    """Wanda's float64 scores on a float32 weight: two scores closer than float32 can tell apart still rank.
+
+    Rounded to float32 they would tie and the tie would go to the lower index, keeping the wrong
+    entry (a different pruned model from the same scores)."""
+    w = np.ones((1, 4), np.float32)
+    scores = np.array([[3.0, 1.0, 1.0 + 1e-9, 0.5]])  # 1.0 and 1.0 + 1e-9 are the same float32
+    assert np.float32(scores[0, 1]) == np.float32(scores[0, 2])
+    assert (nm.prune_2_4(w, 1, scores=scores) != 0).tolist() == [[True, False, True, False]]
+    assert nm.keep_top2(scores, 1).tolist() == [[True, False, True, False]]
+
+
 def test_violating_fraction_of_an_empty_weight_is_zero():
     assert nm.violating_fraction(np.zeros((0, 4), np.float32), 1) == 0.0
 
