@@ -83,7 +83,8 @@ class _Scratch:
 
     A prune rewrites every weight of a large model; held in memory until the save, the new
     values would be a second copy of the weights. Here they cost disk and page cache: a mapped
-    value is resident only while something reads it (the next stage's capture, the save). The
+    value's pages stay in the process's resident set once read, until the reader gives them back
+    (:meth:`ModelFile.release`: the capture's session copies, the 2:4 checks, the save). The
     file lives in ``ONNX_SPARSE_SPILL_DIR`` or the system's temporary folder, and is unlinked at
     once, so nothing is left behind even when the process is killed.
     """
@@ -146,6 +147,13 @@ class ModelFile:
         if id(t) in self.pending:
             return self.pending[id(t)][1]
         return read_tensor(t, self.base_dir, mmap=mmap, pinned=self.data_ids)
+
+    def release(self, t: TensorProto | None) -> None:
+        """Give back the resident pages of ``t``'s new value when it waits on disk (read again from
+        the file if touched): a reader of many weights (a session copy, a check) calls it after
+        each, so the rewritten weights do not pile up in memory before the save."""
+        if t is not None and id(t) in self.pending:
+            _release_pages(self.pending[id(t)][1])
 
     def ref(self, t: TensorProto) -> ExternalRef:
         """Where the stored bytes of external ``t`` are, checked against what was checked at load."""

@@ -468,3 +468,40 @@ def test_a_link_with_the_data_files_name_is_not_taken_for_the_same_bytes(tmp_pat
     with pytest.raises(OnnxSparseError, match="different file with this name"):
         io.save_model(io.load_model(src), folder / "o.onnx")
     assert (folder / name).is_symlink() and not (folder / "o.onnx").exists()
+
+
+def _resident_kb(marker: str) -> int:
+    """Resident kB of this process's mappings whose path contains ``marker`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            inside = marker in line
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
+def test_a_new_value_read_for_a_copy_does_not_stay_resident(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 20: each capture stage copies the earlier layers' new values into its session; the
+    pages of the scratch file they were read from must not pile up in memory until the save."""
+    from onnx_sparse.calib.capture import _tensor_copy
+
+    src = tmp_path / "m.onnx"
+    _save_external(case_path("conv_bn_folded.onnx"), src)
+    monkeypatch.setenv("ONNX_SPARSE_SPILL_DIR", str(tmp_path))
+    monkeypatch.setattr(io, "SCRATCH_FROM", 10_000)
+    mf = io.load_model(src)
+    t = next(t for t in mf.model.graph.initializer if t.name == "conv1.weight")
+    want = np.random.default_rng(0).standard_normal((32, 16, 3, 3)).astype(np.float32)
+    mf.write(t, want)
+    assert float(np.asarray(mf.read(t)).sum()) == pytest.approx(float(want.sum()), rel=1e-5)
+    assert _resident_kb("onnx-sparse-values-") >= 16  # read: its pages are resident
+    mf.release(t)
+    assert _resident_kb("onnx-sparse-values-") == 0
+    copy = _tensor_copy(mf, t)  # what a stage's session gets
+    np.testing.assert_array_equal(numpy_helper.to_array(copy), want)
+    assert _resident_kb("onnx-sparse-values-") == 0
+    np.testing.assert_array_equal(mf.read(t), want)  # read again from the file when touched
+    mf.release(None)  # a site without a tensor: nothing to give back

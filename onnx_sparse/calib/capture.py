@@ -223,6 +223,7 @@ def _tensor_copy(mf: ModelFile, t: TensorProto, name: str | None = None) -> Tens
     """An inline copy of ``t`` with its current value (pending or external values loaded)."""
     if id(t) in mf.pending or t.data_location == TensorProto.EXTERNAL or len(t.external_data):
         out = numpy_helper.from_array(np.asarray(mf.read(t, mmap=False)), name or t.name)
+        mf.release(t)  # the copy is made: a new value waiting on disk need not stay resident too
         return out
     out = TensorProto()
     out.CopyFrom(t)

@@ -225,3 +225,4 @@ class PrunePass(Pass):
             w = read_weight(site, result.model)
             if not nm.is_2_4(w, site.axis, zero_value(site)):
                 raise AssertionError(f"{site.node}: weight {site.weight} is not 2:4 after pruning")
+            result.model.release(site.tensor)
