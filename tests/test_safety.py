@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -736,14 +737,19 @@ def test_a_data_file_swapped_after_its_check_is_not_read(
     else:
         armed: list[bool] = []
         real_ref = osio.external_ref
+        # weights are read on several threads: one attacker step (restore, check, swap) at a time,
+        # or one thread's swap lands inside another's check and that check refuses the file first
+        # (a different refusal than the one this test is about)
+        step = threading.Lock()
 
         def racing_ref(t, base_dir):
-            if armed:
-                restore()
-            ref = real_ref(t, base_dir)
-            if armed:
-                swap()
-            return ref
+            with step:
+                if armed:
+                    restore()
+                ref = real_ref(t, base_dir)
+                if armed:
+                    swap()
+                return ref
 
         monkeypatch.setattr(osio, "external_ref", racing_ref)
         _swap_after_the_checks(monkeypatch, lambda: armed.append(True))
