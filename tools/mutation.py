@@ -13,7 +13,7 @@ Set up once, in a virtual environment of its own (the tests still run in the pro
 
 Run (long: nice it; results are kept per module, ``--resume`` goes on where a run stopped)::
 
-    nice -n 19 .cache/mutation-venv/bin/python tools/mutation.py --sites 60 --jobs 2
+    nice -n 19 .cache/mutation-venv/bin/python tools/mutation.py --sites 40 --jobs 2
     .cache/mutation-venv/bin/python tools/mutation.py --report     # scores and survivors of the last run
     .cache/mutation-venv/bin/python tools/mutation.py --recheck    # after adding tests: the survivors again
     .cache/mutation-venv/bin/cr-report .cache/mutation/graph_qdq.sqlite --show-diff   # Cosmic Ray's own report
