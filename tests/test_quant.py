@@ -11,7 +11,7 @@ from conftest import case_path, error_lines, ort_run, sha256
 from onnx import numpy_helper
 from polygraphy.json import save_json
 
-from onnx_sparse import api
+from onnx_sparse import api, runtime
 from onnx_sparse.core import nm
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.graph.locate import find_weight_sites
@@ -46,17 +46,26 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.parametrize("name", ["conv_bn_folded.onnx", "mlp.onnx", "constant_nodes.onnx"])
 def test_every_eligible_layer_is_sparse_int8(name: str, tmp_path: Path) -> None:
+    """The structure: with every layer kept INT8 (no fidelity target), every eligible layer is INT8
+    in / 2:4 weight / out. With the default target, a layer left float is one the fidelity search
+    gave back to float, and says so (on these toy models with random feeds and one held-out feed,
+    whether the target is met depends on the last bits of the CPU's BLAS)."""
     pruned = api.prune(onnx.load(case_path(name)))
     feeds = _feeds(pruned)
-    result = quantize(pruned, feeds)
+    result = quantize(pruned, feeds, QuantizeOptions(target_cosine=None))
     model = result.model.model
     onnx.checker.check_model(model, full_check=True)
     for layer in result.layers:
         if layer.eligible:
             assert layer.sparse_int8, (layer.node, layer.int8)
             assert layer.int8 is not None and layer.int8.possible
-    # still the same function, to INT8 precision
-    for a, b in zip(ort_run(pruned, feeds[0]), ort_run(model, feeds[0]), strict=True):
+    for layer in quantize(pruned, feeds).layers:
+        if layer.eligible and not layer.sparse_int8:
+            assert not layer.quantized and layer.reason.startswith("mixed precision: output cosine"), layer
+    # still the same function, to INT8 precision: Q/DQ as written (onnxruntime's fused integer kernels
+    # saturate 16-bit sums on CPUs without VNNI: 0.961 here on an AVX2-only CPU for constant_nodes)
+    plain = runtime.session(model, optimize=False)
+    for a, b in zip(ort_run(pruned, feeds[0]), plain.run(None, feeds[0]), strict=True):
         assert _cosine(a, b) > 0.99
 
 

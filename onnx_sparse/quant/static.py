@@ -491,7 +491,10 @@ def finish(
         def fidelity(extra: frozenset[str]) -> float:
             key = extra | frozenset(float_layers)
             if key not in cache:
-                sess = runtime.session(build(key), what="the INT8 candidate")
+                # Q/DQ as written (no fusion into onnxruntime's integer kernels: on CPUs without VNNI
+                # their u8 x s8 products saturate 16-bit sums, which no GPU engine does, and the
+                # fidelity, and so which layers stay INT8, would follow the CPU)
+                sess = runtime.session(build(key), what="the INT8 candidate", optimize=False)
                 got = [runtime.run(sess, names, f, where="a held-out calibration sample") for f in held]
                 cache[key] = output_fidelity(reference, got)
             return cache[key]
