@@ -177,6 +177,7 @@ def prune(
     recipe, the onnx-sparse version and a digest of the calibration data
     (:func:`onnx_sparse.recipe.provenance`); a model that comes out unchanged (nothing eligible,
     already 2:4) keeps the record of how it was made, if any. The input is not modified.
+    With ``int8`` (recipe field) the output is the sparse INT8 Q/DQ model (as :func:`prune_file`).
     """
     pipeline, resolved, calib, made = _plan(recipe, method, calibration, options)
     if _is_gs_graph(model):
@@ -197,6 +198,13 @@ def prune(
 def _run_in_memory(
     model: Any, pipeline: Sequential, recipe: Recipe, calib: _Calibration | None, made: bool
 ) -> onnx.ModelProto:
+    if recipe.int8:  # the sparse INT8 model, as prune_file and the CLI's prune --int8 make it
+        if calib is None:
+            raise OnnxSparseError(
+                "INT8 quantization needs calibration data", hint="pass calibration= (a list of feeds)"
+            )
+        _, quantized = _prune_int8(as_model_file(model), pipeline, recipe, calib, made)
+        return finalize_inline(quantized.model.model)
     result = run_pipeline(pipeline, as_model_file(model))
     if made and result.modified:
         _stamp(result.model.model, recipe, calib)

@@ -327,3 +327,20 @@ def test_the_walks_integers_are_stored_without_a_second_rounding() -> None:
         shape[axis] = -1
         _, fresh_scale = quantize_weight(ints * scale.reshape(shape), axis)
         assert not np.array_equal(fresh_scale, scale)  # what a second rounding would have stored
+
+
+def test_api_prune_with_int8_returns_the_sparse_int8_model() -> None:
+    """api.prune(model, Recipe(int8=True), calibration=...) is prune --int8 in memory (it used to
+    return the FP32 prune and ignore the setting); without data it is one clear error."""
+    from onnx_sparse import Recipe
+
+    model = onnx.load(case_path("mlp.onnx"))
+    feeds = _feeds(model)
+    out = api.prune(model, Recipe(int8=True), calibration=feeds)
+    onnx.checker.check_model(out, full_check=True)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in out.graph.node}
+    for site in find_weight_sites(out):
+        if site.eligible:
+            assert site.dtype == "int8" and nm.is_2_4(numpy_helper.to_array(site.tensor), site.axis)
+    with pytest.raises(OnnxSparseError, match="needs calibration data"):
+        api.prune(model, Recipe(int8=True))
