@@ -34,7 +34,16 @@ from onnx import TensorProto, numpy_helper
 
 from onnx_sparse.graph import rules
 
-__all__ = ["Int8Layer", "find_layers", "quantize_weight", "write_qdq", "SMOOTH_IN", "SMOOTH_OUT", "weight_axes"]
+__all__ = [
+    "Int8Layer",
+    "find_layers",
+    "quantize_weight",
+    "write_qdq",
+    "SMOOTH_IN",
+    "SMOOTH_OUT",
+    "weight_axes",
+    "index_graph",
+]
 
 #: Name prefixes of the rescaling Mul nodes :mod:`onnx_sparse.quant.smooth` inserts.
 SMOOTH_IN = "onnx_sparse_smooth_in/"
@@ -83,9 +92,10 @@ def weight_axes(node: onnx.NodeProto) -> tuple[int, int, int] | None:
     return None
 
 
-def _index(
+def index_graph(
     model: onnx.ModelProto,
 ) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]], dict[str, TensorProto]]:
+    """``(producer of each value, consumers of each value, initializers by name)`` of the main graph."""
     producers = {o: n for n in model.graph.node for o in n.output if o}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in model.graph.node:
@@ -123,7 +133,7 @@ def _output_point(
 def find_layers(model: onnx.ModelProto, nodes: Iterable[str]) -> list[Int8Layer]:
     """The :class:`Int8Layer` of each named node (main graph; the weight must be a float32 initializer)."""
     wanted = set(nodes)
-    _, consumers, inits = _index(model)
+    _, consumers, inits = index_graph(model)
     outputs = {o.name for o in model.graph.output}
     out = []
     for node in model.graph.node:
@@ -214,7 +224,7 @@ def write_qdq(
     out.CopyFrom(model)
     g = out.graph
     names = _Names(out)
-    producers, _, inits = _index(out)
+    producers, _, inits = index_graph(out)
     outputs = {o.name for o in g.output}
     out_points = {x.output for x in layers}
     reads_dq: dict[str, set[str]] = {}  # tensor -> nodes that read its dequantized value (None: every consumer)

@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from onnx_sparse.quant.assemble import SMOOTH_IN, SMOOTH_OUT, Int8Layer, weight_axes
+from onnx_sparse.quant.assemble import SMOOTH_IN, SMOOTH_OUT, Int8Layer, index_graph, weight_axes
 from onnx_sparse.quant.calibrate import TensorStats, choose_scale, fake_quant
 
 __all__ = ["Rescale", "choose", "rescale", "fold_target", "ALPHAS", "EQUALIZE", "MIN_GAIN"]
@@ -152,18 +152,6 @@ def choose(
 # --------------------------------------------------------------------------------------------- graph
 
 
-def _index(
-    model: onnx.ModelProto,
-) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]], dict[str, TensorProto]]:
-    producers = {o: n for n in model.graph.node for o in n.output if o}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            if i:
-                consumers.setdefault(i, []).append(n)
-    return producers, consumers, {t.name: t for t in model.graph.initializer}
-
-
 def _set(inits: Mapping[str, TensorProto], name: str, value: np.ndarray) -> None:
     t = inits[name]
     t.CopyFrom(numpy_helper.from_array(value.astype(numpy_helper.to_array(t).dtype), name))
@@ -176,7 +164,7 @@ def _uses(consumers: Mapping[str, list[onnx.NodeProto]], name: str) -> int:
 def fold_target(model: onnx.ModelProto, tensor: str, axis_last: bool) -> list[tuple[str, int]] | None:
     """The constants to divide by ``v`` so that ``tensor`` comes out divided by ``v``: ``(initializer,
     axis)`` pairs, or None when the producer cannot take it. Only constants used once are changed."""
-    producers, consumers, inits = _index(model)
+    producers, consumers, inits = index_graph(model)
     node = producers.get(tensor)
     seen = 0
     while node is not None and node.op_type in _HOMOGENEOUS and seen < 4:
@@ -245,7 +233,7 @@ def rescale(model: onnx.ModelProto, tensor: str, axis: int, v: np.ndarray, reade
         axis: The channel axis of ``tensor`` (-1 or 1).
     """
     readers = list(readers)
-    producers, consumers, inits = _index(model)
+    producers, consumers, inits = index_graph(model)
     axis_last = axis == -1
     v = np.asarray(v, dtype=np.float64)
     # the readers take v into their input channels
