@@ -408,6 +408,36 @@ def _check_group(channels: int, group: int, what: str) -> int:
     return channels // group
 
 
+class _Im2col:
+    """What :func:`iter_im2col` and :func:`im2col_rows` both derive from the input and the conv's
+    attributes (checked): the padded widths, the kernel positions and the chunk step."""
+
+    def __init__(
+        self,
+        x: npt.ArrayLike,
+        kernel_shape: Sequence[int],
+        strides: Sequence[int] | None,
+        pads: Sequence[int] | None,
+        dilations: Sequence[int] | None,
+        group: int,
+        chunk_rows: int | None,
+    ) -> None:
+        a = np.asarray(x)
+        if a.ndim < 3:
+            raise ValueError(f"im2col needs an input [N, C, *spatial] (1 to 3 spatial axes), got {a.shape}")
+        self.a, self.spatial = a, a.ndim - 2
+        k, self.s, self.p, self.d = _conv_params(self.spatial, kernel_shape, strides, pads, dilations)
+        self.n_batch, self.channels = a.shape[:2]
+        self.cg = _check_group(self.channels, group, "input channels")
+        self.out_shape = conv_output_shape(a.shape[2:], k, self.s, self.p, self.d)
+        if chunk_rows is not None and chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be positive or None, got {chunk_rows}")
+        self.line = math.prod(self.out_shape[1:])  # rows per position on the first spatial axis
+        self.step = self.out_shape[0] if chunk_rows is None else max(1, chunk_rows // max(self.line, 1))
+        self.width = [(0, 0), (0, 0)] + [(self.p[i], self.p[i + self.spatial]) for i in range(self.spatial)]
+        self.offsets = list(itertools.product(*(range(v) for v in k)))  # row-major kernel positions
+
+
 def iter_im2col(
     x: npt.ArrayLike,
     kernel_shape: Sequence[int],
@@ -436,21 +466,10 @@ def iter_im2col(
     Yields:
         A list of ``group`` arrays ``[rows, prod(kernel) * C/group]`` (dtype of ``x``).
     """
-    a = np.asarray(x)
-    if a.ndim < 3:
-        raise ValueError(f"im2col needs an input [N, C, *spatial] (1 to 3 spatial axes), got {a.shape}")
-    spatial = a.ndim - 2
-    k, s, p, d = _conv_params(spatial, kernel_shape, strides, pads, dilations)
-    n_batch, channels = a.shape[:2]
-    cg = _check_group(channels, group, "input channels")
-    out_shape = conv_output_shape(a.shape[2:], k, s, p, d)
-    if chunk_rows is not None and chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be positive or None, got {chunk_rows}")
-    line = math.prod(out_shape[1:])  # rows per position on the first spatial axis
-    step = out_shape[0] if chunk_rows is None else max(1, chunk_rows // max(line, 1))
-    width = [(0, 0), (0, 0)] + [(p[i], p[i + spatial]) for i in range(spatial)]
-    offsets = list(itertools.product(*(range(v) for v in k)))  # row-major kernel positions
-    for b in range(n_batch):
+    g = _Im2col(x, kernel_shape, strides, pads, dilations, group, chunk_rows)
+    a, spatial, channels, cg, out_shape, offsets = g.a, g.spatial, g.channels, g.cg, g.out_shape, g.offsets
+    s, p, d, width, step = g.s, g.p, g.d, g.width, g.step
+    for b in range(g.n_batch):
         xp = np.pad(a[b : b + 1], width) if any(p) else a[b : b + 1]
         for o0 in range(0, out_shape[0], step):
             o1 = min(o0 + step, out_shape[0])
@@ -488,30 +507,19 @@ def im2col_rows(
     budget) costs its own rows, not the whole matrix: the input is padded and put channels-last
     once, and each kernel position is one gather of whole channel vectors.
     """
-    a = np.asarray(x)
-    if a.ndim < 3:
-        raise ValueError(f"im2col needs an input [N, C, *spatial] (1 to 3 spatial axes), got {a.shape}")
-    spatial = a.ndim - 2
-    k, s, p, d = _conv_params(spatial, kernel_shape, strides, pads, dilations)
-    n_batch, channels = a.shape[:2]
-    cg = _check_group(channels, group, "input channels")
-    out_shape = conv_output_shape(a.shape[2:], k, s, p, d)
+    g = _Im2col(x, kernel_shape, strides, pads, dilations, group, chunk_rows)
+    a, spatial, n_batch, cg, out_shape = g.a, g.spatial, g.n_batch, g.cg, g.out_shape
+    s, p, d, offsets, line, step = g.s, g.p, g.d, g.offsets, g.line, g.step
     idx = np.asarray(rows, dtype=np.int64).reshape(-1)
     per_item = math.prod(out_shape)
     if idx.size and (idx.min() < 0 or idx.max() >= n_batch * per_item):
         raise ValueError(f"row indices must be in [0, {n_batch * per_item})")
-    if chunk_rows is not None and chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be positive or None, got {chunk_rows}")
     if not idx.size:
         return
-    width = [(0, 0), (0, 0)] + [(p[i], p[i + spatial]) for i in range(spatial)]
-    padded = np.pad(a, width) if any(p) else a
+    padded = np.pad(a, g.width) if any(p) else a
     last = np.ascontiguousarray(np.moveaxis(padded, 1, -1))  # [N, *padded, C]
-    offsets = list(itertools.product(*(range(v) for v in k)))
     width_g = len(offsets) * cg
     # iter_im2col's chunks: per batch item, slabs of `step` positions of the first output axis
-    line = math.prod(out_shape[1:])
-    step = out_shape[0] if chunk_rows is None else max(1, chunk_rows // max(line, 1))
     bounds = [b * per_item + o0 * line for b in range(n_batch) for o0 in range(0, out_shape[0], step)] + [
         n_batch * per_item
     ]
