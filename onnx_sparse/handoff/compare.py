@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from onnx_sparse.core.similarity import cosine
 from onnx_sparse.errors import OnnxSparseError, first_line
 from onnx_sparse.handoff.trt import capture_polygraphy_log
 
@@ -73,16 +74,6 @@ _ROLES = ("dense", "sparse")
 
 def _is_exact_dtype(dtype: np.dtype) -> bool:
     return dtype.kind in "biuUSO"
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    na = float(np.linalg.norm(a))
-    nb = float(np.linalg.norm(b))
-    if na == 0.0 and nb == 0.0:
-        return 1.0
-    if na == 0.0 or nb == 0.0:
-        return 0.0
-    return float(np.dot(a, b) / (na * nb))
 
 
 def output_figures(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> dict[str, Any]:
@@ -128,7 +119,7 @@ def output_figures(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarr
     for r, c in zip(reference, candidate, strict=True):
         a = np.asarray(r, dtype=np.float64).ravel()
         b = np.asarray(c, dtype=np.float64).ravel()
-        cosines.append(_cosine(a, b))
+        cosines.append(cosine(a, b))
         diff = b - a
         ref_norm = float(np.linalg.norm(a))
         err = float(np.linalg.norm(diff))

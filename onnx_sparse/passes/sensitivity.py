@@ -47,6 +47,7 @@ import onnx
 from onnx_sparse.calib.capture import inline_model, run_model
 from onnx_sparse.calib.data import split_holdout
 from onnx_sparse.core import nm
+from onnx_sparse.core.similarity import cosine
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.graph.locate import WeightSite, find_weight_sites
 from onnx_sparse.graph.weights import read_weight, zero_value
@@ -106,17 +107,6 @@ class Fidelity:
         }
 
 
-def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    x = np.asarray(a, dtype=np.float64).ravel()
-    y = np.asarray(b, dtype=np.float64).ravel()
-    na, nb = float(np.linalg.norm(x)), float(np.linalg.norm(y))
-    if na == 0 and nb == 0:
-        return 1.0
-    if na == 0 or nb == 0:
-        return 0.0
-    return float(x @ y / (na * nb))
-
-
 def _rel(ref: np.ndarray, out: np.ndarray) -> float:
     x = np.asarray(ref, dtype=np.float64).ravel()
     y = np.asarray(out, dtype=np.float64).ravel()
@@ -132,7 +122,7 @@ def _is_float(v: Any) -> bool:
 def fidelity(dense: Sequence[Mapping[str, Any]], other: Sequence[Mapping[str, Any]]) -> Fidelity:
     """Per-output cosine and relative L2 of ``other`` against ``dense`` (float outputs only)."""
     names = [k for k, v in dense[0].items() if _is_float(v)] if dense else []
-    cos = {k: float(np.mean([_cos(d[k], o[k]) for d, o in zip(dense, other, strict=True)])) for k in names}
+    cos = {k: float(np.mean([cosine(d[k], o[k]) for d, o in zip(dense, other, strict=True)])) for k in names}
     rel = {k: float(np.mean([_rel(d[k], o[k]) for d, o in zip(dense, other, strict=True)])) for k in names}
     return Fidelity(cos, rel)
 

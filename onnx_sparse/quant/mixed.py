@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from onnx_sparse.core.similarity import cosine
+
 __all__ = ["Step", "Fallback", "fallback_search", "output_fidelity"]
 
 
@@ -71,16 +73,6 @@ def fallback_search(
     return Fallback(tuple(chosen), start, current, current >= target, tuple(steps))
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> float:
-    x, y = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    nx, ny = float(np.linalg.norm(x)), float(np.linalg.norm(y))
-    if nx == 0 and ny == 0:
-        return 1.0
-    if nx == 0 or ny == 0:
-        return 0.0
-    return float(x @ y / (nx * ny))
-
-
 def output_fidelity(reference: Sequence[Sequence[np.ndarray]], candidate: Sequence[Sequence[np.ndarray]]) -> float:
     """The worst float output's cosine to the reference, each output's per-feed cosines averaged
     (lists of outputs per feed, in the same order); 1.0 when no output is float."""
@@ -88,5 +80,5 @@ def output_fidelity(reference: Sequence[Sequence[np.ndarray]], candidate: Sequen
     for ref, got in zip(reference, candidate, strict=True):
         for j, (r, g) in enumerate(zip(ref, got, strict=True)):
             if np.asarray(r).dtype.kind == "f":
-                per_output.setdefault(j, []).append(_cosines(r, g))
+                per_output.setdefault(j, []).append(cosine(r, g))
     return min((float(np.mean(v)) for v in per_output.values()), default=1.0)
