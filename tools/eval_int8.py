@@ -15,7 +15,8 @@ the dense model on the EVALUATION feeds with the task metrics of :mod:`tools.eva
 
 Per variant: the metric, **readiness** (the share of the eligible parameters whose layer is INT8 in,
 weight and out with a 2:4 weight, by :mod:`onnx_sparse.graph.qdq`, what ``inspect``'s INT8 column
-says) and **zeros** (every weight that is 0 in the sparse FP32 model is still 0 in the INT8 one; for
+says), the metric again with the Q/DQ run as written (``as_written``: no graph optimizations, so
+none of onnxruntime's fused CPU integer kernels, which saturate on CPUs without VNNI) and **zeros** (every weight that is 0 in the sparse FP32 model is still 0 in the INT8 one; for
 ``int8``, whose prune is its own, every INT8 weight is 2:4), and the time of the prune or quantize.
 
 Usage::
@@ -214,14 +215,24 @@ def _field(
     return onnx.load(str(out))
 
 
-def evaluate(name: str, variants: Sequence[str], env: Path, quick: bool) -> dict[str, Any]:
+def _as_written(data: eval_real.ModelData, model: onnx.ModelProto) -> float:
+    """The task metric with no graph optimizations: the Q/DQ run as written, no fused integer kernels
+    (whose u8 x s8 products saturate 16-bit sums on CPUs without VNNI; no GPU engine does)."""
+    from onnx_sparse import runtime
+
+    sess = runtime.session(model, optimize=False)
+    outs = [sess.run(None, dict(f)) for f in data.evaluation]
+    return float(realdata.metric(data.name, data.dense_evaluation, outs)["metric"])
+
+
+def evaluate(name: str, variants: Sequence[str], env: Path, quick: bool, save: Path | None = None) -> dict[str, Any]:
     from onnx_sparse import api
     from onnx_sparse.quant import quantize
     from onnx_sparse.recipe import Recipe
 
     data = eval_real.load(name, quick)
-    row: dict[str, Any] = {"model": name, "metrics": {"dense": 1.0}, "ready": {}, "zeros_kept": {}, "seconds": {},
-                           "notes": {}}  # fmt: skip
+    row: dict[str, Any] = {"model": name, "metrics": {"dense": 1.0}, "as_written": {}, "ready": {}, "zeros_kept": {},
+                           "seconds": {}, "notes": {}}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="eval_int8_") as tmp_name:
         tmp = Path(tmp_name)
         src = str(model_path(name))
@@ -252,6 +263,11 @@ def evaluate(name: str, variants: Sequence[str], env: Path, quick: bool) -> dict
             row["seconds"][v] = time.perf_counter() - t0
         for v, m in models.items():
             row["metrics"][v] = float(eval_real.judge(data, m)["metric"])
+            if v != "sparse":  # onnxruntime's fused CPU kernels saturate without VNNI: also the Q/DQ as written
+                row["as_written"][v] = _as_written(data, m)
+            if save is not None:
+                save.mkdir(parents=True, exist_ok=True)
+                onnx.save(m, str(save / f"{name}.{v}.onnx"))
             r = readiness(m, None if v in ("sparse", "int8", "dense-int8") else sparse)
             row["ready"][v], row["zeros_kept"][v] = r["ready"], r["zeros_kept"]
         row["metric_name"] = eval_real.judge(data, sparse)["metric_name"]
@@ -261,7 +277,7 @@ def evaluate(name: str, variants: Sequence[str], env: Path, quick: bool) -> dict
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown: per model and variant, ``metric (readiness, zeros kept)``."""
+    """Markdown: per model and variant, ``metric [/ metric with the Q/DQ as written] (readiness, zeros kept)``."""
     cols = [v for v in ("dense-int8", "sparse", "old-int8", "int8", *FIELD) if any(v in r["metrics"] for r in rows)]
     head = "| model | metric | " + " | ".join(cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
@@ -273,7 +289,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                 continue
             ready = r["ready"].get(v)
             kept = r["zeros_kept"].get(v, True)
-            cells.append(f"{r['metrics'][v]:.4f} ({100 * ready:.0f}%{'' if kept else ', zeros moved'})")
+            written = r.get("as_written", {}).get(v)
+            metric = f"{r['metrics'][v]:.4f}" + ("" if written is None else f" / {written:.4f}")
+            cells.append(f"{metric} ({100 * ready:.0f}%{'' if kept else ', zeros moved'})")
         lines.append(f"| {r['model']} | {r.get('metric_name', '')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -287,13 +305,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="the smaller evaluation sets of eval_real --quick")
     parser.add_argument("--json", metavar="PATH", help="write every result as JSON (after each model)")
+    parser.add_argument("--save", metavar="DIR", type=Path, help="keep every variant's model as DIR/MODEL.VARIANT.onnx")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("onnx_sparse").setLevel(logging.WARNING)
     rows = []
     for name in args.models:
         logger.info("== %s", name)
-        rows.append(evaluate(name, args.variants, args.field_envs, args.quick))
+        rows.append(evaluate(name, args.variants, args.field_envs, args.quick, args.save))
         logger.info("%s", format_table(rows[-1:]))
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
