@@ -282,9 +282,11 @@ def write_qdq(
         w_nodes.append(
             onnx.helper.make_node("DequantizeLinear", [qn, sn, zn], [x.weight], name=names.fresh(f"{x.weight}_DequantizeLinear"), axis=x.w_out_axis)
         )  # fmt: skip
-    kept = [t for t in g.initializer if t.name not in done]
-    del g.initializer[:]
-    g.initializer.extend(kept + new_inits)
+    # the float weights go in place (the others keep their order): re-adding the kept ones would copy
+    # every one of them a second time (MiniLM's 47 MB embedding table, per candidate model)
+    for k in reversed([k for k, t in enumerate(g.initializer) if t.name in done]):
+        del g.initializer[k]
+    g.initializer.extend(new_inits)
     # order: weight DQs first, then every node followed by the Q/DQ of what it produces
     order: list[onnx.NodeProto] = list(w_nodes)
     graph_inputs = {i.name for i in g.input}

@@ -97,7 +97,8 @@ def collect_split(
         if name not in outputs:
             probe.graph.output.append(onnx.ValueInfoProto(name=name))
             outputs.add(name)
-    session = runtime.session(probe, what="the INT8 calibration", threads=threads)
+    # its runs alternate with numpy work (and overlap it): its worker threads must not spin between runs
+    session = runtime.session(probe, what="the INT8 calibration", threads=threads, spin=False)
     fit, held = _spread(fit, MAX_FEEDS), _spread(held, MAX_FEEDS // 2)
     return _stats(session, fit, axes, rows_per_tensor, seed), _stats(session, held, axes, rows_per_tensor, seed + 1)
 
@@ -117,13 +118,15 @@ def _stats(
     seed: int,
 ) -> dict[str, TensorStats]:
     from onnx_sparse import runtime
+    from onnx_sparse.calib.capture import prefetch
 
     names = list(axes)
     per_feed = max(1, -(-rows_per_tensor // max(1, len(feeds))))
     amax: dict[str, np.ndarray] = {}
     rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for i, feed in enumerate(feeds):
-        values = runtime.run(session, names, feed, where=f"calibration sample {i}")
+    # the next feed's run (onnxruntime, without the GIL) overlaps this one's statistics
+    runs = (runtime.run(session, names, feed, where=f"calibration sample {i}") for i, feed in enumerate(feeds))
+    for i, values in enumerate(prefetch(runs, ahead=1)):
         for k, (name, value) in enumerate(zip(names, values, strict=True)):
             a = np.asarray(value)
             if a.dtype.kind != "f" or a.size == 0:

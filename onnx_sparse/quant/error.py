@@ -18,7 +18,7 @@ import onnx
 
 from onnx_sparse.graph import rules
 
-__all__ = ["LayerError", "int8_errors"]
+__all__ = ["LayerError", "Int8Probe", "int8_errors"]
 
 
 @dataclass(frozen=True)
@@ -92,38 +92,79 @@ def int8_errors(
         layers: ``(display name, node, activation input name)`` per layer.
         feeds: calibration feeds.
     """
-    from onnx_sparse import runtime
+    return Int8Probe(model).errors(layers, feeds, max_feeds)
 
-    pairs, consumers, producers = _pairs(model)
-    wanted: dict[str, tuple[str | None, str | None]] = {}
-    for name, node, activation in layers:
-        wanted[name] = _layer_tensors(node, activation, pairs, consumers, producers)
-    tensors = sorted({t for io in wanted.values() for t in io if t is not None})
-    if not tensors:
-        return {name: LayerError(None, None) for name in wanted}
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    names = []
-    for t in tensors:
-        for x in (t, pairs[t]):
-            if x not in existing:
-                probe.graph.output.append(onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None))
-                existing.add(x)
-            names.append(x)
-    session = runtime.session(probe, what="the INT8 error probe", optimize=False)
-    outputs = list(dict.fromkeys(names))
-    err = dict.fromkeys(tensors, 0.0)
-    ref = dict.fromkeys(tensors, 0.0)
-    for feed in list(feeds)[:max_feeds]:
-        values = dict(zip(outputs, runtime.run(session, outputs, feed, where="a calibration sample"), strict=True))
-        for t in tensors:
-            exact = np.asarray(values[t], dtype=np.float64)
-            through_qdq = np.asarray(values[pairs[t]], dtype=np.float64)
-            err[t] += float(np.sum((exact - through_qdq) ** 2))
-            ref[t] += float(np.sum(exact**2))
-    rel = {t: float(np.sqrt(err[t] / ref[t])) if ref[t] > 0 else 0.0 for t in tensors}
-    return {
-        name: LayerError(None if i is None else rel[i], None if o is None else rel[o])
-        for name, (i, o) in wanted.items()
-    }
+
+class Int8Probe:
+    """One onnxruntime session of a Q/DQ model, optimizations off (each Q/DQ computed as written),
+    with every Q/DQ pair's float tensor and its fake-quantized twin exposed as extra outputs.
+
+    It answers both questions asked of a candidate model: its outputs (:meth:`run`, the
+    mixed-precision search; with optimizations off, exposing more tensors changes no value) and
+    its layers' INT8 errors (:meth:`errors`), so a model is opened once for both. The session is
+    opened on first use.
+    """
+
+    def __init__(self, model: onnx.ModelProto, what: str = "the INT8 error probe") -> None:
+        self.model = model
+        self.pairs, self._consumers, self._producers = _pairs(model)
+        self._what = what
+        self._session: object | None = None
+
+    @property
+    def session(self) -> object:
+        from onnx_sparse import runtime
+
+        if self._session is None:
+            probe = self.model
+            if self.pairs:
+                probe = onnx.ModelProto()
+                probe.CopyFrom(self.model)
+                existing = {o.name for o in probe.graph.output}
+                for t in sorted(self.pairs):
+                    for x in (t, self.pairs[t]):
+                        if x not in existing:  # untyped: onnxruntime infers it (any float type)
+                            probe.graph.output.append(onnx.ValueInfoProto(name=x))
+                            existing.add(x)
+            self._session = runtime.session(probe, what=self._what, optimize=False, spin=False)
+        return self._session
+
+    def run(self, names: Sequence[str], feed: dict[str, np.ndarray], where: str) -> list[np.ndarray]:
+        """The values of ``names`` (graph outputs or exposed tensors) on ``feed``."""
+        from onnx_sparse import runtime
+
+        return runtime.run(self.session, names, feed, where=where)
+
+    def errors(
+        self,
+        layers: Iterable[tuple[str, onnx.NodeProto, str]],
+        feeds: Sequence[dict[str, np.ndarray]],
+        max_feeds: int = 8,
+    ) -> dict[str, LayerError]:
+        """As :func:`int8_errors` (``layers`` as there, nodes of this model)."""
+        pairs = self.pairs
+        wanted: dict[str, tuple[str | None, str | None]] = {}
+        for name, node, activation in layers:
+            wanted[name] = _layer_tensors(node, activation, pairs, self._consumers, self._producers)
+        tensors = sorted({t for io in wanted.values() for t in io if t is not None})
+        if not tensors:
+            return {name: LayerError(None, None) for name in wanted}
+        outputs = list(dict.fromkeys(x for t in tensors for x in (t, pairs[t])))
+        err = dict.fromkeys(tensors, 0.0)
+        ref = dict.fromkeys(tensors, 0.0)
+        from onnx_sparse.calib.capture import prefetch
+
+        # the next feed's run (onnxruntime, without the GIL) overlaps this one's sums
+        runs = (self.run(outputs, feed, where="a calibration sample") for feed in list(feeds)[:max_feeds])
+        for got in prefetch(runs, ahead=1):
+            values = dict(zip(outputs, got, strict=True))
+            for t in tensors:
+                exact = np.asarray(values[t], dtype=np.float64)
+                through_qdq = np.asarray(values[pairs[t]], dtype=np.float64)
+                err[t] += float(np.sum((exact - through_qdq) ** 2))
+                ref[t] += float(np.sum(exact**2))
+        rel = {t: float(np.sqrt(err[t] / ref[t])) if ref[t] > 0 else 0.0 for t in tensors}
+        return {
+            name: LayerError(None if i is None else rel[i], None if o is None else rel[o])
+            for name, (i, o) in wanted.items()
+        }

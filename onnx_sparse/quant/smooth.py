@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from onnx_sparse.core import blas
 from onnx_sparse.quant.assemble import SMOOTH_IN, SMOOTH_OUT, Int8Layer, index_graph, weight_axes
 from onnx_sparse.quant.calibrate import TensorStats, choose_scale, fake_quant
 
@@ -79,7 +80,7 @@ def _quant_w(w: np.ndarray, out_axis: int) -> np.ndarray:
 
     a = np.moveaxis(w, out_axis, 0)
     m = a.reshape(a.shape[0], -1)
-    q = int8_round(m, int8_scales(m, (1.0,))[:, None])
+    q = int8_round(m, int8_scales(m, ())[:, None])  # no clip: the full range (no search to run)
     return np.moveaxis(q.reshape(a.shape), 0, out_axis)
 
 
@@ -127,7 +128,6 @@ def choose(
             err += float(np.sum(np.sum(_in_columns(dw, in_axis) ** 2, axis=1) * energy)) * len(x)
         return err
 
-    base = error(None)
     candidates: list[tuple[str, np.ndarray]] = []
     amax = np.maximum(fit.amax, 1e-8)
     if readers:
@@ -141,9 +141,10 @@ def choose(
             v = np.maximum(1.0, amax / level)
             if np.any(v > 1):
                 candidates.append((f"equalize at q{qt:g}", v))
+    # every candidate's error is independent of the others': side by side (numpy releases the GIL)
+    base, *errors = blas.parallel_map(error, [None, *(v for _, v in candidates)])
     best = Rescale(tensor, None, "none", base, base)
-    for how, v in candidates:
-        e = error(v)
+    for (how, v), e in zip(candidates, errors, strict=True):
         if e < best.error_after and e <= MIN_GAIN * base:
             best = Rescale(tensor, v.astype(np.float32).astype(np.float64), how, base, e)
     return best

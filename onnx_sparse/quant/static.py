@@ -52,7 +52,7 @@ from onnx_sparse.graph.weights import weight_stats
 from onnx_sparse.io import ModelFile, finalize_inline, load_model, save_model
 from onnx_sparse.quant.assemble import Int8Layer, find_layers, quantize_weight, write_qdq
 from onnx_sparse.quant.calibrate import TensorStats, choose_scale, collect, collect_split
-from onnx_sparse.quant.error import LayerError, int8_errors
+from onnx_sparse.quant.error import Int8Probe, LayerError
 from onnx_sparse.quant.mixed import Fallback, fallback_search, output_fidelity
 from onnx_sparse.quant.smooth import Rescale, choose, rescale
 
@@ -435,12 +435,22 @@ def finish(
 
     scales = scales or {}
     fit, held = split_holdout(list(feeds), options.holdout)
+    held = held[:: max(1, -(-len(held) // _FIDELITY_FEEDS))]  # evenly spread, at most _FIDELITY_FEEDS
+    names = [o.name for o in model.graph.output]
+
+    def fp32_reference() -> list[list[np.ndarray]]:
+        session = runtime.session(model, what="the FP32 reference", spin=False)
+        return [runtime.run(session, names, f, where="a held-out calibration sample") for f in held]
+
+    # the mixed-precision search's reference depends on nothing below: made while the statistics are taken
+    reference = blas.Background(fp32_reference) if options.target_cosine is not None and held else None
     layers = find_layers(model, nodes)
     axes = _channel_axes(layers)
     stats = collect(model, fit, axes, seed=options.seed)
     readers = _readers(model, layers)
-    act_scales = {}
-    for t, st in stats.items():
+
+    def act_scale(t: str) -> float:
+        st = stats[t]
         weight = None
         if t in readers:
             weight = np.zeros(st.amax.size)
@@ -450,11 +460,11 @@ def finish(
                     weight = None
                     break
                 weight += np.sum(a.reshape(a.shape[0], -1) ** 2, axis=1)
-        act_scales[t] = (
-            choose_scale(st, weight)
-            if options.calibration == "search"
-            else _fixed_scale(st, options.calibration, options.percentile)
-        )
+        if options.calibration == "search":
+            return choose_scale(st, weight)
+        return _fixed_scale(st, options.calibration, options.percentile)
+
+    act_scales = dict(zip(stats, blas.parallel_map(act_scale, stats), strict=True))  # one tensor per task
     for x in layers:
         for t in (x.act, x.output):
             act_scales.setdefault(t, 1.0)  # not float or never computed: a harmless placeholder
@@ -465,15 +475,25 @@ def finish(
             w = onnx.numpy_helper.to_array(inits[x.weight])
             weights[x.weight] = quantize_weight(w, x.w_out_axis, scales.get(x.weight))
 
-    def build(float_layers: frozenset[str]) -> onnx.ModelProto:
-        keep = [x for x in layers if x.node not in float_layers]
-        return write_qdq(model, keep, act_scales, weights) if keep else model
+    # Each candidate model is written once and opened once (optimizations off, its Q/DQ pairs exposed):
+    # that one session gives its outputs to the mixed-precision search and its layers' INT8 errors to
+    # --int8-max-error, the search's ranking and the per-layer report. Kept: the model with no layer
+    # float until the search starts, then the candidate with the best fidelity so far (the search's
+    # last accepted one, which the report reads).
+    built: dict[frozenset[str], Int8Probe] = {}
 
-    q = build(frozenset())
+    def build(float_layers: frozenset[str]) -> Int8Probe:
+        if float_layers not in built:
+            keep = [x for x in layers if x.node not in float_layers]
+            candidate = write_qdq(model, keep, act_scales, weights) if keep else model
+            built[float_layers] = Int8Probe(candidate, what="the INT8 candidate")
+        return built[float_layers]
+
+    q = build(frozenset()).model
     float_layers: dict[str, str] = {}
     first_errors: dict[str, LayerError] = {}
     if options.max_error is not None:
-        errs = first_errors = int8_errors(q, _main_layers(q), feeds)
+        errs = first_errors = build(frozenset()).errors(_main_layers(q), feeds)
         for n in nodes:
             e = errs.get(n)
             if e is not None and e.worst > options.max_error:
@@ -481,12 +501,10 @@ def finish(
         if len(float_layers) == len(nodes):
             raise OnnxSparseError("every layer is above the INT8 error limit", hint="raise --int8-max-error")
     fallback = None
-    held = held[:: max(1, -(-len(held) // _FIDELITY_FEEDS))]  # evenly spread, at most _FIDELITY_FEEDS
-    if options.target_cosine is not None and held:
-        names = [o.name for o in model.graph.output]
-        ref_session = runtime.session(model, what="the FP32 reference")
-        reference = [runtime.run(ref_session, names, f, where="a held-out calibration sample") for f in held]
+    if reference is not None and options.target_cosine is not None:
+        expected = reference.result()
         cache: dict[frozenset[str], float] = {}
+        best: list[frozenset[str]] = []
 
         def fidelity(extra: frozenset[str]) -> float:
             key = extra | frozenset(float_layers)
@@ -494,13 +512,18 @@ def finish(
                 # Q/DQ as written (no fusion into onnxruntime's integer kernels: on CPUs without VNNI
                 # their u8 x s8 products saturate 16-bit sums, which no GPU engine does, and the
                 # fidelity, and so which layers stay INT8, would follow the CPU)
-                sess = runtime.session(build(key), what="the INT8 candidate", optimize=False)
-                got = [runtime.run(sess, names, f, where="a held-out calibration sample") for f in held]
-                cache[key] = output_fidelity(reference, got)
+                candidate = build(key)
+                got = [candidate.run(names, f, where="a held-out calibration sample") for f in held]
+                cache[key] = output_fidelity(expected, got)
+                if not best or cache[key] > cache[best[0]]:
+                    best[:] = [key]
+                for k in list(built):  # only the best candidate stays open
+                    if k not in best:
+                        del built[k]
             return cache[key]
 
         def ranking() -> list[str]:  # most harmful first: the layers' INT8 errors on the fitting feeds
-            errs = int8_errors(build(frozenset(float_layers)), _main_layers(q), fit)
+            errs = build(frozenset(float_layers)).errors(_main_layers(q), fit)
             rest = [n for n in nodes if n not in float_layers]
             return sorted(rest, key=lambda n: (-(errs[n].worst if n in errs else 0.0), n))
 
@@ -516,12 +539,13 @@ def finish(
             "layer(s) float (target %g%s)", len(held), fallback.start, fallback.end, len(fallback.float_layers),
             options.target_cosine, "" if fallback.met else ", NOT met",
         )  # fmt: skip
-    result = ModelFile(finalize_inline(build(frozenset(float_layers))))
+    final = build(frozenset(float_layers))
+    result = ModelFile(finalize_inline(final.model))
     for n, why in float_layers.items():
         reasons[n] = why
     mf = ModelFile(model)
     before = {s.node: (weight_stats(s, mf) if s.eligible else None) for s in find_weight_sites(model, macs=False)}
-    checked = _check(result, before, reasons, feeds)
+    checked = _check(result, before, reasons, feeds, final)
     checked = [
         replace(x, error=first_errors.get(x.node)) if x.error is None and x.node in first_errors else x for x in checked
     ]
@@ -540,13 +564,20 @@ def _fixed_scale(stats: TensorStats, how: str, percentile: float) -> float:
 
 
 def _check(
-    result: ModelFile, before: dict[str, Any], reasons: dict[str, str], feeds: Sequence[dict[str, np.ndarray]]
+    result: ModelFile,
+    before: dict[str, Any],
+    reasons: dict[str, str],
+    feeds: Sequence[dict[str, np.ndarray]],
+    probe: Int8Probe | None = None,
 ) -> list[LayerQuant]:
-    """Per-layer state after quantizing; a 2:4 weight that lost its pattern is our bug."""
+    """Per-layer state after quantizing; a 2:4 weight that lost its pattern is our bug. ``probe``: the
+    session of ``result``'s model the mixed-precision search already opened, if any."""
     layers = []
     sites = find_weight_sites(result.model, macs=False)
     main = [(s.node, s.node_proto, s.activation) for s in sites if not s.scope and s.node_proto is not None]
-    errors = int8_errors(result.model, main, feeds)
+    errors = (probe if probe is not None and probe.model is result.model else Int8Probe(result.model)).errors(
+        main, feeds
+    )
     for s in sites:
         stats = weight_stats(s, result) if s.eligible else None
         was = before.get(s.node)
