@@ -19,8 +19,8 @@ from conftest import error_lines
 
 pytestmark = pytest.mark.real
 
-# Per model: eligible layers (inspect, pinned wheels), and whether onnxruntime's quantizer can
-# reach any of them (it quantizes the main graph only: silero's eligible convs sit inside an If).
+# Per model: eligible layers (inspect, pinned wheels), and whether the Q/DQ writer can reach any
+# of them (it writes Q/DQ in the main graph only: silero's eligible convs sit inside an If).
 CORPUS = {
     "silero_vad": (8, False),
     "silero_vad_half": (4, True),
@@ -82,6 +82,7 @@ def test_corpus_model(name: str, real_model, run_cli, tmp_path: Path) -> None:
     rc, out = run_cli(["prune", src, "-o", int8, "--int8", "--load-inputs", calib])
     if not CORPUS[name][1]:
         assert rc == 2 and "no layer to quantize" in error_lines(out)[0], out
+        assert "inside a subgraph" in error_lines(out)[0], out  # the hint says why
         return
     assert rc == 0, out
     rc, out = run_cli(["check", int8])
@@ -118,6 +119,7 @@ def test_corpus_data_is_disjoint_and_frozen() -> None:
 
     realdata2 = pytest.importorskip("tools.realdata2")
     assert not set(realdata2._PHOTOS["calibration"]) & set(realdata2._PHOTOS["evaluation"])
+    assert not set(realdata2._VIT_PHOTOS["calibration"]) & set(realdata2._VIT_PHOTOS["evaluation"])
     assert not set(realdata2._SENTENCES["calibration"]) & set(realdata2._SENTENCES["evaluation"])
     for name in ("basic_pitch", "orientation"):  # audio from seeds, crops of pages: no model needed
         digests = {}

@@ -198,7 +198,7 @@ def _candidate_reason(site: WeightSite, options: QuantizeOptions) -> str:
     if site.op not in _OPS:
         return f"{site.op} is not quantized (Conv, Gemm and MatMul only)"
     if site.scope:
-        return "inside a subgraph or function (onnxruntime quantizes the main graph only)"
+        return "inside a subgraph or function (Q/DQ is written in the main graph only)"
     if site.tensor is None:
         return "no constant weight (both inputs are activations)"
     if site.quant is not None or site.dtype not in ("float32",):
@@ -278,10 +278,12 @@ def candidates(model: onnx.ModelProto, options: QuantizeOptions) -> tuple[list[s
             reasons[s.node] = "its weight is shared with another node"
     nodes = sorted(n for n, r in reasons.items() if not r)
     if not nodes:
+        why = sorted({r for r in reasons.values() if r})
         raise OnnxSparseError(
             "no layer to quantize",
             hint="the model has no 2:4-eligible Conv/Gemm/MatMul with a float32 weight the quantizer can reach "
-            "(--int8-layers all also takes the ineligible ones; --include/--exclude may have left all out)",
+            + (f"(its layers: {'; '.join(why[:3])}" + ("; ..." if len(why) > 3 else "") + "); " if why else "(")
+            + "--int8-layers all also takes the ineligible ones; --include/--exclude may have left all out)",
         )
     return nodes, reasons
 
@@ -438,15 +440,20 @@ def finish(
     held = held[:: max(1, -(-len(held) // _FIDELITY_FEEDS))]  # evenly spread, at most _FIDELITY_FEEDS
     names = [o.name for o in model.graph.output]
 
-    def fp32_reference() -> list[list[np.ndarray]]:
-        session = runtime.session(model, what="the FP32 reference", spin=False)
+    serialized = model.SerializeToString()  # for the reference and for the statistics' session
+
+    def fp32_reference(source: bytes) -> list[list[np.ndarray]]:
+        session = runtime.session(source, what="the FP32 reference", spin=False)
         return [runtime.run(session, names, f, where="a held-out calibration sample") for f in held]
 
     # the mixed-precision search's reference depends on nothing below: made while the statistics are taken
-    reference = blas.Background(fp32_reference) if options.target_cosine is not None and held else None
+    reference = None
+    if options.target_cosine is not None and held:
+        reference = blas.Background(fp32_reference, serialized)
     layers = find_layers(model, nodes)
     axes = _channel_axes(layers)
-    stats = collect(model, fit, axes, seed=options.seed)
+    stats = collect(model, fit, axes, seed=options.seed, serialized=serialized)
+    del serialized
     readers = _readers(model, layers)
 
     def act_scale(t: str) -> float:
