@@ -20,14 +20,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from onnx_sparse.errors import OnnxSparseError, first_line
 
-__all__ = ["DATA_HINT", "severity", "quiet", "session", "run", "is_ort_error", "user_error", "message"]
+__all__ = ["DATA_HINT", "severity", "quiet", "session", "with_outputs", "run", "is_ort_error", "user_error", "message"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,26 @@ def session(
             f"onnxruntime cannot open {what}: {first_line(exc)}",
             hint=hint or "the model must load in onnxruntime on the CPU; custom operators must be registered there",
         ) from exc
+
+
+def with_outputs(model: Any, names: Iterable[str], serialized: bytes | None = None) -> bytes:
+    """``model`` (an ``onnx.ModelProto``) serialized with ``names`` added to its graph outputs (the ones
+    it does not have yet, untyped), for a session that exposes inner tensors, without copying the model.
+
+    Protobuf parses a message followed by another as their merge, a repeated field of the second
+    appended to the first's: the bytes are the model's then a model holding only the new outputs.
+    ``serialized``: ``model.SerializeToString()``, when the caller already has it.
+    """
+    import onnx
+
+    existing = {o.name for o in model.graph.output}
+    extra = onnx.ModelProto()
+    for name in names:
+        if name not in existing:
+            extra.graph.output.append(onnx.ValueInfoProto(name=name))
+            existing.add(name)
+    head = model.SerializeToString() if serialized is None else serialized
+    return head + extra.SerializeToString() if len(extra.graph.output) else head
 
 
 def run(sess: Any, names: Sequence[str] | None, feed: Mapping[str, np.ndarray], *, where: str) -> list[Any]:

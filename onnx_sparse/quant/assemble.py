@@ -130,10 +130,15 @@ def _output_point(
     return name
 
 
-def find_layers(model: onnx.ModelProto, nodes: Iterable[str]) -> list[Int8Layer]:
-    """The :class:`Int8Layer` of each named node (main graph; the weight must be a float32 initializer)."""
+def find_layers(
+    model: onnx.ModelProto,
+    nodes: Iterable[str],
+    index: tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]], dict[str, TensorProto]] | None = None,
+) -> list[Int8Layer]:
+    """The :class:`Int8Layer` of each named node (main graph; the weight must be a float32 initializer).
+    ``index``: :func:`index_graph` of ``model``, when the caller has it."""
     wanted = set(nodes)
-    _, consumers, inits = index_graph(model)
+    _, consumers, inits = index_graph(model) if index is None else index
     outputs = {o.name for o in model.graph.output}
     out = []
     for node in model.graph.node:

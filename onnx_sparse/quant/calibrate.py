@@ -70,12 +70,14 @@ def collect(
     rows_per_tensor: int = ROWS_PER_TENSOR,
     seed: int = 0,
     threads: int | None = None,
+    serialized: bytes | None = None,
 ) -> dict[str, TensorStats]:
     """Statistics of the tensors ``axes`` (name -> channel axis) over ``feeds`` (one run per feed).
 
-    Tensors that are not float or have no element are left out of the result.
+    Tensors that are not float or have no element are left out of the result. ``serialized``:
+    ``model.SerializeToString()``, when the caller has it (it is not made again).
     """
-    return collect_split(model, feeds, (), axes, rows_per_tensor, seed, threads)[0]
+    return collect_split(model, feeds, (), axes, rows_per_tensor, seed, threads, serialized)[0]
 
 
 def collect_split(
@@ -86,17 +88,12 @@ def collect_split(
     rows_per_tensor: int = ROWS_PER_TENSOR,
     seed: int = 0,
     threads: int | None = None,
+    serialized: bytes | None = None,
 ) -> tuple[dict[str, TensorStats], dict[str, TensorStats]]:
     """:func:`collect` over ``fit`` and over ``held`` (one session, one run per feed)."""
     from onnx_sparse import runtime
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    outputs = {o.name for o in probe.graph.output}
-    for name in axes:
-        if name not in outputs:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
-            outputs.add(name)
+    probe = runtime.with_outputs(model, axes, serialized)  # the tensors as extra outputs (no model copy)
     # its runs alternate with numpy work (and overlap it): its worker threads must not spin between runs
     session = runtime.session(probe, what="the INT8 calibration", threads=threads, spin=False)
     fit, held = _spread(fit, MAX_FEEDS), _spread(held, MAX_FEEDS // 2)

@@ -116,16 +116,8 @@ class Int8Probe:
         from onnx_sparse import runtime
 
         if self._session is None:
-            probe = self.model
-            if self.pairs:
-                probe = onnx.ModelProto()
-                probe.CopyFrom(self.model)
-                existing = {o.name for o in probe.graph.output}
-                for t in sorted(self.pairs):
-                    for x in (t, self.pairs[t]):
-                        if x not in existing:  # untyped: onnxruntime infers it (any float type)
-                            probe.graph.output.append(onnx.ValueInfoProto(name=x))
-                            existing.add(x)
+            exposed = [x for t in sorted(self.pairs) for x in (t, self.pairs[t])]
+            probe = runtime.with_outputs(self.model, exposed)  # no copy of the model
             self._session = runtime.session(probe, what=self._what, optimize=False, spin=False)
         return self._session
 

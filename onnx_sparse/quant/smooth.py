@@ -162,10 +162,17 @@ def _uses(consumers: Mapping[str, list[onnx.NodeProto]], name: str) -> int:
     return len(consumers.get(name, []))
 
 
-def fold_target(model: onnx.ModelProto, tensor: str, axis_last: bool) -> list[tuple[str, int]] | None:
+def fold_target(
+    model: onnx.ModelProto,
+    tensor: str,
+    axis_last: bool,
+    index: tuple[Mapping[str, onnx.NodeProto], Mapping[str, list[onnx.NodeProto]], Mapping[str, TensorProto]]
+    | None = None,
+) -> list[tuple[str, int]] | None:
     """The constants to divide by ``v`` so that ``tensor`` comes out divided by ``v``: ``(initializer,
-    axis)`` pairs, or None when the producer cannot take it. Only constants used once are changed."""
-    producers, consumers, inits = index_graph(model)
+    axis)`` pairs, or None when the producer cannot take it. Only constants used once are changed.
+    ``index``: :func:`~onnx_sparse.quant.assemble.index_graph` of ``model``, when the caller has it."""
+    producers, consumers, inits = index_graph(model) if index is None else index
     node = producers.get(tensor)
     seen = 0
     while node is not None and node.op_type in _HOMOGENEOUS and seen < 4:
@@ -227,14 +234,22 @@ def _groups(node: onnx.NodeProto) -> int:
     return next((int(a.i) for a in node.attribute if a.name == "group"), 1)
 
 
-def rescale(model: onnx.ModelProto, tensor: str, axis: int, v: np.ndarray, readers: Iterable[Int8Layer]) -> str:
+def rescale(
+    model: onnx.ModelProto,
+    tensor: str,
+    axis: int,
+    v: np.ndarray,
+    readers: Iterable[Int8Layer],
+    index: tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]], dict[str, TensorProto]] | None = None,
+) -> str:
     """Rescale ``tensor`` by ``1/v`` for the INT8 ``readers`` (in place on ``model``); returns how.
 
     Args:
         axis: The channel axis of ``tensor`` (-1 or 1).
+        index: :func:`~onnx_sparse.quant.assemble.index_graph` of ``model`` as it is, when the caller has it.
     """
     readers = list(readers)
-    producers, consumers, inits = index_graph(model)
+    producers, consumers, inits = index = index_graph(model) if index is None else index
     axis_last = axis == -1
     v = np.asarray(v, dtype=np.float64)
     # the readers take v into their input channels
@@ -244,30 +259,34 @@ def rescale(model: onnx.ModelProto, tensor: str, axis: int, v: np.ndarray, reade
     reader_names = {r.node for r in readers}
     others = [n for n in consumers.get(tensor, []) if n.name not in reader_names]
     graph_out = tensor in {o.name for o in model.graph.output}
-    fold = fold_target(model, tensor, axis_last)
+    fold = fold_target(model, tensor, axis_last, index)  # the names and links are still the index's
+    # every name already in use, once (new names are added as they enter the graph below)
+    used = _used_names(model)
     rank = 4 if not axis_last else 1
     if fold is not None:
         for name, ax in fold:
             w = _weight(inits, name)
             _set(inits, name, w / _bcast(v, ax, w.ndim))
         if others or graph_out:  # restore v for every other consumer
-            const = _fresh(model, f"{tensor}_v")
+            const = _fresh(used, f"{tensor}_v")
+            used.add(const)
             model.graph.initializer.append(
                 numpy_helper.from_array(
                     _bcast(v, -1 if axis_last else 0, 1 if axis_last else 3).astype(np.float32), const
                 )
             )
             if graph_out:  # the graph output keeps its name, on the restored value
-                src = _fresh(model, f"{tensor}_unrestored")
+                src = _fresh(used, f"{tensor}_unrestored")
+                used.add(src)
                 producer = producers[tensor]
                 producer.output[list(producer.output).index(tensor)] = src
                 for n in readers_nodes(model, reader_names):
                     n.input[list(n.input).index(tensor)] = src
-                mul = onnx.helper.make_node("Mul", [src, const], [tensor], name=_fresh(model, f"{SMOOTH_OUT}{tensor}"))
+                mul = onnx.helper.make_node("Mul", [src, const], [tensor], name=_fresh(used, f"{SMOOTH_OUT}{tensor}"))
             else:
-                restored = _fresh(model, f"{tensor}_restored")
+                restored = _fresh(used, f"{tensor}_restored")
                 mul = onnx.helper.make_node(
-                    "Mul", [tensor, const], [restored], name=_fresh(model, f"{SMOOTH_OUT}{tensor}")
+                    "Mul", [tensor, const], [restored], name=_fresh(used, f"{SMOOTH_OUT}{tensor}")
                 )
                 for n in others:
                     for k, i in enumerate(n.input):
@@ -275,12 +294,13 @@ def rescale(model: onnx.ModelProto, tensor: str, axis: int, v: np.ndarray, reade
                             n.input[k] = restored
             _insert_after(model, producers.get(tensor), mul)
         return "folded into " + ", ".join(sorted({n for n, _ in fold}))
-    scaled = _fresh(model, f"{tensor}_smoothed")
-    const = _fresh(model, f"{tensor}_inv_v")
+    scaled = _fresh(used, f"{tensor}_smoothed")
+    const = _fresh(used, f"{tensor}_inv_v")
+    used.add(const)
     shape_v = _bcast(1.0 / v, -1 if axis_last else 0, 1 if axis_last else 3)
     del rank
     model.graph.initializer.append(numpy_helper.from_array(shape_v.astype(np.float32), const))
-    mul = onnx.helper.make_node("Mul", [tensor, const], [scaled], name=_fresh(model, f"{SMOOTH_IN}{tensor}"))
+    mul = onnx.helper.make_node("Mul", [tensor, const], [scaled], name=_fresh(used, f"{SMOOTH_IN}{tensor}"))
     for n in consumers.get(tensor, []):
         if n.name in reader_names:
             for k, i in enumerate(n.input):
@@ -294,12 +314,18 @@ def readers_nodes(model: onnx.ModelProto, names: set[str]) -> list[onnx.NodeProt
     return [n for n in model.graph.node if n.name in names]
 
 
-def _fresh(model: onnx.ModelProto, stem: str) -> str:
+def _used_names(model: onnx.ModelProto) -> set[str]:
+    """Every initializer, graph input, node input, output and node name of the main graph."""
     used = {t.name for t in model.graph.initializer} | {i.name for i in model.graph.input}
     for n in model.graph.node:
         used.update(n.input)
         used.update(n.output)
         used.add(n.name)
+    return used
+
+
+def _fresh(used: set[str], stem: str) -> str:
+    """``stem``, or ``stem_1``, ``stem_2``, ... : the first not in ``used``."""
     name, k = stem, 1
     while name in used:
         name, k = f"{stem}_{k}", k + 1

@@ -50,7 +50,7 @@ from onnx_sparse.graph.names import display_name
 from onnx_sparse.graph.qdq import Int8IO
 from onnx_sparse.graph.weights import weight_stats
 from onnx_sparse.io import ModelFile, finalize_inline, load_model, save_model
-from onnx_sparse.quant.assemble import Int8Layer, find_layers, quantize_weight, write_qdq
+from onnx_sparse.quant.assemble import Int8Layer, find_layers, index_graph, quantize_weight, write_qdq
 from onnx_sparse.quant.calibrate import TensorStats, choose_scale, collect, collect_split
 from onnx_sparse.quant.error import Int8Probe, LayerError
 from onnx_sparse.quant.mixed import Fallback, fallback_search, output_fidelity
@@ -343,14 +343,15 @@ def smooth_model(
             continue
         if any(w.shape[x.w_in_axis] != stats_fit[tensor].amax.size for x, w in readers.get(tensor, [])):
             continue  # a layout the per-channel rescaling does not follow
-        current = find_layers(out, [x.node for x in mine])
-        inits = {t.name: t for t in out.graph.initializer}
+        index = index_graph(out)  # one look at the graph for the readers and the rescaling
+        current = find_layers(out, [x.node for x in mine], index)
+        inits = index[2]
         weights = [
             (onnx.numpy_helper.to_array(inits[x.weight]).astype(np.float64), x.w_out_axis, x.w_in_axis) for x in current
         ]
         c = choose(tensor, stats_fit[tensor], stats_held[tensor], weights, tensor in producers)
         if c.v is not None:
-            how = rescale(out, tensor, axes[tensor], c.v, current)
+            how = rescale(out, tensor, axes[tensor], c.v, current, index)
             logger.info("INT8 rescale of %s: %s, %s (held-out error %.3g -> %.3g)", tensor, c.how, how,
                         c.error_before, c.error_after)  # fmt: skip
         choices.append(c)
@@ -381,13 +382,14 @@ def apply_rescaling(
     for c in choices:
         if c.v is None or c.tensor not in axes:
             continue
-        readers = find_layers(out, [x.node for x in layers.values() if x.act == c.tensor])
-        fold = fold_target(out, c.tensor, axes[c.tensor] == -1) or []
+        index = index_graph(out)  # one look at the graph for the readers, the fold and the rescaling
+        readers = find_layers(out, [x.node for x in layers.values() if x.act == c.tensor], index)
+        fold = fold_target(out, c.tensor, axes[c.tensor] == -1, index) or []
         outs = {x.weight: x.w_out_axis for x in layers.values()}
         for name, axis in fold:
             if name in scales and outs.get(name) == axis:
                 scales[name] = scales[name] / c.v
-        rescale(out, c.tensor, axes[c.tensor], c.v, readers)
+        rescale(out, c.tensor, axes[c.tensor], c.v, readers, index)
     return out
 
 
