@@ -62,6 +62,7 @@ __all__ = [
     "data_files",
     "data_file_name",
     "clean_orphans",
+    "release_pages",
     "model_problem",
     "check_input_model",
 ]
@@ -111,7 +112,7 @@ class _Scratch:
         return mapped
 
 
-def _release_pages(value: np.ndarray) -> None:
+def release_pages(value: np.ndarray) -> None:
     """Drop ``value``'s pages from this process's resident set when it is a memory map of a file
     (they are read again from the file when touched), so streaming a mapped value costs no memory."""
     mm = getattr(value, "_mmap", None)
@@ -153,7 +154,7 @@ class ModelFile:
         the file if touched): a reader of many weights (a session copy, a check) calls it after
         each, so the rewritten weights do not pile up in memory before the save."""
         if t is not None and id(t) in self.pending:
-            _release_pages(self.pending[id(t)][1])
+            release_pages(self.pending[id(t)][1])
 
     def ref(self, t: TensorProto) -> ExternalRef:
         """Where the stored bytes of external ``t`` are, checked against what was checked at load."""
@@ -572,7 +573,7 @@ def _write_external(mf: ModelFile, folder: Path, model_name: str, externalize_al
                 flat = value.reshape(-1).view(np.uint8)
                 for start in range(0, flat.size, _COPY_CHUNK):
                     out.write(flat[start : start + _COPY_CHUNK].data)
-                    _release_pages(value)  # a value waiting on disk is streamed, never resident whole
+                    release_pages(value)  # a value waiting on disk is streamed, never resident whole
                 placed.append((t, pos, value.nbytes))
             elif t.data_location == TensorProto.EXTERNAL:
                 ref = mf.ref(t)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -268,6 +270,45 @@ def test_spill_budget_from_the_environment(monkeypatch) -> None:
     assert default_budget() > 0  # a bad value falls back to the default (with a warning)
     monkeypatch.delenv("ONNX_SPARSE_SPILL_MB")
     assert default_budget() > 0
+
+
+def test_the_default_spill_budget_is_capped(monkeypatch) -> None:
+    from onnx_sparse.calib import spill
+
+    monkeypatch.delenv("ONNX_SPARSE_SPILL_MB", raising=False)
+    assert 0 < spill.default_budget() <= spill.MAX_BUDGET
+    spill.trim_heap()  # gives free heap pages back where the C library can; never fails
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
+def test_a_spilled_array_leaves_the_resident_set_until_read(tmp_path, monkeypatch) -> None:
+    """Issue 20: a spilled frontier waits in the page cache (or its file) while the stage's
+    statistics are gathered and solved, not in this process's resident set."""
+    from onnx_sparse.calib.spill import Spill
+
+    monkeypatch.setenv("ONNX_SPARSE_SPILL_DIR", str(tmp_path))
+    value = np.random.default_rng(0).standard_normal((256, 1024)).astype(np.float32)  # 1 MB
+    spill = Spill(0)
+    kept = spill.keep(value)
+    assert isinstance(kept, np.memmap)
+    path = kept.filename
+    assert _resident_kb(path) < 64  # written, then given back (1,024 kB when kept)
+    np.testing.assert_array_equal(kept, value)  # read back from the page cache or the file
+    assert _resident_kb(path) >= 1000
+    del kept
+    spill.close()
+
+
+def _resident_kb(path: str) -> int:
+    """Resident kB of this process's mappings of ``path`` (deleted files included; /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            inside = path in line
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "asym"])

@@ -4,7 +4,9 @@ The staged capture (:mod:`onnx_sparse.calib.capture`) holds a *frontier* of acti
 the whole calibration set between stages: for an encoder that is one residual stream, but a
 detector fed hundreds of large images can need many GB. :class:`Spill` keeps arrays in memory
 while their total stays under a budget and writes the rest to memory-mapped files, so a large
-calibration set costs disk and page cache rather than failing for memory.
+calibration set costs disk and page cache rather than failing for memory. A spilled array's
+pages leave this process's resident set once written (they come back from the page cache, or
+the file, when the next capture stage reads them).
 
 The files are anonymous: each is created in a private temporary folder, mapped, and unlinked
 at once (the mapping stays valid until the array is dropped), so nothing is left on disk even
@@ -12,23 +14,35 @@ if the process is killed. The folder is the system's temporary folder (``TMPDIR`
 ``ONNX_SPARSE_SPILL_DIR`` names another.
 
 Budget: ``ONNX_SPARSE_SPILL_MB`` (megabytes) if set, else a quarter of the memory available
-when the run starts (``MemAvailable`` on Linux; 2 GiB where that cannot be read).
+when the run starts (``MemAvailable`` on Linux; 2 GiB where that cannot be read), at most
+:data:`MAX_BUDGET`: the frontier is held while a layer's statistics are gathered and solved,
+and for a wide layer those alone are GBs (``asym`` at 8,192 inputs: four 512 MB matrices), so
+memory in use stays the weights plus a fixed amount rather than growing with the machine.
+
+:func:`trim_heap` gives the C heap's free pages back to the system between stages.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import sys
 import tempfile
 import threading
+from typing import Any
 
 import numpy as np
 
-__all__ = ["Spill", "default_budget"]
+from onnx_sparse.io import release_pages
+
+__all__ = ["Spill", "default_budget", "trim_heap", "MAX_BUDGET"]
 
 logger = logging.getLogger(__name__)
 
 _FALLBACK = 2 << 30
+#: Most bytes of activations the default budget keeps in memory (see the module docstring).
+MAX_BUDGET = 256 << 20
 
 
 def default_budget() -> int:
@@ -43,10 +57,30 @@ def default_budget() -> int:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 4
+                    return min(MAX_BUDGET, int(line.split()[1]) * 1024 // 4)
     except (OSError, ValueError, IndexError):
         pass
-    return _FALLBACK
+    return min(MAX_BUDGET, _FALLBACK)
+
+
+def trim_heap() -> None:
+    """Give the free pages of the C heap back to the system (glibc's ``malloc_trim``; elsewhere
+    nothing). Activations and products of a few MB come from malloc's arenas, which keep what is
+    freed for reuse (about 0.3 GB after a capture stage of 8,192-wide activations): returned, it
+    is not counted on top of the next stage's statistics."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        _malloc_trim = False
+        if sys.platform.startswith("linux"):
+            try:
+                _malloc_trim = ctypes.CDLL(None).malloc_trim
+            except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+                pass
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
 
 
 class Spill:
@@ -107,6 +141,7 @@ class Spill:
             os.unlink(path)  # anonymous from now on: the mapping keeps the pages
         mapped[...] = value
         mapped.flags.writeable = False
+        release_pages(mapped)  # written: its pages wait in the page cache, not in this process
         self.spilled += value.nbytes
         return mapped
 

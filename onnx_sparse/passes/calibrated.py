@@ -69,7 +69,7 @@ import onnx
 from onnx_sparse.calib.capture import StagedRunner, body_producers, prefetch, run_model, schedule
 from onnx_sparse.calib.data import validate_feeds
 from onnx_sparse.calib.layers import LayerView, Unsupported, layer_view
-from onnx_sparse.calib.spill import Spill
+from onnx_sparse.calib.spill import Spill, trim_heap
 from onnx_sparse.calib.stats import LayerStats
 from onnx_sparse.core import blas, nm
 from onnx_sparse.core.hessian import PairedStats
@@ -552,6 +552,7 @@ class Calibrator:
                 logger.debug("stage of %d tensor(s): capture %.2fs", len(members), time.perf_counter() - t_cap)
             for acc in {id(a): a for a in accs.values() if a is not None}.values():
                 acc.flush()  # the last products, in blocks side by side
+            trim_heap()  # what the capture freed goes back before the solves allocate theirs
             # the inputs of a stage are independent: solved side by side, applied in order; the groups
             # that share an input one after the other, sharing what only depends on the input
             jobs: dict[int, list[LayerGroup]] = {}
@@ -572,6 +573,7 @@ class Calibrator:
                 accs[g.key] = None  # free the statistics
                 yield fit
             del fits, jobs, fit  # the stage's statistics must not live on through the next capture
+            trim_heap()
         if tail and all(r.computable(tail) for r in (runner, dense_runner) if r is not None):
             self.last_tail = [values for _, values in runner.iter_stage(tail)]
             if dense_runner is not None:
@@ -823,6 +825,8 @@ class CalibratedPrunePass(Pass):
                 )
                 for fit in run:
                     bar.update(note=",".join(s.node for s in fit.group.sites))
+                    # not held while the next stage is captured and solved (its weights, old and new)
+                    del fit
         if starved:
             logger.warning(
                 "%d layer(s) were fitted on fewer activation rows than their input width, so the %s fit is "
