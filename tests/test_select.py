@@ -217,6 +217,38 @@ def test_weights_that_read_one_input_share_its_folds_to_the_bit(monkeypatch, res
         sg.asymmetric_cv_2_4(ws[0], folds, inputs=shared)
 
 
+@pytest.mark.parametrize("confirm", [0, 2])
+def test_a_wide_input_gives_the_same_bits_while_it_frees_as_it_goes(monkeypatch, confirm: int) -> None:
+    """Issue 20: on an input wider than OVERLAP_COLS the walk scores one candidate at a time (each
+    holds a float32 factorisation), each fold's pq goes once it is read and the total's pq once the
+    refit's right-hand sides are made. None of that may change a bit of the result."""
+    from onnx_sparse.prune import select as sg
+
+    rng = np.random.default_rng(7)
+    cols, mix, distort, _ = cv_problem(rng)
+    folds = cv_folds(rng, 40, 4, cols, mix, distort)
+    w = rng.standard_normal((24, cols))
+    monkeypatch.setattr(sg, "_FLOAT32_FROM", 16)
+    monkeypatch.setattr(sg, "SELECT_BUDGET", 5 * cols**3 / 6)  # one held-out fold, as a wide layer
+
+    def run() -> tuple[tuple[np.ndarray, object, sg.RefitCV], sg.InputFolds]:
+        copies = [f.copy() for f in folds]
+        inputs = sg.InputFolds(copies[:1], PairedStats.total(copies[1:]), 0.01)
+        del copies
+        return sg.asymmetric_cv_2_4(w, confirm=confirm, inputs=inputs), inputs
+
+    (w1, s1, cv1), narrow = run()
+    assert narrow.every.pq.shape == (cols, cols)  # kept: the input is not wide
+    monkeypatch.setattr(sg, "OVERLAP_COLS", cols - 4)
+    (w2, s2, cv2), wide = run()
+    assert np.array_equal(w1, w2) and s1 == s2
+    assert cv1.damp == cv2.damp and math.isfinite(cv1.damp)  # a refit was made, so pq was read
+    assert np.array_equal(cv1.scores, cv2.scores, equal_nan=True)
+    assert np.array_equal(cv1.pruned_scores, cv2.pruned_scores, equal_nan=True)
+    assert wide.every.pq.size == 0  # let go
+    assert (wide.used == []) == (confirm == 0)  # the pruned scores (confirm) read the whole folds
+
+
 STARVED_GRID = (0.01, 0.1, 1.0)
 
 

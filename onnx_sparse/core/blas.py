@@ -189,6 +189,7 @@ class Background(Generic[R]):
             self._value = _in_worker(self._fn, *self._args)
         except BaseException as exc:  # handed to the caller by result()
             self._error = exc
+        self._args = ()  # its inputs are not held on (a Gram matrix of a wide layer: 0.5 GB)
         self._done = True
 
     def result(self) -> R:

@@ -336,6 +336,12 @@ class PairedStats:
             else:
                 self.dd += other.dd
 
+    def release_pq(self) -> None:
+        """Let go of ``pq`` for good (``cols^2`` float64), when what is read from it has been made
+        (an empty array takes its place: a later use fails on its shape rather than reading stale
+        values). The asymmetric refit of the only weight that reads a wide input does this."""
+        self.pq = np.zeros((0, 0))
+
     @property
     def pd(self) -> Array:
         """``Xp^T Xd`` (a new array: ``pp + pq``)."""

@@ -235,22 +235,26 @@ class InputFolds:
         self.refit_factors: dict[float, Any] | None = {} if users > 1 else None
         self.fold_factors: dict[int, InverseFactor] | None = {} if users > 1 else None
 
-    def train_gram(self, k: int, held: PairedStats) -> Array:
+    def train_gram(self, k: int, held_pp: Array) -> Array:
         """``pp`` of every row but held-out fold ``k``'s (kept for the other weights when shared)."""
         g = self._grams.get(k)
         if g is None:
-            g = self.every.pp - held.pp
+            g = self.every.pp - held_pp
             if self.users > 1:
                 self._grams[k] = g
         return g
 
-    def prepared(self, keep: bool) -> None:
-        """One weight has prepared its folds: after the last, unless ``keep`` (the pruned scores of
+    def prepared(self, keep: bool) -> bool:
+        """One weight prepares its folds: for the last, unless ``keep`` (the pruned scores of
         ``confirm`` read the whole folds), the folds' own statistics are let go (each held-out fold's
-        ``pp`` stays with the preparations; its ``pq`` is no longer needed: half of them)."""
+        ``pp`` stays with the preparations; its ``pq`` is no longer needed: half of them). True when
+        they were: the caller then holds the only references to the folds it prepares, and drops
+        each fold's ``pq`` before it makes that fold's training Gram matrix."""
         self._unprepared -= 1
         if not keep and self._unprepared <= 0:
             self.used.clear()  # in place: the callers' references to this list see it empty too
+            return True
+        return False
 
     def fold_factors_of(self, k: int) -> dict[tuple[str, float], Any] | None:
         """The ridge factorisations of fold ``k``'s training Gram matrix made so far (None: not kept)."""
@@ -311,6 +315,9 @@ class _FoldCV:
         inputs: InputFolds | None = None,
         keep_folds: bool = True,
     ) -> None:
+        """``used``: with ``inputs`` and not ``keep_folds``, a list that is consumed (emptied), so that
+        each fold's statistics go as soon as its preparation has read them (see
+        :meth:`InputFolds.prepared`)."""
         self.inputs = inputs
         a = np.asarray(w, dtype=np.float64)
         self.factor = 1.0
@@ -321,23 +328,32 @@ class _FoldCV:
         self.a = a
         at = np.ascontiguousarray(a.T)  # [cols, k]
         every = PairedStats.total(used) if total is None else total
-        tested = list(used) if held_out is None else list(used[: max(1, held_out)])
+        tested: list[PairedStats | None] = list(used) if held_out is None else list(used[: max(1, held_out)])
+        self.n_rows = sum(f.n for f in tested if f is not None)
         every_r = every.pq @ at
+        # the last weight to prepare these folds (and no pruned scores): each fold's statistics go as
+        # soon as they are read, its pq (cols^2 float64) before its training Gram matrix is made
+        release = inputs is not None and inputs.prepared(keep=keep_folds)
+        if release and isinstance(used, list):
+            used.clear()
 
         def prepare(k: int) -> tuple[Array, Array, Array, Array, float, float]:
             held = tested[k]
-            g = every.pp - held.pp if inputs is None else inputs.train_gram(k, held)
+            assert held is not None
+            held_pp = held.pp
             hq = held.pq @ at
+            base = float(np.einsum("ij,ij->", -(held_pp @ at) - 2.0 * hq, at))
+            if release:
+                tested[k] = held = None  # the fold's pq goes here (its pp stays, for the scores)
+            g = every.pp - held_pp if inputs is None else inputs.train_gram(k, held_pp)
             r = every_r - hq  # the right-hand side (C - G) W^T
             e = -hq  # (P - Pd) W^T
-            base = float(np.einsum("ij,ij->", -(held.pp @ at) - 2.0 * hq, at))
             # r = 0 (the layer sees the same input in both models, e.g. the first layer): W' = W
             scale = float(np.mean(np.diag(g))) if np.any(r) else 0.0
-            return held.pp, g, r, e, base, scale
+            return held_pp, g, r, e, base, scale
 
         # folds are independent: prepared and scored side by side
         self.prepared = blas.parallel_map(prepare, range(len(tested)))
-        self.n_rows = sum(f.n for f in tested)
         # the dense scores need each held-out fold's pp only; the pruned ones (pruned()) the whole fold
         self.tested = tested if keep_folds else None
         self._solves: dict[tuple[int, float], Array | None] = {}
@@ -410,9 +426,9 @@ class _FoldCV:
             if not refits:
                 return [math.inf] * len(lams)
             cand, _ = prune_with_factor(np.concatenate(refits), fold_factor(k), blocksize)
-            errs = iter(
-                [refit_error(self.a, cand[i * k_rows : (i + 1) * k_rows], tested[k]) for i in range(len(refits))]
-            )
+            held = tested[k]
+            assert held is not None  # kept whole for these scores (keep_folds)
+            errs = iter([refit_error(self.a, cand[i * k_rows : (i + 1) * k_rows], held) for i in range(len(refits))])
             return [next(errs) if good else math.inf for good in ok]
 
         per = blas.parallel_map(fold, range(len(self.prepared)))
@@ -468,8 +484,10 @@ def _ridge_scores(cv: _FoldCV, grid: Sequence[float], unimodal: bool) -> tuple[f
     # Descend from the middle of the finite grid (in order of damping) until neither
     # neighbour is better; candidates not visited score nan. With fewer folds than worker
     # threads, the next candidates of the walk are scored ahead, side by side (the walk, and
-    # so the choice, is the same; only idle cores do the extra work).
-    spare = len(cv.prepared) < blas.workers()
+    # so the choice, is the same; only idle cores do the extra work). Not on a layer wider than
+    # OVERLAP_COLS: each candidate scored at once holds a float32 factorisation (cols^2: 0.27 GB at
+    # 8,192 inputs) beside the folds' matrices, so there the walk scores one candidate at a time.
+    spare = len(cv.prepared) < blas.workers() and cv.a.shape[1] <= OVERLAP_COLS
     out = [math.nan] * len(grid)
     for i, lam in enumerate(grid):
         if math.isinf(lam):
@@ -566,11 +584,10 @@ def choose_refit_damp(
     if confirm < 0:
         raise ValueError(f"confirm must be non-negative, got {confirm}")
     held = None if budget is None else held_out_folds(np.shape(w)[1], len(used), budget)
-    cv = _FoldCV(w, used, rows, seed, held, total, inputs, keep_folds=bool(confirm) or inputs is None)
     n_folds = len(used)
-    if inputs is not None:
-        del used
-        inputs.prepared(keep=bool(confirm))  # the folds' own statistics may go once every weight is prepared
+    # with inputs, the folds' own statistics may go once every weight is prepared (_FoldCV consumes used)
+    cv = _FoldCV(w, used, rows, seed, held, total, inputs, keep_folds=bool(confirm) or inputs is None)
+    del used
     scores = _ridge_scores(cv, grid, unimodal and confirm < len(grid))
     best = _best(grid, scores)
     pruned = [math.nan] * len(grid)
@@ -645,8 +662,11 @@ def asymmetric_cv_2_4(
         inputs.chose()
     if not overlap:
         inputs.start()
+    # the only weight that reads a wide input: its pq (cols^2 float64) goes once the refit's right-hand
+    # sides are made, before the ridge factorisation takes its copy of pp
+    release = every.release_pq if not overlap and inputs.users == 1 else None
     try:
-        refit = _refit(w.astype(np.float64), every.pp, every.pq, cv.damp, inputs.refit_factors)
+        refit = _refit(w.astype(np.float64), every.pp, every.pq, cv.damp, inputs.refit_factors, release)
     finally:
         inputs.done()
     out, stats = prune_with_factor(refit, inputs.factor(), blocksize, int8=int8, col_scale=col_scale)
