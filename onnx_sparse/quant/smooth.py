@@ -294,6 +294,8 @@ def rescale(
                             n.input[k] = restored
             _insert_after(model, producers.get(tensor), mul)
         return "folded into " + ", ".join(sorted({n for n, _ in fold}))
+    if not readers:  # an explicit Mul would feed nobody (the tensor's own quantization sits before it)
+        return "not rescaled (no INT8 reader, and the producer cannot take 1/v)"
     scaled = _fresh(used, f"{tensor}_smoothed")
     const = _fresh(used, f"{tensor}_inv_v")
     used.add(const)

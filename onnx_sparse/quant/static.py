@@ -54,7 +54,7 @@ from onnx_sparse.quant.assemble import Int8Layer, find_layers, index_graph, quan
 from onnx_sparse.quant.calibrate import TensorStats, choose_scale, collect, collect_split
 from onnx_sparse.quant.error import Int8Probe, LayerError
 from onnx_sparse.quant.mixed import Fallback, fallback_search, output_fidelity
-from onnx_sparse.quant.smooth import Rescale, choose, rescale
+from onnx_sparse.quant.smooth import Rescale, choose, fold_target, rescale
 
 __all__ = [
     "CALIBRATION_METHODS",
@@ -344,6 +344,8 @@ def smooth_model(
         if any(w.shape[x.w_in_axis] != stats_fit[tensor].amax.size for x, w in readers.get(tensor, [])):
             continue  # a layout the per-channel rescaling does not follow
         index = index_graph(out)  # one look at the graph for the readers and the rescaling
+        if not mine and fold_target(out, tensor, axes[tensor] == -1, index) is None:
+            continue  # no INT8 layer reads it and its producer cannot take 1/v: nothing a rescaling changes
         current = find_layers(out, [x.node for x in mine], index)
         inits = index[2]
         weights = [
@@ -373,8 +375,6 @@ def apply_rescaling(
     """The rescalings ``choices`` (made on the dense model by :func:`smooth_model`) applied to a copy of the
     pruned ``model``, in the same order; a weight whose output channels take ``1/v`` has its INT8 scales
     in ``scales`` divided the same way, so the joint walk's integers stay exact."""
-    from onnx_sparse.quant.smooth import fold_target
-
     out = onnx.ModelProto()
     out.CopyFrom(model)
     layers = {x.node: x for x in find_layers(out, nodes)}
