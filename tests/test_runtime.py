@@ -253,3 +253,29 @@ def test_no_other_module_opens_a_session() -> None:
                 if name in ("InferenceSession", "SessionFromOnnx"):
                     owners.add(str(path.relative_to(REPO)))
     assert owners == {"onnx_sparse/runtime.py"}, owners
+
+
+def test_with_outputs_exposes_inner_tensors_without_changing_the_model() -> None:
+    """runtime.with_outputs: the model's bytes followed by a model holding only the new outputs parse as
+    one model whose outputs are the old ones then the new (the INT8 probes' sessions rely on it)."""
+    from onnx_sparse import runtime
+
+    w = numpy_helper.from_array(np.array([[2.0, -1.0], [0.5, 3.0]], dtype=np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    before = model.SerializeToString()
+    probe = runtime.with_outputs(model, ["h", "y"])
+    assert model.SerializeToString() == before  # the model itself is not touched
+    assert [o.name for o in onnx.load_from_string(probe).graph.output] == ["y", "h"]
+    assert runtime.with_outputs(model, ["y"]) == before  # nothing new: the same bytes
+    x = np.array([[1.0, -2.0]], dtype=np.float32)
+    y, h = runtime.session(probe).run(["y", "h"], {"x": x})
+    np.testing.assert_array_equal(h, x @ numpy_helper.to_array(w))
+    np.testing.assert_array_equal(y, np.maximum(h, 0))
+    assert runtime.with_outputs(model, ["h"], serialized=before) == probe  # y is there already: only h
