@@ -136,6 +136,8 @@ def _ridge_solve_scored(
     step = scipy.linalg.cho_solve(factor, resid.astype(np.float32), check_finite=False)
     size = float(np.linalg.norm(step)) / max(float(np.linalg.norm(x)), 1e-300)
     if not np.isfinite(size) or size > _REFINE_TOL:
+        # the float32 factorisation (cols^2 float32, unless kept in factors) goes before the float64 one is made
+        del factor
         return _solve64(g, rhs, ridge, factors, f64)
     x += step
     return x
