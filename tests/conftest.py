@@ -203,6 +203,19 @@ def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[[list[str]], tuple[i
     return run
 
 
+def resident_kb(marker: str) -> int:
+    """Resident kB of this process's mappings whose path contains ``marker`` (deleted files included;
+    /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            inside = marker in line
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
 def error_lines(output: str) -> list[str]:
     """``[E]`` lines other than the closing ``FAILED`` line."""
     return [line for line in output.splitlines() if line.startswith("[E]") and not line.startswith("[E] FAILED")]

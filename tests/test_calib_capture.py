@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import case_path
+from conftest import case_path, resident_kb
 from test_calibrated_models import conv_data, convnet, mlp, mlp_data, qkv, run
 
 from onnx_sparse.calib.capture import StagedRunner, inline_model, node_reads, run_model, schedule
@@ -292,23 +292,11 @@ def test_a_spilled_array_leaves_the_resident_set_until_read(tmp_path, monkeypatc
     kept = spill.keep(value)
     assert isinstance(kept, np.memmap)
     path = kept.filename
-    assert _resident_kb(path) < 64  # written, then given back (1,024 kB when kept)
+    assert resident_kb(path) < 64  # written, then given back (1,024 kB when kept)
     np.testing.assert_array_equal(kept, value)  # read back from the page cache or the file
-    assert _resident_kb(path) >= 1000
+    assert resident_kb(path) >= 1000
     del kept
     spill.close()
-
-
-def _resident_kb(path: str) -> int:
-    """Resident kB of this process's mappings of ``path`` (deleted files included; /proc/self/smaps)."""
-    total, inside = 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()
-        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
-            inside = path in line
-        elif inside and line.startswith("Rss:"):
-            total += int(head[1])
-    return total
 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "asym"])

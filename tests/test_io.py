@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import onnx
 import pytest
-from conftest import case_path, error_lines, sha256
+from conftest import case_path, error_lines, resident_kb, sha256
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_sparse import io
@@ -470,18 +470,6 @@ def test_a_link_with_the_data_files_name_is_not_taken_for_the_same_bytes(tmp_pat
     assert (folder / name).is_symlink() and not (folder / "o.onnx").exists()
 
 
-def _resident_kb(marker: str) -> int:
-    """Resident kB of this process's mappings whose path contains ``marker`` (/proc/self/smaps)."""
-    total, inside = 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()
-        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
-            inside = marker in line
-        elif inside and line.startswith("Rss:"):
-            total += int(head[1])
-    return total
-
-
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
 def test_a_new_value_read_for_a_copy_does_not_stay_resident(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 20: each capture stage copies the earlier layers' new values into its session; the
@@ -497,11 +485,11 @@ def test_a_new_value_read_for_a_copy_does_not_stay_resident(tmp_path: Path, monk
     want = np.random.default_rng(0).standard_normal((32, 16, 3, 3)).astype(np.float32)
     mf.write(t, want)
     assert float(np.asarray(mf.read(t)).sum()) == pytest.approx(float(want.sum()), rel=1e-5)
-    assert _resident_kb("onnx-sparse-values-") >= 16  # read: its pages are resident
+    assert resident_kb("onnx-sparse-values-") >= 16  # read: its pages are resident
     mf.release(t)
-    assert _resident_kb("onnx-sparse-values-") == 0
+    assert resident_kb("onnx-sparse-values-") == 0
     copy = _tensor_copy(mf, t)  # what a stage's session gets
     np.testing.assert_array_equal(numpy_helper.to_array(copy), want)
-    assert _resident_kb("onnx-sparse-values-") == 0
+    assert resident_kb("onnx-sparse-values-") == 0
     np.testing.assert_array_equal(mf.read(t), want)  # read again from the file when touched
     mf.release(None)  # a site without a tensor: nothing to give back
