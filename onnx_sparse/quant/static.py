@@ -279,11 +279,12 @@ def candidates(model: onnx.ModelProto, options: QuantizeOptions) -> tuple[list[s
     nodes = sorted(n for n, r in reasons.items() if not r)
     if not nodes:
         why = sorted({r for r in reasons.values() if r})
+        found = f"; its layers: {'; '.join(why[:3])}{'; ...' if len(why) > 3 else ''}" if why else ""
         raise OnnxSparseError(
             "no layer to quantize",
-            hint="the model has no 2:4-eligible Conv/Gemm/MatMul with a float32 weight the quantizer can reach "
-            + (f"(its layers: {'; '.join(why[:3])}" + ("; ..." if len(why) > 3 else "") + "); " if why else "(")
-            + "--int8-layers all also takes the ineligible ones; --include/--exclude may have left all out)",
+            hint="the model has no 2:4-eligible Conv/Gemm/MatMul with a float32 weight the quantizer can reach"
+            + found
+            + " (--int8-layers all also takes the ineligible ones; --include/--exclude may have left all out)",
         )
     return nodes, reasons
 
