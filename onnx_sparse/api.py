@@ -277,16 +277,28 @@ def _prune_int8(
     """
     from onnx_sparse.calib.data import split_holdout
     from onnx_sparse.passes.calibrated import CalibratedPrunePass, LayerFit
-    from onnx_sparse.quant import apply_rescaling, candidates, finish, input_rescaling, prepare, smooth_model
+    from onnx_sparse.quant import (
+        apply_rescaling,
+        candidates,
+        capture_rounding,
+        finish,
+        input_rescaling,
+        prepare,
+        smooth_model,
+    )
 
     options = recipe.quantize_options()
     prepared = prepare(mf)
     feeds = calib(prepared)
     nodes, reasons = candidates(prepared, options)
     choices: list[Any] = []
+    fit, held = split_holdout(list(feeds), options.holdout)
+    smoothed = prepared
     if options.smooth:  # chosen on the dense model, applied after the prune (see below)
-        fit, held = split_holdout(list(feeds), options.holdout)
-        _, choices = smooth_model(prepared, nodes, fit, held, options.seed)
+        smoothed, choices = smooth_model(prepared, nodes, fit, held, options.seed)
+    # the calibration's INT8 rounding (int8_fit_quantized): scales of the dense rescaled model
+    rounding = capture_rounding(prepared, smoothed, nodes, choices, fit, options) if recipe.int8_fit_quantized else None
+    del smoothed
     scales: dict[str, Any] = {}
 
     def keep_scale(fit: LayerFit) -> None:
@@ -301,6 +313,7 @@ def _prune_int8(
             if recipe.int8_joint:
                 p.engine.int8_nodes = input_rescaling(prepared, nodes, choices)
             p.on_fit = keep_scale
+            p.engine.fake_quant = rounding
     fixed = list(feeds)
     calib.source, calib.limit = fixed, None  # the feeds are loaded once
     result = run_pipeline(pipeline, ModelFile(prepared))

@@ -127,6 +127,10 @@ class Recipe:
         int8_joint: With ``int8``: SparseGPT's walk rounds the INT8 layers' kept weights onto their
             INT8 grids as it fixes them (one reconstruction for pruning and rounding), and the Q/DQ
             weights hold exactly those integers.
+        int8_fit_quantized: With ``int8``: the calibration computes every layer's input through the
+            INT8 rounding of everything upstream and rounds the layer's own input as its Q/DQ will
+            (scales chosen on the dense model), so each refit and bias correction answer pruning and
+            quantization error together (:mod:`onnx_sparse.calib.fakequant`).
     """
 
     method: str | None = None
@@ -155,6 +159,7 @@ class Recipe:
     int8_max_error: float | None = None
     int8_smooth: bool = True
     int8_joint: bool = True
+    int8_fit_quantized: bool = False
     int8_target_cosine: float | None = 0.99
 
     def __post_init__(self) -> None:
@@ -355,6 +360,7 @@ _TYPES: dict[str, str] = {
     "int8_max_error": "float?",
     "int8_smooth": "bool",
     "int8_joint": "bool",
+    "int8_fit_quantized": "bool",
     "int8_target_cosine": "float?",
 }
 assert list(_TYPES) == [f.name for f in fields(Recipe)], "keep _TYPES in step with Recipe"

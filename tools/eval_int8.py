@@ -8,7 +8,8 @@ the dense model on the EVALUATION feeds with the task metrics of :mod:`tools.eva
 * ``sparse``: the FP32 default prune (``prune``, asym + bias correction + head refit);
 * ``old-int8``: that sparse model through onnxruntime's ``quantize_static`` as ``prune --int8`` used it
   before (symmetric, per-channel weights, outputs quantized, percentile 99.999, eligible layers);
-* ``int8``: ``prune --int8`` with no other flag (this version);
+* ``int8``: ``prune --int8`` with no other flag (this version); ``int8-fitq``: with
+  ``--int8-fit-quantized`` (each layer fitted on its input as the INT8 model computes it);
 * ``nncf-default``, ``nncf-transformer``, ``modelopt``: the same sparse FP32 model through NNCF's default
   and transformer modes and ModelOpt's ONNX INT8, each in its own virtual environment
   (:mod:`tools.int8_field`; skipped with a reason when the environment is missing).
@@ -49,7 +50,7 @@ from tools.realmodels import model_path  # noqa: E402
 
 __all__ = ["VARIANTS", "TOLERANCE", "MIN_READY", "verdict", "format_table", "readiness", "old_quantize", "main"]
 
-VARIANTS = ("dense-int8", "sparse", "old-int8", "int8", "nncf-default", "nncf-transformer", "modelopt")
+VARIANTS = ("dense-int8", "sparse", "old-int8", "int8", "int8-fitq", "nncf-default", "nncf-transformer", "modelopt")
 FIELD = {"nncf-default": "nncf", "nncf-transformer": "nncf", "modelopt": "modelopt"}
 TOLERANCE = 0.01  # sparse INT8 may lose at most this much metric against sparse FP32 (issue 18)
 MIN_READY = 0.9  # and keep at least this share of eligible parameters INT8 in/weight/out with 2:4
@@ -251,9 +252,10 @@ def evaluate(name: str, variants: Sequence[str], env: Path, quick: bool, save: P
                     models[v] = quantize(data.dense, data.calibration).model.model
                 elif v == "old-int8":
                     models[v] = old_quantize(sparse, data.calibration)
-                elif v == "int8":
-                    api.prune_file(src, tmp / "int8.onnx", Recipe(int8=True), calibration=data.calibration)
-                    models[v] = onnx.load(str(tmp / "int8.onnx"))
+                elif v in ("int8", "int8-fitq"):
+                    recipe = Recipe(int8=True, int8_fit_quantized=v == "int8-fitq")
+                    api.prune_file(src, tmp / f"{v}.onnx", recipe, calibration=data.calibration)
+                    models[v] = onnx.load(str(tmp / f"{v}.onnx"))
                 else:
                     models[v] = _field(v, env, sparse_path, data.calibration, tmp)
             except Exception as exc:  # a tool that cannot run here: say why, go on
@@ -268,7 +270,7 @@ def evaluate(name: str, variants: Sequence[str], env: Path, quick: bool, save: P
             if save is not None:
                 save.mkdir(parents=True, exist_ok=True)
                 onnx.save(m, str(save / f"{name}.{v}.onnx"))
-            r = readiness(m, None if v in ("sparse", "int8", "dense-int8") else sparse)
+            r = readiness(m, None if v in ("sparse", "int8", "int8-fitq", "dense-int8") else sparse)
             row["ready"][v], row["zeros_kept"][v] = r["ready"], r["zeros_kept"]
         row["metric_name"] = eval_real.judge(data, sparse)["metric_name"]
     if {"sparse", "int8"} <= set(row["metrics"]):
@@ -278,7 +280,11 @@ def evaluate(name: str, variants: Sequence[str], env: Path, quick: bool, save: P
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown: per model and variant, ``metric [/ metric with the Q/DQ as written] (readiness, zeros kept)``."""
-    cols = [v for v in ("dense-int8", "sparse", "old-int8", "int8", *FIELD) if any(v in r["metrics"] for r in rows)]
+    cols = [
+        v
+        for v in ("dense-int8", "sparse", "old-int8", "int8", "int8-fitq", *FIELD)
+        if any(v in r["metrics"] for r in rows)
+    ]
     head = "| model | metric | " + " | ".join(cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
     for r in rows:

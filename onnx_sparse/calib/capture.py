@@ -40,6 +40,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from onnx_sparse.calib.fakequant import FakeQuant
 from onnx_sparse.calib.spill import Spill
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.io import ModelFile
@@ -378,12 +379,15 @@ class StagedRunner:
         spill: Where the frontier's arrays live (:class:`~onnx_sparse.calib.spill.Spill`: in
             memory up to a budget, then in memory-mapped files); share one between runners so
             that the budget is one. Default: a runner of its own with the default budget.
+        fake_quant: Tensors every piece rounds to INT8 for their readers (``prune --int8``:
+            :mod:`onnx_sparse.calib.fakequant`); the values handed out and kept are unrounded.
     """
 
     mf: ModelFile
     feeds: Sequence[Mapping[str, np.ndarray]]
     threads: int | None = None
     spill: Spill = field(default_factory=Spill)
+    fake_quant: FakeQuant | None = None
     nodes: list[onnx.NodeProto] = field(init=False)
     extra: dict[str, np.ndarray] = field(init=False, default_factory=dict)
     cache: dict[str, list[np.ndarray | None]] = field(init=False, default_factory=dict)
@@ -506,8 +510,13 @@ class StagedRunner:
     def _build(self, piece: _Piece) -> onnx.ModelProto:
         src = self.mf.model
         g = onnx.GraphProto(name="onnx_sparse_capture")
-        for n in piece.nodes:
-            g.node.add().CopyFrom(n)
+        if self.fake_quant is not None:
+            nodes, consts = self.fake_quant.rewrite(piece.nodes, self.names())
+            g.node.extend(nodes)
+            g.initializer.extend(consts)
+        else:
+            for n in piece.nodes:
+                g.node.add().CopyFrom(n)
         for name in piece.inputs:
             if name in self.graph_inputs:
                 g.input.add().CopyFrom(self.graph_inputs[name])

@@ -94,6 +94,14 @@ class PruneTool(Tool):
             help="With --int8: SparseGPT's walk rounds the INT8 layers' kept weights onto their INT8 grids as it "
             "fixes them, so pruning and rounding error are compensated together (default: on).",
         )
+        parser.add_argument(
+            "--int8-fit-quantized",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="With --int8: fit each layer on its input as the INT8 model will compute it (everything upstream "
+            "pruned and INT8-rounded, its own input rounded), so the refits answer quantization error too "
+            "(default: off).",
+        )
 
     def run(self, args: argparse.Namespace) -> int:
         data_given = bool(args.load_inputs or args.data_loader_script)
@@ -243,7 +251,8 @@ _RECIPE_FLAGS = {
     "sensitivity": "sensitivity", "target_cosine": "target_cosine", "holdout": "holdout",
     "fc_layout": "fc_layout", "annotate": "annotate", "int8": "int8", "int8_calibration": "act_calibration",
     "int8_percentile": "act_percentile", "int8_layers": "int8_layers", "int8_max_error": "int8_max_error",
-    "int8_smooth": "int8_smooth", "int8_joint": "int8_joint", "int8_target_cosine": "int8_target_cosine",
+    "int8_smooth": "int8_smooth", "int8_joint": "int8_joint", "int8_fit_quantized": "int8_fit_quantized",
+    "int8_target_cosine": "int8_target_cosine",
 }  # fmt: skip
 
 

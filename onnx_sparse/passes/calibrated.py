@@ -68,6 +68,7 @@ import onnx
 
 from onnx_sparse.calib.capture import StagedRunner, body_producers, prefetch, run_model, schedule
 from onnx_sparse.calib.data import validate_feeds
+from onnx_sparse.calib.fakequant import FakeQuant
 from onnx_sparse.calib.layers import LayerView, Unsupported, layer_view
 from onnx_sparse.calib.spill import Spill, trim_heap
 from onnx_sparse.calib.stats import LayerStats
@@ -267,6 +268,9 @@ class Calibrator:
         # layers that will be INT8 (-> the per-input-channel rescaling their weight will get, or None):
         # SparseGPT's walk rounds their kept weights onto INT8 grids (joint walk)
         self.int8_nodes: Mapping[str, np.ndarray | None] = int8_nodes or {}
+        # tensors rounded to INT8 as the sparse INT8 model will round them: each layer is fitted on
+        # its input as it will be, computed through everything upstream as it will be
+        self.fake_quant: FakeQuant | None = None
         self.last_spill: Spill | None = None  # the last run's (for its counters)
         # the last run's ``tail`` values, per sample, in the pruned and the dense model
         self.last_tail: list[dict[str, np.ndarray]] = []
@@ -500,7 +504,8 @@ class Calibrator:
         self.last_tail, self.last_tail_dense = [], []
         sched = schedule(list(mf.model.graph.node), [[(s.node_proto, s.activation) for s in g.sites] for g in groups])
         spill = self.last_spill = Spill(self.spill_budget)  # one memory budget for both models' frontiers
-        runner = StagedRunner(mf, feeds, threads=self.threads, spill=spill)
+        runner = StagedRunner(mf, feeds, threads=self.threads, spill=spill, fake_quant=self.fake_quant)
+        fq = self.fake_quant
         dense_runner = (
             StagedRunner(dense, feeds, threads=self.threads, spill=spill) if self.method == "asym" and dense else None
         )
@@ -521,7 +526,8 @@ class Calibrator:
                 if not needs_data or g.view is None:
                     accs[g.key] = None
                     continue
-                first = lead.setdefault(_input_key(g), g.key)
+                rounded = tuple(fq is not None and fq.reads(s.node, s.activation) for s in g.sites)
+                first = lead.setdefault((_input_key(g), rounded), g.key)
                 lead[g.key] = first
                 accs[g.key] = accs[first] if first != g.key else LayerStats(
                     g.key, g.view, len(g.sites), self.method, len(feeds), self.folds, self.max_rows, self.seed, means
@@ -539,8 +545,11 @@ class Calibrator:
                         if acc is None or lead[g.key] != g.key:
                             continue  # no statistics, or the first group of its input gathers them
                         for m, s in enumerate(g.sites):
+                            x = acts[s.activation]
+                            if fq is not None and fq.reads(s.node, s.activation):
+                                x = fq.apply(s.activation, x)  # the input as the INT8 layer will read it
                             try:
-                                acc.update(m, i, acts[s.activation], dacts[s.activation] if dacts else None, keep)
+                                acc.update(m, i, x, dacts[s.activation] if dacts else None, keep)
                             except Unsupported as exc:
                                 for h in members:
                                     if accs[h.key] is acc:

@@ -41,11 +41,13 @@ class TensorStats:
         axis: The channel axis (last for MatMul/Gemm activations, 1 for Conv).
         amax: Largest ``|x|`` per channel ``[C]`` (float64).
         rows: Sampled rows ``[n, C]`` (float32), channels last.
+        ndim: The tensor's rank (0: not known).
     """
 
     axis: int
     amax: np.ndarray
     rows: np.ndarray
+    ndim: int = 0
 
     @property
     def absmax(self) -> float:
@@ -120,6 +122,7 @@ def _stats(
     names = list(axes)
     per_feed = max(1, -(-rows_per_tensor // max(1, len(feeds))))
     amax: dict[str, np.ndarray] = {}
+    ndim: dict[str, int] = {}
     rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
     # the next feed's run (onnxruntime, without the GIL) overlaps this one's statistics
     runs = (runtime.run(session, names, feed, where=f"calibration sample {i}") for i, feed in enumerate(feeds))
@@ -128,6 +131,7 @@ def _stats(
             a = np.asarray(value)
             if a.dtype.kind != "f" or a.size == 0:
                 continue
+            ndim[name] = a.ndim
             if a.ndim == 0:
                 a = a.reshape(1)
             axis = axes[name] % a.ndim
@@ -139,7 +143,7 @@ def _stats(
             pick = np.sort(rng.choice(n, size=min(per_feed, n), replace=False))
             rows[name].append(np.asarray(view[np.unravel_index(pick, view.shape[:-1])], dtype=np.float32))
     return {
-        n: TensorStats(axes[n], amax[n], np.concatenate(rows[n]) if rows[n] else np.zeros((0, amax[n].size)))
+        n: TensorStats(axes[n], amax[n], np.concatenate(rows[n]) if rows[n] else np.zeros((0, amax[n].size)), ndim[n])
         for n in names
         if n in amax
     }

@@ -43,6 +43,7 @@ import onnx
 
 from onnx_sparse.calib.capture import inline_model
 from onnx_sparse.calib.data import split_holdout
+from onnx_sparse.calib.fakequant import FakeQuant, QuantPoint
 from onnx_sparse.core import blas
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.graph.locate import WeightSite, find_weight_sites
@@ -67,6 +68,7 @@ __all__ = [
     "prepare",
     "candidates",
     "smooth_model",
+    "capture_rounding",
     "input_rescaling",
     "apply_rescaling",
     "finish",
@@ -318,6 +320,69 @@ def _groups(model: onnx.ModelProto, node: str) -> int:
     return next((int(a.i) for a in n.attribute if a.name == "group"), 1)
 
 
+def _activation_scales(
+    model: onnx.ModelProto, layers: Sequence[Int8Layer], stats: dict[str, TensorStats], options: QuantizeOptions
+) -> dict[str, float]:
+    """The per-tensor scale of every tensor in ``stats`` (``options.calibration``: the clip search, each
+    channel weighted by the squared weight columns of the INT8 layers that read it, or a fixed rule)."""
+    readers = _readers(model, layers)
+
+    def act_scale(t: str) -> float:
+        st = stats[t]
+        weight = None
+        if t in readers:
+            weight = np.zeros(st.amax.size)
+            for x, w in readers[t]:
+                a = np.moveaxis(w, x.w_in_axis, 0)
+                if a.shape[0] != weight.size:  # a layout the channel weighting does not follow
+                    weight = None
+                    break
+                weight += np.sum(a.reshape(a.shape[0], -1) ** 2, axis=1)
+        if options.calibration == "search":
+            return choose_scale(st, weight)
+        return _fixed_scale(st, options.calibration, options.percentile)
+
+    return dict(zip(stats, blas.parallel_map(act_scale, stats), strict=True))  # one tensor per task
+
+
+@blas.deterministic
+def capture_rounding(
+    model: onnx.ModelProto,
+    smoothed: onnx.ModelProto,
+    nodes: Sequence[str],
+    choices: Sequence[Rescale],
+    fit: Sequence[dict[str, np.ndarray]],
+    options: QuantizeOptions,
+) -> FakeQuant:
+    """The INT8 rounding the prune's calibration applies (``prune --int8``'s ``int8_fit_quantized``):
+    every tensor the Q/DQ model will quantize, in the unscaled prepared ``model``, with the scale it
+    gets on the dense ``smoothed`` model (:func:`smooth_model`'s, or ``model`` itself) times the
+    rescaling ``v`` chosen for it (per channel), so the rounding is the one of the rescaled model.
+    The scales :func:`finish` writes are chosen again on the pruned model."""
+    mine = {x.node: x for x in find_layers(smoothed, nodes)}
+    layers = [x for x in find_layers(model, nodes) if x.node in mine]
+    theirs = [mine[x.node] for x in layers]
+    stats = collect(smoothed, fit, _channel_axes(theirs), seed=options.seed)
+    scales = _activation_scales(smoothed, theirs, stats, options)
+    v = {c.tensor: c.v for c in choices if c.v is not None}
+    out_points = {x.output for x in layers}
+    readers: dict[str, set[str]] = {}
+    for x in layers:
+        readers.setdefault(x.act, set()).add(x.node)
+    points: dict[str, QuantPoint] = {}
+    for x, y in zip(layers, theirs, strict=True):
+        for mine_t, their_t, axis in ((x.act, y.act, x.act_axis), (x.output, y.output, x.out_axis)):
+            st = stats.get(their_t)
+            if st is None or mine_t in points:
+                continue
+            scale = np.asarray(scales[their_t], dtype=np.float64)
+            if mine_t in v:
+                scale = scale * np.asarray(v[mine_t], dtype=np.float64)
+            who = None if mine_t in out_points else frozenset(readers.get(mine_t, ()))
+            points[mine_t] = QuantPoint(scale.astype(np.float32), axis, st.ndim, who)
+    return FakeQuant(points)
+
+
 @blas.deterministic
 def smooth_model(
     model: onnx.ModelProto,
@@ -457,24 +522,7 @@ def finish(
     axes = _channel_axes(layers)
     stats = collect(model, fit, axes, seed=options.seed, serialized=serialized)
     del serialized
-    readers = _readers(model, layers)
-
-    def act_scale(t: str) -> float:
-        st = stats[t]
-        weight = None
-        if t in readers:
-            weight = np.zeros(st.amax.size)
-            for x, w in readers[t]:
-                a = np.moveaxis(w, x.w_in_axis, 0)
-                if a.shape[0] != weight.size:  # a layout the channel weighting does not follow
-                    weight = None
-                    break
-                weight += np.sum(a.reshape(a.shape[0], -1) ** 2, axis=1)
-        if options.calibration == "search":
-            return choose_scale(st, weight)
-        return _fixed_scale(st, options.calibration, options.percentile)
-
-    act_scales = dict(zip(stats, blas.parallel_map(act_scale, stats), strict=True))  # one tensor per task
+    act_scales = _activation_scales(model, layers, stats, options)
     for x in layers:
         for t in (x.act, x.output):
             act_scales.setdefault(t, 1.0)  # not float or never computed: a harmless placeholder
