@@ -249,6 +249,53 @@ def test_a_wide_input_gives_the_same_bits_while_it_frees_as_it_goes(monkeypatch,
     assert (wide.used == []) == (confirm == 0)  # the pruned scores (confirm) read the whole folds
 
 
+@pytest.mark.parametrize("confirm", [0, 2])
+def test_a_wide_input_parks_its_totals_while_the_damping_is_chosen(monkeypatch, confirm: int) -> None:
+    """Issue 20: while the damping of the only weight that reads a wide input is chosen, the total's
+    pp and pq (2 x cols^2 float64, unused then) wait on disk: the arrays themselves are gone from
+    memory during every scored solve, and they come back with the same bits for the refit."""
+    import weakref
+
+    from onnx_sparse.prune import select as sg
+
+    rng = np.random.default_rng(7)
+    cols, mix, distort, _ = cv_problem(rng)
+    folds = cv_folds(rng, 40, 4, cols, mix, distort)
+    w = rng.standard_normal((24, cols))
+    monkeypatch.setattr(sg, "_FLOAT32_FROM", 16)
+    monkeypatch.setattr(sg, "SELECT_BUDGET", 5 * cols**3 / 6)
+    seen: list[tuple[bool, bool, tuple[str, ...]]] = []
+    solve = sg._ridge_solve_scored
+
+    def run(wide: bool) -> tuple[np.ndarray, object, sg.RefitCV]:
+        monkeypatch.setattr(sg, "OVERLAP_COLS", cols - 4 if wide else cols)
+        copies = [f.copy() for f in folds]
+        inputs = sg.InputFolds(copies[:1], PairedStats.total(copies[1:]), 0.01)
+        del copies
+        every = inputs.every
+        pp, pq = weakref.ref(every.pp), weakref.ref(every.pq)
+
+        def watched(*args, **kwargs):
+            seen.append((pp() is None, pq() is None, every.parked))
+            return solve(*args, **kwargs)
+
+        monkeypatch.setattr(sg, "_ridge_solve_scored", watched)
+        seen.clear()
+        out = sg.asymmetric_cv_2_4(w, confirm=confirm, inputs=inputs)
+        assert seen and every.parked == ()
+        return out
+
+    w1, s1, cv1 = run(wide=False)
+    assert set(seen) == {(False, False, ())}  # a narrow input's totals stay (SparseGPT's factor reads pp)
+    w2, s2, cv2 = run(wide=True)
+    assert set(seen) == {(True, True, ("pp", "pq"))}  # not in memory during any scored solve
+    assert math.isfinite(cv1.damp)  # a refit was made from the totals read back
+    assert np.array_equal(w1, w2) and s1 == s2
+    assert cv1.damp == cv2.damp
+    assert np.array_equal(cv1.scores, cv2.scores, equal_nan=True)
+    assert np.array_equal(cv1.pruned_scores, cv2.pruned_scores, equal_nan=True)
+
+
 STARVED_GRID = (0.01, 0.1, 1.0)
 
 

@@ -42,6 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from onnx_sparse.core import blas
+from onnx_sparse.core.park import Parked
 
 __all__ = [
     "RunningStats",
@@ -288,6 +289,7 @@ class PairedStats:
         self.pq = np.zeros((cols, cols), dtype=np.float64)
         self.dd: Array | None = np.zeros((cols, cols), dtype=np.float64) if track_dense else None
         self._rng = np.random.default_rng(seed)
+        self._parked: dict[str, Parked] = {}
 
     def update(self, x_pruned: npt.ArrayLike, x_dense: npt.ArrayLike) -> None:
         """Add paired rows ``[..., cols]`` (equal shapes; row ``i`` of each forms a pair)."""
@@ -341,6 +343,28 @@ class PairedStats:
         (an empty array takes its place: a later use fails on its shape rather than reading stale
         values). The asymmetric refit of the only weight that reads a wide input does this."""
         self.pq = np.zeros((0, 0))
+
+    def park(self, *names: str) -> None:
+        """Set ``pp`` and/or ``pq`` aside on disk (:class:`~onnx_sparse.core.park.Parked`) until
+        :meth:`unpark`: an empty array takes each one's place meanwhile (a use fails on its shape).
+        The asymmetric refit of the only weight that reads a wide input parks its totals while the
+        damping is chosen, which reads neither."""
+        for name in names:
+            if name not in ("pp", "pq") or name in self._parked:
+                raise ValueError(f"cannot park {name!r} (parked: {sorted(self._parked)})")
+            self._parked[name] = Parked(getattr(self, name))
+            setattr(self, name, np.zeros((0, 0)))
+
+    def unpark(self) -> None:
+        """Read back what :meth:`park` set aside (the same bits)."""
+        while self._parked:
+            name, parked = self._parked.popitem()
+            setattr(self, name, parked.take())
+
+    @property
+    def parked(self) -> tuple[str, ...]:
+        """The matrices now set aside by :meth:`park`."""
+        return tuple(sorted(self._parked))
 
     @property
     def pd(self) -> Array:
