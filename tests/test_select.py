@@ -296,6 +296,29 @@ def test_a_wide_input_parks_its_totals_while_the_damping_is_chosen(monkeypatch, 
     assert np.array_equal(cv1.pruned_scores, cv2.pruned_scores, equal_nan=True)
 
 
+def test_a_wide_input_whose_totals_cannot_be_parked_keeps_them(monkeypatch, tmp_path, caplog) -> None:
+    """Issue 20: a temporary folder that cannot be written costs memory, not the prune."""
+    from onnx_sparse.prune import select as sg
+
+    rng = np.random.default_rng(7)
+    cols, mix, distort, _ = cv_problem(rng)
+    folds = cv_folds(rng, 40, 4, cols, mix, distort)
+    w = rng.standard_normal((24, cols))
+    monkeypatch.setattr(sg, "SELECT_BUDGET", 5 * cols**3 / 6)
+    monkeypatch.setattr(sg, "OVERLAP_COLS", cols - 4)
+
+    def run() -> tuple[np.ndarray, object, sg.RefitCV]:
+        copies = [f.copy() for f in folds]
+        return sg.asymmetric_cv_2_4(w, copies[:1], rest=PairedStats.total(copies[1:]))
+
+    w1, s1, cv1 = run()
+    monkeypatch.setenv("ONNX_SPARSE_SPILL_DIR", str(tmp_path / "missing"))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        w2, s2, cv2 = run()
+    assert "stays in memory" in caplog.text
+    assert np.array_equal(w1, w2) and s1 == s2 and cv1 == cv2
+
+
 STARVED_GRID = (0.01, 0.1, 1.0)
 
 

@@ -299,6 +299,15 @@ class InputFolds:
             self.refit_factors = None
 
 
+def _park(stats: PairedStats, name: str) -> None:
+    """``stats.park(name)``, or nothing but a warning where the scratch file cannot be written
+    (a full or read-only temporary folder): the matrix then stays in memory, as before parking."""
+    try:
+        stats.park(name)
+    except OSError as exc:
+        logger.warning("could not set %s aside on disk (%s); it stays in memory", name, exc)
+
+
 class _FoldCV:
     """One weight's cross-validation over folds of paired statistics: the folds prepared once,
     scored by the dense refit (:meth:`ridge`) and, for a shortlist, by the pruned refit
@@ -345,7 +354,7 @@ class _FoldCV:
         # pq once read here, pp once the training Gram matrices are made from it
         park = inputs is not None and inputs.parks
         if park:
-            every.park("pq")
+            _park(every, "pq")
         # the last weight to prepare these folds (and no pruned scores): each fold's statistics go as
         # soon as they are read, its pq (cols^2 float64) before its training Gram matrix is made
         release = inputs is not None and inputs.prepared(keep=keep_folds)
@@ -370,7 +379,7 @@ class _FoldCV:
         # folds are independent: prepared and scored side by side
         self.prepared = blas.parallel_map(prepare, range(len(tested)))
         if park:
-            every.park("pp")
+            _park(every, "pp")
         # the dense scores need each held-out fold's pp only; the pruned ones (pruned()) the whole fold
         self.tested = tested if keep_folds else None
         self._solves: dict[tuple[int, float], Array | None] = {}
