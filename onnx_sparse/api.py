@@ -264,16 +264,18 @@ def prune_file(
 def _prune_int8(
     mf: ModelFile, pipeline: Sequential, recipe: Recipe, calib: _Calibration, made: bool
 ) -> tuple[PassResult, Any]:
-    """``prune --int8``: the sparse INT8 model in one reconstruction.
+    """``prune --int8``: the FP32 prune, then its INT8 Q/DQ model on the same calibration feeds.
 
     The model is prepared for INT8 (:func:`onnx_sparse.quant.prepare`), the layers that will be INT8
     are chosen first and the outlier rescaling of their tensors is chosen on the dense model; the
-    prune's SparseGPT walk rounds those layers' kept weights onto the INT8 grids they will have once
-    rescaled, as it fixes them (pruning and rounding error compensated together; masks, dampings
-    and refits stay the FP32 prune's, which a rescaling before the prune would change through the
-    relative damping); the rescaling is applied to the pruned model and
-    :func:`onnx_sparse.quant.finish` writes the Q/DQ model with exactly those integers and holds the
-    fidelity target against the pruned FP32 model.
+    prune runs on the unscaled weights (its masks, dampings and refits are the FP32 prune's, which a
+    rescaling before the prune would change through the relative damping); the rescaling is applied
+    to the pruned model and :func:`onnx_sparse.quant.finish` writes the Q/DQ model (its weights
+    rounded per output channel, or the walk's integers as they are) and holds the fidelity target
+    against the pruned FP32 model. With ``int8_joint`` the prune's SparseGPT walk rounds the layers'
+    kept weights onto the INT8 grids they will have once rescaled, as it fixes them (pruning and
+    rounding error compensated together); with ``int8_fit_quantized`` each layer is fitted on its
+    input as the INT8 model computes it (:func:`onnx_sparse.quant.capture_rounding`).
     """
     from onnx_sparse.calib.data import split_holdout
     from onnx_sparse.passes.calibrated import CalibratedPrunePass, LayerFit

@@ -88,14 +88,14 @@ def test_same_bytes_whatever_the_threads_and_the_load(real_model, tmp_path: Path
 
 
 def test_int8_prune_same_bytes_on_one_and_two_solve_threads(real_model, tmp_path: Path) -> None:
-    """``prune --int8`` (outlier rescaling, joint walk, Q/DQ writer, mixed-precision search) gives the
-    same file with one solve thread as with two."""
+    """``prune --int8 --int8-joint`` (outlier rescaling, joint walk, Q/DQ writer, mixed-precision search)
+    gives the same file with one solve thread as with two."""
     from tools import realdata
 
     model = real_model("minilm_l3")
     calib = tmp_path / "calib.json"
     realdata.save_feeds(realdata.calibration("minilm_l3")[:16], calib)
     one, two = tmp_path / "one.onnx", tmp_path / "two.onnx"
-    _finish(_prune(model, one, calib, "--int8", threads="1"))
-    _finish(_prune(model, two, calib, "--int8", threads="2"))
+    _finish(_prune(model, one, calib, "--int8", "--int8-joint", threads="1"))
+    _finish(_prune(model, two, calib, "--int8", "--int8-joint", threads="2"))
     assert _digest(one) == _digest(two)

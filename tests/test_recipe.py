@@ -84,7 +84,7 @@ def test_every_int8_field_round_trips_and_reaches_the_quantizer(tmp_path: Path) 
     """Each INT8 setting, set away from its default, survives JSON and the file, and is what the
     quantizer is given (one place maps recipe fields to QuantizeOptions)."""
     changed = dict(int8=True, int8_calibration="percentile", int8_percentile=99.9, int8_layers="all",
-                   int8_max_error=0.2, int8_smooth=False, int8_joint=False, int8_fit_quantized=True,
+                   int8_max_error=0.2, int8_smooth=False, int8_joint=True, int8_fit_quantized=True,
                    int8_target_cosine=0.95,
                    holdout=0.2, seed=3)  # fmt: skip
     defaults = Recipe()
@@ -139,7 +139,7 @@ def test_defaults_are_pinned() -> None:
         "seed": 0, "row_mask": None, "calib_samples": None, "sensitivity": False, "target_cosine": None,
         "holdout": 0.25, "fc_layout": False, "annotate": False, "int8": False, "int8_calibration": "search",
         "int8_percentile": 99.999, "int8_layers": "eligible", "int8_max_error": None, "int8_smooth": True,
-        "int8_joint": True, "int8_fit_quantized": False, "int8_target_cosine": 0.99,
+        "int8_joint": False, "int8_fit_quantized": False, "int8_target_cosine": 0.99,
     }  # fmt: skip
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "[--holdout 0.25]" in readme and "default **0.99**" in readme and "the usual 0.01" in readme
