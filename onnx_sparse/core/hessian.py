@@ -546,8 +546,15 @@ def im2col_rows(
         raise ValueError(f"row indices must be in [0, {n_batch * per_item})")
     if not idx.size:
         return
-    padded = np.pad(a, g.width) if any(p) else a
-    last = np.ascontiguousarray(np.moveaxis(padded, 1, -1))  # [N, *padded, C]
+    # [N, *padded, C] in one array: the input put channels-last into a zeroed frame (np.pad and then
+    # a channels-last copy made two arrays of a whole input, each a fresh mapping of tens of MB)
+    inner = np.moveaxis(a, 1, -1)
+    if any(p):
+        size = [a.shape[2 + i] + p[i] + p[i + spatial] for i in range(spatial)]
+        last = np.zeros((n_batch, *size, a.shape[1]), dtype=a.dtype)
+        last[(slice(None), *(slice(p[i], p[i] + a.shape[2 + i]) for i in range(spatial)))] = inner
+    else:
+        last = np.ascontiguousarray(inner)
     width_g = len(offsets) * cg
     # iter_im2col's chunks: per batch item, slabs of `step` positions of the first output axis
     bounds = [b * per_item + o0 * line for b in range(n_batch) for o0 in range(0, out_shape[0], step)] + [
