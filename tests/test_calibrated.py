@@ -78,6 +78,37 @@ def test_layers_reading_one_input_share_its_statistics_to_the_bit(monkeypatch, m
     assert shared.SerializeToString() == apart.SerializeToString()
 
 
+@pytest.mark.parametrize("method", ["asym", "sparsegpt"])
+def test_reused_flush_buffers_change_no_bit(monkeypatch, method) -> None:
+    """The flushes join rows and take the paired difference in reused buffers (calib.stats.Scratch):
+    the model is the same, byte for byte, as with new arrays every time. A 640-wide hidden layer
+    takes the wide product's path (one difference of the whole); several samples per fold are joined."""
+    from onnx_sparse.calib import stats
+
+    feeds = mlp_data(5, 12)
+    taken: list[str] = []
+    take = stats.Scratch.take
+
+    def counting(self, key, shape, dtype):
+        taken.append(key)
+        return take(self, key, shape, dtype)
+
+    monkeypatch.setattr(stats.Scratch, "take", counting)
+    reused = CalibratedPrunePass(method, feeds, bias_correction=True)(mlp(hidden=640)).model.model
+    assert "p" in taken and (method != "asym" or {"d", "diff"} <= set(taken))
+    init = stats.LayerStats.__init__
+
+    def fresh(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.scratch = None
+
+    monkeypatch.setattr(stats.LayerStats, "__init__", fresh)
+    taken.clear()
+    new = CalibratedPrunePass(method, feeds, bias_correction=True)(mlp(hidden=640)).model.model
+    assert not taken
+    assert reused.SerializeToString() == new.SerializeToString()
+
+
 # --------------------------------------------------------------------------- sequential capture
 
 

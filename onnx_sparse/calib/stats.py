@@ -15,11 +15,12 @@ from collections.abc import Iterable
 import numpy as np
 
 from onnx_sparse.calib.layers import LayerView
+from onnx_sparse.core import blas
 from onnx_sparse.core.hessian import PairedStats, RunningMean, RunningStats
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.prune.select import held_out_folds
 
-__all__ = ["LayerStats", "STARVED_ROWS_PER_COL", "CV_FOLDS"]
+__all__ = ["LayerStats", "Scratch", "STARVED_ROWS_PER_COL", "CV_FOLDS"]
 
 #: SparseGPT layers that saw fewer rows than columns (an FC head fed a small batch, a
 #: squeeze-excitation conv that sees one row per image) have a singular ``X^T X``, and the
@@ -34,6 +35,34 @@ CV_FOLDS = 3
 _FLUSH_VALUES = 1 << 22
 
 
+class Scratch:
+    """Buffers that :meth:`LayerStats.flush` reuses for the rows it joins and for the paired
+    difference ``Xd - Xp``, instead of new arrays on every flush.
+
+    A flush joins tens of MB of rows (an im2col chunk of every sample); a new array that large is
+    mapped fresh by the C library and costs a page fault per 4 KB on every flush (det's ``asym``:
+    a million faults, 8 s of system time of 30). The values written are the same. Share one
+    between the statistics of a capture stage (their flushes run one after the other) and
+    :meth:`clear` it once the stage's rows are in.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, np.ndarray] = {}
+
+    def take(self, key: str, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+        """An uninitialised ``shape`` array of ``dtype`` for ``key`` (valid until the next take of ``key``)."""
+        need = shape[0] * shape[1]
+        buf = self._bufs.get(key)
+        if buf is None or buf.dtype != dtype or buf.size < need:
+            self._bufs.pop(key, None)  # the old one goes before the larger one is made
+            buf = self._bufs[key] = np.empty(need, dtype=dtype)
+        return buf[:need].reshape(shape)
+
+    def clear(self) -> None:
+        """Let go of the buffers."""
+        self._bufs.clear()
+
+
 class LayerStats:
     """The statistics one stored tensor needs, fed sample by sample (rows buffered, see flush).
 
@@ -44,6 +73,7 @@ class LayerStats:
             fewer than the folds, one for all the other rows.
         mean_p / mean_d: Per member node and group, the mean input in the pruned / dense model.
         rows: Rows seen (after subsampling).
+        scratch: Where flushes join rows (:class:`Scratch`; None: new arrays each time).
     """
 
     def __init__(
@@ -57,8 +87,10 @@ class LayerStats:
         max_rows: int | None,
         seed: int,
         means: bool,
+        scratch: Scratch | None = None,
     ) -> None:
         self.key = key
+        self.scratch = scratch
         self.view = view
         self.method = method
         self.max_rows = max_rows
@@ -133,8 +165,24 @@ class LayerStats:
         if not buf:
             return
 
-        def cat(parts: list[np.ndarray]) -> np.ndarray:
-            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        scratch = self.scratch
+
+        def cat(parts: list[np.ndarray], key: str) -> np.ndarray:
+            if len(parts) == 1:
+                return parts[0]
+            # np.concatenate lays its result out like its inputs (1x1 conv rows are channel-strided
+            # views): the scratch only stands in for a C-ordered result, whose sums are the same
+            if scratch is None or any(
+                p.dtype != parts[0].dtype or p.ndim != 2 or not p.flags.c_contiguous for p in parts
+            ):
+                return np.concatenate(parts)
+            shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
+            return np.concatenate(parts, out=scratch.take(key, shape, parts[0].dtype))
+
+        def work(like: np.ndarray) -> np.ndarray | None:  # only a wide product makes the difference whole
+            if scratch is None or like.ndim != 2 or like.shape[1] < blas.GRAM_WIDE:
+                return None
+            return scratch.take("diff", like.shape, like.dtype)
 
         # one member (the usual case): the means come from the rows joined for the products
         # (no second join, no second pass over the rows)
@@ -142,15 +190,15 @@ class LayerStats:
         m0 = buf[0][0]
         for g in range(self.view.groups):
             if self.stats is not None:
-                xp = cat([e[2][g] for e in buf])
+                xp = cat([e[2][g] for e in buf], "p")
                 self.stats[g].update(xp)
                 if shared and self.mean_p is not None:
                     self.mean_p[m0][g].update(xp)
             if self.paired is not None:
                 for f in sorted({e[1] for e in buf}):
                     sel = [e for e in buf if e[1] == f]
-                    xp, xd = cat([e[2][g] for e in sel]), cat([e[3][g] for e in sel])  # type: ignore[index]
-                    self.paired[g][f].update(xp, xd)
+                    xp, xd = cat([e[2][g] for e in sel], "p"), cat([e[3][g] for e in sel], "d")  # type: ignore[index]
+                    self.paired[g][f].update(xp, xd, work(xp))
                     if shared and self.mean_p is not None:
                         self.mean_p[m0][g].update(xp)
                     if shared and self.mean_d is not None:
@@ -160,6 +208,6 @@ class LayerStats:
             for m in sorted({e[0] for e in buf}):
                 sel = [e for e in buf if e[0] == m]
                 if self.mean_p is not None:
-                    self.mean_p[m][g].update(cat([e[2][g] for e in sel]))
+                    self.mean_p[m][g].update(cat([e[2][g] for e in sel], "p"))
                 if self.mean_d is not None:
-                    self.mean_d[m][g].update(cat([e[3][g] for e in sel]))  # type: ignore[index]
+                    self.mean_d[m][g].update(cat([e[3][g] for e in sel], "d"))  # type: ignore[index]

@@ -224,6 +224,7 @@ def add_gram(
     scale: float = 1.0,
     *,
     minus_a: bool = False,
+    work: npt.NDArray | None = None,
 ) -> None:
     """``acc += scale * a^T b`` (``b`` None: ``a^T a``; ``minus_a``: ``a^T (b - a)``), in pieces side by side.
 
@@ -241,6 +242,9 @@ def add_gram(
         scale: Multiplies the product.
         minus_a: Multiply by ``b - a`` (``q == p``): a narrow product takes the difference piece by
             piece in its workers (the same values as one difference of the whole, made side by side).
+        work: Where a wide product with ``minus_a`` writes ``b - a`` (an array of ``a``'s shape and
+            dtype that the caller reuses; None: a new one). Fresh arrays of tens of MB cost a page
+            fault per 4 KB on every call.
     """
     sym = b is None
     if minus_a and (b is None or b.shape != a.shape):
@@ -260,8 +264,8 @@ def add_gram(
             target += scale * part.astype(np.float64, copy=False)
 
     if min(p, q) >= GRAM_WIDE:
-        if minus_a:
-            bb = bb - a  # every output block reads it: one difference of the whole
+        if minus_a:  # every output block reads it: one difference of the whole
+            bb = np.subtract(bb, a, out=work) if work is not None else bb - a
         rows_p, rows_q = _bounds(p, GRAM_BLOCK), _bounds(q, GRAM_BLOCK)
         blocks = [(i, j) for i in range(len(rows_p)) for j in range(len(rows_q)) if not sym or j >= i]
 

@@ -291,8 +291,11 @@ class PairedStats:
         self._rng = np.random.default_rng(seed)
         self._parked: dict[str, Parked] = {}
 
-    def update(self, x_pruned: npt.ArrayLike, x_dense: npt.ArrayLike) -> None:
-        """Add paired rows ``[..., cols]`` (equal shapes; row ``i`` of each forms a pair)."""
+    def update(self, x_pruned: npt.ArrayLike, x_dense: npt.ArrayLike, work: Array | None = None) -> None:
+        """Add paired rows ``[..., cols]`` (equal shapes; row ``i`` of each forms a pair).
+
+        ``work``: an array the caller reuses for ``x_dense - x_pruned`` (used where it has their
+        shape and dtype; see :func:`~onnx_sparse.core.blas.add_gram`)."""
         xp = _as_rows(x_pruned, self.cols, "x_pruned")
         xd = _as_rows(x_dense, self.cols, "x_dense")
         if xp.dtype != xd.dtype:
@@ -307,7 +310,11 @@ class PairedStats:
             xp, xd = xp[idx], xd[idx]
         self.n += n
         blas.add_gram(self.pp, xp, None, scale)
-        blas.add_gram(self.pq, xp, xd, scale, minus_a=True)  # xd - xp, taken piece by piece
+        if work is not None and not (
+            work.shape == xp.shape and work.dtype == xp.dtype and xp.flags.c_contiguous and xd.flags.c_contiguous
+        ):
+            work = None  # (xd - xp of other layouts is laid out like them, and its products may round differently)
+        blas.add_gram(self.pq, xp, xd, scale, minus_a=True, work=work)  # xd - xp, taken piece by piece
         if self.dd is not None:
             blas.add_gram(self.dd, xd, None, scale)
 

@@ -71,7 +71,7 @@ from onnx_sparse.calib.data import validate_feeds
 from onnx_sparse.calib.fakequant import FakeQuant
 from onnx_sparse.calib.layers import LayerView, Unsupported, layer_view
 from onnx_sparse.calib.spill import Spill, trim_heap
-from onnx_sparse.calib.stats import LayerStats
+from onnx_sparse.calib.stats import LayerStats, Scratch
 from onnx_sparse.core import blas, nm
 from onnx_sparse.core.hessian import PairedStats
 from onnx_sparse.errors import OnnxSparseError
@@ -515,6 +515,7 @@ class Calibrator:
             if apply is not None:
                 apply(fit, runner)
             yield fit
+        scratch = Scratch()  # the flushes' joined rows, reused through a stage's capture
         for stage in sched.stages:
             members = [groups[k] for k in stage]
             targets = [s.activation for g in members for s in g.sites]
@@ -530,7 +531,8 @@ class Calibrator:
                 first = lead.setdefault((_input_key(g), rounded), g.key)
                 lead[g.key] = first
                 accs[g.key] = accs[first] if first != g.key else LayerStats(
-                    g.key, g.view, len(g.sites), self.method, len(feeds), self.folds, self.max_rows, self.seed, means
+                    g.key, g.view, len(g.sites), self.method, len(feeds), self.folds, self.max_rows, self.seed, means,
+                    scratch,
                 )  # fmt: skip
             if needs_data:
                 t_cap = time.perf_counter()
@@ -561,6 +563,7 @@ class Calibrator:
                 logger.debug("stage of %d tensor(s): capture %.2fs", len(members), time.perf_counter() - t_cap)
             for acc in {id(a): a for a in accs.values() if a is not None}.values():
                 acc.flush()  # the last products, in blocks side by side
+            scratch.clear()
             trim_heap()  # what the capture freed goes back before the solves allocate theirs
             # the inputs of a stage are independent: solved side by side, applied in order; the groups
             # that share an input one after the other, sharing what only depends on the input
