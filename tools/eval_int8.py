@@ -10,9 +10,10 @@ the dense model on the EVALUATION feeds with the task metrics of :mod:`tools.eva
   before (symmetric, per-channel weights, outputs quantized, percentile 99.999, eligible layers);
 * ``int8``: ``prune --int8`` with no other flag (this version); ``int8-fitq``: with
   ``--int8-fit-quantized`` (each layer fitted on its input as the INT8 model computes it);
-* ``nncf-default``, ``nncf-transformer``, ``modelopt``: the same sparse FP32 model through NNCF's default
-  and transformer modes and ModelOpt's ONNX INT8, each in its own virtual environment
-  (:mod:`tools.int8_field`; skipped with a reason when the environment is missing).
+* ``nncf-default``, ``nncf-transformer``, ``modelopt``, ``modelopt-fp32``: the same sparse FP32 model
+  through NNCF's default and transformer modes and ModelOpt's ONNX INT8 (its default FP16 for the rest,
+  and FP32 for the rest), each in its own virtual environment (:mod:`tools.int8_field`; skipped with a
+  reason when the environment is missing).
 
 Per variant: the metric, **readiness** (the share of the eligible parameters whose layer is INT8 in,
 weight and out with a 2:4 weight, by :mod:`onnx_sparse.graph.qdq`, what ``inspect``'s INT8 column
@@ -50,8 +51,18 @@ from tools.realmodels import model_path  # noqa: E402
 
 __all__ = ["VARIANTS", "TOLERANCE", "MIN_READY", "verdict", "format_table", "readiness", "old_quantize", "main"]
 
-VARIANTS = ("dense-int8", "sparse", "old-int8", "int8", "int8-fitq", "nncf-default", "nncf-transformer", "modelopt")
-FIELD = {"nncf-default": "nncf", "nncf-transformer": "nncf", "modelopt": "modelopt"}
+VARIANTS = (
+    "dense-int8",
+    "sparse",
+    "old-int8",
+    "int8",
+    "int8-fitq",
+    "nncf-default",
+    "nncf-transformer",
+    "modelopt",
+    "modelopt-fp32",
+)
+FIELD = {"nncf-default": "nncf", "nncf-transformer": "nncf", "modelopt": "modelopt", "modelopt-fp32": "modelopt"}
 TOLERANCE = 0.01  # sparse INT8 may lose at most this much metric against sparse FP32 (issue 18)
 MIN_READY = 0.9  # and keep at least this share of eligible parameters INT8 in/weight/out with 2:4
 _SLACK = 1e-9
