@@ -8,8 +8,9 @@ the dense model on the EVALUATION feeds with the task metrics of :mod:`tools.eva
 * ``sparse``: the FP32 default prune (``prune``, asym + bias correction + head refit);
 * ``old-int8``: that sparse model through onnxruntime's ``quantize_static`` as ``prune --int8`` used it
   before (symmetric, per-channel weights, outputs quantized, percentile 99.999, eligible layers);
-* ``int8``: ``prune --int8`` with no other flag (this version); ``int8-fitq``: with
-  ``--int8-fit-quantized`` (each layer fitted on its input as the INT8 model computes it);
+* ``int8``: ``prune --int8`` with no other flag (this version: the FP32 prune's weights rounded
+  afterwards); ``int8-joint``: with ``--int8-joint`` (the walk rounds as it prunes); ``int8-fitq``: with
+  ``--int8-joint --int8-fit-quantized`` (and each layer fitted on its input as the INT8 model computes it);
 * ``nncf-default``, ``nncf-transformer``, ``modelopt``, ``modelopt-fp32``: the same sparse FP32 model
   through NNCF's default and transformer modes and ModelOpt's ONNX INT8 (its default FP16 for the rest,
   and FP32 for the rest), each in its own virtual environment (:mod:`tools.int8_field`; skipped with a
@@ -56,6 +57,7 @@ VARIANTS = (
     "sparse",
     "old-int8",
     "int8",
+    "int8-joint",
     "int8-fitq",
     "nncf-default",
     "nncf-transformer",
@@ -263,8 +265,8 @@ def evaluate(name: str, variants: Sequence[str], env: Path, quick: bool, save: P
                     models[v] = quantize(data.dense, data.calibration).model.model
                 elif v == "old-int8":
                     models[v] = old_quantize(sparse, data.calibration)
-                elif v in ("int8", "int8-fitq"):
-                    recipe = Recipe(int8=True, int8_fit_quantized=v == "int8-fitq")
+                elif v in ("int8", "int8-joint", "int8-fitq"):
+                    recipe = Recipe(int8=True, int8_joint=v != "int8", int8_fit_quantized=v == "int8-fitq")
                     api.prune_file(src, tmp / f"{v}.onnx", recipe, calibration=data.calibration)
                     models[v] = onnx.load(str(tmp / f"{v}.onnx"))
                 else:
@@ -281,7 +283,7 @@ def evaluate(name: str, variants: Sequence[str], env: Path, quick: bool, save: P
             if save is not None:
                 save.mkdir(parents=True, exist_ok=True)
                 onnx.save(m, str(save / f"{name}.{v}.onnx"))
-            r = readiness(m, None if v in ("sparse", "int8", "int8-fitq", "dense-int8") else sparse)
+            r = readiness(m, None if v in ("sparse", "int8", "int8-joint", "int8-fitq", "dense-int8") else sparse)
             row["ready"][v], row["zeros_kept"][v] = r["ready"], r["zeros_kept"]
         row["metric_name"] = eval_real.judge(data, sparse)["metric_name"]
     if {"sparse", "int8"} <= set(row["metrics"]):
@@ -293,7 +295,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown: per model and variant, ``metric [/ metric with the Q/DQ as written] (readiness, zeros kept)``."""
     cols = [
         v
-        for v in ("dense-int8", "sparse", "old-int8", "int8", "int8-fitq", *FIELD)
+        for v in ("dense-int8", "sparse", "old-int8", "int8", "int8-joint", "int8-fitq", *FIELD)
         if any(v in r["metrics"] for r in rows)
     ]
     head = "| model | metric | " + " | ".join(cols) + " |"
