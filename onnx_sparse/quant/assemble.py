@@ -39,6 +39,7 @@ __all__ = [
     "find_layers",
     "quantize_weight",
     "write_qdq",
+    "dequantized_readers",
     "SMOOTH_IN",
     "SMOOTH_OUT",
     "weight_axes",
@@ -212,6 +213,20 @@ class _Names:
         return name
 
 
+def dequantized_readers(layers: Iterable[Int8Layer]) -> dict[str, frozenset[str] | None]:
+    """Every tensor the Q/DQ of ``layers`` quantizes -> the nodes that read its dequantized value:
+    None (every consumer) for a layer's output point, else the INT8 layers that read it (the
+    module docstring's rule; a float reader of such a tensor keeps reading it in float)."""
+    layers = list(layers)
+    out: dict[str, frozenset[str] | None] = dict.fromkeys((x.output for x in layers), None)
+    acts: dict[str, set[str]] = {}
+    for x in layers:
+        if x.act not in out:
+            acts.setdefault(x.act, set()).add(x.node)
+    out.update((t, frozenset(nodes)) for t, nodes in acts.items())
+    return out
+
+
 def write_qdq(
     model: onnx.ModelProto,
     layers: Iterable[Int8Layer],
@@ -231,12 +246,9 @@ def write_qdq(
     names = _Names(out)
     producers, _, inits = index_graph(out)
     outputs = {o.name for o in g.output}
-    out_points = {x.output for x in layers}
-    reads_dq: dict[str, set[str]] = {}  # tensor -> nodes that read its dequantized value (None: every consumer)
-    for x in layers:
-        if x.act not in out_points:
-            reads_dq.setdefault(x.act, set()).add(x.node)
-    quantized = sorted(set(reads_dq) | out_points)
+    reads_dq = dequantized_readers(layers)  # tensor -> nodes that read its dequantized value (None: every consumer)
+    out_points = {t for t, who in reads_dq.items() if who is None}
+    quantized = sorted(reads_dq)
     dq_name: dict[str, str] = {}
     pairs: dict[str, list[onnx.NodeProto]] = {}
     new_inits: list[TensorProto] = []
@@ -264,7 +276,7 @@ def write_qdq(
         for k, i in enumerate(node.input):
             if i in out_points and i not in outputs:
                 node.input[k] = dq_name[i]
-            elif i in reads_dq and node.name in reads_dq[i]:
+            elif i not in out_points and i in reads_dq and node.name in (reads_dq[i] or ()):
                 node.input[k] = dq_name[i]
         for k, o in enumerate(node.output):
             if o in renamed_output:

@@ -51,7 +51,14 @@ from onnx_sparse.graph.names import display_name
 from onnx_sparse.graph.qdq import Int8IO
 from onnx_sparse.graph.weights import weight_stats
 from onnx_sparse.io import ModelFile, finalize_inline, load_model, save_model
-from onnx_sparse.quant.assemble import Int8Layer, find_layers, index_graph, quantize_weight, write_qdq
+from onnx_sparse.quant.assemble import (
+    Int8Layer,
+    dequantized_readers,
+    find_layers,
+    index_graph,
+    quantize_weight,
+    write_qdq,
+)
 from onnx_sparse.quant.calibrate import TensorStats, choose_scale, collect, collect_split
 from onnx_sparse.quant.error import Int8Probe, LayerError
 from onnx_sparse.quant.mixed import Fallback, fallback_search, output_fidelity
@@ -365,10 +372,7 @@ def capture_rounding(
     stats = collect(smoothed, fit, _channel_axes(theirs), seed=options.seed)
     scales = _activation_scales(smoothed, theirs, stats, options)
     v = {c.tensor: c.v for c in choices if c.v is not None}
-    out_points = {x.output for x in layers}
-    readers: dict[str, set[str]] = {}
-    for x in layers:
-        readers.setdefault(x.act, set()).add(x.node)
+    readers = dequantized_readers(layers)  # the same readers as the Q/DQ model's
     points: dict[str, QuantPoint] = {}
     for x, y in zip(layers, theirs, strict=True):
         for mine_t, their_t, axis in ((x.act, y.act, x.act_axis), (x.output, y.output, x.out_axis)):
@@ -378,8 +382,7 @@ def capture_rounding(
             scale = np.asarray(scales[their_t], dtype=np.float64)
             if mine_t in v:
                 scale = scale * np.asarray(v[mine_t], dtype=np.float64)
-            who = None if mine_t in out_points else frozenset(readers.get(mine_t, ()))
-            points[mine_t] = QuantPoint(scale.astype(np.float32), axis, st.ndim, who)
+            points[mine_t] = QuantPoint(scale.astype(np.float32), axis, st.ndim, readers[mine_t])
     return FakeQuant(points)
 
 
