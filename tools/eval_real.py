@@ -252,10 +252,12 @@ class ModelData:
     macs: dict[str, int]
 
 
-def load(name: str, quick: bool, calibration_size: int | None = None) -> ModelData:
+def load(name: str, quick: bool, calibration_size: int | None = None, evaluation_size: int | None = None) -> ModelData:
+    """The dense model and its feeds; ``evaluation_size`` (more samples than the default where the
+    frozen evaluation list holds them) overrides ``quick``'s smaller set."""
     dense = onnx.load(model_path(name))
     calib = realdata.calibration(name, calibration_size)
-    evals = realdata.evaluation(name, QUICK_EVAL[name] if quick else None)
+    evals = realdata.evaluation(name, evaluation_size or (QUICK_EVAL[name] if quick else None))
     dense_c, dense_e = realdata.run(dense, calib), realdata.run(dense, evals)
     return ModelData(name, dense, calib, evals, dense_c, dense_e, measured_macs(name, dense))
 
