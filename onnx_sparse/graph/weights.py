@@ -4,6 +4,10 @@ The stored tensor is whatever :func:`~onnx_sparse.graph.locate.find_weight_sites
 (an initializer, an outer-scope initializer or a ``Constant`` node's value), in its stored
 dtype (float32/float16/bfloat16, int8/fp8 behind DequantizeLinear). The "zero" of a
 quantized tensor is its zero point: the value a pruned entry must hold to dequantize to 0.
+
+Every value a pass computes and stores (pruned and refitted weights, corrected or new biases)
+goes through :func:`stored_value`: float32 subnormals become zeros
+(:mod:`onnx_sparse.core.subnormal`); tensors a pass does not rewrite are never touched.
 """
 
 from __future__ import annotations
@@ -16,12 +20,22 @@ import numpy as np
 from onnx import TensorProto
 
 from onnx_sparse.core import nm
+from onnx_sparse.core.subnormal import flush_subnormals
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.external import PACKED_4BIT, open_data, tensor_dtype
 from onnx_sparse.graph.locate import WeightSite
 from onnx_sparse.io import ModelFile
 
-__all__ = ["WeightStats", "zero_value", "read_weight", "read_weight_copy", "write_weight", "weight_stats"]
+__all__ = [
+    "WeightStats",
+    "zero_value",
+    "read_weight",
+    "read_weight_copy",
+    "stored_value",
+    "write_value",
+    "write_weight",
+    "weight_stats",
+]
 
 
 @dataclass(frozen=True)
@@ -81,10 +95,26 @@ def read_weight_copy(site: WeightSite, mf: ModelFile, scratch: np.ndarray | None
     return out
 
 
+def stored_value(value: np.ndarray) -> np.ndarray:
+    """What a pass stores for a value it computed: float32 subnormals flushed to zero.
+
+    Normal numbers, zeros, infinities and NaNs keep their bits; ``value`` itself comes back when
+    there is nothing to flush. A subnormal weight contributes less than 1.2e-38 times its input
+    to any output but slows every CPU multiply that reads it (in our capture and in the user's
+    runs of the output), so none is written.
+    """
+    return flush_subnormals(value)
+
+
+def write_value(mf: ModelFile, t: TensorProto, value: np.ndarray) -> None:
+    """Replace the value of the stored tensor ``t`` with ``value`` as a pass stores it (:func:`stored_value`)."""
+    mf.write(t, stored_value(value))
+
+
 def write_weight(site: WeightSite, mf: ModelFile, value: np.ndarray) -> None:
-    """Replace the stored weight of ``site`` in its model ``mf``."""
+    """Replace the stored weight of ``site`` in its model ``mf`` (:func:`write_value`)."""
     assert site.tensor is not None, f"{site.node}: no stored weight"
-    mf.write(site.tensor, value)
+    write_value(mf, site.tensor, value)
 
 
 def weight_stats(site: WeightSite, mf: ModelFile) -> WeightStats | None:

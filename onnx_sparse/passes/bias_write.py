@@ -22,6 +22,7 @@ import onnx
 from onnx_sparse.calib.capture import StagedRunner
 from onnx_sparse.calib.layers import LayerView
 from onnx_sparse.graph.locate import WeightSite
+from onnx_sparse.graph.weights import stored_value, write_value
 from onnx_sparse.io import ModelFile
 from onnx_sparse.passes.base import unique_name
 
@@ -76,7 +77,7 @@ def _update_bias(
     if b.size != shift.size or (b.ndim > 0 and b.shape[-1] != shift.size):
         return f"{where}: bias {name!r} of shape {b.shape} is not one value per output channel ({shift.size})"
     new = (b.astype(np.float64) + shift.reshape(b.shape)).astype(b.dtype)
-    mf.write(t, new)
+    write_value(mf, t, new)
     return ""
 
 
@@ -98,7 +99,7 @@ def shift_bias(
         return _update_bias(runner, mf, node.input[2], shift, node, site.node)
     if site.op in ("Conv", "Gemm"):
         name = unique_name(used, f"{site.weight}.bias_correction")
-        runner.set_initializer(name, shift.astype(dtype))
+        runner.set_initializer(name, stored_value(shift.astype(dtype)))
         while len(node.input) < 2:
             node.input.append("")
         if len(node.input) == 2:
@@ -117,6 +118,6 @@ def shift_bias(
     node.output[0] = pre
     runner.node_changed(node)
     add_node = onnx.helper.make_node("Add", [pre, bname], [out], name=unique_name(used, f"{site.node}/bias_correction"))
-    runner.set_initializer(bname, shift.astype(dtype))
+    runner.set_initializer(bname, stored_value(shift.astype(dtype)))
     runner.insert_after(node, add_node)
     return ""
