@@ -33,6 +33,7 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto, numpy_helper
 
 from onnx_sparse import atomic
+from onnx_sparse.core.heap import trim_heap
 from onnx_sparse.errors import OnnxSparseError, first_line
 from onnx_sparse.external import (
     PACKED_4BIT,
@@ -45,6 +46,7 @@ from onnx_sparse.external import (
     file_version,
     open_data,
     opened_path,
+    stored_nbytes,
     tensor_dtype,
 )
 from onnx_sparse.guard import output_path
@@ -809,30 +811,58 @@ def model_problem(model: ModelFile | onnx.ModelProto | str | os.PathLike[str]) -
     return None
 
 
+#: Inline tensors at least this large are checked as placeholders (see :func:`_check_structure`).
+_CHECK_INLINE_BYTES = 1 << 16
+
+
 def _check_structure(proto: onnx.ModelProto) -> None:
-    """``onnx.checker`` (full check) on a loaded model, without the checker's own data-file lookups.
+    """``onnx.checker`` (full check) on a loaded model, without the checker's own data-file lookups
+    and without its copies of the weights.
 
     Given a model in memory, the checker looks up external data files relative to the current
-    directory; given a path, it refuses any symlinked data file, which this project's rules
-    allow inside the model's folder. So a model with external data is checked as a copy whose
-    external entries all name one empty file in a private temporary folder: the checker sees
-    every structural fact (names, types, dims, the external entries' form) and shape inference
-    runs as on the real file, which also never reads external data.
+    directory, and serializes the model and parses it again (twice with shape inference): for
+    an inline model that is three more copies of its weights at once. Given a path, it refuses
+    any symlinked data file, which this project's rules allow inside the model's folder. So the
+    model is checked as a copy whose external entries, and whose inline tensors of 64 KiB or
+    more (their size checked against dtype x shape first: one that does not match stays inline
+    for the checker to report), all name one empty file in a private temporary folder: the
+    checker sees every structural fact (names, types, dims, the external entries' form) and
+    shape inference runs as on the real file, which never reads external data either (the
+    small tensors a shape may come from stay inline).
     """
-    if not any(t.data_location == TensorProto.EXTERNAL for t in iter_tensors(proto)):
-        onnx.checker.check_model(proto, full_check=True)
-        return
+    with tempfile.TemporaryDirectory(prefix="onnx-sparse-check-") as folder:
+        (Path(folder) / "data").touch()
+        (Path(folder) / "model.onnx").write_bytes(_placeholder_copy(proto))
+        trim_heap()  # the copy's weights: freed, returned
+        try:
+            onnx.checker.check_model(str(Path(folder) / "model.onnx"), full_check=True)
+        finally:
+            trim_heap()  # the checker's parse and inference copies
+
+
+def _placeholder_copy(proto: onnx.ModelProto) -> bytes:
+    """``proto`` serialized with its external and large inline tensors as entries naming ``data``
+    (:func:`_check_structure`). The copy made here holds the weights once, and only until this
+    returns (nothing outside keeps a reference into it)."""
     copy = onnx.ModelProto()
-    copy.CopyFrom(proto)  # external weights are not in the protobuf: a small copy
+    copy.CopyFrom(proto)
     for t in iter_tensors(copy):
         if t.data_location == TensorProto.EXTERNAL:
             for entry in t.external_data:
                 if entry.key == "location":
                     entry.value = "data"
-    with tempfile.TemporaryDirectory(prefix="onnx-sparse-check-") as folder:
-        (Path(folder) / "data").touch()
-        (Path(folder) / "model.onnx").write_bytes(copy.SerializeToString())
-        onnx.checker.check_model(str(Path(folder) / "model.onnx"), full_check=True)
+        elif len(t.raw_data) >= _CHECK_INLINE_BYTES and _raw_size_ok(t):
+            t.ClearField("raw_data")
+            t.data_location = TensorProto.EXTERNAL
+            t.external_data.add(key="location", value="data")
+    return copy.SerializeToString()
+
+
+def _raw_size_ok(t: TensorProto) -> bool:
+    try:
+        return len(t.raw_data) == stored_nbytes(t)
+    except OnnxSparseError:  # a dtype without a fixed size: left to the checker
+        return False
 
 
 def check_input_model(model: ModelFile | onnx.ModelProto | str | os.PathLike[str]) -> None:

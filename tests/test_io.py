@@ -493,3 +493,47 @@ def test_a_new_value_read_for_a_copy_does_not_stay_resident(tmp_path: Path, monk
     assert resident_kb("onnx-sparse-values-") == 0
     np.testing.assert_array_equal(mf.read(t), want)  # read again from the file when touched
     mf.release(None)  # a site without a tensor: nothing to give back
+
+
+# ------------------------------------------------- the structural check holds no copy of the weights
+
+
+def _matmul_model(w: np.ndarray, x_width: int) -> onnx.ModelProto:
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, x_width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, w.shape[1]])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_the_check_sees_large_inline_weights_as_placeholders() -> None:
+    """The checker gets the model with its large inline tensors as external entries naming an
+    empty file (not three more copies of the weights), and the model itself is left as it was."""
+    model = _matmul_model(np.ones((256, 256), np.float32), 256)  # 256 KiB: a placeholder
+    before = model.SerializeToString()
+    assert io.model_problem(model) is None
+    assert model.SerializeToString() == before
+    light = io._placeholder_copy(model)
+    assert len(light) < len(before) // 50
+    checked = onnx.load_from_string(light)
+    (w,) = checked.graph.initializer
+    assert w.data_location == TensorProto.EXTERNAL and list(w.dims) == [256, 256] and not w.raw_data
+
+
+@pytest.mark.parametrize("rows", [64, 256])  # inline as it is, and a placeholder
+def test_the_check_still_sees_shapes_and_short_data(rows: int) -> None:
+    """The same verdicts as the checker on the whole model: wrong dims reach shape inference
+    from a placeholder too, and a tensor whose data is short of its shape stays inline, so the
+    checker reports it."""
+    bad_dims = _matmul_model(np.ones((rows, 256), np.float32), rows + 1)
+    problem = io.model_problem(bad_dims)
+    assert problem is not None and "Incompatible dimensions" in problem, problem
+    short = _matmul_model(np.ones((rows, 256), np.float32), rows)
+    short.graph.initializer[0].raw_data = short.graph.initializer[0].raw_data[:-4]
+    problem = io.model_problem(short)
+    assert problem is not None and "raw_data size" in problem, problem
+    with pytest.raises(onnx.checker.ValidationError, match="raw_data size"):
+        onnx.checker.check_model(short, full_check=True)

@@ -19,21 +19,19 @@ when the run starts (``MemAvailable`` on Linux; 2 GiB where that cannot be read)
 and for a wide layer those alone are GBs (``asym`` at 8,192 inputs: four 512 MB matrices), so
 memory in use stays the weights plus a fixed amount rather than growing with the machine.
 
-:func:`trim_heap` gives the C heap's free pages back to the system between stages.
+:func:`trim_heap` (from :mod:`onnx_sparse.core.heap`) gives the C heap's free pages back to the system between stages.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import sys
 import tempfile
 import threading
-from typing import Any
 
 import numpy as np
 
+from onnx_sparse.core.heap import trim_heap
 from onnx_sparse.io import release_pages
 
 __all__ = ["Spill", "default_budget", "trim_heap", "MAX_BUDGET"]
@@ -61,26 +59,6 @@ def default_budget() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return min(MAX_BUDGET, _FALLBACK)
-
-
-def trim_heap() -> None:
-    """Give the free pages of the C heap back to the system (glibc's ``malloc_trim``; elsewhere
-    nothing). Activations and products of a few MB come from malloc's arenas, which keep what is
-    freed for reuse (about 0.3 GB after a capture stage of 8,192-wide activations): returned, it
-    is not counted on top of the next stage's statistics."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        _malloc_trim = False
-        if sys.platform.startswith("linux"):
-            try:
-                _malloc_trim = ctypes.CDLL(None).malloc_trim
-            except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-                pass
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim: Any = None
 
 
 class Spill:
