@@ -6,7 +6,9 @@ apart) every ``--interval`` seconds, and markers around the phases that can hold
 loading and the preflight checks, the pass's model copy, whole-model inlining, every
 onnxruntime session, each capture stage and solve, the softmax-head screen and the save.
 
-Prints one line per phase (start, seconds, resident set at entry, the highest sample inside it
+Prints one line per phase (start, seconds, resident set at entry, the highest sample inside it,
+the true high water inside it (``VmHWM``, reset at every sample and marker, so a spike inside
+one GIL-holding C call between two samples is still seen)
 and at exit) and the overall peak with the phase it fell in; ``--json`` writes every sample.
 
 Usage::
@@ -63,6 +65,23 @@ MARKED = (
 )
 
 
+def _high_water() -> int:
+    """The peak resident set since the last call (``VmHWM``, then reset through
+    ``/proc/self/clear_refs``): what the sampler cannot see, such as a spike inside one C call
+    that holds the GIL (protobuf serializing a model) between two samples. 0 where unsupported."""
+    hwm = 0
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1]) * 1024
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return 0
+    return hwm
+
+
 def _rss() -> tuple[int, int]:
     """(anonymous, file-backed and shared) resident bytes of this process."""
     anon = file = 0
@@ -82,6 +101,8 @@ class Profile:
         self.interval = interval
         self.t0 = time.perf_counter()
         self.samples: list[tuple[float, int, int]] = []
+        #: (t, the peak resident set since the previous entry): see :func:`_high_water`
+        self.high_water: list[tuple[float, int]] = []
         #: (t, "enter"/"exit", name, rss, thread): capture's worker threads mark their phases too
         self.events: list[tuple[float, str, str, int, str]] = []
         self._stop = threading.Event()
@@ -91,7 +112,9 @@ class Profile:
     def _sample(self) -> None:
         while not self._stop.is_set():
             anon, file = _rss()
-            self.samples.append((time.perf_counter() - self.t0, anon, file))
+            with self._lock:
+                self.samples.append((time.perf_counter() - self.t0, anon, file))
+                self.high_water.append((time.perf_counter() - self.t0, _high_water()))
             self._stop.wait(self.interval)
 
     def start(self) -> None:
@@ -108,6 +131,7 @@ class Profile:
             label = "" if thread is threading.main_thread() else thread.name
             self.events.append((time.perf_counter() - self.t0, kind, name, anon + file, label))
             self.samples.append((time.perf_counter() - self.t0, anon, file))
+            self.high_water.append((time.perf_counter() - self.t0, _high_water()))
 
     def wrap(self, fn: Callable[..., Any], name: str) -> Callable[..., Any]:
         if inspect.isgeneratorfunction(fn):
@@ -181,9 +205,11 @@ class Profile:
                 continue
             t_in, _, rss_in, depth = stack.pop()
             peak = max((a + f for s, a, f in self.samples if t_in <= s <= t), default=rss)
+            # a high-water reading covers the time since the one before: the first inside counts
+            true_peak = max((h for s, h in self.high_water if t_in < s <= t), default=peak)
             label = f"{name} [{thread}]" if thread else name
             out.append({"name": label, "depth": depth, "start": t_in, "seconds": t - t_in, "rss_in": rss_in,
-                        "peak": peak, "rss_out": rss})  # fmt: skip
+                        "peak": peak, "true_peak": max(peak, true_peak), "rss_out": rss})  # fmt: skip
         return sorted(out, key=lambda p: p["start"])
 
 
@@ -197,6 +223,7 @@ def _collapse(phases: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
             last["count"] += 1
             last["seconds"] += p["seconds"]
             last["peak"] = max(last["peak"], p["peak"])
+            last["true_peak"] = max(last["true_peak"], p["true_peak"])
             last["rss_out"] = p["rss_out"]
             continue
         out.append({**p, "count": 1})
@@ -240,15 +267,21 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{args.samples} x {args.seq} rows")  # fmt: skip
     print(f"peak RSS {fmt_bytes(peak_a + peak_f)} at {peak_t:.1f}s (anonymous {fmt_bytes(peak_a)}, "
           f"file-backed {fmt_bytes(peak_f)}); weights + {fmt_bytes(peak_a + peak_f - weights)}")  # fmt: skip
+    hw_t, hw = max(prof.high_water, key=lambda s: s[1], default=(peak_t, 0))
+    if hw > peak_a + peak_f:
+        print(f"true peak (VmHWM) {fmt_bytes(hw)}, weights + {fmt_bytes(hw - weights)}, reached in the interval "
+              f"ending at {hw_t:.1f}s: a spike between samples (column 'high water')")  # fmt: skip
     inner = [p for p in phases if p["start"] <= peak_t <= p["start"] + p["seconds"]]
     print("at the peak, inside: " + " > ".join(p["name"] for p in sorted(inner, key=lambda p: p["depth"])))
-    print(f"{'phase':<40} {'start s':>8} {'seconds':>8} {'RSS in':>9} {'peak':>9} {'RSS out':>9}")
+    print(f"{'phase':<40} {'start s':>8} {'seconds':>8} {'RSS in':>9} {'peak':>9} {'high water':>10} {'RSS out':>9}")
     for p in _collapse([p for p in phases if p["depth"] <= args.depth], 3):
         name = "  " * p["depth"] + p["name"] + (f" x{p['count']}" if p["count"] > 1 else "")
         print(f"{name:<40} {p['start']:8.1f} {p['seconds']:8.1f} {fmt_bytes(p['rss_in']):>9} "
-              f"{fmt_bytes(p['peak']):>9} {fmt_bytes(p['rss_out']):>9}")  # fmt: skip
+              f"{fmt_bytes(p['peak']):>9} {fmt_bytes(p['true_peak']):>10} {fmt_bytes(p['rss_out']):>9}")  # fmt: skip
     if args.json:
-        Path(args.json).write_text(json.dumps({"weights": weights, "samples": prof.samples, "phases": phases}))
+        Path(args.json).write_text(
+            json.dumps({"weights": weights, "samples": prof.samples, "high_water": prof.high_water, "phases": phases})
+        )
     return 0
 
 
