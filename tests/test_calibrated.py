@@ -89,9 +89,9 @@ def test_reused_flush_buffers_change_no_bit(monkeypatch, method) -> None:
     taken: list[str] = []
     take = stats.Scratch.take
 
-    def counting(self, key, shape, dtype):
+    def counting(self, key, shape, dtype, order="C"):
         taken.append(key)
-        return take(self, key, shape, dtype)
+        return take(self, key, shape, dtype, order)
 
     monkeypatch.setattr(stats.Scratch, "take", counting)
     reused = CalibratedPrunePass(method, feeds, bias_correction=True)(mlp(hidden=640)).model.model
@@ -107,6 +107,96 @@ def test_reused_flush_buffers_change_no_bit(monkeypatch, method) -> None:
     new = CalibratedPrunePass(method, feeds, bias_correction=True)(mlp(hidden=640)).model.model
     assert not taken
     assert reused.SerializeToString() == new.SerializeToString()
+
+
+def _wide_convnet() -> onnx.ModelProto:
+    """8 -> 64 channels (3x3), 64 -> 64 (3x3: 576 columns, a wide product), 64 -> 8 (1x1)."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(3)
+    shapes = {"c1.w": (64, 8, 3, 3), "c2.w": (64, 64, 3, 3), "c3.w": (8, 64, 1, 1)}
+    inits = [
+        numpy_helper.from_array((rng.standard_normal(s) / np.sqrt(np.prod(s[1:]))).astype(np.float32), n)
+        for n, s in shapes.items()
+    ]
+    nodes = [
+        h.make_node("Conv", ["x", "c1.w"], ["y1"], name="conv1", pads=[1, 1, 1, 1]),
+        h.make_node("Relu", ["y1"], ["a1"], name="relu1"),
+        h.make_node("Conv", ["a1", "c2.w"], ["y2"], name="conv2", pads=[1, 1, 1, 1]),
+        h.make_node("Relu", ["y2"], ["a2"], name="relu2"),
+        h.make_node("Conv", ["a2", "c3.w"], ["y"], name="conv3"),
+    ]
+    graph = h.make_graph(
+        nodes,
+        "wide_convnet",
+        [h.make_tensor_value_info("x", T.FLOAT, ["n", 8, "h", "w"])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["n", 8, "h", "w"])],
+        inits,
+    )
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "asym"])
+@pytest.mark.parametrize("max_rows", [None, 100])
+def test_reused_im2col_buffers_change_no_bit(monkeypatch, method, max_rows) -> None:
+    """A conv layer's im2col chunks are made in arrays lent until the next flush, its passing arrays
+    (a subsample's whole chunk, the channels-last input) in reused ones, and position-fastest chunks
+    are joined in a reused Fortran-ordered buffer (calib.stats.RowPool, Scratch): the model is the
+    same, byte for byte, as with new arrays every time. Small flushes and chunks make every buffer
+    serve several times; ``max_rows`` takes the subsampled paths (gathered rows, picked rows)."""
+    from onnx_sparse.calib import layers, stats
+
+    monkeypatch.setattr(stats, "_FLUSH_VALUES", 1 << 12)
+    monkeypatch.setattr(layers, "CHUNK_BYTES", 1 << 16)
+    feeds = conv_data(7, 12, hw=12)
+    lent: list[tuple[int, ...]] = []
+    orders: set[str] = set()
+    lend, take = stats.RowPool.lend, stats.Scratch.take
+
+    def counting_lend(self, shape, dtype):
+        lent.append(shape)
+        return lend(self, shape, dtype)
+
+    def counting_take(self, key, shape, dtype, order="C"):
+        orders.add(f"{key.split('-')[0]}:{order}")
+        return take(self, key, shape, dtype, order)
+
+    monkeypatch.setattr(stats.RowPool, "lend", counting_lend)
+    monkeypatch.setattr(stats.Scratch, "take", counting_take)
+    kw = {"bias_correction": True, "max_rows": max_rows}
+    reused = CalibratedPrunePass(method, feeds, **kw)(_wide_convnet()).model.model
+    assert len(lent) > 20
+    assert ("p:F" if max_rows is None else "rows:C") in orders, orders
+    if method == "asym":
+        assert ("diff:F" if max_rows is None else "diff:C") in orders, orders
+    init = stats.LayerStats.__init__
+
+    def fresh(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.scratch = None
+
+    monkeypatch.setattr(stats.LayerStats, "__init__", fresh)
+    lent.clear()
+    new = CalibratedPrunePass(method, feeds, **kw)(_wide_convnet()).model.model
+    assert not lent
+    assert reused.SerializeToString() == new.SerializeToString()
+
+
+def test_row_pool_lends_each_array_once_until_reclaimed() -> None:
+    from onnx_sparse.calib.stats import RowPool
+
+    pool = RowPool()
+    a, b = pool.lend((10, 8), np.float32), pool.lend((10, 8), np.float32)
+    assert not np.shares_memory(a, b) and a.flags.c_contiguous
+    pool.reclaim()
+    c, d = pool.lend((4, 8), np.float64), pool.lend((5, 8), np.float32)
+    assert c.dtype == np.float64 and c.shape == (4, 8) and not np.shares_memory(c, d)
+    assert all(np.shares_memory(x, a) or np.shares_memory(x, b) for x in (c, d))  # the same two arrays
+    pool.reclaim()
+    big = pool.lend((100, 8), np.float32)  # fits in neither: a new one, in place of one freed
+    assert len(pool._free) == 1 and big.shape == (100, 8)
 
 
 # --------------------------------------------------------------------------- sequential capture

@@ -45,7 +45,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_sparse.core import nm
-from onnx_sparse.core.hessian import conv_output_shape, conv_weight_to_matrix, im2col_rows, iter_im2col
+from onnx_sparse.core.hessian import Alloc, conv_output_shape, conv_weight_to_matrix, im2col_rows, iter_im2col
 from onnx_sparse.graph.locate import LOOK_THROUGH, WeightSite
 from onnx_sparse.io import ModelFile, tensor_dtype
 
@@ -203,12 +203,20 @@ class LayerView:
         rng: np.random.Generator | None = None,
         max_rows: int | None = None,
         keep: np.ndarray | None = None,
+        alloc: Alloc | None = None,
+        temp: Alloc | None = None,
     ) -> Iterator[list[np.ndarray]]:
         """Activation rows of one sample, in chunks, one array per group (dtype of ``x``).
 
         With ``keep`` (a padding mask for which :meth:`masks_rows` holds), rows where it is 0
         are left out. With ``max_rows``, a sample with more rows keeps a uniform random subset
         (drawn from ``rng``; the same ``rng`` state gives the same rows).
+
+        A convolution's chunks are made in arrays from ``alloc`` (the caller keeps them as long
+        as it holds the chunks) and its passing arrays (the whole chunk a subsample is taken from,
+        the channels-last input) in ``temp``, whose array may be reused at its next call
+        (:data:`~onnx_sparse.core.hessian.Alloc`; None: new arrays). The values and the layout of
+        the rows are the same either way.
         """
         x = np.asarray(x)
         if self.kind != "conv":
@@ -228,11 +236,15 @@ class LayerView:
         if sel is not None and math.prod(self.kernel_shape) > 1:
             # a subsample of a large map: gather just its rows (the same values, in the same order)
             yield from im2col_rows(
-                x, self.kernel_shape, sel, self.strides, pads, self.dilations, self.groups, chunk_rows
+                x, self.kernel_shape, sel, self.strides, pads, self.dilations, self.groups, chunk_rows, alloc, temp
             )
             return
         offset = 0
-        for chunk in iter_im2col(x, self.kernel_shape, self.strides, pads, self.dilations, self.groups, chunk_rows):
+        chunks = iter_im2col(
+            x, self.kernel_shape, self.strides, pads, self.dilations, self.groups, chunk_rows,
+            alloc if sel is None else temp,  # a subsample's whole chunk is only passing through
+        )  # fmt: skip
+        for chunk in chunks:
             n = chunk[0].shape[0]
             if sel is None:
                 yield chunk
@@ -240,8 +252,16 @@ class LayerView:
                 lo, hi = np.searchsorted(sel, [offset, offset + n])
                 if hi > lo:
                     local = sel[lo:hi] - offset
-                    yield [c[local] for c in chunk]
+                    yield [_pick(c, local, alloc) for c in chunk]
             offset += n
+
+
+def _pick(rows: np.ndarray, index: np.ndarray, alloc: Alloc | None) -> np.ndarray:
+    """``rows[index]`` (a new C-ordered array), made in an array from ``alloc`` when given."""
+    if alloc is None:
+        return rows[index]
+    out = alloc((index.size, rows.shape[1]), rows.dtype)
+    return np.take(rows, index, axis=0, out=out, mode="clip")  # "clip": no buffered copy (indices are valid)
 
 
 def _row_subset(total: int, rng: np.random.Generator | None, max_rows: int | None) -> np.ndarray | None:

@@ -10,17 +10,19 @@ cross-validation. The engine that captures and solves is
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Iterable
 
 import numpy as np
 
 from onnx_sparse.calib.layers import LayerView
 from onnx_sparse.core import blas
-from onnx_sparse.core.hessian import PairedStats, RunningMean, RunningStats
+from onnx_sparse.core.hessian import Alloc, PairedStats, RunningMean, RunningStats
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.prune.select import held_out_folds
 
-__all__ = ["LayerStats", "Scratch", "STARVED_ROWS_PER_COL", "CV_FOLDS"]
+__all__ = ["LayerStats", "Scratch", "RowPool", "STARVED_ROWS_PER_COL", "CV_FOLDS"]
 
 #: SparseGPT layers that saw fewer rows than columns (an FC head fed a small batch, a
 #: squeeze-excitation conv that sees one row per image) have a singular ``X^T X``, and the
@@ -36,31 +38,71 @@ _FLUSH_VALUES = 1 << 22
 
 
 class Scratch:
-    """Buffers that :meth:`LayerStats.flush` reuses for the rows it joins and for the paired
-    difference ``Xd - Xp``, instead of new arrays on every flush.
+    """Buffers that a capture stage's statistics reuse instead of new arrays on every sample or
+    flush: the rows a flush joins and the paired difference ``Xd - Xp`` (:meth:`take`), the
+    arrays behind a layer's im2col chunks, lent until its next flush (:meth:`pool`), and the
+    arrays an im2col passes through (:meth:`take` too).
 
-    A flush joins tens of MB of rows (an im2col chunk of every sample); a new array that large is
-    mapped fresh by the C library and costs a page fault per 4 KB on every flush (det's ``asym``:
-    a million faults, 8 s of system time of 30). The values written are the same. Share one
+    Those are tens of MB each; a new array that large is mapped fresh by the C library and costs
+    a page fault per 4 KB every time (det's ``asym``: a million faults, 8 s of system time of 30).
+    The values written, and the layouts of the arrays the sums read, are the same. Share one
     between the statistics of a capture stage (their flushes run one after the other) and
     :meth:`clear` it once the stage's rows are in.
     """
 
     def __init__(self) -> None:
         self._bufs: dict[str, np.ndarray] = {}
+        self._pools: dict[int, RowPool] = {}
 
-    def take(self, key: str, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
-        """An uninitialised ``shape`` array of ``dtype`` for ``key`` (valid until the next take of ``key``)."""
-        need = shape[0] * shape[1]
+    def take(self, key: str, shape: tuple[int, ...], dtype: np.dtype, order: str = "C") -> np.ndarray:
+        """An uninitialised ``shape`` array of ``dtype`` in ``order`` ("C" or "F") for ``key``
+        (valid until the next take of ``key``)."""
+        need = math.prod(shape)
         buf = self._bufs.get(key)
         if buf is None or buf.dtype != dtype or buf.size < need:
             self._bufs.pop(key, None)  # the old one goes before the larger one is made
             buf = self._bufs[key] = np.empty(need, dtype=dtype)
+        if order == "F":
+            return buf[:need].reshape(shape[::-1]).T
         return buf[:need].reshape(shape)
+
+    def pool(self, owner: int) -> RowPool:
+        """The :class:`RowPool` of the statistics ``owner`` (their key)."""
+        return self._pools.setdefault(owner, RowPool())
 
     def clear(self) -> None:
         """Let go of the buffers."""
         self._bufs.clear()
+        self._pools.clear()
+
+
+class RowPool:
+    """Arrays lent to one layer's row producers (:meth:`LayerView.rows`) until the rows they hold
+    have been fed to the accumulators (:meth:`reclaim`, at each flush), then lent again."""
+
+    def __init__(self) -> None:
+        self._free: list[np.ndarray] = []
+        self._lent: list[np.ndarray] = []
+
+    def lend(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """An uninitialised C-ordered ``shape`` array of ``dtype``, lent until :meth:`reclaim`."""
+        dtype = np.dtype(dtype)
+        need = math.prod(shape) * dtype.itemsize
+        sizes = [b.nbytes for b in self._free]
+        fits = [i for i, size in enumerate(sizes) if size >= need]
+        if fits:
+            buf = self._free.pop(min(fits, key=sizes.__getitem__))
+        else:
+            if self._free:  # the largest free one goes before a new one is made: no more than lent at once
+                del self._free[max(range(len(sizes)), key=sizes.__getitem__)]
+            buf = np.empty(need, dtype=np.uint8)
+        self._lent.append(buf)
+        return buf[:need].view(dtype).reshape(shape)
+
+    def reclaim(self) -> None:
+        """Everything lent may be lent again (what was made in it must no longer be read)."""
+        self._free.extend(self._lent)
+        self._lent = []
 
 
 class LayerStats:
@@ -134,7 +176,15 @@ class LayerStats:
             self.masked += 1
         else:
             keep = None
-        chunks_p = self.view.rows(xp, np.random.default_rng(seq), self.max_rows, keep)
+        # the chunks are made in arrays lent until the next flush, unless the rows are kept longer
+        # (a row-starved layer's raw rows)
+        scratch = self.scratch if self.raw is None else None
+        alloc = scratch.pool(self.key).lend if scratch is not None else None
+
+        def temp(side: str) -> Alloc | None:
+            return None if scratch is None else functools.partial(scratch.take, f"rows-{side}-{self.key}")
+
+        chunks_p = self.view.rows(xp, np.random.default_rng(seq), self.max_rows, keep, alloc, temp("p"))
         if xd is None:
             pairs: Iterable[tuple[list[np.ndarray], list[np.ndarray] | None]] = ((c, None) for c in chunks_p)
         else:
@@ -143,7 +193,8 @@ class LayerStats:
                     f"{self.view.site.node}: the dense and pruned models give inputs of different shapes "
                     f"({xd.shape} vs {xp.shape}) for sample {sample}"
                 )
-            pairs = zip(chunks_p, self.view.rows(xd, np.random.default_rng(seq), self.max_rows, keep), strict=True)
+            chunks_d = self.view.rows(xd, np.random.default_rng(seq), self.max_rows, keep, alloc, temp("d"))
+            pairs = zip(chunks_p, chunks_d, strict=True)
         fold = min(sample % self.folds, self.held)  # folds past the held-out ones share the last slot
         for cp, cd in pairs:
             n = cp[0].shape[0]
@@ -170,19 +221,20 @@ class LayerStats:
         def cat(parts: list[np.ndarray], key: str) -> np.ndarray:
             if len(parts) == 1:
                 return parts[0]
-            # np.concatenate lays its result out like its inputs (1x1 conv rows are channel-strided
-            # views): the scratch only stands in for a C-ordered result, whose sums are the same
-            if scratch is None or any(
-                p.dtype != parts[0].dtype or p.ndim != 2 or not p.flags.c_contiguous for p in parts
-            ):
+            # np.concatenate lays its result out like its inputs (im2col's chunks are position-fastest,
+            # gathered rows C-ordered), and sums of other layouts may round differently: the scratch
+            # stands in only for a result whose layout is certain, C-ordered or Fortran-ordered
+            order = _order(parts)
+            if scratch is None or order is None:
                 return np.concatenate(parts)
             shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
-            return np.concatenate(parts, out=scratch.take(key, shape, parts[0].dtype))
+            return np.concatenate(parts, out=scratch.take(key, shape, parts[0].dtype, order))
 
         def work(like: np.ndarray) -> np.ndarray | None:  # only a wide product makes the difference whole
-            if scratch is None or like.ndim != 2 or like.shape[1] < blas.GRAM_WIDE:
+            order = _order([like])
+            if scratch is None or order is None or like.shape[1] < blas.GRAM_WIDE:
                 return None
-            return scratch.take("diff", like.shape, like.dtype)
+            return scratch.take("diff", like.shape, like.dtype, order)
 
         # one member (the usual case): the means come from the rows joined for the products
         # (no second join, no second pass over the rows)
@@ -211,3 +263,18 @@ class LayerStats:
                     self.mean_p[m][g].update(cat([e[2][g] for e in sel], "p"))
                 if self.mean_d is not None:
                     self.mean_d[m][g].update(cat([e[3][g] for e in sel], "d"))  # type: ignore[index]
+        del buf
+        if scratch is not None:
+            scratch.pool(self.key).reclaim()  # the rows are in: their arrays may be lent again
+
+
+def _order(parts: list[np.ndarray]) -> str | None:
+    """The layout np.concatenate gives ``parts`` (2-D, one dtype) when it is certain: "C" when all
+    are C-ordered, "F" when all are Fortran-ordered and none also C-ordered; else None."""
+    if any(p.ndim != 2 or p.dtype != parts[0].dtype for p in parts):
+        return None
+    if all(p.flags.c_contiguous for p in parts):
+        return "C"
+    if all(p.flags.f_contiguous and not p.flags.c_contiguous for p in parts):
+        return "F"
+    return None

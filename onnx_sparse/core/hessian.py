@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -51,6 +51,7 @@ __all__ = [
     "im2col",
     "iter_im2col",
     "im2col_rows",
+    "Alloc",
     "conv_output_shape",
     "conv_weight_to_matrix",
     "matrix_to_conv_weight",
@@ -88,6 +89,15 @@ def _accumulate(acc: Array, part: Array, scale: float) -> None:
 def _check_max_rows(max_rows: int | None) -> None:
     if max_rows is not None and max_rows < 1:
         raise ValueError(f"max_rows must be positive or None, got {max_rows}")
+
+
+def _same_order(work: Array, *rows: Array) -> bool:
+    """Whether ``work`` has the layout ``rows[1] - rows[0]`` would get: all C-ordered, or all
+    Fortran-ordered (and not also C-ordered)."""
+    arrays = (work, *rows)
+    if all(r.flags.c_contiguous for r in arrays):
+        return True
+    return all(r.flags.f_contiguous and not r.flags.c_contiguous for r in arrays)
 
 
 _S = TypeVar("_S", "RunningStats", "PairedStats")
@@ -295,7 +305,7 @@ class PairedStats:
         """Add paired rows ``[..., cols]`` (equal shapes; row ``i`` of each forms a pair).
 
         ``work``: an array the caller reuses for ``x_dense - x_pruned`` (used where it has their
-        shape and dtype; see :func:`~onnx_sparse.core.blas.add_gram`)."""
+        shape, dtype and layout, C- or Fortran-ordered; see :func:`~onnx_sparse.core.blas.add_gram`)."""
         xp = _as_rows(x_pruned, self.cols, "x_pruned")
         xd = _as_rows(x_dense, self.cols, "x_dense")
         if xp.dtype != xd.dtype:
@@ -310,10 +320,8 @@ class PairedStats:
             xp, xd = xp[idx], xd[idx]
         self.n += n
         blas.add_gram(self.pp, xp, None, scale)
-        if work is not None and not (
-            work.shape == xp.shape and work.dtype == xp.dtype and xp.flags.c_contiguous and xd.flags.c_contiguous
-        ):
-            work = None  # (xd - xp of other layouts is laid out like them, and its products may round differently)
+        if work is not None and not (work.shape == xp.shape and work.dtype == xp.dtype and _same_order(work, xp, xd)):
+            work = None  # (xd - xp is laid out like them, and products of other layouts may round differently)
         blas.add_gram(self.pq, xp, xd, scale, minus_a=True, work=work)  # xd - xp, taken piece by piece
         if self.dd is not None:
             blas.add_gram(self.dd, xd, None, scale)
@@ -475,6 +483,23 @@ class _Im2col:
         self.offsets = list(itertools.product(*(range(v) for v in k)))  # row-major kernel positions
 
 
+#: Makes an uninitialised C-ordered array of a shape and dtype (``alloc(shape, dtype)``): how
+#: :func:`iter_im2col` and :func:`im2col_rows` let a caller supply, and reuse, the arrays of tens
+#: of MB they fill for every chunk (a new array that large is a fresh mapping: a page fault per
+#: 4 KB, every time).
+Alloc = Callable[[tuple[int, ...], np.dtype], Array]
+
+
+def _made(alloc: Alloc | None, shape: tuple[int, ...], dtype: np.dtype) -> Array | None:
+    """``alloc(shape, dtype)``, checked to be what ``np.stack`` would make (None without ``alloc``)."""
+    if alloc is None:
+        return None
+    out = alloc(shape, dtype)
+    if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"alloc gave {out.shape} {out.dtype}, not a C-ordered {shape} {dtype}")
+    return out
+
+
 def iter_im2col(
     x: npt.ArrayLike,
     kernel_shape: Sequence[int],
@@ -483,6 +508,7 @@ def iter_im2col(
     dilations: Sequence[int] | None = None,
     group: int = 1,
     chunk_rows: int | None = None,
+    alloc: Alloc | None = None,
 ) -> Iterator[list[Array]]:
     """Yield :func:`im2col` in chunks of output positions, each chunk a list per group.
 
@@ -499,9 +525,11 @@ def iter_im2col(
         dilations: Per spatial axis (default 1).
         group: Number of convolution groups; ``C % group == 0``.
         chunk_rows: Row budget of a chunk.
+        alloc: Where the array behind each chunk is made (:data:`Alloc`; None: new arrays).
 
     Yields:
-        A list of ``group`` arrays ``[rows, prod(kernel) * C/group]`` (dtype of ``x``).
+        A list of ``group`` arrays ``[rows, prod(kernel) * C/group]`` (dtype of ``x``); with one
+        group, a view of the chunk's patches laid out position-fastest (Fortran order).
     """
     g = _Im2col(x, kernel_shape, strides, pads, dilations, group, chunk_rows)
     a, spatial, channels, cg, out_shape, offsets = g.a, g.spatial, g.channels, g.cg, g.out_shape, g.offsets
@@ -519,7 +547,7 @@ def iter_im2col(
                     index.append(slice(start, start + s[i] * (lengths[i] - 1) + 1, s[i]))
                 patches.append(xp[tuple(index)])  # [1, C, *lengths]
             # [kpos, 1, C, *lengths] -> [1, *lengths, kpos, C]
-            stack = np.stack(patches)
+            stack = np.stack(patches, out=_made(alloc, (len(patches), *patches[0].shape), a.dtype))
             stack = np.moveaxis(stack, (0, 2), (-2, -1))
             rows = stack.reshape(-1, len(offsets), channels)
             width_g = len(offsets) * cg
@@ -535,6 +563,8 @@ def im2col_rows(
     dilations: Sequence[int] | None = None,
     group: int = 1,
     chunk_rows: int | None = None,
+    alloc: Alloc | None = None,
+    temp: Alloc | None = None,
 ) -> Iterator[list[Array]]:
     """:func:`iter_im2col` restricted to the rows ``rows`` (sorted indices into :func:`im2col`'s
     rows): the same chunks (each holding the selected rows of the chunk :func:`iter_im2col` would
@@ -543,6 +573,10 @@ def im2col_rows(
     The rows are gathered directly, so a subsample of a large feature map (the calibration's row
     budget) costs its own rows, not the whole matrix: the input is padded and put channels-last
     once, and each kernel position is one gather of whole channel vectors.
+
+    ``alloc`` makes the array behind each chunk and ``temp`` the channels-last input, which is
+    needed only until the generator ends (:data:`Alloc`; None: new arrays). Either way the
+    values and the layout of what is yielded are the same.
     """
     g = _Im2col(x, kernel_shape, strides, pads, dilations, group, chunk_rows)
     a, spatial, n_batch, cg, out_shape = g.a, g.spatial, g.n_batch, g.cg, g.out_shape
@@ -558,10 +592,17 @@ def im2col_rows(
     inner = np.moveaxis(a, 1, -1)
     if any(p):
         size = [a.shape[2 + i] + p[i] + p[i + spatial] for i in range(spatial)]
-        last = np.zeros((n_batch, *size, a.shape[1]), dtype=a.dtype)
+        if temp is None:
+            last = np.zeros((n_batch, *size, a.shape[1]), dtype=a.dtype)
+        else:
+            last = temp((n_batch, *size, a.shape[1]), a.dtype)
+            last.fill(0)
         last[(slice(None), *(slice(p[i], p[i] + a.shape[2 + i]) for i in range(spatial)))] = inner
-    else:
+    elif temp is None:
         last = np.ascontiguousarray(inner)
+    else:
+        last = temp(inner.shape, a.dtype)
+        np.copyto(last, inner)
     width_g = len(offsets) * cg
     # iter_im2col's chunks: per batch item, slabs of `step` positions of the first output axis
     bounds = [b * per_item + o0 * line for b in range(n_batch) for o0 in range(0, out_shape[0], step)] + [
@@ -575,7 +616,9 @@ def im2col_rows(
         b, *pos = np.unravel_index(part, (n_batch, *out_shape))
         base = [pos[i] * s[i] for i in range(spatial)]
         gathered = np.stack(
-            [last[(b, *(base[i] + off[i] * d[i] for i in range(spatial)))] for off in offsets], axis=1
+            [last[(b, *(base[i] + off[i] * d[i] for i in range(spatial)))] for off in offsets],
+            axis=1,
+            out=_made(alloc, (part.size, len(offsets), a.shape[1]), a.dtype),
         )  # [rows, kpos, C]
         if group == 1:
             yield [gathered.reshape(part.size, width_g)]
