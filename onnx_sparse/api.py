@@ -66,14 +66,20 @@ class _AnnotateFromRecords(Pass):
         return AnnotatePass(extra)(mf)
 
 
-def run_pipeline(pipeline: Sequential, mf: ModelFile) -> PassResult:
-    """Run ``pipeline``, feeding pruning records into a trailing annotation pass."""
+def run_pipeline(pipeline: Sequential, mf: ModelFile, *, consume: bool = False) -> PassResult:
+    """Run ``pipeline``, feeding pruning records into a trailing annotation pass.
+
+    ``consume``: ``mf`` is this run's own (loaded for it, or given up by the caller), so the first
+    pass works on it directly; every later pass does so on its predecessor's output whenever that
+    is not ``mf`` itself (a pass's output is a model no one else holds).
+    """
+    given = mf
     records: list[Any] = []
     modified = False
     for p in pipeline.passes:
         if isinstance(p, _AnnotateFromRecords):
             p.records = [r for r in records if isinstance(r, SiteRecord)]
-        result = p(mf)
+        result = p(mf, consume=consume or mf is not given)
         mf, modified = result.model, modified or result.modified
         records.extend(result.records)
     return PassResult(mf, modified, records)
@@ -228,13 +234,17 @@ def prune_file(
     verify: bool = True,
     method: str | None = None,
     calibration: Any = None,
+    consume: bool = False,
     **options: Any,
 ) -> PassResult:
     """Prune ``src`` into ``dst`` (atomic, verified). Refuses to overwrite ``src`` unless ``in_place``,
     and refuses an input that ``onnx.checker`` rejects (before any work).
 
     ``src`` is a path, or a model :func:`onnx_sparse.io.load_model` loaded (the CLI passes the
-    one its checks loaded, so the file is read once). Options are those of :func:`prune`. The
+    one its checks loaded, so the file is read once). A path's model is loaded for this run
+    alone and pruned where it is loaded; a given model is left as it was unless ``consume``
+    (the caller will not read it again: then it is pruned where it is, and an inline model's
+    weights are not held twice). Options are those of :func:`prune`. The
     result's ``recipe`` attribute is not set; the resolved recipe is in the output's metadata.
     With ``recipe.int8`` the output is the sparse INT8 Q/DQ model, pruned and quantized in one
     reconstruction on the same calibration feeds (:func:`_prune_int8`); the per-layer INT8 results
@@ -248,13 +258,14 @@ def prune_file(
     (mf,) = check_run_paths(models=[src], model_output=dst, in_place=in_place)
     check_input_model(mf)
     reference = mf.path
+    consume = consume or not isinstance(src, ModelFile)
     if resolved.int8:
         assert calib is not None
         result, quantized = _prune_int8(mf, pipeline, resolved, calib, made)
         save_model(quantized.model, dst, verify=verify, reference=reference)
         result.records.extend(quantized.layers)
         return result
-    result = run_pipeline(pipeline, mf)
+    result = run_pipeline(pipeline, mf, consume=consume)
     if made and result.modified:
         _stamp(result.model.model, resolved, calib)
     save_model(result.model, dst, verify=verify, reference=reference)
@@ -318,7 +329,7 @@ def _prune_int8(
             p.engine.fake_quant = rounding
     fixed = list(feeds)
     calib.source, calib.limit = fixed, None  # the feeds are loaded once
-    result = run_pipeline(pipeline, ModelFile(prepared))
+    result = run_pipeline(pipeline, ModelFile(prepared), consume=True)  # prepared here, for this run
     if made:
         _stamp(result.model.model, recipe, calib)
     pruned = apply_rescaling(finalize_inline(result.model.model), nodes, choices, scales)

@@ -570,6 +570,26 @@ def test_prune_file_refuses_in_place_without_flag(tmp_path: Path) -> None:
     assert result.modified and nm.is_2_4(stored_weight(onnx.load(src), "fc0.weight"), 0)
 
 
+@pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])
+def test_prune_file_prunes_a_given_model_in_place_only_when_consumed(tmp_path: Path, method: str) -> None:
+    """A loaded model handed to prune_file is left as it was, unless the caller gives it up
+    (``consume``, what the CLI does): then the passes work on it rather than on a copy, so its
+    weights are not held twice; the output is the same bytes either way."""
+    src = case_path("mlp.onnx")
+    options: dict = {"method": method}
+    if method == "sparsegpt":
+        options["calibration"] = [random_feed(src, seed=i) for i in range(4)]
+    kept = io.load_model(src)
+    before = kept.model.SerializeToString()
+    api.prune_file(kept, tmp_path / "kept.onnx", **options)
+    assert kept.model.SerializeToString() == before and not kept.pending
+    given = io.load_model(src)
+    api.prune_file(given, tmp_path / "given.onnx", consume=True, **options)
+    assert nm.is_2_4(given.read(_tensor(given, "fc0.weight")), 0)  # pruned where it was loaded
+    api.prune_file(src, tmp_path / "path.onnx", **options)  # loaded for the run: consumed too
+    assert sha256(tmp_path / "kept.onnx") == sha256(tmp_path / "given.onnx") == sha256(tmp_path / "path.onnx")
+
+
 def test_magnitude_prune_imports_no_calibration_or_int8_machinery(tmp_path: Path) -> None:
     # A magnitude prune needs neither scipy (0.1-0.2 s to import) nor the INT8 quantizer's
     # numeric core: building the CLI (whose prune has --int8 options) must not pull them in.

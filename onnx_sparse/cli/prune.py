@@ -161,6 +161,7 @@ class PruneTool(Tool):
             in_place=args.in_place,
             verify=not args.no_verify,
             calibration=feeds if needs_data or recipe.int8 else None,
+            consume=True,  # not read again: pruned where it was loaded, its weights never held twice
             sensitivity_report=reports.append,
         )
         quantized: list[Any] = []

@@ -94,12 +94,18 @@ class Pass:
     def call(self, mf: ModelFile) -> PassResult:
         raise NotImplementedError
 
-    def __call__(self, model: Any) -> PassResult:
+    def __call__(self, model: Any, *, consume: bool = False) -> PassResult:
+        """Run the pass on ``model``, which it leaves as it was unless the pass is in place.
+
+        ``consume``: the caller gives ``model`` up (it never reads it again), so the pass works on
+        it rather than on a copy: a model loaded for one run then never holds its weights twice.
+        """
         mf = as_model_file(model)
         self.requires(mf)
-        before = mf.model.SerializeToString(deterministic=True) if not self.in_place and _small(mf) else None
+        direct = self.in_place or consume
+        before = mf.model.SerializeToString(deterministic=True) if not direct and _small(mf) else None
         with blas.single_threaded() if self.numeric else contextlib.nullcontext():
-            result = self.call(mf if self.in_place else copy_model_file(mf))
+            result = self.call(mf if direct else copy_model_file(mf))
         if before is not None:
             assert mf.model.SerializeToString(deterministic=True) == before, f"{self.name} changed its input"
         self.ensures(result)
