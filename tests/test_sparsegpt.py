@@ -467,3 +467,29 @@ def test_joint_walk_with_column_scaling_rounds_on_the_stored_grid() -> None:
     ints = out * v / stats.scale[:, None]
     assert np.allclose(ints, np.rint(ints), atol=1e-9) and np.abs(np.rint(ints)).max() <= 127
     assert np.array_equal(out == 0, plain == 0) or np.mean((out == 0) == (plain == 0)) > 0.9
+
+
+def test_int8_scales_are_those_of_the_plain_clip_loop() -> None:
+    """int8_scales (one buffer for every clip, max |w| without an |w| copy) gives, bit for bit, the
+    scales of the plain loop over the clips with new arrays, on C- and F-ordered float32/float64
+    rows, rows of zeros and of negative zeros, and no clip to try."""
+    from onnx_sparse.prune.sparsegpt import CLIP_RATIOS, INT8_MAX, int8_round, int8_scales
+
+    def plain(w: np.ndarray, ratios: tuple[float, ...] = CLIP_RATIOS) -> np.ndarray:
+        top = np.abs(np.asarray(w, dtype=np.float64)).max(axis=1)
+        best, err = np.where(top > 0, top / INT8_MAX, 1.0), np.full(w.shape[0], np.inf)
+        for r in ratios:
+            s = np.where(top > 0, top * r / INT8_MAX, 1.0)
+            e = np.sum((w - int8_round(w, s[:, None])) ** 2, axis=1)
+            better = e < err * (1 - 1e-12)
+            best, err = np.where(better, s, best), np.where(better, e, err)
+        best = best.astype(np.float32).astype(np.float64)
+        return np.where(best > 0, best, 1.0)
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((67, 45)) * rng.exponential(1.0, (67, 1))
+    w[w < -1.5] = 0.0
+    w[3], w[9] = 0.0, -0.0
+    for m in (w, w.astype(np.float32), np.asfortranarray(w), w.T, w[::2, 1:]):
+        for ratios in (CLIP_RATIOS, (1.0,), ()):
+            assert int8_scales(m, ratios).tobytes() == plain(m, ratios).tobytes()

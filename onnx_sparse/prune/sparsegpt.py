@@ -96,13 +96,25 @@ def int8_scales(w: Array, ratios: tuple[float, ...] = CLIP_RATIOS) -> Array:
     Each row tries the clip ratios of its largest ``|w|`` and keeps the one with the smallest
     squared rounding error (ties: the larger range); an all-zero row gets scale 1.
     """
-    a = np.abs(np.asarray(w, dtype=np.float64))
-    top = a.max(axis=1) if a.size else np.zeros(w.shape[0])
+    w = np.asarray(w)
+    # max |w| per row as max(max w, -min w): no |w| copy (a -0 top is not > 0, as a +0 is not)
+    top = np.maximum(w.max(axis=1), -w.min(axis=1)).astype(np.float64) if w.size else np.zeros(w.shape[0])
     best = np.where(top > 0, top / INT8_MAX, 1.0)
     err = np.full(w.shape[0], np.inf)
+    # each clip's squared rounding error, (w - int8_round(w, s))^2, in one buffer laid out as that
+    # expression's result would be (the row sums then add the same values in the same order)
+    buf = np.empty_like(w, dtype=np.float64) if ratios and w.size else None
     for r in ratios:
         s = np.where(top > 0, top * r / INT8_MAX, 1.0)
-        e = np.sum((w - int8_round(w, s[:, None])) ** 2, axis=1)
+        if buf is None:
+            e = np.zeros(w.shape[0])
+        else:
+            np.divide(w, s[:, None], out=buf)
+            np.rint(buf, out=buf)
+            np.clip(buf, -INT8_MAX, INT8_MAX, out=buf)
+            buf *= s[:, None]
+            np.subtract(w, buf, out=buf)
+            e = np.sum(np.square(buf, out=buf), axis=1)
         better = e < err * (1 - 1e-12)
         best, err = np.where(better, s, best), np.where(better, e, err)
     best = best.astype(np.float32).astype(np.float64)
