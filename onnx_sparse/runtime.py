@@ -21,13 +21,27 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from onnx_sparse.errors import OnnxSparseError, first_line
 
-__all__ = ["DATA_HINT", "severity", "quiet", "session", "with_outputs", "run", "is_ort_error", "user_error", "message"]
+__all__ = [
+    "DATA_HINT",
+    "IN_PLACE_BYTES",
+    "ModelBytes",
+    "severity",
+    "quiet",
+    "session",
+    "model_bytes",
+    "with_outputs",
+    "run",
+    "is_ort_error",
+    "user_error",
+    "message",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +49,9 @@ DATA_HINT = (
     "check that the inputs have the shapes and values the model expects: pass real samples with "
     "--load-inputs or --data-loader-script, or real sizes for dynamic inputs with --input-shapes"
 )
+
+#: Initializers at least this large (bytes) reach a session opened on :func:`model_bytes` as arrays it reads in place.
+IN_PLACE_BYTES = 1 << 20
 
 _VERBOSE = 3  # ERROR: under -v, onnxruntime's own error lines are shown
 _QUIET = 4  # FATAL: nothing onnxruntime logs reaches the terminal
@@ -67,7 +84,8 @@ def session(
     """An ``onnxruntime.InferenceSession`` (CPU unless ``providers``) with onnxruntime's logging quieted.
 
     Args:
-        model: An ``onnx.ModelProto``, serialized bytes, or a path.
+        model: An ``onnx.ModelProto``, serialized bytes, a path, or :class:`ModelBytes` (its large
+            initializers read in place from its arrays, which the session keeps alive).
         what: Names the model in the error (``"the output"``, ``"the dense model"``).
         threads: Intra-op threads (None: onnxruntime's default).
         optimize: False: no graph optimizations (for checks and probes).
@@ -96,28 +114,107 @@ def session(
         opts.intra_op_num_threads = threads
     if external_folder is not None:
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_folder))
-    if isinstance(model, os.PathLike):
-        source: Any = str(model)
+    arrays: list[Any] = []
+    if isinstance(model, ModelBytes):
+        source: Any = model.data
+        if model.initializers:
+            arrays = [ort.OrtValue.ortvalue_from_numpy(a) for a in model.initializers.values()]
+            opts.add_external_initializers(list(model.initializers), arrays)
+    elif isinstance(model, os.PathLike):
+        source = str(model)
     elif isinstance(model, (str, bytes)):
         source = model
     else:
         source = model.SerializeToString()
     try:
-        return ort.InferenceSession(source, sess_options=opts, providers=list(providers or ["CPUExecutionProvider"]))
+        sess = ort.InferenceSession(source, sess_options=opts, providers=list(providers or ["CPUExecutionProvider"]))
     except Exception as exc:  # onnxruntime raises several unrelated types
         raise OnnxSparseError(
             f"onnxruntime cannot open {what}: {first_line(exc)}",
             hint=hint or "the model must load in onnxruntime on the CPU; custom operators must be registered there",
         ) from exc
+    if arrays:
+        sess._onnx_sparse_initializers = arrays  # onnxruntime reads them for as long as the session lives
+    return sess
 
 
-def with_outputs(model: Any, names: Iterable[str], serialized: bytes | None = None) -> bytes:
+@dataclass(frozen=True)
+class ModelBytes:
+    """A model serialized without the data of its large initializers, and that data as arrays.
+
+    A session opened on it (:func:`session`) reads the arrays in place (onnxruntime's external
+    initializers), so a large model's weights are not serialized into the bytes, parsed back and
+    copied into the session: the INT8 steps open several sessions of a model whose weights
+    dominate it (MiniLM's 47 MB embedding), each of those copies costing about as much as the
+    session's own work.
+    """
+
+    data: bytes
+    initializers: Mapping[str, np.ndarray]
+
+
+# onnx TensorProto data types whose raw data numpy reads as it is (little-endian): FLOAT, UINT8, INT8,
+# UINT16, INT16, INT32, INT64, FLOAT16, DOUBLE, UINT32, UINT64
+_IN_PLACE_TYPES = dict(
+    zip((1, 2, 3, 4, 5, 6, 7, 10, 11, 12, 13), "<f4 u1 i1 <u2 <i2 <i4 <i8 <f2 <f8 <u4 <u8".split(), strict=True)
+)
+
+
+def _in_place(t: Any, min_bytes: int) -> bool:
+    """Whether tensor ``t``'s data can go to a session as an array: inline raw data of a plain numeric type,
+    at least ``min_bytes`` (from its shape, without reading the data)."""
+    kind = _IN_PLACE_TYPES.get(t.data_type)
+    if kind is None or t.data_location != 0 or len(t.external_data) or not t.HasField("raw_data"):  # 0: DEFAULT
+        return False
+    return int(np.prod(t.dims, dtype=np.int64)) * np.dtype(kind).itemsize >= min_bytes
+
+
+def _copy_fields(src: Any, dst: Any, skip: str) -> None:
+    """Every set field of message ``src`` but ``skip`` copied into ``dst`` (of the same type)."""
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED:  # protobuf 6.31+ / older
+            getattr(dst, fd.name).extend(value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def model_bytes(model: Any, min_bytes: int = IN_PLACE_BYTES) -> ModelBytes:
+    """``model`` (an ``onnx.ModelProto``) as :class:`ModelBytes`: the main graph's initializers of at least
+    ``min_bytes`` become arrays (one copy of their data, no copy of the model), the rest is serialized.
+    The model itself is not touched; a session on the result computes what one on the model does."""
+    import onnx
+
+    graph = model.graph
+    if not any(_in_place(t, min_bytes) for t in graph.initializer):
+        return ModelBytes(model.SerializeToString(), {})
+    lean = onnx.ModelProto()
+    _copy_fields(model, lean, "graph")
+    _copy_fields(graph, lean.graph, "initializer")
+    arrays: dict[str, np.ndarray] = {}
+    for t in graph.initializer:
+        if not _in_place(t, min_bytes):
+            lean.graph.initializer.append(t)
+            continue
+        kind = np.dtype(_IN_PLACE_TYPES[t.data_type])
+        arrays[t.name] = np.frombuffer(t.raw_data, dtype=kind).reshape(tuple(t.dims))
+        stub = lean.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        stub.external_data.add(key="location", value="onnx-sparse-in-memory")  # never read: given as arrays
+    return ModelBytes(lean.SerializeToString(), arrays)
+
+
+def with_outputs(model: Any, names: Iterable[str], serialized: bytes | ModelBytes | None = None) -> Any:
     """``model`` (an ``onnx.ModelProto``) serialized with ``names`` added to its graph outputs (the ones
     it does not have yet, untyped), for a session that exposes inner tensors, without copying the model.
 
     Protobuf parses a message followed by another as their merge, a repeated field of the second
     appended to the first's: the bytes are the model's then a model holding only the new outputs.
-    ``serialized``: ``model.SerializeToString()``, when the caller already has it.
+    ``serialized``: ``model.SerializeToString()`` or :func:`model_bytes` ``(model)``, when the caller
+    already has it (the result is then of the same kind).
     """
     import onnx
 
@@ -128,7 +225,11 @@ def with_outputs(model: Any, names: Iterable[str], serialized: bytes | None = No
             extra.graph.output.append(onnx.ValueInfoProto(name=name))
             existing.add(name)
     head = model.SerializeToString() if serialized is None else serialized
-    return head + extra.SerializeToString() if len(extra.graph.output) else head
+    if not len(extra.graph.output):
+        return head
+    if isinstance(head, ModelBytes):
+        return ModelBytes(head.data + extra.SerializeToString(), head.initializers)
+    return head + extra.SerializeToString()
 
 
 def run(sess: Any, names: Sequence[str] | None, feed: Mapping[str, np.ndarray], *, where: str) -> list[Any]:

@@ -348,3 +348,45 @@ def test_api_prune_with_int8_returns_the_sparse_int8_model() -> None:
             assert site.dtype == "int8" and nm.is_2_4(numpy_helper.to_array(site.tensor), site.axis)
     with pytest.raises(OnnxSparseError, match="needs calibration data"):
         api.prune(model, Recipe(int8=True))
+
+
+def test_clip_search_rounding_in_blocks_gives_the_plain_formulas_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """calibrate.rounding_error (blocks of rows into one buffer) and fake_quant(out=) give, bit for bit,
+    ``rint(x * (1/s))`` clipped to [-128, 127] times ``s``, minus ``x``; so choose_scale picks what the
+    plain loop over the clips (new arrays each time) picks, whatever the block size."""
+    from onnx_sparse.quant import calibrate
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((301, 77)) * rng.exponential(1.0, 77)).astype(np.float32)
+    x[5, 3], x[7] = 0.0, -0.0
+    w = rng.random(77)
+
+    def plain_q(x: np.ndarray, s: float) -> np.ndarray:
+        return np.clip(np.rint(x * np.float32(1.0 / s)), -128, 127) * np.float32(s)
+
+    def plain(x: np.ndarray, s: float) -> np.ndarray:
+        return plain_q(x, s) - x
+
+    def plain_scale(stats: calibrate.TensorStats, weight: np.ndarray) -> float:
+        top = stats.absmax
+        ww = (weight / weight.max()).astype(np.float32)
+        best, best_err = top / 127, np.inf
+        for r in calibrate.CLIP_RATIOS:
+            d = plain(stats.rows, top * r / 127)
+            err = float(np.einsum("ij,ij,j->", d, d, ww))
+            if err < best_err * (1 - 1e-9):
+                best, best_err = top * r / 127, err
+        return float(np.float32(best))
+
+    stats = calibrate.TensorStats(-1, np.abs(x).max(axis=0).astype(np.float64), x)
+    for block in (1, 77 * 4, 77 * 300 + 5, 1 << 20):
+        monkeypatch.setattr(calibrate, "_BLOCK", block)
+        for s in (1e-3, 0.01, 0.05, float(np.abs(x).max()) / 127):
+            out = np.full_like(x, np.nan)
+            got = calibrate.rounding_error(x, s, out)
+            assert got is out and got.tobytes() == plain(x, s).tobytes()
+            y = x.copy()
+            assert calibrate.fake_quant(y, s, out=y).tobytes() == plain_q(x, s).tobytes()
+            assert calibrate.fake_quant(x, s).tobytes() == plain_q(x, s).tobytes()
+        assert calibrate.choose_scale(stats, w) == plain_scale(stats, w)
+    assert not calibrate.fake_quant(x, 0.0).any()

@@ -279,3 +279,60 @@ def test_with_outputs_exposes_inner_tensors_without_changing_the_model() -> None
     np.testing.assert_array_equal(h, x @ numpy_helper.to_array(w))
     np.testing.assert_array_equal(y, np.maximum(h, 0))
     assert runtime.with_outputs(model, ["h"], serialized=before) == probe  # y is there already: only h
+
+
+def test_model_bytes_gives_large_initializers_as_arrays_the_session_reads_in_place() -> None:
+    """runtime.model_bytes: initializers from min_bytes up leave the serialized model (external stubs) and
+    reach the session as arrays over one copy of their data; the model is not touched, the session
+    computes the same values as one on the whole model, with extra outputs appended as with bytes,
+    and it keeps the arrays alive (onnxruntime does not copy them)."""
+    import gc
+
+    from onnx_sparse import runtime
+
+    rng = np.random.default_rng(0)
+    big = numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "big")  # 8 KB
+    small = numpy_helper.from_array(rng.standard_normal((32,)).astype(np.float32), "small")
+    ints = numpy_helper.from_array(np.arange(64 * 32, dtype=np.int64).reshape(64, 32) % 7, "ints")  # 16 KB
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "big"], ["h"]),
+            helper.make_node("Add", ["h", "small"], ["a"]),
+            helper.make_node("Cast", ["ints"], ["f"], to=TensorProto.FLOAT),
+            helper.make_node("MatMul", ["x", "f"], ["g"]),
+            helper.make_node("Add", ["a", "g"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 32])],
+        [big, small, ints],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.metadata_props.add(key="k", value="v")
+    before = model.SerializeToString()
+    lean = runtime.model_bytes(model, min_bytes=4096)
+    assert model.SerializeToString() == before  # the model itself is not touched
+    assert sorted(lean.initializers) == ["big", "ints"] and len(lean.data) < 1000 < len(before)
+    np.testing.assert_array_equal(lean.initializers["big"], numpy_helper.to_array(big))
+    np.testing.assert_array_equal(lean.initializers["ints"], numpy_helper.to_array(ints))
+    parsed = onnx.load_from_string(lean.data)
+    assert [t.name for t in parsed.graph.initializer] == ["big", "small", "ints"]  # the order kept
+    assert (
+        parsed.graph.initializer[0].data_location == TensorProto.EXTERNAL and not parsed.graph.initializer[0].raw_data
+    )
+    assert parsed.graph.node == model.graph.node and parsed.metadata_props == model.metadata_props
+    assert parsed.opset_import == model.opset_import and parsed.ir_version == model.ir_version
+    assert runtime.model_bytes(model).initializers == {}  # nothing from 1 MB up: the plain bytes
+    assert runtime.model_bytes(model).data == before
+
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    probe = runtime.with_outputs(model, ["h"], lean)
+    assert isinstance(probe, runtime.ModelBytes) and probe.initializers is lean.initializers
+    sess = runtime.session(probe)
+    del probe, lean
+    gc.collect()
+    ref = runtime.session(runtime.with_outputs(model, ["h"]))
+    for _ in range(2):
+        got, want = sess.run(["y", "h"], {"x": x}), ref.run(["y", "h"], {"x": x})
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)

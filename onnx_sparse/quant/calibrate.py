@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -31,6 +32,7 @@ ROWS_PER_TENSOR = 1024
 #: Calibration feeds the statistics read at most (evenly spread; half as many held-out ones).
 MAX_FEEDS = 32
 _QMAX = 127
+_BLOCK = 1 << 17  # elements per block of :func:`rounding_error` (512 KB of float32)
 
 
 @dataclass
@@ -54,15 +56,20 @@ class TensorStats:
         return float(self.amax.max()) if self.amax.size else 0.0
 
 
-def fake_quant(x: np.ndarray, scale: float) -> np.ndarray:
-    """``x`` through a symmetric INT8 Q/DQ with ``scale`` (in ``x``'s float dtype)."""
+def fake_quant(x: np.ndarray, scale: float, out: np.ndarray | None = None) -> np.ndarray:
+    """``x`` through a symmetric INT8 Q/DQ with ``scale`` (in ``x``'s float dtype); into ``out`` if given
+    (an array of ``x``'s shape and dtype, ``x`` itself included), else a new array."""
     x = np.asarray(x)
+    if out is None:
+        out = np.empty_like(x)
     if scale <= 0:
-        return np.zeros_like(x)
-    q = np.rint(x * x.dtype.type(1.0 / scale))
-    np.clip(q, -128, _QMAX, out=q)
-    q *= x.dtype.type(scale)
-    return q
+        out[...] = 0
+        return out
+    np.multiply(x, x.dtype.type(1.0 / scale), out=out)
+    np.rint(out, out=out)
+    np.clip(out, -128, _QMAX, out=out)
+    out *= x.dtype.type(scale)
+    return out
 
 
 def collect(
@@ -72,12 +79,13 @@ def collect(
     rows_per_tensor: int = ROWS_PER_TENSOR,
     seed: int = 0,
     threads: int | None = None,
-    serialized: bytes | None = None,
+    serialized: Any = None,
 ) -> dict[str, TensorStats]:
     """Statistics of the tensors ``axes`` (name -> channel axis) over ``feeds`` (one run per feed).
 
     Tensors that are not float or have no element are left out of the result. ``serialized``:
-    ``model.SerializeToString()``, when the caller has it (it is not made again).
+    :func:`onnx_sparse.runtime.model_bytes` ``(model)`` (or its serialized bytes), when the caller
+    has it (it is not made again).
     """
     return collect_split(model, feeds, (), axes, rows_per_tensor, seed, threads, serialized)[0]
 
@@ -90,12 +98,13 @@ def collect_split(
     rows_per_tensor: int = ROWS_PER_TENSOR,
     seed: int = 0,
     threads: int | None = None,
-    serialized: bytes | None = None,
+    serialized: Any = None,
 ) -> tuple[dict[str, TensorStats], dict[str, TensorStats]]:
     """:func:`collect` over ``fit`` and over ``held`` (one session, one run per feed)."""
     from onnx_sparse import runtime
 
-    probe = runtime.with_outputs(model, axes, serialized)  # the tensors as extra outputs (no model copy)
+    head = runtime.model_bytes(model) if serialized is None else serialized  # large weights read in place
+    probe = runtime.with_outputs(model, axes, head)  # the tensors as extra outputs (no model copy)
     # its runs alternate with numpy work (and overlap it): its worker threads must not spin between runs
     session = runtime.session(probe, what="the INT8 calibration", threads=threads, spin=False)
     fit, held = _spread(fit, MAX_FEEDS), _spread(held, MAX_FEEDS // 2)
@@ -135,12 +144,17 @@ def _stats(
             if a.ndim == 0:
                 a = a.reshape(1)
             axis = axes[name] % a.ndim
-            m = np.max(np.abs(a), axis=tuple(d for d in range(a.ndim) if d != axis)).astype(np.float64)
+            others = tuple(d for d in range(a.ndim) if d != axis)
+            # max |x| as max(max x, -min x): the same values without an |a| copy of the whole tensor (+0.0: no -0)
+            m = np.maximum(a.max(axis=others), -a.min(axis=others)).astype(np.float64) + 0.0
             amax[name] = m if name not in amax else np.maximum(amax[name], m)
             view = np.moveaxis(a, axis, -1)  # no copy: rows are gathered from it
             n = int(np.prod(view.shape[:-1]))
+            if per_feed >= n:  # every row (what the sorted sample of all n would be), without drawing it
+                rows[name].append(np.asarray(view.reshape(n, view.shape[-1]), dtype=np.float32))
+                continue
             rng = np.random.default_rng([seed, i, k])
-            pick = np.sort(rng.choice(n, size=min(per_feed, n), replace=False))
+            pick = np.sort(rng.choice(n, size=per_feed, replace=False))
             rows[name].append(np.asarray(view[np.unravel_index(pick, view.shape[:-1])], dtype=np.float32))
     return {
         n: TensorStats(axes[n], amax[n], np.concatenate(rows[n]) if rows[n] else np.zeros((0, amax[n].size)), ndim[n])
@@ -160,10 +174,23 @@ def choose_scale(stats: TensorStats, weight: np.ndarray | None = None, ratios: S
     w = np.ones(x.shape[1]) if weight is None else np.asarray(weight, dtype=np.float64)
     w = (w / max(float(w.max()), 1e-30)).astype(np.float32)
     best, best_err = top / _QMAX, np.inf
+    buffer = np.empty_like(x)  # one for every clip's error
     for r in ratios:
         s = top * r / _QMAX
-        d = fake_quant(x, s) - x if x.size else x
+        d = rounding_error(x, s, buffer)
         err = float(np.einsum("ij,ij,j->", d, d, w)) if x.size else 0.0
         if err < best_err * (1 - 1e-9):
             best, best_err = s, err
     return float(np.float32(best))
+
+
+def rounding_error(x: np.ndarray, scale: float, out: np.ndarray) -> np.ndarray:
+    """``fake_quant(x, scale) - x`` for rows ``x`` ``[n, ...]``, written into ``out`` (same shape and dtype;
+    the same values), a block of rows at a time: each element's steps run on data still in the cache,
+    and no new array is made (a fresh array of a few MB is a fresh mapping, a page fault per 4 KB)."""
+    step = max(1, _BLOCK // max(1, int(np.prod(x.shape[1:], dtype=np.int64))))
+    for i in range(0, len(x), step):
+        xi, oi = x[i : i + step], out[i : i + step]
+        fake_quant(xi, scale, out=oi)
+        oi -= xi
+    return out

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
 
 from onnx_sparse.graph import rules
 
-__all__ = ["LayerError", "Int8Probe", "int8_errors"]
+__all__ = ["LayerError", "Int8Probe", "int8_errors", "ERROR_FEEDS"]
+
+#: Calibration feeds the INT8 errors are measured on (the first ones).
+ERROR_FEEDS = 8
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,7 @@ def int8_errors(
     model: onnx.ModelProto,
     layers: Iterable[tuple[str, onnx.NodeProto, str]],
     feeds: Sequence[dict[str, np.ndarray]],
-    max_feeds: int = 8,
+    max_feeds: int = ERROR_FEEDS,
 ) -> dict[str, LayerError]:
     """Relative L2 error of each layer's INT8 input and output on up to ``max_feeds`` feeds.
 
@@ -93,6 +97,12 @@ def int8_errors(
         feeds: calibration feeds.
     """
     return Int8Probe(model).errors(layers, feeds, max_feeds)
+
+
+def _pair_sums(exact: np.ndarray, through_qdq: np.ndarray) -> tuple[float, float]:
+    """One feed's ``sum((x - x_hat)^2)`` and ``sum(x^2)`` of a Q/DQ pair (float64)."""
+    x = np.asarray(exact, dtype=np.float64)
+    return float(np.sum((x - np.asarray(through_qdq, dtype=np.float64)) ** 2)), float(np.sum(x**2))
 
 
 class Int8Probe:
@@ -110,6 +120,8 @@ class Int8Probe:
         self.pairs, self._consumers, self._producers = _pairs(model)
         self._what = what
         self._session: object | None = None
+        self._later: set[int] = set()  # ids of the feeds errors() will be asked about
+        self._sums: dict[int, dict[str, tuple[float, float]]] = {}  # their sums, taken by run()
 
     @property
     def session(self) -> object:
@@ -117,21 +129,33 @@ class Int8Probe:
 
         if self._session is None:
             exposed = [x for t in sorted(self.pairs) for x in (t, self.pairs[t])]
-            probe = runtime.with_outputs(self.model, exposed)  # no copy of the model
+            # no copy of the model; its large weights are read in place
+            probe = runtime.with_outputs(self.model, exposed, runtime.model_bytes(self.model))
             self._session = runtime.session(probe, what=self._what, optimize=False, spin=False)
         return self._session
+
+    def errors_later(self, feeds: Iterable[dict[str, np.ndarray]]) -> None:
+        """The feeds :meth:`errors` will be asked about: a :meth:`run` on one of them before then also takes
+        its INT8 error sums, and :meth:`errors` does not run it again (the same values, one run less)."""
+        self._later = {id(f) for f in feeds}
 
     def run(self, names: Sequence[str], feed: dict[str, np.ndarray], where: str) -> list[np.ndarray]:
         """The values of ``names`` (graph outputs or exposed tensors) on ``feed``."""
         from onnx_sparse import runtime
 
-        return runtime.run(self.session, names, feed, where=where)
+        if id(feed) not in self._later or id(feed) in self._sums:
+            return runtime.run(self.session, names, feed, where=where)
+        exposed = [x for t in sorted(self.pairs) for x in (t, self.pairs[t])]
+        fetch = list(dict.fromkeys([*names, *exposed]))
+        values = dict(zip(fetch, runtime.run(self.session, fetch, feed, where=where), strict=True))
+        self._sums[id(feed)] = {t: _pair_sums(values[t], values[self.pairs[t]]) for t in self.pairs}
+        return [values[n] for n in names]
 
     def errors(
         self,
         layers: Iterable[tuple[str, onnx.NodeProto, str]],
         feeds: Sequence[dict[str, np.ndarray]],
-        max_feeds: int = 8,
+        max_feeds: int = ERROR_FEEDS,
     ) -> dict[str, LayerError]:
         """As :func:`int8_errors` (``layers`` as there, nodes of this model)."""
         pairs = self.pairs
@@ -144,17 +168,23 @@ class Int8Probe:
         outputs = list(dict.fromkeys(x for t in tensors for x in (t, pairs[t])))
         err = dict.fromkeys(tensors, 0.0)
         ref = dict.fromkeys(tensors, 0.0)
+        from onnx_sparse import runtime
         from onnx_sparse.calib.capture import prefetch
 
+        def values(feed: dict[str, np.ndarray]) -> dict[str, Any]:  # a feed run() took the sums of is not run again
+            if id(feed) in self._sums:
+                return {}
+            return dict(
+                zip(outputs, runtime.run(self.session, outputs, feed, where="a calibration sample"), strict=True)
+            )
+
         # the next feed's run (onnxruntime, without the GIL) overlaps this one's sums
-        runs = (self.run(outputs, feed, where="a calibration sample") for feed in list(feeds)[:max_feeds])
-        for got in prefetch(runs, ahead=1):
-            values = dict(zip(outputs, got, strict=True))
+        chosen = list(feeds)[:max_feeds]
+        for feed, got in zip(chosen, prefetch((values(f) for f in chosen), ahead=1), strict=True):
             for t in tensors:
-                exact = np.asarray(values[t], dtype=np.float64)
-                through_qdq = np.asarray(values[pairs[t]], dtype=np.float64)
-                err[t] += float(np.sum((exact - through_qdq) ** 2))
-                ref[t] += float(np.sum(exact**2))
+                e, r = self._sums[id(feed)][t] if id(feed) in self._sums else _pair_sums(got[t], got[pairs[t]])
+                err[t] += e
+                ref[t] += r
         rel = {t: float(np.sqrt(err[t] / ref[t])) if ref[t] > 0 else 0.0 for t in tensors}
         return {
             name: LayerError(None if i is None else rel[i], None if o is None else rel[o])

@@ -116,16 +116,26 @@ def choose(
     act_weight = colnorm if readers else np.ones(c)
 
     def error(v: np.ndarray | None) -> float:
-        vv = np.ones(c) if v is None else v
-        v32 = vv.astype(np.float32)
-        scaled = TensorStats(fit.axis, fit.amax / vv, fit.rows / v32)
-        s = choose_scale(scaled, act_weight * vv**2, _SCALE_RATIOS)
-        d = (fake_quant(x / v32, s) * v32 - x).astype(np.float64) if x.size else np.zeros((0, c))
+        # v None: no rescaling; dividing or multiplying by 1 changes no value, so those steps are skipped
+        if v is None:
+            s = choose_scale(fit, act_weight, _SCALE_RATIOS)
+            y = fake_quant(x, s)
+        else:
+            v32 = v.astype(np.float32)
+            s = choose_scale(TensorStats(fit.axis, fit.amax / v, fit.rows / v32), act_weight * v**2, _SCALE_RATIOS)
+            y = x / v32
+            fake_quant(y, s, out=y)
+            y *= v32
+        y -= x
+        d = y.astype(np.float64) if x.size else np.zeros((0, c))
         err = float(np.einsum("ij,ij,j->", d, d, act_weight))
         for w, out_axis, in_axis in readers:
-            ws = w * _bcast(vv, in_axis, w.ndim)
-            dw = _quant_w(ws, out_axis) / _bcast(vv, in_axis, w.ndim) - w
-            err += float(np.sum(np.sum(_in_columns(dw, in_axis) ** 2, axis=1) * energy)) * len(x)
+            dw = _quant_w(w if v is None else w * _bcast(v, in_axis, w.ndim), out_axis)
+            if v is not None:
+                dw /= _bcast(v, in_axis, w.ndim)
+            dw -= w
+            np.square(dw, out=dw)
+            err += float(np.sum(np.sum(_in_columns(dw, in_axis), axis=1) * energy)) * len(x)
         return err
 
     candidates: list[tuple[str, np.ndarray]] = []

@@ -60,7 +60,7 @@ from onnx_sparse.quant.assemble import (
     write_qdq,
 )
 from onnx_sparse.quant.calibrate import TensorStats, choose_scale, collect, collect_split
-from onnx_sparse.quant.error import Int8Probe, LayerError
+from onnx_sparse.quant.error import ERROR_FEEDS, Int8Probe, LayerError
 from onnx_sparse.quant.mixed import Fallback, fallback_search, output_fidelity
 from onnx_sparse.quant.smooth import Rescale, choose, fold_target, rescale
 
@@ -511,9 +511,9 @@ def finish(
     held = held[:: max(1, -(-len(held) // _FIDELITY_FEEDS))]  # evenly spread, at most _FIDELITY_FEEDS
     names = [o.name for o in model.graph.output]
 
-    serialized = model.SerializeToString()  # for the reference and for the statistics' session
+    serialized = runtime.model_bytes(model)  # for the reference and for the statistics' session
 
-    def fp32_reference(source: bytes) -> list[list[np.ndarray]]:
+    def fp32_reference(source: runtime.ModelBytes) -> list[list[np.ndarray]]:
         session = runtime.session(source, what="the FP32 reference", spin=False)
         return [runtime.run(session, names, f, where="a held-out calibration sample") for f in held]
 
@@ -548,6 +548,8 @@ def finish(
             keep = [x for x in layers if x.node not in float_layers]
             candidate = write_qdq(model, keep, act_scales, weights) if keep else model
             built[float_layers] = Int8Probe(candidate, what="the INT8 candidate")
+            # the per-layer report's errors (_check) are on these: a held-out run of one of them serves both
+            built[float_layers].errors_later(list(feeds)[:ERROR_FEEDS])
         return built[float_layers]
 
     q = build(frozenset()).model
