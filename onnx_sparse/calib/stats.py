@@ -182,7 +182,8 @@ class LayerStats:
         alloc = scratch.pool(self.key).lend if scratch is not None else None
 
         def temp(side: str) -> Alloc | None:
-            return None if scratch is None else functools.partial(scratch.take, f"rows-{side}-{self.key}")
+            # (one statistics' generators are spent before the next one's update: keys shared by all)
+            return None if scratch is None else functools.partial(scratch.take, f"rows-{side}")
 
         chunks_p = self.view.rows(xp, np.random.default_rng(seq), self.max_rows, keep, alloc, temp("p"))
         if xd is None:
