@@ -390,3 +390,25 @@ def test_clip_search_rounding_in_blocks_gives_the_plain_formulas_values(monkeypa
             assert calibrate.fake_quant(x, s).tobytes() == plain_q(x, s).tobytes()
         assert calibrate.choose_scale(stats, w) == plain_scale(stats, w)
     assert not calibrate.fake_quant(x, 0.0).any()
+
+
+def test_int8_error_sums_are_those_of_the_float64_expressions() -> None:
+    """error._pair_sums (one float64 array, casting ufuncs) gives, bit for bit, ``np.sum((x64 - y64) ** 2)``
+    and ``np.sum(x64 ** 2)`` with x64, y64 the float64 copies, for C- and F-ordered maps, float64
+    inputs and scalars (the per-layer INT8 errors in the report stay the same numbers)."""
+    from onnx_sparse.quant.error import _pair_sums
+
+    def plain(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        x64 = np.asarray(x, dtype=np.float64)
+        return float(np.sum((x64 - np.asarray(y, dtype=np.float64)) ** 2)), float(np.sum(x64**2))
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 5, 33, 41)).astype(np.float32)
+    y = (x + rng.standard_normal(x.shape).astype(np.float32) * np.float32(0.01)).astype(np.float32)
+    for a, b in (
+        (x, y),
+        (np.asfortranarray(x[0]), np.asfortranarray(y[0])),
+        (x.astype(np.float64), y),
+        (x[0, 0, 0, 0], y[0, 0, 0, 0]),
+    ):
+        assert _pair_sums(a, b) == plain(a, b)

@@ -100,9 +100,15 @@ def int8_errors(
 
 
 def _pair_sums(exact: np.ndarray, through_qdq: np.ndarray) -> tuple[float, float]:
-    """One feed's ``sum((x - x_hat)^2)`` and ``sum(x^2)`` of a Q/DQ pair (float64)."""
-    x = np.asarray(exact, dtype=np.float64)
-    return float(np.sum((x - np.asarray(through_qdq, dtype=np.float64)) ** 2)), float(np.sum(x**2))
+    """One feed's ``sum((x - x_hat)^2)`` and ``sum(x^2)`` of a Q/DQ pair (float64), in one float64 array:
+    the ufuncs cast each value as ``astype`` would, and lay their result out as the expression's, so
+    the sums add the same values in the same order as ``np.sum((x64 - y64) ** 2)`` and ``np.sum(x64**2)``."""
+    d = np.subtract(exact, through_qdq, dtype=np.float64)
+    if not isinstance(d, np.ndarray) or d.ndim == 0:  # a scalar
+        x = np.float64(exact)
+        return float(d * d), float(x * x)
+    err = float(np.sum(np.square(d, out=d)))
+    return err, float(np.sum(np.square(exact, out=d, dtype=np.float64)))
 
 
 class Int8Probe:
