@@ -851,16 +851,18 @@ def _placeholder_copy(proto: onnx.ModelProto) -> bytes:
             for entry in t.external_data:
                 if entry.key == "location":
                     entry.value = "data"
-        elif len(t.raw_data) >= _CHECK_INLINE_BYTES and _raw_size_ok(t):
+        elif (size := len(t.raw_data)) >= _CHECK_INLINE_BYTES and _raw_size_ok(t, size):
             t.ClearField("raw_data")
             t.data_location = TensorProto.EXTERNAL
             t.external_data.add(key="location", value="data")
     return copy.SerializeToString()
 
 
-def _raw_size_ok(t: TensorProto) -> bool:
+def _raw_size_ok(t: TensorProto, size: int) -> bool:
+    """Whether ``size``, the length of ``t``'s raw_data (read once by the caller: each read of
+    the field is a copy of the bytes), is what dtype x shape needs."""
     try:
-        return len(t.raw_data) == stored_nbytes(t)
+        return size == stored_nbytes(t)
     except OnnxSparseError:  # a dtype without a fixed size: left to the checker
         return False
 
