@@ -588,6 +588,78 @@ class StagedRunner:
             return np.asarray(self.mf.read(self.initializers[name]))
         return None
 
+    def _ran(self, piece: _Piece) -> None:
+        """``piece`` has run: its nodes are done, and what no node still to run reads leaves the frontier."""
+        self.done.update(id(n) for n in piece.nodes if n.op_type != "Constant")
+        later: set[str] = set()
+        for node in self.nodes:
+            if id(node) not in self.done:
+                later.update(node_reads(node))
+        for name in [k for k in self.cache if k not in later]:
+            for a in self.cache.pop(name):
+                if a is not None:
+                    self.spill.release(a)
+
+    def mirror(self, leader: StagedRunner, targets: Sequence[str]) -> _Piece | None:
+        """This runner's piece for ``targets`` when it would compute exactly what ``leader``'s computes
+        (then :meth:`adopt` takes ``leader``'s values instead of running it), else None.
+
+        So it is when both pieces are the same nodes, reading the same feeds, constants of the same
+        stored values (neither written since the load) and, for the rest, the very arrays ``leader``
+        holds (shared by an earlier :meth:`adopt`): ``asym``'s dense model until a pruned layer is
+        upstream (MiniLM's embeddings), whose own session would give the same values again.
+        """
+        if (
+            self.fake_quant is not None
+            or leader.fake_quant is not None
+            or len(self.feeds) != len(leader.feeds)
+            or any(a is not b for a, b in zip(self.feeds, leader.feeds, strict=True))
+            or len(self.nodes) != len(leader.nodes)  # no node inserted into either
+            or self.extra
+            or leader.extra
+        ):
+            return None
+        targets = list(dict.fromkeys(targets))
+        mine, theirs = self._plan(targets), leader._plan(targets)
+        if (mine.inputs, mine.outputs, mine.frontier, mine.initializers) != (
+            theirs.inputs, theirs.outputs, theirs.frontier, theirs.initializers,
+        ) or len(mine.nodes) != len(theirs.nodes):  # fmt: skip
+            return None
+        if any(a != b for a, b in zip(mine.nodes, theirs.nodes, strict=True)):
+            return None
+        produced = {o for n in mine.nodes for o in n.output if o}
+        for name in dict.fromkeys([*mine.inputs, *(t for t in targets if t not in produced), *mine.initializers]):
+            if name in self.cache or name in leader.cache:
+                mine_v, theirs_v = self.cache.get(name), leader.cache.get(name)
+                if mine_v is None or theirs_v is None or any(a is not b for a, b in zip(mine_v, theirs_v, strict=True)):
+                    return None
+            elif name in self.initializers or name in leader.initializers:
+                if not self._same_constant(leader, name):
+                    return None
+            elif name not in self.graph_inputs or name not in leader.graph_inputs:
+                return None
+        return mine
+
+    def _same_constant(self, leader: StagedRunner, name: str) -> bool:
+        mine, theirs = self.initializers.get(name), leader.initializers.get(name)
+        if mine is None or theirs is None or id(mine) in self.mf.pending or id(theirs) in leader.mf.pending:
+            return False
+        if mine.data_location == TensorProto.EXTERNAL and self.mf.base_dir != leader.mf.base_dir:
+            return False
+        return mine == theirs
+
+    def adopt(self, leader: StagedRunner, piece: _Piece) -> None:
+        """Take ``leader``'s values of the stage that :meth:`mirror` matched (``piece``, this runner's
+        plan of it, which ``leader`` has now run) as this runner's own: the same arrays on the
+        frontier (kept through this runner's spill, which counts them as it counts its own)."""
+        for name in piece.frontier:
+            values = leader.cache.get(name)
+            if values is not None:
+                self.cache[name] = [
+                    a if a is None or isinstance(a, np.memmap) else self.spill.keep(a) for a in values
+                ]  # fmt: skip
+        self._ran(piece)
+
     def iter_stage(self, targets: Sequence[str]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """Yield ``(sample index, {target: value})`` for every calibration sample.
 
@@ -638,15 +710,7 @@ class StagedRunner:
             yield i, result
         sess = None  # the piece's session (and its packed weights) goes now, not with the generator
         self.stats["run_s"] += run_s
-        self.done.update(id(n) for n in piece.nodes if n.op_type != "Constant")
-        later: set[str] = set()
-        for node in self.nodes:
-            if id(node) not in self.done:
-                later.update(node_reads(node))
-        for name in [k for k in self.cache if k not in later]:
-            for a in self.cache.pop(name):
-                if a is not None:
-                    self.spill.release(a)
+        self._ran(piece)
         logger.debug(
             "capture piece: %d nodes, %d inputs, %d outputs, frontier %d tensors (%.1f MB), run %.2fs",
             len(piece.nodes),

@@ -536,11 +536,18 @@ class Calibrator:
                 )  # fmt: skip
             if needs_data:
                 t_cap = time.perf_counter()
+                # until a pruned layer is upstream, the dense model computes what the pruned one does: the
+                # pruned model's values serve both (no second session, e.g. MiniLM's embeddings)
+                mirrored = dense_runner.mirror(runner, targets) if dense_runner is not None else None
                 # both models' runs in threads of their own, overlapping each other and the statistics
                 gen = prefetch(runner.iter_stage(targets))
-                dgen = prefetch(dense_runner.iter_stage(targets)) if dense_runner is not None else None
+                dgen = (
+                    prefetch(dense_runner.iter_stage(targets))
+                    if dense_runner is not None and mirrored is None
+                    else None
+                )
                 for i, acts in gen:
-                    dacts = next(dgen)[1] if dgen is not None else None
+                    dacts = next(dgen)[1] if dgen is not None else acts if mirrored is not None else None
                     keep = feeds[i][self.row_mask] if self.row_mask is not None else None
                     for g in members:
                         acc = accs[g.key]
@@ -560,6 +567,9 @@ class Calibrator:
                                 break
                 if dgen is not None:
                     _drain(dgen)
+                if mirrored is not None:
+                    assert dense_runner is not None
+                    dense_runner.adopt(runner, mirrored)
                 logger.debug("stage of %d tensor(s): capture %.2fs", len(members), time.perf_counter() - t_cap)
             for acc in {id(a): a for a in accs.values() if a is not None}.values():
                 acc.flush()  # the last products, in blocks side by side
