@@ -14,7 +14,8 @@ the dense model on the EVALUATION feeds with the task metrics of :mod:`tools.eva
 * ``nncf-default``, ``nncf-transformer``, ``modelopt``, ``modelopt-fp32``: the same sparse FP32 model
   through NNCF's default and transformer modes and ModelOpt's ONNX INT8 (its default FP16 for the rest,
   and FP32 for the rest), each in its own virtual environment (:mod:`tools.int8_field`; skipped with a
-  reason when the environment is missing).
+  reason when the environment is missing); ``dense-nncf-default`` ... ``dense-modelopt-fp32``: those
+  tools on the dense model, to set against ``dense-int8``.
 
 Per variant: the metric, **readiness** (the share of the eligible parameters whose layer is INT8 in,
 weight and out with a 2:4 weight, by :mod:`onnx_sparse.graph.qdq`, what ``inspect``'s INT8 column
@@ -63,8 +64,14 @@ VARIANTS = (
     "nncf-transformer",
     "modelopt",
     "modelopt-fp32",
+    "dense-nncf-default",
+    "dense-nncf-transformer",
+    "dense-modelopt",
+    "dense-modelopt-fp32",
 )
 FIELD = {"nncf-default": "nncf", "nncf-transformer": "nncf", "modelopt": "modelopt", "modelopt-fp32": "modelopt"}
+#: The same tools on the DENSE model: the field's answer to "quantize alone loses <= 0.01" (issue 18).
+DENSE_FIELD = {f"dense-{k}": k for k in FIELD}
 TOLERANCE = 0.01  # sparse INT8 may lose at most this much metric against sparse FP32 (issue 18)
 MIN_READY = 0.9  # and keep at least this share of eligible parameters INT8 in/weight/out with 2:4
 _SLACK = 1e-9
@@ -211,17 +218,18 @@ def readiness(model: onnx.ModelProto, sparse: onnx.ModelProto | None) -> dict[st
 
 
 def _field(
-    tool: str, env: Path, sparse_path: Path, feeds: Sequence[dict[str, np.ndarray]], tmp: Path
+    variant: str, env: Path, src_path: Path, feeds: Sequence[dict[str, np.ndarray]], tmp: Path
 ) -> onnx.ModelProto:
+    tool = DENSE_FIELD.get(variant, variant)
     python = env / FIELD[tool] / "bin" / "python"
     if not python.exists():
         raise FileNotFoundError(f"no {FIELD[tool]} environment at {python.parent.parent}")
     npz = tmp / "feeds.npz"
     if not npz.exists():
         np.savez(npz, **{f"{i}/{k}": v for i, f in enumerate(feeds) for k, v in f.items()})
-    out = tmp / f"{tool}.onnx"
+    out = tmp / f"{variant}.onnx"
     script = Path(__file__).resolve().parent / "int8_field.py"
-    res = subprocess.run([str(python), str(script), tool, str(sparse_path), str(out), str(npz)],
+    res = subprocess.run([str(python), str(script), tool, str(src_path), str(out), str(npz)],
                          capture_output=True, text=True, check=False)  # fmt: skip
     if res.returncode != 0:
         tail = " | ".join((res.stderr + res.stdout).strip().splitlines()[-3:])
@@ -276,6 +284,8 @@ def evaluate(
                     recipe = Recipe(int8=True, int8_joint=v != "int8", int8_fit_quantized=v == "int8-fitq")
                     api.prune_file(src, tmp / f"{v}.onnx", recipe, calibration=data.calibration)
                     models[v] = onnx.load(str(tmp / f"{v}.onnx"))
+                elif v in DENSE_FIELD:
+                    models[v] = _field(v, env, Path(src), data.calibration, tmp)
                 else:
                     models[v] = _field(v, env, sparse_path, data.calibration, tmp)
             except Exception as exc:  # a tool that cannot run here: say why, go on
@@ -290,7 +300,15 @@ def evaluate(
             if save is not None:
                 save.mkdir(parents=True, exist_ok=True)
                 onnx.save(m, str(save / f"{name}.{v}.onnx"))
-            r = readiness(m, None if v in ("sparse", "int8", "int8-joint", "int8-fitq", "dense-int8") else sparse)
+            own = (
+                "sparse",
+                "int8",
+                "int8-joint",
+                "int8-fitq",
+                "dense-int8",
+                *DENSE_FIELD,
+            )  # no sparse model to compare
+            r = readiness(m, None if v in own else sparse)
             row["ready"][v], row["zeros_kept"][v] = r["ready"], r["zeros_kept"]
         row["metric_name"] = eval_real.judge(data, sparse)["metric_name"]
     if {"sparse", "int8"} <= set(row["metrics"]):
@@ -302,7 +320,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown: per model and variant, ``metric [/ metric with the Q/DQ as written] (readiness, zeros kept)``."""
     cols = [
         v
-        for v in ("dense-int8", "sparse", "old-int8", "int8", "int8-joint", "int8-fitq", *FIELD)
+        for v in ("dense-int8", *DENSE_FIELD, "sparse", "old-int8", "int8", "int8-joint", "int8-fitq", *FIELD)
         if any(v in r["metrics"] for r in rows)
     ]
     head = "| model | metric | " + " | ".join(cols) + " |"
