@@ -36,6 +36,7 @@ __all__ = [
     "quiet",
     "session",
     "model_bytes",
+    "array_type",
     "with_outputs",
     "run",
     "is_ort_error",
@@ -182,25 +183,43 @@ def _copy_fields(src: Any, dst: Any, skip: str) -> None:
             setattr(dst, fd.name, value)
 
 
-def model_bytes(model: Any, min_bytes: int = IN_PLACE_BYTES) -> ModelBytes:
+def array_type(data_type: int) -> np.dtype | None:
+    """The numpy dtype a session reads in place for onnx TensorProto type ``data_type`` (None: none)."""
+    kind = _IN_PLACE_TYPES.get(data_type)
+    return None if kind is None else np.dtype(kind)
+
+
+def model_bytes(
+    model: Any, min_bytes: int = IN_PLACE_BYTES, *, values: Mapping[str, np.ndarray] | None = None
+) -> ModelBytes:
     """``model`` (an ``onnx.ModelProto``) as :class:`ModelBytes`: the main graph's initializers of at least
     ``min_bytes`` become arrays (one copy of their data, no copy of the model), the rest is serialized.
-    The model itself is not touched; a session on the result computes what one on the model does."""
+    The model itself is not touched; a session on the result computes what one on the model does.
+
+    ``values``: main-graph initializers (by name) whose value is this array instead of what the model
+    holds (C-contiguous, of :func:`array_type`; read in place, whatever their size or location)."""
     import onnx
 
     graph = model.graph
-    if not any(_in_place(t, min_bytes) for t in graph.initializer):
+    values = values or {}
+    if not values and not any(_in_place(t, min_bytes) for t in graph.initializer):
         return ModelBytes(model.SerializeToString(), {})
     lean = onnx.ModelProto()
     _copy_fields(model, lean, "graph")
     _copy_fields(graph, lean.graph, "initializer")
     arrays: dict[str, np.ndarray] = {}
     for t in graph.initializer:
-        if not _in_place(t, min_bytes):
+        given = values.get(t.name)
+        if given is not None:
+            if given.dtype != array_type(t.data_type) or not given.flags.c_contiguous:
+                raise ValueError(f"tensor {t.name!r}: a value of dtype {given.dtype} cannot be read in place")
+            arrays[t.name] = given
+        elif not _in_place(t, min_bytes):
             lean.graph.initializer.append(t)
             continue
-        kind = np.dtype(_IN_PLACE_TYPES[t.data_type])
-        arrays[t.name] = np.frombuffer(t.raw_data, dtype=kind).reshape(tuple(t.dims))
+        else:
+            kind = np.dtype(_IN_PLACE_TYPES[t.data_type])
+            arrays[t.name] = np.frombuffer(t.raw_data, dtype=kind).reshape(tuple(t.dims))
         stub = lean.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
         stub.data_location = onnx.TensorProto.EXTERNAL
         stub.external_data.add(key="location", value="onnx-sparse-in-memory")  # never read: given as arrays

@@ -169,9 +169,9 @@ def test_sessions_map_external_data_instead_of_copying_it(tmp_path, monkeypatch)
     folders = []
     real = capture._session
 
-    def spy(model, threads=None, folder=None):
+    def spy(model, threads=None, folder=None, **kw):
         folders.append(folder)
-        return real(model, threads, folder)
+        return real(model, threads, folder, **kw)
 
     monkeypatch.setattr(capture, "_session", spy)
     got = list(run_model(mf, feeds))
@@ -182,10 +182,10 @@ def test_sessions_map_external_data_instead_of_copying_it(tmp_path, monkeypatch)
     piece = runner._build(runner._plan(["a2"]))
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in piece.graph.initializer)
 
-    def refuse(model, threads=None, folder=None):
+    def refuse(model, threads=None, folder=None, **kw):
         if folder is not None:
             raise OnnxSparseError("onnxruntime cannot open the model: external data path refused")
-        return real(model, threads, folder)
+        return real(model, threads, folder, **kw)
 
     monkeypatch.setattr(capture, "_session", refuse)
     again = list(run_model(mf, feeds))

@@ -208,6 +208,38 @@ def test_not_a_softmax_is_left_alone(caplog) -> None:
     assert all(r.head_refit is None for r in refit.records)
 
 
+def test_the_screen_session_reads_the_weights_in_place_without_prepacking(monkeypatch) -> None:
+    """The screen's one run of the whole model makes no copy of the model's weights: the large
+    initializers reach onnxruntime as arrays it reads in place (no serialized copy, none parsed
+    back), and pre-packing (a packed copy of every MatMul weight) is off. Same verdict as before."""
+    from onnx_sparse import runtime
+
+    model = _classifier("op")
+    big = np.random.default_rng(5).normal(size=(FEATURES, 12000)).astype(np.float32)  # 1.1 MB: read in place
+    model.graph.initializer.append(numpy_helper.from_array(big, "wide"))
+    model.graph.node.append(helper.make_node("MatMul", ["x", "wide"], ["side"], name="side"))
+    model.graph.output.append(helper.make_tensor_value_info("side", TensorProto.FLOAT, None))
+    mf = ModelFile(model)
+    p = CalibratedPrunePass("sparsegpt", _feeds(1, 4))
+    groups, _ = p.engine.groups(mf, p.selected_sites(mf))
+    cands = head_candidates(mf, [(g.sites, g.view) for g in groups])
+    seen = []
+    real = capture._session
+
+    def spy(source, threads=None, folder=None, **kw):
+        seen.append((source, kw))
+        return real(source, threads, folder, **kw)
+
+    monkeypatch.setattr(capture, "_session", spy)
+    kept = softmax_heads(mf, cands, _feeds(1, 1)[0])
+    assert [c.site.node for c in kept] == ["head"]
+    ((source, kw),) = seen
+    assert isinstance(source, runtime.ModelBytes)
+    assert list(source.initializers) == ["wide"] and len(source.data) < big.nbytes // 10
+    np.testing.assert_array_equal(source.initializers["wide"], big)
+    assert kw.get("prepack") is False
+
+
 @pytest.mark.parametrize("kind", ["op", "decomposed", "log", "gemm", "nobias", "sigmoid"])
 def test_one_sample_screens_the_head_candidates(kind: str) -> None:
     model = _classifier(kind)

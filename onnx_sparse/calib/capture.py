@@ -203,7 +203,7 @@ def schedule(
     return Schedule(stages=stages, cyclic=tuple(sorted(cyclic)))
 
 
-def _session(model: onnx.ModelProto, threads: int | None = None, folder: Path | None = None):
+def _session(model: Any, threads: int | None = None, folder: Path | None = None, *, prepack: bool = True):
     from onnx_sparse import runtime
 
     # Calibration alternates onnxruntime runs with numpy solves in this process: onnxruntime's
@@ -212,6 +212,7 @@ def _session(model: onnx.ModelProto, threads: int | None = None, folder: Path | 
         model,
         what="the model for calibration",
         threads=threads,
+        prepack=prepack,
         spin=False,
         hint="calibration runs the model on CPU with onnxruntime; custom operators must be registered there",
         external_folder=folder,
@@ -287,31 +288,84 @@ def inline_model(mf: ModelFile, keep_external: bool = False) -> onnx.ModelProto:
     return model
 
 
-def model_session(mf: ModelFile, model: onnx.ModelProto | None = None, threads: int | None = None):
+def model_session(
+    mf: ModelFile,
+    model: onnx.ModelProto | None = None,
+    threads: int | None = None,
+    *,
+    outputs: Sequence[str] = (),
+    prepack: bool = True,
+):
     """An onnxruntime session of the whole model on ``mf``'s current weights, without a copy of its
     external data: onnxruntime maps the data files itself (from ``mf``'s folder), and only values
-    written since the load are given inline.
+    written since the load are given to it.
 
-    ``model``: :func:`inline_model` ``(mf, keep_external=True)`` after the caller's changes (extra
-    outputs); default: that copy as it is. The data files are checked to be the ones checked at
-    load first; if onnxruntime refuses to read them itself (a path form it does not take), their
-    tensors are read in here instead, as before.
+    ``model``: :func:`inline_model` ``(mf, keep_external=True)`` after the caller's changes; default:
+    ``mf.model`` itself as it is now, with ``outputs`` added to its graph outputs, and no copy of the
+    model: its large inline initializers and the values written since the load reach the session as
+    arrays it reads in place (:func:`onnx_sparse.runtime.model_bytes`), so neither a serialized copy
+    of the weights nor onnxruntime's parse of one is made (where a written value sits elsewhere than
+    a main-graph initializer, the copy is made as before). ``prepack``: False for a session that runs
+    only a few times: onnxruntime does not make its pre-packed copy of every MatMul weight. The data
+    files are checked to be the ones checked at load first; if onnxruntime refuses to read them itself
+    (a path form it does not take), their tensors are read in here instead, as before.
     """
     from onnx_sparse.io import finalize_inline, iter_tensors, read_tensor, write_tensor
 
-    model = inline_model(mf, keep_external=True) if model is None else model
+    if model is None:
+        sess = _lean_session(mf, outputs, threads, prepack)
+        if sess is not None:
+            return sess
+        model = inline_model(mf, keep_external=True)
+        have = {o.name for o in model.graph.output}
+        model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(outputs) if n not in have)
+    elif outputs:
+        raise ValueError("outputs are for the session of mf.model itself (model=None)")
     external = [t for t in iter_tensors(model) if t.data_location == TensorProto.EXTERNAL]
     if not external:
-        return _session(model, threads)
+        return _session(model, threads, prepack=prepack)
     for t in external:
         mf.ref(t)  # the file that was checked at load, unchanged
     try:
-        return _session(model, threads, folder=mf.base_dir)
+        return _session(model, threads, folder=mf.base_dir, prepack=prepack)
     except OnnxSparseError as exc:
         logger.debug("onnxruntime did not map the external data itself (%s); reading it in", exc.message)
     for t in external:
         write_tensor(t, np.array(read_tensor(t, mf.base_dir, mmap=False, pinned=mf.data_ids)))
-    return _session(finalize_inline(model), threads)
+    return _session(finalize_inline(model), threads, prepack=prepack)
+
+
+def _lean_session(mf: ModelFile, outputs: Sequence[str], threads: int | None, prepack: bool):
+    """:func:`model_session` on ``mf.model`` itself (its large initializers, and the values written
+    since the load, as arrays read in place), or None where that cannot be done: a written value
+    inside a body or an attribute, or of a type not read in place, a "was external" marker left by a
+    save, or onnxruntime refusing to map the external data itself."""
+    from onnx_sparse import runtime
+    from onnx_sparse.io import iter_tensors
+
+    main = {id(t) for t in mf.model.graph.initializer}
+    values: dict[str, np.ndarray] = {}
+    external = []
+    for t in iter_tensors(mf.model):
+        if id(t) in mf.pending:
+            value = mf.pending[id(t)][1]
+            if id(t) not in main or value.dtype != runtime.array_type(t.data_type) or not value.flags.c_contiguous:
+                return None
+            values[t.name] = value
+        elif t.data_location == TensorProto.EXTERNAL:
+            external.append(t)
+        elif len(t.external_data):
+            return None  # written back inline by a save (flush_pending): the copy drops the marker
+    for t in external:
+        mf.ref(t)  # the file that was checked at load, unchanged
+    source = runtime.with_outputs(mf.model, outputs, runtime.model_bytes(mf.model, values=values))
+    try:
+        return _session(source, threads, folder=mf.base_dir if external else None, prepack=prepack)
+    except OnnxSparseError as exc:
+        if not external:
+            raise
+        logger.debug("onnxruntime did not map the external data itself (%s)", exc.message)
+        return None
 
 
 _END = object()
@@ -371,19 +425,24 @@ def run_model(
     threads: int | None = None,
     *,
     source: ModelFile | None = None,
+    outputs: Sequence[str] = (),
+    prepack: bool = True,
 ):
     """Yield the outputs of ``model`` (all graph outputs, by name) for each feed.
 
     A :class:`ModelFile` runs on its current weights through :func:`model_session` (no copy of
-    its external data); so does a ModelProto made by :func:`inline_model` ``(source,
-    keep_external=True)`` when ``source`` is given.
+    the model or of its weights; ``outputs``: inner tensors to return too); so does a ModelProto
+    made by :func:`inline_model` ``(source, keep_external=True)`` when ``source`` is given.
+    ``prepack``: False: no pre-packed copy of the weights (a run or two).
     """
     if isinstance(model, ModelFile):
-        sess = model_session(model, None, threads)
+        sess = model_session(model, None, threads, outputs=outputs, prepack=prepack)
+    elif outputs:
+        raise ValueError("outputs are for a ModelFile")
     elif source is not None:
-        sess = model_session(source, model, threads)
+        sess = model_session(source, model, threads, prepack=prepack)
     else:
-        sess = _session(model, threads)
+        sess = _session(model, threads, prepack=prepack)
     names = [o.name for o in sess.get_outputs()]
     for i, feed in enumerate(feeds):
         yield dict(zip(names, _run(sess, names, feed, i), strict=True))

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnx_sparse.calib.capture import StagedRunner, inline_model, run_model
+from onnx_sparse.calib.capture import StagedRunner, run_model
 from onnx_sparse.calib.layers import LayerView
 from onnx_sparse.graph.locate import WeightSite
 from onnx_sparse.graph.weights import read_weight, zero_value
@@ -214,7 +214,7 @@ def softmax_heads(
     if not layers:
         return []
     runner = StagedRunner(mf, [feed], threads=threads)
-    logits, outs = _run_heads(mf, layers, runner, [feed], threads)
+    logits, outs = _run_heads(mf, layers, runner, [feed], threads, prepack=False)
     graph_outputs = [o.name for o in mf.model.graph.output]
     heads = [layer for layer in layers if _softmax_of(layer, logits[id(layer)], outs, graph_outputs, row_mask)]
     for layer in heads:  # what the refit starts from and the record compares with
@@ -248,15 +248,19 @@ def _run_heads(
     runner: StagedRunner,
     feeds: Sequence[Mapping[str, np.ndarray]],
     threads: int | None,
+    *,
+    prepack: bool = True,
 ) -> tuple[dict[int, str], list[dict[str, np.ndarray]]]:
     """Every layer's logits name (by ``id``) and, per sample, the model's outputs with every
-    head's input and logits (and the feed itself: a head may read a graph input directly)."""
+    head's input and logits (and the feed itself: a head may read a graph input directly).
+    ``prepack``: False for a single run (the screen): no pre-packed copy of the weights."""
     logits = _logits_names(runner, mf, layers)
     graph_outputs = [o.name for o in mf.model.graph.output]
-    model = inline_model(mf, keep_external=True)  # onnxruntime maps the external data itself
     extra = [n for n in _head_tensors(mf, layers, logits, feeds[0]) if n not in graph_outputs]
-    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in extra)
-    outs = [{**feed, **out} for feed, out in zip(feeds, run_model(model, feeds, threads, source=mf), strict=True)]
+    # the session reads the model's weights in place (no copy of the model, none serialized) and
+    # makes no pre-packed copy of them for the screen's one run
+    runs = run_model(mf, feeds, threads, outputs=extra, prepack=prepack)
+    outs = [{**feed, **out} for feed, out in zip(feeds, runs, strict=True)]
     return logits, outs
 
 
