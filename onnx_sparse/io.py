@@ -50,6 +50,7 @@ from onnx_sparse.external import (
     tensor_dtype,
 )
 from onnx_sparse.guard import output_path
+from onnx_sparse.serialize import Sizes, message_size, write_message
 
 __all__ = [
     "ModelFile",
@@ -658,8 +659,9 @@ def save_model(
     out = Path(path)
     final = output_path(out, "-o")  # the same resolved path the guard compared
     folder = final.parent
+    sizes: Sizes = {}  # measured once, for the choice and the write when the message stays as it is
     if external is None:
-        external = _uses_external(mf.model) or mf.model.ByteSize() > _PROTOBUF_LIMIT - (64 << 20)
+        external = _uses_external(mf.model) or message_size(mf.model, sizes) > _PROTOBUF_LIMIT - (64 << 20)
     in_place = mf.path is not None and final.exists() and _same_file(Path(mf.path), final)
     keep = set() if in_place else data_files(mf)  # never remove what another input still reads
     atomic.clean_stale(folder)
@@ -668,16 +670,19 @@ def save_model(
     placed = None  # a data file we moved beside the output that no model reads yet
     try:
         if external:
+            sizes.clear()  # the message changes: measured again for the write
             data_name = _write_external(mf, tmp, final.name, externalize_all=not _uses_external(mf.model))
             mf.pending.clear()
         else:
+            if mf.pending or _uses_external(mf.model):
+                sizes.clear()  # the message changes below: measured again for the write
             mf.flush_pending()
             for t in iter_tensors(mf.model):
                 if t.data_location == TensorProto.EXTERNAL:
                     write_tensor(t, np.array(mf.read(t, mmap=False)))
             finalize_inline(mf.model)
-        with open(tmp / final.name, "wb") as f:
-            f.write(mf.model.SerializeToString())
+        with open(tmp / final.name, "wb") as f:  # piece by piece: never the message and all its bytes at once
+            write_message(f, mf.model, sizes)
         if external:
             mf.base_dir = folder  # entries now name data_name, which lands in folder
         if verify:
