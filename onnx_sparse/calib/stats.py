@@ -116,6 +116,10 @@ class LayerStats:
         mean_p / mean_d: Per member node and group, the mean input in the pruned / dense model.
         rows: Rows seen (after subsampling).
         scratch: Where flushes join rows (:class:`Scratch`; None: new arrays each time).
+        project: ``asym``: per group, the dense weights ``[out, cols]`` of every layer that reads
+            this input, stacked: the paired statistics then hold ``pq W^T`` instead of ``pq``
+            (:class:`~onnx_sparse.core.hessian.PairedStats`); None: ``pq``.
+        offsets: With ``project``: each reading layer's (group key's) first row in the stack.
     """
 
     def __init__(
@@ -130,8 +134,12 @@ class LayerStats:
         seed: int,
         means: bool,
         scratch: Scratch | None = None,
+        project: list[np.ndarray] | None = None,
+        offsets: dict[int, int] | None = None,
     ) -> None:
         self.key = key
+        self.project = project
+        self.offsets = offsets or {}
         self.scratch = scratch
         self.view = view
         self.method = method
@@ -151,7 +159,11 @@ class LayerStats:
         # other row in one sum (the last entry) when the layer is too wide to hold out them all
         self.held = held_out_folds(c, self.folds)
         slots = self.folds if self.held == self.folds else self.held + 1
-        self.paired = [[PairedStats(c) for _ in range(slots)] for _ in range(g)] if method == "asym" else None
+        self.paired = (
+            [[PairedStats(c, project=None if project is None else project[k]) for _ in range(slots)] for k in range(g)]
+            if method == "asym"
+            else None
+        )
         self.mean_p = [[RunningMean(c) for _ in range(g)] for _ in range(members)] if means else None
         self.mean_d = (
             [[RunningMean(c) for _ in range(g)] for _ in range(members)] if means and method == "asym" else None

@@ -44,6 +44,7 @@ __all__ = [
     "parallel_map",
     "Background",
     "add_gram",
+    "matmul_rows",
 ]
 
 T = TypeVar("T")
@@ -214,6 +215,21 @@ GRAM_PIECES = 8
 
 def _bounds(n: int, step: int) -> list[tuple[int, int]]:
     return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+@deterministic
+def matmul_rows(a: npt.NDArray, b: npt.NDArray) -> npt.NDArray:
+    """``a @ b`` in fixed pieces of ``a``'s rows side by side (the pieces of :func:`add_gram`'s
+    narrow products: they depend on the shapes only)."""
+    n = a.shape[0]
+    out = np.empty((n, b.shape[1]), dtype=np.result_type(a, b))
+    pieces = _bounds(n, max(GRAM_ROWS, -(-n // GRAM_PIECES)))
+
+    def piece(r: tuple[int, int]) -> None:
+        np.matmul(a[r[0] : r[1]], b, out=out[r[0] : r[1]])
+
+    parallel_map(piece, pieces)
+    return out
 
 
 @deterministic

@@ -398,6 +398,7 @@ class Calibrator:
                             inputs=inputs,
                             int8=joint,
                             col_scale=cols,
+                            offset=acc.offsets.get(grp.key) if acc.project is not None else None,
                         )
                         refit = cv.damp if refit is None else max(refit, cv.damp)
                     else:
@@ -442,6 +443,26 @@ class Calibrator:
         if shared is not None:
             shared.folds[g] = inputs
         return inputs
+
+    def _projection(
+        self, grps: Sequence[LayerGroup], mf: ModelFile
+    ) -> tuple[list[np.ndarray] | None, dict[int, int] | None]:
+        """``asym``: the dense weights of the groups that read one input, stacked per conv group, for
+        statistics that hold ``pq W^T`` instead of ``pq`` (:class:`LayerStats`' ``project``), with
+        each group's first row; (None, None) where ``pq`` itself is cheaper to gather (``2 out >=
+        cols``: the products cost ``2 n cols out`` against ``n cols^2``) or is read whole (the
+        pruned refit's scores, ``refit_confirm``)."""
+        view = grps[0].view
+        if self.method != "asym" or self.refit_confirm or view is None:
+            return None, None
+        mats = [view.matrices(np.asarray(read_weight(g.sites[0], mf))) for g in grps]
+        if 2 * sum(m[0].shape[0] for m in mats) >= view.cols:
+            return None, None
+        offsets, at = {}, 0
+        for g, m in zip(grps, mats, strict=True):
+            offsets[g.key] = at
+            at += m[0].shape[0]
+        return [np.concatenate([m[k] for m in mats]) for k in range(view.groups)], offsets
 
     def _int8_columns(self, grp: LayerGroup, view: LayerView) -> np.ndarray | None:
         """The per-column scaling the group's weight will be stored with (its input channels' rescaling,
@@ -522,7 +543,8 @@ class Calibrator:
             needs_data = self.method in DATA_METHODS or means
             # groups that read the same input the same way (Q, K and V) share one set of statistics
             accs: dict[int, LayerStats | None] = {}
-            lead: dict[int, int] = {}  # group key -> the key of the first group of its input
+            lead: dict[Any, int] = {}  # group key -> the key of the first group of its input
+            readers: dict[int, list[LayerGroup]] = {}  # the first group's key -> the groups of its input
             for g in members:
                 if not needs_data or g.view is None:
                     accs[g.key] = None
@@ -530,10 +552,16 @@ class Calibrator:
                 rounded = tuple(fq is not None and fq.reads(s.node, s.activation) for s in g.sites)
                 first = lead.setdefault((_input_key(g), rounded), g.key)
                 lead[g.key] = first
-                accs[g.key] = accs[first] if first != g.key else LayerStats(
+                readers.setdefault(first, []).append(g)
+            for grps in readers.values():
+                g = grps[0]
+                project, offsets = self._projection(grps, mf)
+                acc = LayerStats(
                     g.key, g.view, len(g.sites), self.method, len(feeds), self.folds, self.max_rows, self.seed, means,
-                    scratch,
+                    scratch, project, offsets,
                 )  # fmt: skip
+                for h in grps:
+                    accs[h.key] = acc
             if needs_data:
                 t_cap = time.perf_counter()
                 # until a pruned layer is upstream, the dense model computes what the pruned one does: the

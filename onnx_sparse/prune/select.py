@@ -38,6 +38,7 @@ from onnx_sparse.prune.sparsegpt import (
     _check_square,
     _check_weight,
     _refit,
+    _refit_rhs,
     _ridge_solve,
     inverse_factor,
     prune_with_factor,
@@ -333,13 +334,16 @@ class _FoldCV:
         total: PairedStats | None,
         inputs: InputFolds | None = None,
         keep_folds: bool = True,
+        offset: int | None = None,
     ) -> None:
         """``used``: with ``inputs`` and not ``keep_folds``, a list that is consumed (emptied), so that
         each fold's statistics go as soon as its preparation has read them (see
-        :meth:`InputFolds.prepared`)."""
+        :meth:`InputFolds.prepared`). ``offset``: where ``w`` is stacked in projected statistics
+        (:class:`~onnx_sparse.core.hessian.PairedStats`)."""
         self.inputs = inputs
         a = np.asarray(w, dtype=np.float64)
         self.factor = 1.0
+        pick = None
         if rows is not None and rows < a.shape[0]:
             pick = np.sort(np.random.default_rng(seed).choice(a.shape[0], size=rows, replace=False))
             self.factor = a.shape[0] / rows
@@ -347,13 +351,21 @@ class _FoldCV:
         self.a = a
         at = np.ascontiguousarray(a.T)  # [cols, k]
         every = PairedStats.total(used) if total is None else total
+
+        def pq_at(stats: PairedStats) -> Array:  # pq W^T on the scored rows
+            if stats.pqw is None:
+                return stats.pq @ at
+            if offset is None:
+                raise ValueError("projected statistics need the weight's offset")
+            return stats.pq_times(np.asarray(w), offset, pick)
+
         tested: list[PairedStats | None] = list(used) if held_out is None else list(used[: max(1, held_out)])
         self.n_rows = sum(f.n for f in tested if f is not None)
-        every_r = every.pq @ at
+        every_r = pq_at(every)
         # a wide input's totals wait on disk while the damping is chosen (InputFolds.parks):
         # pq once read here, pp once the training Gram matrices are made from it
         park = inputs is not None and inputs.parks
-        if park:
+        if park and every.pqw is None:
             _park(every, "pq")
         # the last weight to prepare these folds (and no pruned scores): each fold's statistics go as
         # soon as they are read, its pq (cols^2 float64) before its training Gram matrix is made
@@ -365,7 +377,7 @@ class _FoldCV:
             held = tested[k]
             assert held is not None
             held_pp = held.pp
-            hq = held.pq @ at
+            hq = pq_at(held)
             base = float(np.einsum("ij,ij->", -(held_pp @ at) - 2.0 * hq, at))
             if release:
                 tested[k] = held = None  # the fold's pq goes here (its pp stays, for the scores)
@@ -566,6 +578,7 @@ def choose_refit_damp(
     total: PairedStats | None = None,
     seed: int = 0,
     inputs: InputFolds | None = None,
+    offset: int | None = None,
 ) -> RefitCV:
     """Choose the refit ridge damping by K-fold cross-validation.
 
@@ -599,6 +612,8 @@ def choose_refit_damp(
         inputs: The folds prepared for every weight that reads the same input (``folds`` and
             ``total`` are then its ``used`` and ``every``): their Gram matrices and
             factorisations are made once (:class:`InputFolds`).
+        offset: Where ``w`` is stacked in projected statistics (``PairedStats(project=...)``;
+            they cannot score the pruned refit: ``confirm`` must be 0).
 
     Returns:
         The chosen damping with every candidate's scores.
@@ -615,7 +630,9 @@ def choose_refit_damp(
     try:
         # with inputs, the folds' own statistics may go once every weight is prepared (_FoldCV
         # consumes used), and a wide input's totals wait on disk meanwhile (InputFolds.parks)
-        cv = _FoldCV(w, used, rows, seed, held, total, inputs, keep_folds=bool(confirm) or inputs is None)
+        cv = _FoldCV(
+            w, used, rows, seed, held, total, inputs, keep_folds=bool(confirm) or inputs is None, offset=offset
+        )
         del used
         scores = _ridge_scores(cv, grid, unimodal and confirm < len(grid))
         best = _best(grid, scores)
@@ -656,6 +673,7 @@ def asymmetric_cv_2_4(
     inputs: InputFolds | None = None,
     int8: bool = False,
     col_scale: Array | None = None,
+    offset: int | None = None,
 ) -> tuple[Array, SparseGPTStats, RefitCV]:
     """Asymmetric SparseGPT with the refit damping chosen by :func:`choose_refit_damp`.
 
@@ -671,6 +689,8 @@ def asymmetric_cv_2_4(
             are then not given.
         int8: SparseGPT's joint INT8 walk, ``col_scale`` its per-column grids
             (:func:`~onnx_sparse.prune.sparsegpt.prune_with_factor`).
+        offset: Where ``w`` is stacked in the inputs' projected statistics (``PairedStats(project=...)``,
+            which hold ``pq W^T`` instead of ``pq``); needed with them.
 
     Returns:
         ``(new weight in w's dtype, SparseGPT stats, cross-validation outcome)``.
@@ -691,7 +711,7 @@ def asymmetric_cv_2_4(
     try:
         cv = choose_refit_damp(
             w, inputs.used, grid, confirm=confirm, blocksize=blocksize, damp=damp, total=every,
-            budget=SELECT_BUDGET if inputs.budgeted else None, inputs=inputs,
+            budget=SELECT_BUDGET if inputs.budgeted else None, inputs=inputs, offset=offset,
         )  # fmt: skip
     finally:
         inputs.chose()
@@ -701,7 +721,16 @@ def asymmetric_cv_2_4(
     # sides are made, before the ridge factorisation takes its copy of pp
     release = every.release_pq if not overlap and inputs.users == 1 else None
     try:
-        refit = _refit(w.astype(np.float64), every.pp, every.pq, cv.damp, inputs.refit_factors, release)
+        w64 = w.astype(np.float64)
+        if every.pqw is None:
+            refit = _refit(w64, every.pp, every.pq, cv.damp, inputs.refit_factors, release)
+        else:
+            assert offset is not None  # (the choice needed it)
+            scale = float(np.mean(np.diag(every.pp)))
+            refit = w64
+            if not (math.isinf(cv.damp) or scale <= 0):
+                rhs = every.pq_times(w, offset)
+                refit = _refit_rhs(w64, every.pp, rhs, cv.damp * scale, inputs.refit_factors)
     finally:
         inputs.done()
     out, stats = prune_with_factor(refit, inputs.factor(), blocksize, int8=int8, col_scale=col_scale)

@@ -480,9 +480,14 @@ def _refit(
     if rhs_made is not None:
         del pq
         rhs_made()
+    return _refit_rhs(w64, pp, rhs, damp * scale, factors)
+
+
+def _refit_rhs(w64: Array, pp: Array, rhs: Array, ridge: float, factors: dict[float, Any] | None = None) -> Array:
+    """The refit from its right-hand side ``rhs = pq W^T`` (``[cols, rows]``) and its ridge."""
     if not np.any(rhs):  # the same input in both models: nothing to refit
         return w64
-    return w64 + _ridge_solve(pp, rhs, damp * scale, factors).T
+    return w64 + _ridge_solve(pp, rhs, ridge, factors).T
 
 
 #: Rows (or right-hand sides) per independent piece of a solve that is split across workers.
@@ -571,6 +576,8 @@ def refit_error(w_target: Array, w_candidate: Array, stats: PairedStats) -> floa
     ``= tr(W dd W^T) - 2 tr(W' pd W^T) + tr(W' pp W'^T)``; without ``dd`` (``track_dense=False``)
     the first term, which does not depend on ``W'``, is left out.
     """
+    if stats.pqw is not None:
+        raise ValueError("refit_error needs pq: not of projected statistics")
     a = np.asarray(w_target, dtype=np.float64)
     b = np.asarray(w_candidate, dtype=np.float64)
     err = float(np.einsum("ij,ij->", b @ stats.pp, b)) - 2.0 * float(np.einsum("ij,ij->", b @ stats.pd, a))
