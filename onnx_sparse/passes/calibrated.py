@@ -455,9 +455,9 @@ class Calibrator:
         view = grps[0].view
         if self.method != "asym" or self.refit_confirm or view is None:
             return None, None
+        if 2 * sum(g.view.rows_per_group if g.view is not None else view.cols for g in grps) >= view.cols:
+            return None, None  # (decided on the shapes: no weight is read for it)
         mats = [view.matrices(np.asarray(read_weight(g.sites[0], mf))) for g in grps]
-        if 2 * sum(m[0].shape[0] for m in mats) >= view.cols:
-            return None, None
         offsets, at = {}, 0
         for g, m in zip(grps, mats, strict=True):
             offsets[g.key] = at
