@@ -44,8 +44,23 @@ def unique_name(used: set[str], base: str) -> str:
     return name
 
 
-def copy_model_file(mf: ModelFile) -> ModelFile:
-    """A deep copy of the ModelProto; external data and pending new values (read-only) are shared."""
+def copy_model_file(mf: ModelFile, *, read_only: bool = False) -> ModelFile:
+    """A deep copy of the ModelProto; external data and pending new values (read-only) are shared.
+
+    ``read_only``: the copy is only read (``asym``'s dense model): the large inline weights of a
+    model loaded from a file that still hold that file's bytes are read from the file (memory-mapped,
+    :func:`onnx_sparse.fileview.file_refs`) instead of copied, so they are not held twice."""
+    from onnx_sparse.fileview import file_refs
+
+    viewed = (
+        file_refs(mf.model, mf.path, mf.base_dir, mf.ident)
+        if read_only and mf.path is not None and mf.base_dir is not None and not mf.pending
+        else None
+    )
+    if viewed is not None:
+        model, pinned = viewed
+        data_ids = {**mf.data_ids, **pinned}
+        return ModelFile(model=model, base_dir=mf.base_dir, path=mf.path, ident=mf.ident, data_ids=data_ids)
     model = onnx.ModelProto()
     model.CopyFrom(mf.model)
     # the same files, checked at load: the copy's reads are held to the same identities

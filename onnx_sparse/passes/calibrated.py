@@ -804,7 +804,8 @@ class CalibratedPrunePass(Pass):
             return PassResult(mf, False, [])
         needs_data = method in DATA_METHODS or self.bias_correction or self.refit_head
         feeds = self.resolve_feeds(mf.model) if needs_data else []
-        dense = copy_model_file(mf) if method == "asym" else None
+        # read only: an inline model's dense weights are read from its file, not copied
+        dense = copy_model_file(mf, read_only=True) if method == "asym" else None
         groups, fallback = self.engine.groups(mf, sites, bodies=True)
         bodies = [g for g in groups if in_body(g)]  # fitted first, on what their bodies see
         groups = [g for g in groups if not in_body(g)]
