@@ -2,7 +2,9 @@
 
 One onnxruntime run per calibration feed, with every tensor of interest exposed as an extra
 output, gives per tensor (channels along one axis): the largest ``|x|`` per channel and a seeded
-sample of rows ``[n, channels]`` (a few rows per feed, the same ones on every machine). That is
+sample of rows ``[n, channels]`` (a few rows per feed, the same ones on every machine); for a
+tensor the model reads only through a global max pool (:mod:`onnx_sparse.quant.pooling`), the
+rows are what the pool reads of it: each sample's largest value per channel. That is
 enough for the smoothing choice (:mod:`onnx_sparse.quant.smooth`) and for the scale of each
 activation (:func:`choose_scale`).
 
@@ -22,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import onnx
+
+from onnx_sparse.quant.pooling import max_pooled
 
 __all__ = ["TensorStats", "collect", "collect_split", "choose_scale", "fake_quant", "CLIP_RATIOS", "ROWS_PER_TENSOR"]
 
@@ -104,11 +108,15 @@ def collect_split(
     from onnx_sparse import runtime
 
     head = runtime.model_bytes(model) if serialized is None else serialized  # large weights read in place
+    pooled = max_pooled(model, axes)
     probe = runtime.with_outputs(model, axes, head)  # the tensors as extra outputs (no model copy)
     # its runs alternate with numpy work (and overlap it): its worker threads must not spin between runs
     session = runtime.session(probe, what="the INT8 calibration", threads=threads, spin=False)
     fit, held = _spread(fit, MAX_FEEDS), _spread(held, MAX_FEEDS // 2)
-    return _stats(session, fit, axes, rows_per_tensor, seed), _stats(session, held, axes, rows_per_tensor, seed + 1)
+    return (
+        _stats(session, fit, axes, rows_per_tensor, seed, pooled),
+        _stats(session, held, axes, rows_per_tensor, seed + 1, pooled),
+    )
 
 
 def _spread(feeds: Sequence[Mapping[str, np.ndarray]], most: int) -> Sequence[Mapping[str, np.ndarray]]:
@@ -124,6 +132,7 @@ def _stats(
     axes: Mapping[str, int],
     rows_per_tensor: int,
     seed: int,
+    pooled: set[str],
 ) -> dict[str, TensorStats]:
     from onnx_sparse import runtime
     from onnx_sparse.calib.capture import prefetch
@@ -148,6 +157,9 @@ def _stats(
             # max |x| as max(max x, -min x): the same values without an |a| copy of the whole tensor (+0.0: no -0)
             m = np.maximum(a.max(axis=others), -a.min(axis=others)).astype(np.float64) + 0.0
             amax[name] = m if name not in amax else np.maximum(amax[name], m)
+            if name in pooled and axis == 1 and a.ndim >= 3:  # what the pool reads: each sample's channel maxima
+                rows[name].append(np.asarray(a.max(axis=tuple(range(2, a.ndim))), dtype=np.float32))
+                continue
             view = np.moveaxis(a, axis, -1)  # no copy: rows are gathered from it
             n = int(np.prod(view.shape[:-1]))
             if per_feed >= n:  # every row (what the sorted sample of all n would be), without drawing it
