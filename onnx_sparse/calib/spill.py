@@ -135,6 +135,6 @@ class Spill:
 
 def _write_all(fd: int, value: np.ndarray) -> None:
     """Write a C-contiguous array's bytes to ``fd`` (write(2) may take fewer bytes than asked)."""
-    view = memoryview(value.reshape(-1).view(np.uint8)) if value.size else memoryview(b"")
+    view = value.reshape(-1).view(np.uint8).data if value.size else memoryview(b"")
     while len(view):
         view = view[os.write(fd, view) :]
