@@ -23,6 +23,8 @@ from collections.abc import Iterable
 import numpy as np
 import onnx
 
+from onnx_sparse.calib.capture import node_reads
+
 __all__ = ["max_pooled", "POOL_OPS"]
 
 #: Ops whose output is the per-channel maximum over every position.
@@ -39,11 +41,11 @@ def max_pooled(model: onnx.ModelProto, names: Iterable[str]) -> set[str]:
     """The ``names`` whose every reader leads, by the module's rule, to a global max pool."""
     g = model.graph
     nodes = list(g.node)  # in order: an op's operands computed from the tensor come before it
+    reads = [node_reads(n) for n in nodes]  # a node whose subgraph reads a value is one of its readers
     first: dict[str, int] = {}
-    for k, n in enumerate(nodes):
-        for i in n.input:
-            if i:
-                first.setdefault(i, k)
+    for k, names_read in enumerate(reads):
+        for i in names_read:
+            first.setdefault(i, k)
     constants = {t.name: onnx.numpy_helper.to_array(t) for t in g.initializer if _small(t)}
     for n in nodes:
         if n.op_type == "Constant" and n.output:
@@ -51,8 +53,8 @@ def max_pooled(model: onnx.ModelProto, names: Iterable[str]) -> set[str]:
             if value is not None and _small(value):
                 constants[n.output[0]] = onnx.numpy_helper.to_array(value)
     const_names = {t.name for t in g.initializer} | {n.output[0] for n in nodes if n.op_type == "Constant"}
-    hidden = _subgraph_reads(g) | {o.name for o in g.output}
-    return {t for t in names if t in first and _pooled(t, nodes, first, constants, const_names, hidden)}
+    outputs = {o.name for o in g.output}
+    return {t for t in names if t in first and _pooled(t, nodes, reads, first, constants, const_names, outputs)}
 
 
 def _small(t: onnx.TensorProto) -> bool:
@@ -62,17 +64,19 @@ def _small(t: onnx.TensorProto) -> bool:
 def _pooled(
     tensor: str,
     nodes: list[onnx.NodeProto],
+    reads: list[list[str]],
     first: dict[str, int],
     constants: dict[str, np.ndarray],
     const_names: set[str],
-    hidden: set[str],
+    outputs: set[str],
 ) -> bool:
     region = {tensor}
     touched = 0
     pooled = False
-    for node in nodes[first[tensor] :]:
-        if not any(i in region for i in node.input):
+    for k in range(first[tensor], len(nodes)):
+        if not any(i in region for i in reads[k]):
             continue
+        node = nodes[k]
         touched += 1
         if touched > _MAX_NODES:
             return False
@@ -83,14 +87,14 @@ def _pooled(
             return False
         region.update(o for o in node.output if o)
     # every value of the region is read (a dead end or a graph output is a reader we cannot judge)
-    return pooled and not (region & hidden) and all(v in first for v in region)
+    return pooled and not (region & outputs) and all(v in first for v in region)
 
 
 def _keeps_order(
     node: onnx.NodeProto, region: set[str], constants: dict[str, np.ndarray], const_names: set[str]
 ) -> bool:
     if any(a.HasField("g") or a.graphs for a in node.attribute):
-        return False
+        return False  # an If / Loop / Scan, or any op reading the tensor from a subgraph
     if node.op_type in _UNARY:
         # the data input is the region's; the rest (Slice's starts, Clip's bounds) constants
         return node.input[0] in region and all(i in const_names for i in node.input[1:] if i)
@@ -114,16 +118,4 @@ def _keeps_order(
                 return False
         if node.op_type == "Pow" and (pos == 1 or not np.all(constants.get(other, np.zeros(1)) > 0)):
             return False  # c ** x, or x ** c with c <= 0
-    return a in region or b in region
-
-
-def _subgraph_reads(g: onnx.GraphProto) -> set[str]:
-    """Every name a node's subgraph (If/Loop/Scan body) reads, at any depth."""
-    out: set[str] = set()
-    for n in g.node:
-        for a in n.attribute:
-            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                for m in sub.node:
-                    out.update(i for i in m.input if i)
-                out |= _subgraph_reads(sub)
-    return out
+    return True
