@@ -32,7 +32,6 @@ import threading
 import numpy as np
 
 from onnx_sparse.core.heap import trim_heap
-from onnx_sparse.io import release_pages
 
 __all__ = ["Spill", "default_budget", "trim_heap", "MAX_BUDGET"]
 
@@ -119,7 +118,7 @@ class Spill:
         finally:
             os.close(fd)
             os.unlink(path)  # anonymous from now on: the mapping keeps the pages
-        release_pages(mapped)  # nothing of it resident in this process until it is read
+        # never touched through the mapping: none of its pages is in this process until it is read
         self.spilled += value.nbytes
         return mapped
 
