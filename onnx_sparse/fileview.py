@@ -28,6 +28,7 @@ from onnx import TensorProto
 
 from onnx_sparse.core.subnormal import count_subnormals
 from onnx_sparse.external import file_identity, file_version, tensor_dtype
+from onnx_sparse.protofields import copy_fields
 
 __all__ = ["MIN_BYTES", "MIN_TOTAL", "raw_data_offsets", "file_refs"]
 
@@ -161,38 +162,17 @@ def file_refs(model: onnx.ModelProto, path: Path, base_dir: Path, ident: tuple[i
     if not refs:
         return None
     copy = onnx.ModelProto()
-    _copy_fields(model, copy, "graph")
-    _copy_fields(model.graph, copy.graph, "initializer")
+    copy_fields(model, copy, "graph")
+    copy_fields(model.graph, copy.graph, "initializer")
     for k, t in enumerate(inits):
         if k not in refs:
             copy.graph.initializer.append(t)
             continue
         offset, length = refs[k]
         stub = copy.graph.initializer.add()
-        _copy_fields(t, stub, "raw_data")
+        copy_fields(t, stub, "raw_data")
         stub.data_location = TensorProto.EXTERNAL
         for key, value in (("location", file.name), ("offset", str(offset)), ("length", str(length))):
             stub.external_data.add(key=key, value=value)
     logger.debug("read-only copy: %d tensor(s) read from %s", len(refs), file)
     return copy, {file: file_version(st)}
-
-
-def _repeated(fd) -> bool:
-    return bool(fd.is_repeated) if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED  # protobuf 6.31+
-
-
-def _copy_fields(src, dst, skip: str) -> None:
-    """Every set field of ``src`` but ``skip`` copied into ``dst`` (of the same type), without
-    reading ``skip`` (a read of a bytes field copies it)."""
-    for fd in src.DESCRIPTOR.fields:
-        if fd.name == skip:
-            continue
-        if _repeated(fd):
-            values = getattr(src, fd.name)
-            if len(values):
-                getattr(dst, fd.name).extend(values)
-        elif src.HasField(fd.name):
-            if fd.type == fd.TYPE_MESSAGE:
-                getattr(dst, fd.name).CopyFrom(getattr(src, fd.name))
-            else:
-                setattr(dst, fd.name, getattr(src, fd.name))

@@ -50,6 +50,7 @@ from onnx_sparse.external import (
     tensor_dtype,
 )
 from onnx_sparse.guard import output_path
+from onnx_sparse.protofields import is_repeated
 from onnx_sparse.serialize import Sizes, message_size, write_message
 
 __all__ = [
@@ -256,7 +257,7 @@ def _non_utf8_field(msg, where: str) -> str | None:
     for fd in msg.DESCRIPTOR.fields:
         if fd.type not in (fd.TYPE_STRING, fd.TYPE_MESSAGE):
             continue
-        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+        repeated = is_repeated(fd)
         if repeated:
             values = getattr(msg, fd.name)
         elif msg.HasField(fd.name):

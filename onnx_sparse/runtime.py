@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from onnx_sparse.errors import OnnxSparseError, first_line
+from onnx_sparse.protofields import copy_fields
 
 __all__ = [
     "DATA_HINT",
@@ -170,19 +171,6 @@ def _in_place(t: Any, min_bytes: int) -> bool:
     return int(np.prod(t.dims, dtype=np.int64)) * np.dtype(kind).itemsize >= min_bytes
 
 
-def _copy_fields(src: Any, dst: Any, skip: str) -> None:
-    """Every set field of message ``src`` but ``skip`` copied into ``dst`` (of the same type)."""
-    for fd, value in src.ListFields():
-        if fd.name == skip:
-            continue
-        if fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED:  # protobuf 6.31+ / older
-            getattr(dst, fd.name).extend(value)
-        elif fd.type == fd.TYPE_MESSAGE:
-            getattr(dst, fd.name).CopyFrom(value)
-        else:
-            setattr(dst, fd.name, value)
-
-
 def array_type(data_type: int) -> np.dtype | None:
     """The numpy dtype a session reads in place for onnx TensorProto type ``data_type`` (None: none)."""
     kind = _IN_PLACE_TYPES.get(data_type)
@@ -205,8 +193,8 @@ def model_bytes(
     if not values and not any(_in_place(t, min_bytes) for t in graph.initializer):
         return ModelBytes(model.SerializeToString(), {})
     lean = onnx.ModelProto()
-    _copy_fields(model, lean, "graph")
-    _copy_fields(graph, lean.graph, "initializer")
+    copy_fields(model, lean, "graph")
+    copy_fields(graph, lean.graph, "initializer")
     arrays: dict[str, np.ndarray] = {}
     for t in graph.initializer:
         given = values.get(t.name)
@@ -218,8 +206,7 @@ def model_bytes(
             lean.graph.initializer.append(t)
             continue
         else:
-            kind = np.dtype(_IN_PLACE_TYPES[t.data_type])
-            arrays[t.name] = np.frombuffer(t.raw_data, dtype=kind).reshape(tuple(t.dims))
+            arrays[t.name] = np.frombuffer(t.raw_data, dtype=array_type(t.data_type)).reshape(tuple(t.dims))
         stub = lean.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
         stub.data_location = onnx.TensorProto.EXTERNAL
         stub.external_data.add(key="location", value="onnx-sparse-in-memory")  # never read: given as arrays

@@ -18,6 +18,8 @@ from typing import Any, BinaryIO
 
 from google.protobuf import unknown_fields
 
+from onnx_sparse.protofields import is_repeated
+
 __all__ = ["STREAMED", "message_size", "write_message"]
 
 #: Message types written field by field; every other message is one piece (serialized whole).
@@ -39,17 +41,13 @@ def _streamed(msg: Any) -> bool:
     return msg.DESCRIPTOR.full_name in STREAMED and not len(unknown_fields.UnknownFieldSet(msg))
 
 
-def _is_repeated(fd: Any) -> bool:
-    return bool(fd.is_repeated) if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED  # protobuf 6.31+
-
-
 def _pieces(msg: Any) -> Any:
     """``msg``'s serialization as pieces, in order: bytes, or ``(key, header, submessage)`` for a
     submessage written field by field in its turn (``key``: where it is in ``msg``)."""
     for fd, value in sorted(msg.ListFields(), key=lambda fv: fv[0].number):
         if fd.type == fd.TYPE_MESSAGE:
             tag = _varint(fd.number << 3 | _LENGTH_DELIMITED)
-            for i, item in enumerate(value if _is_repeated(fd) else (value,)):
+            for i, item in enumerate(value if is_repeated(fd) else (value,)):
                 if _streamed(item):
                     yield (fd.number, i), tag, item
                 else:
@@ -58,7 +56,7 @@ def _pieces(msg: Any) -> Any:
                     yield data
         else:  # a scalar, a string or a repeated scalar: serialized alone in a message of the same type
             one = type(msg)()
-            if _is_repeated(fd):
+            if is_repeated(fd):
                 getattr(one, fd.name).extend(value)
             else:
                 setattr(one, fd.name, value)
