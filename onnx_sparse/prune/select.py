@@ -38,7 +38,6 @@ from onnx_sparse.prune.sparsegpt import (
     _check_square,
     _check_weight,
     _refit,
-    _refit_rhs,
     _ridge_solve,
     inverse_factor,
     prune_with_factor,
@@ -721,16 +720,13 @@ def asymmetric_cv_2_4(
     # sides are made, before the ridge factorisation takes its copy of pp
     release = every.release_pq if not overlap and inputs.users == 1 else None
     try:
-        w64 = w.astype(np.float64)
-        if every.pqw is None:
-            refit = _refit(w64, every.pp, every.pq, cv.damp, inputs.refit_factors, release)
-        else:
-            assert offset is not None  # (the choice needed it)
-            scale = float(np.mean(np.diag(every.pp)))
-            refit = w64
-            if not (math.isinf(cv.damp) or scale <= 0):
-                rhs = every.pq_times(w, offset)
-                refit = _refit_rhs(w64, every.pp, rhs, cv.damp * scale, inputs.refit_factors)
+        projected = every.pqw is not None
+        if projected and offset is None:
+            raise ValueError("projected statistics need the weight's offset")
+        refit = _refit(
+            w.astype(np.float64), every.pp, None if projected else every.pq, cv.damp, inputs.refit_factors, release,
+            rhs_of=(lambda: every.pq_times(w, offset or 0)) if projected else None,
+        )  # fmt: skip
     finally:
         inputs.done()
     out, stats = prune_with_factor(refit, inputs.factor(), blocksize, int8=int8, col_scale=col_scale)

@@ -461,33 +461,37 @@ def asymmetric_refit(w: Array, pp: npt.ArrayLike, pd: npt.ArrayLike, damp: float
 def _refit(
     w64: Array,
     pp: Array,
-    pq: Array,
+    pq: Array | None,
     damp: float,
     factors: dict[float, Any] | None = None,
     rhs_made: Callable[[], None] | None = None,
+    *,
+    rhs_of: Callable[[], Array] | None = None,
 ) -> Array:
     """:func:`asymmetric_refit` from ``pp`` and ``pq = pd - pp`` (``Xp^T (Xd - Xp)``).
 
     ``factors``: factorisations of ``pp + ridge I`` by ridge, kept for the weights that read the
     same input (:func:`_ridge_solve`). ``rhs_made``: called once ``pq`` is read for the last time
-    (before the solve), so that a caller that owns it can let it go."""
+    (before the solve), so that a caller that owns it can let it go. ``rhs_of`` (with ``pq`` None):
+    gives the right-hand side ``pq W^T`` (``[cols, rows]``) itself, for statistics that hold it
+    rather than ``pq`` (:class:`~onnx_sparse.core.hessian.PairedStats` ``project``)."""
     scale = float(np.mean(np.diag(pp)))
     if math.isinf(damp) or scale <= 0:
         return w64
-    # W'^T = W^T + (pp + lambda I)^{-1} (pd - pp) W^T: the same solution, written as a
-    # correction of W so that damp = 0 can use the minimum-norm correction.
-    rhs = _in_pieces(lambda r: pq @ w64[r].T, w64.shape[0])
-    if rhs_made is not None:
-        del pq
-        rhs_made()
-    return _refit_rhs(w64, pp, rhs, damp * scale, factors)
-
-
-def _refit_rhs(w64: Array, pp: Array, rhs: Array, ridge: float, factors: dict[float, Any] | None = None) -> Array:
-    """The refit from its right-hand side ``rhs = pq W^T`` (``[cols, rows]``) and its ridge."""
+    if pq is None:
+        if rhs_of is None:
+            raise ValueError("the refit needs pq or its right-hand side")
+        rhs = rhs_of()
+    else:
+        # W'^T = W^T + (pp + lambda I)^{-1} (pd - pp) W^T: the same solution, written as a
+        # correction of W so that damp = 0 can use the minimum-norm correction.
+        rhs = _in_pieces(lambda r: pq @ w64[r].T, w64.shape[0])
+        if rhs_made is not None:
+            del pq
+            rhs_made()
     if not np.any(rhs):  # the same input in both models: nothing to refit
         return w64
-    return w64 + _ridge_solve(pp, rhs, ridge, factors).T
+    return w64 + _ridge_solve(pp, rhs, damp * scale, factors).T
 
 
 #: Rows (or right-hand sides) per independent piece of a solve that is split across workers.
