@@ -31,6 +31,15 @@ def test_table() -> None:
     assert lines[0] == "| model | metric | sparse | int8 |" and lines[2] == "| m | top1 | 0.8000 (0%) | 0.7900 (95%) |"
 
 
+def test_table_orders_target_cosine_variants_by_target() -> None:
+    metrics = {"sparse": 0.8, "int8@0.999": 0.8, "int8": 0.7, "int8@0.995": 0.75}
+    row = {"model": "m", "metric_name": "top1", "metrics": metrics, "ready": dict.fromkeys(metrics, 0.5),
+           "zeros_kept": dict.fromkeys(metrics, True)}  # fmt: skip
+    head = eval_int8.format_table([row]).splitlines()[0]
+    assert head == "| model | metric | sparse | int8 | int8@0.995 | int8@0.999 |"
+    assert eval_int8._target_variant(0.995) == "int8@0.995"
+
+
 def test_readiness_counts_int8_layers_and_sees_moved_zeros() -> None:
     sparse = api.prune(onnx.load(case_path("mlp.onnx")))
     feeds = random_feeds(sparse, seed=0, iterations=4, input_shapes={"x": [2, 64], "x3": [2, 2, 16]}, warn=False)

@@ -11,6 +11,8 @@ the dense model on the EVALUATION feeds with the task metrics of :mod:`tools.eva
 * ``int8``: ``prune --int8`` with no other flag (this version: the FP32 prune's weights rounded
   afterwards); ``int8-joint``: with ``--int8-joint`` (the walk rounds as it prunes); ``int8-fitq``: with
   ``--int8-joint --int8-fit-quantized`` (and each layer fitted on its input as the INT8 model computes it);
+  ``int8@T`` (one per value of ``--int8-target-cosine``): ``prune --int8 --int8-target-cosine T``, the
+  mixed-precision search's fidelity target (the default is 0.99), for a metric/readiness curve;
 * ``nncf-default``, ``nncf-transformer``, ``modelopt``, ``modelopt-fp32``: the same sparse FP32 model
   through NNCF's default and transformer modes and ModelOpt's ONNX INT8 (its default FP16 for the rest,
   and FP32 for the rest), each in its own virtual environment (:mod:`tools.int8_field`; skipped with a
@@ -27,6 +29,7 @@ Usage::
 
     python tools/eval_int8.py --json out/eval_int8.json
     python tools/eval_int8.py --models minilm_l3 --variants sparse int8 --field-envs /work/envs
+    python tools/eval_int8.py --models magika --variants sparse int8 --int8-target-cosine 0.995 0.999
 """
 
 from __future__ import annotations
@@ -254,6 +257,7 @@ def evaluate(
     quick: bool,
     save: Path | None = None,
     evaluation_size: int | None = None,
+    target_cosines: Sequence[float] = (),
 ) -> dict[str, Any]:
     from onnx_sparse import api
     from onnx_sparse.quant import quantize
@@ -271,7 +275,7 @@ def evaluate(
         row["seconds"]["sparse"] = time.perf_counter() - t0
         sparse = onnx.load(str(sparse_path))
         models: dict[str, onnx.ModelProto] = {"sparse": sparse}
-        for v in variants:
+        for v in [*variants, *(_target_variant(t) for t in target_cosines)]:
             t0 = time.perf_counter()
             try:
                 if v == "sparse":
@@ -282,6 +286,10 @@ def evaluate(
                     models[v] = old_quantize(sparse, data.calibration)
                 elif v in ("int8", "int8-joint", "int8-fitq"):
                     recipe = Recipe(int8=True, int8_joint=v != "int8", int8_fit_quantized=v == "int8-fitq")
+                    api.prune_file(src, tmp / f"{v}.onnx", recipe, calibration=data.calibration)
+                    models[v] = onnx.load(str(tmp / f"{v}.onnx"))
+                elif v.startswith("int8@"):
+                    recipe = Recipe(int8=True, int8_target_cosine=float(v.removeprefix("int8@")))
                     api.prune_file(src, tmp / f"{v}.onnx", recipe, calibration=data.calibration)
                     models[v] = onnx.load(str(tmp / f"{v}.onnx"))
                 elif v in DENSE_FIELD:
@@ -308,7 +316,7 @@ def evaluate(
                 "dense-int8",
                 *DENSE_FIELD,
             )  # no sparse model to compare
-            r = readiness(m, None if v in own else sparse)
+            r = readiness(m, None if v in own or v.startswith("int8@") else sparse)
             row["ready"][v], row["zeros_kept"][v] = r["ready"], r["zeros_kept"]
         row["metric_name"] = eval_real.judge(data, sparse)["metric_name"]
     if {"sparse", "int8"} <= set(row["metrics"]):
@@ -316,11 +324,17 @@ def evaluate(
     return row
 
 
+def _target_variant(target: float) -> str:
+    """The variant name of ``prune --int8 --int8-target-cosine target``."""
+    return f"int8@{target:g}"
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown: per model and variant, ``metric [/ metric with the Q/DQ as written] (readiness, zeros kept)``."""
+    targets = sorted({v for r in rows for v in r["metrics"] if v.startswith("int8@")}, key=lambda v: float(v[5:]))
     cols = [
         v
-        for v in ("dense-int8", *DENSE_FIELD, "sparse", "old-int8", "int8", "int8-joint", "int8-fitq", *FIELD)
+        for v in ("dense-int8", *DENSE_FIELD, "sparse", "old-int8", "int8", *targets, "int8-joint", "int8-fitq", *FIELD)
         if any(v in r["metrics"] for r in rows)
     ]
     head = "| model | metric | " + " | ".join(cols) + " |"
@@ -355,6 +369,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="judge on N evaluation samples (where the frozen evaluation list holds that many: ppocr_cls 560, "
         "magika about 1,100) rather than the default, to tell a difference of a few samples from noise",
     )
+    parser.add_argument(
+        "--int8-target-cosine",
+        type=float,
+        nargs="+",
+        default=[],
+        metavar="T",
+        help="also variant int8@T for each T: prune --int8 --int8-target-cosine T (the default prune --int8 is 0.99)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write every result as JSON (after each model)")
     parser.add_argument("--save", metavar="DIR", type=Path, help="keep every variant's model as DIR/MODEL.VARIANT.onnx")
     args = parser.parse_args(argv)
@@ -363,7 +385,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for name in args.models:
         logger.info("== %s", name)
-        rows.append(evaluate(name, args.variants, args.field_envs, args.quick, args.save, args.evaluation_size))
+        rows.append(
+            evaluate(
+                name,
+                args.variants,
+                args.field_envs,
+                args.quick,
+                args.save,
+                args.evaluation_size,
+                args.int8_target_cosine,
+            )
+        )
         logger.info("%s", format_table(rows[-1:]))
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
