@@ -78,13 +78,21 @@ def _log_softmax(z: Array) -> Array:
     return s - np.log(np.exp(s).sum(axis=-1, keepdims=True))
 
 
+def _log_p(pp: Array) -> Array:
+    """``log p`` where ``p > 0``, else 0 (the terms of a KL divergence that count)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(pp > 0, np.log(np.where(pp > 0, pp, 1.0)), 0.0)
+
+
+def _mean_kl(pp: Array, lp: Array, logits: npt.ArrayLike) -> float:
+    lq = _log_softmax(np.asarray(logits, dtype=np.float64))
+    return float(np.mean(np.sum(pp * (lp - lq), axis=-1)))
+
+
 def mean_kl(p: npt.ArrayLike, logits: npt.ArrayLike) -> float:
     """Mean over rows of ``KL(p || softmax(logits))`` (terms with ``p == 0`` count 0)."""
     pp = np.asarray(p, dtype=np.float64)
-    lq = _log_softmax(np.asarray(logits, dtype=np.float64))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        lp = np.where(pp > 0, np.log(np.where(pp > 0, pp, 1.0)), 0.0)
-    return float(np.mean(np.sum(pp * (lp - lq), axis=-1)))
+    return _mean_kl(pp, _log_p(pp), logits)
 
 
 @blas.deterministic
@@ -140,11 +148,12 @@ def refit_softmax_head(
     # the products run in fixed pieces of rows side by side (BLAS is single-threaded during a
     # pass; the pieces depend on the shapes only, so the result does not depend on the cores)
     fit_pieces, held_pieces = _pieces(n), _pieces(xv.shape[0])
+    lpv, top_v = _log_p(pv), pv.argmax(-1)  # the same at every step
 
     def held(wt: Array, bt: Array) -> tuple[float, float]:
         w32 = np.ascontiguousarray(wt.T, dtype=f32)
         z = np.concatenate(blas.parallel_map(lambda r: xv[r] @ w32, held_pieces)) + bt
-        return mean_kl(pv, z), float(np.mean(z.argmax(-1) == pv.argmax(-1)))
+        return _mean_kl(pv, lpv, z), float(np.mean(z.argmax(-1) == top_v))
 
     def gradient(wt: Array, bt: Array) -> tuple[Array, Array]:
         w32, b32 = np.ascontiguousarray(wt.T, dtype=f32), bt.astype(f32)
