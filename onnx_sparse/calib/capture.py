@@ -745,6 +745,11 @@ class StagedRunner:
         n = len(self.feeds)
         for name in piece.frontier:
             self.cache[name] = [None] * n
+        # what nothing after this piece reads leaves the frontier sample by sample, once the sample has
+        # run, not all at the end: the spill's budget then holds the new values rather than spent ones
+        done = self.done | {id(node) for node in piece.nodes}
+        later = {r for node in self.nodes if id(node) not in done for r in node_reads(node)}
+        spent = [name for name in self.cache if name not in later and name not in piece.frontier]
         run_s = 0.0
         for i, feed in enumerate(self.feeds):
             values: dict[str, np.ndarray] = {}
@@ -773,6 +778,10 @@ class StagedRunner:
                     const = self.constant(t)
                     assert const is not None, t
                     result[t] = const
+            for name in spent:  # (the result still holds what it gives)
+                spent_value, self.cache[name][i] = self.cache[name][i], None
+                if spent_value is not None:
+                    self.spill.release(spent_value)
             yield i, result
         sess = None  # the piece's session (and its packed weights) goes now, not with the generator
         self.stats["run_s"] += run_s
