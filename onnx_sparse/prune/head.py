@@ -159,10 +159,14 @@ def refit_softmax_head(
         w32, b32 = np.ascontiguousarray(wt.T, dtype=f32), bt.astype(f32)
 
         def piece(r: slice) -> tuple[Array, Array]:
-            z = xf[r] @ w32 + b32
-            q = np.exp(z - z.max(axis=-1, keepdims=True))
-            q /= q.sum(axis=-1, keepdims=True)
-            g = (q - pf[r]) / np.float32(n)
+            # softmax(z) - p, over n, made in place in z (the same operations as with new arrays)
+            g = xf[r] @ w32
+            g += b32
+            g -= g.max(axis=-1, keepdims=True)
+            np.exp(g, out=g)
+            g /= g.sum(axis=-1, keepdims=True)
+            g -= pf[r]
+            g /= np.float32(n)
             return (g.T @ xf[r]).astype(np.float64), g.sum(axis=0, dtype=np.float64)
 
         parts = blas.parallel_map(piece, fit_pieces)
@@ -178,16 +182,27 @@ def refit_softmax_head(
     m_w, v_w = np.zeros_like(wt), np.zeros_like(wt)
     m_b, v_b = np.zeros_like(bt), np.zeros_like(bt)
     beta1, beta2, eps = 0.9, 0.999, 1e-12
+    # Adam's terms in two arrays per parameter, reused: the same operations, in the same order, as
+    # ``m = beta1 m + (1 - beta1) g``, ``v = beta2 v + (1 - beta2) g g`` and
+    # ``par -= step_size (m / c1) / (sqrt(v / c2) + eps)``
+    work = {id(par): (np.empty_like(par), np.empty_like(par)) for par in (wt, bt)}
     since = 0
     done = 0
     for it in range(1, steps + 1):
         g_w, g_b = gradient(wt, bt)
         for par, grad, m, v in ((wt, g_w, m_w, v_w), (bt, g_b, m_b, v_b)):
+            t1, t2 = work[id(par)]
             m *= beta1
-            m += (1 - beta1) * grad
+            m += np.multiply(grad, 1 - beta1, out=t1)
             v *= beta2
-            v += (1 - beta2) * grad * grad
-            par -= step_size * (m / (1 - beta1**it)) / (np.sqrt(v / (1 - beta2**it)) + eps)
+            np.multiply(grad, 1 - beta2, out=t1)
+            t1 *= grad
+            v += t1
+            np.multiply(step_size, np.divide(m, 1 - beta1**it, out=t1), out=t1)
+            np.sqrt(np.divide(v, 1 - beta2**it, out=t2), out=t2)
+            t2 += eps
+            t1 /= t2
+            par -= t1
         wt *= keep
         done = it
         kl, agree = held(wt, bt)
