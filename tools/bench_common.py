@@ -2,7 +2,10 @@
 
 Each measured command runs as its own subprocess; the parent reaps it with ``os.wait4``, so the
 wall time covers interpreter start, imports and all the work, and ``ru_maxrss`` is that child's
-own peak resident set (Linux reports it in KiB; children it waited for are included).
+peak resident set (Linux reports it in KiB; children it waited for are included). It is not
+always the child's own: Linux carries the resident set the parent had at the fork into the
+child's ``ru_maxrss`` across ``exec``, so a parent that holds a large model lends it to every run;
+where that matters the child reports its own ``VmHWM`` (``tools/bench_calibrated.py``).
 """
 
 from __future__ import annotations
@@ -22,12 +25,15 @@ from pathlib import Path
 __all__ = [
     "REPO",
     "RunResult",
+    "append_jsonl",
     "fmt_bytes",
     "git_state",
     "loadavg",
     "machine_info",
+    "paired_summary",
     "print_table",
     "reported_runtime",
+    "run_json_child",
     "run_measured",
     "schedule",
     "summarize",
@@ -216,3 +222,40 @@ def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     print(f"wrote {path}")
+
+
+def run_json_child(argv: Sequence[str], what: str, env: dict[str, str] | None = None) -> dict:
+    """Run a child that prints one JSON object as its last line of output; that object (exit on failure)."""
+    done = subprocess.run(list(argv), env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{what} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def append_jsonl(path: Path | None, row: dict) -> None:
+    """Print ``row`` as a JSON line and append it to ``path`` (when given), so a long series survives an interruption."""
+    print(json.dumps(row), flush=True)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def paired_summary(rows: Sequence[dict], key: str, base: str, other: str, sha_key: str) -> dict:
+    """Two methods' runs (``rows``, each with ``method``, ``round``, ``key`` and ``sha_key``): the median
+    ``key`` of each (None without runs), ``other / base`` of the medians (None without both or with a
+    zero base), each round's own ratio, and each method's distinct ``sha_key`` values."""
+    by = {m: [r for r in rows if r["method"] == m] for m in (base, other)}
+    med = {m: statistics.median(r[key] for r in by[m]) if by[m] else None for m in (base, other)}
+    per_round = []
+    for i in sorted({r["round"] for r in rows}):
+        pair = {r["method"]: r[key] for r in rows if r["round"] == i}
+        if base in pair and other in pair and pair[base] > 0:
+            per_round.append(pair[other] / pair[base])
+    b, o = med[base], med[other]
+    return {
+        "median": med,
+        "ratio": o / b if o is not None and b else None,
+        "round_ratios": per_round,
+        sha_key: {m: sorted({r[sha_key] for r in by[m]}) for m in (base, other)},
+    }

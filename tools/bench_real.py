@@ -23,11 +23,10 @@ import argparse
 import hashlib
 import json
 import os
-import statistics
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = ("ppocr_rec", "ppocr_det", "ppocr_cls", "minilm_l3", "magika")
@@ -65,13 +64,20 @@ def child(root: Path, name: str, method: str) -> dict:
     }
 
 
+def _common() -> ModuleType:
+    """:mod:`tools.bench_common`, for the parent only: the child imports ``tools`` from the checkout it
+    measures (``--baseline``), which a module-level import from this one would pre-empt."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from tools import bench_common
+
+    return bench_common
+
+
 def run_child(root: Path, name: str, method: str) -> dict:
     env = dict(os.environ, ONNX_SPARSE_CACHE=os.environ.get("ONNX_SPARSE_CACHE", str(REPO / ".cache")))
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", str(root), name, method]
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{root} {name} {method} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    row = json.loads(done.stdout.strip().splitlines()[-1])
+    row = _common().run_json_child(argv, f"{root} {name} {method}", env)
     if Path(row["library"]) != (root / "onnx_sparse").resolve():
         raise SystemExit(f"the child imported {row['library']}, not {root}/onnx_sparse")
     row["load1"] = round(os.getloadavg()[0], 2)
@@ -80,25 +86,13 @@ def run_child(root: Path, name: str, method: str) -> dict:
 
 def summarize(rows: Sequence[dict], key: str = "cpu_s") -> dict[tuple[str, str], dict]:
     """Per (tree, model): median ``key`` of each method, their ratio, each round's ratio, distinct sha256s."""
-    out: dict[tuple[str, str], dict] = {}
-    for tree, model in dict.fromkeys((r["tree"], r["model"]) for r in rows):
-        mine = [r for r in rows if r["tree"] == tree and r["model"] == model]
-        by = {m: [r for r in mine if r["method"] == m] for m in METHODS}
-        med = {m: statistics.median(r[key] for r in by[m]) if by[m] else None for m in METHODS}
-        rounds = sorted({r["round"] for r in mine})
-        per_round = []
-        for i in rounds:
-            pair = {r["method"]: r[key] for r in mine if r["round"] == i}
-            if len(pair) == len(METHODS) and pair["sparsegpt"] > 0:
-                per_round.append(pair["best"] / pair["sparsegpt"])
-        ratio = med["best"] / med["sparsegpt"] if med["best"] is not None and med["sparsegpt"] else None
-        out[tree, model] = {
-            "median": med,
-            "ratio": ratio,
-            "round_ratios": per_round,
-            "sha256": {m: sorted({r["sha256"] for r in by[m]}) for m in METHODS},
-        }
-    return out
+    groups = dict.fromkeys((r["tree"], r["model"]) for r in rows)
+    return {
+        (tree, model): _common().paired_summary(
+            [r for r in rows if r["tree"] == tree and r["model"] == model], key, "sparsegpt", "best", "sha256"
+        )
+        for tree, model in groups
+    }
 
 
 def report(rows: Sequence[dict]) -> str:
@@ -134,10 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for tree, root in trees:
                     row = dict(run_child(root, name, method), tree=tree, round=i)
                     rows.append(row)
-                    print(json.dumps(row), flush=True)
-                    if args.json:
-                        with args.json.open("a") as fh:
-                            fh.write(json.dumps(row) + "\n")
+                    _common().append_jsonl(args.json, row)
     print(report(rows))
     return 0
 

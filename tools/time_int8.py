@@ -21,14 +21,16 @@ import hashlib
 import json
 import os
 import resource
-import statistics
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):  # run as a script: make `tools` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tools.bench_common import REPO, append_jsonl, paired_summary, run_json_child  # noqa: E402
+
 MODELS = ("minilm_l3", "ppocr_cls", "ppocr_rec", "ppocr_det", "magika")
 METHODS = ("fp32", "int8")
 
@@ -63,11 +65,8 @@ def run_child(name: str, method: str) -> dict:
     load0 = os.getloadavg()[0]
     c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", name, method]
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    row = run_json_child(argv, f"{name} {method}")
     c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        raise SystemExit(f"{name} {method} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    row = json.loads(done.stdout.strip().splitlines()[-1])
     row.update(
         model=name,
         method=method,
@@ -82,19 +81,7 @@ def summarize(rows: Sequence[dict], key: str = "cpu") -> dict[str, dict]:
     out: dict[str, dict] = {}
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
-        med = {m: statistics.median(r[key] for r in mine if r["method"] == m) for m in METHODS}
-        per_round = []
-        for i in sorted({r["round"] for r in mine}):
-            pair = {r["method"]: r[key] for r in mine if r["round"] == i}
-            if len(pair) == len(METHODS):
-                per_round.append(pair["int8"] / pair["fp32"])
-        out[model] = {
-            "median": med,
-            "ratio": med["int8"] / med["fp32"],
-            "round_ratios": per_round,
-            "loads": [x for r in mine for x in r["load"]],
-            "sha": {m: sorted({r["sha"] for r in mine if r["method"] == m}) for m in METHODS},
-        }
+        out[model] = {**paired_summary(mine, key, "fp32", "int8", "sha"), "loads": [x for r in mine for x in r["load"]]}
     return out
 
 
@@ -126,11 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for method in METHODS if i % 2 == 0 else METHODS[::-1]:
                 row = dict(run_child(name, method), round=i)
                 rows.append(row)
-                print(json.dumps(row), flush=True)
-                if args.json:
-                    args.json.parent.mkdir(parents=True, exist_ok=True)
-                    with args.json.open("a") as fh:
-                        fh.write(json.dumps(row) + "\n")
+                append_jsonl(args.json, row)
     print(report(rows))
     return 0
 
