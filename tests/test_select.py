@@ -459,3 +459,35 @@ def test_confirm_scores_the_pruned_refit_as_its_definition():
     np.testing.assert_allclose([short.pruned_scores[i] for i in scored], [want[i] for i in scored], rtol=1e-9)
     with pytest.raises(ValueError, match="confirm"):
         choose_refit_damp(w, folds, grid, confirm=-1)
+
+
+class _TableCV:
+    """A stand-in for the folds' cross-validation: scores from a table, each damping asked for recorded."""
+
+    def __init__(self, table: dict[float, float]) -> None:
+        self.table = table
+        self.asked: list[float] = []
+        self.prepared = [None] * 4  # as many folds as there are workers or more: no scoring ahead
+        self.a = np.zeros((1, 8))
+
+    def ridge(self, lams):
+        self.asked.extend(lams)
+        return [self.table[lam] for lam in lams]
+
+
+@pytest.mark.parametrize("best", [1e-3, 1e-2, 1e-1, 1.0, 10.0, math.inf])
+def test_unimodal_walk_starts_at_refit_start_and_ends_at_the_minimum(best):
+    from onnx_sparse.prune.select import REFIT_START, _ridge_scores
+
+    grid = DEFAULT_REFIT_GRID
+    # unimodal in log damping, its minimum at ``best``
+    where = {lam: (math.log10(lam) if math.isfinite(lam) else 2.0) for lam in grid}
+    table = {lam: (where[lam] - where[best]) ** 2 for lam in grid}
+    cv = _TableCV(table)
+    scores = _ridge_scores(cv, grid, unimodal=True)  # type: ignore[arg-type]
+    finite = [lam for lam in cv.asked if math.isfinite(lam)]
+    assert finite[0] == REFIT_START
+    assert len(finite) == len(set(finite))  # each candidate factorised once
+    assert grid[min(range(len(grid)), key=lambda i: math.inf if math.isnan(scores[i]) else scores[i])] == best
+    # from 1.0 a minimum at 0.1, 1 or 10 (or no refit) costs 3 factorisations, one at 1e-2 or 1e-3 four
+    assert len(finite) == (4 if best < 0.1 else 3)
