@@ -89,7 +89,8 @@ def collect(
 
     Tensors that are not float or have no element are left out of the result. ``serialized``:
     :func:`onnx_sparse.runtime.model_bytes` ``(model)`` (or its serialized bytes), when the caller
-    has it (it is not made again).
+    has it (it is not made again). ``threads``: onnxruntime's intra-op threads (None: one, and the
+    feeds run side by side in worker threads instead).
     """
     return collect_split(model, feeds, (), axes, rows_per_tensor, seed, threads, serialized)[0]
 
@@ -110,8 +111,8 @@ def collect_split(
     head = runtime.model_bytes(model) if serialized is None else serialized  # large weights read in place
     pooled = max_pooled(model, axes)
     probe = runtime.with_outputs(model, axes, head)  # the tensors as extra outputs (no model copy)
-    # its runs alternate with numpy work (and overlap it): its worker threads must not spin between runs
-    session = runtime.session(probe, what="the INT8 calibration", threads=threads, spin=False)
+    # one intra-op thread (feeds run side by side instead, see _stats), not spinning between runs
+    session = runtime.session(probe, what="the INT8 calibration", threads=threads or 1, spin=False)
     fit, held = _spread(fit, MAX_FEEDS), _spread(held, MAX_FEEDS // 2)
     return (
         _stats(session, fit, axes, rows_per_tensor, seed, pooled),
@@ -135,39 +136,50 @@ def _stats(
     pooled: set[str],
 ) -> dict[str, TensorStats]:
     from onnx_sparse import runtime
-    from onnx_sparse.calib.capture import prefetch
+    from onnx_sparse.core import blas
 
     names = list(axes)
     per_feed = max(1, -(-rows_per_tensor // max(1, len(feeds))))
-    amax: dict[str, np.ndarray] = {}
-    ndim: dict[str, int] = {}
-    rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    # the next feed's run (onnxruntime, without the GIL) overlaps this one's statistics
-    runs = (runtime.run(session, names, feed, where=f"calibration sample {i}") for i, feed in enumerate(feeds))
-    for i, values in enumerate(prefetch(runs, ahead=1)):
+
+    def feed_stats(item: tuple[int, Mapping[str, np.ndarray]]) -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
+        """One feed's run: per float tensor its rank, largest ``|x|`` per channel and sampled rows."""
+        i, feed = item
+        values = runtime.run(session, names, feed, where=f"calibration sample {i}")
+        out = {}
         for k, (name, value) in enumerate(zip(names, values, strict=True)):
             a = np.asarray(value)
             if a.dtype.kind != "f" or a.size == 0:
                 continue
-            ndim[name] = a.ndim
+            ndim = a.ndim
             if a.ndim == 0:
                 a = a.reshape(1)
             axis = axes[name] % a.ndim
             others = tuple(d for d in range(a.ndim) if d != axis)
             # max |x| as max(max x, -min x): the same values without an |a| copy of the whole tensor (+0.0: no -0)
             m = np.maximum(a.max(axis=others), -a.min(axis=others)).astype(np.float64) + 0.0
-            amax[name] = m if name not in amax else np.maximum(amax[name], m)
             if name in pooled and axis == 1 and a.ndim >= 3:  # what the pool reads: each sample's channel maxima
-                rows[name].append(np.asarray(a.max(axis=tuple(range(2, a.ndim))), dtype=np.float32))
+                out[name] = (ndim, m, np.asarray(a.max(axis=tuple(range(2, a.ndim))), dtype=np.float32))
                 continue
             view = np.moveaxis(a, axis, -1)  # no copy: rows are gathered from it
             n = int(np.prod(view.shape[:-1]))
             if per_feed >= n:  # every row (what the sorted sample of all n would be), without drawing it
-                rows[name].append(np.asarray(view.reshape(n, view.shape[-1]), dtype=np.float32))
+                out[name] = (ndim, m, np.asarray(view.reshape(n, view.shape[-1]), dtype=np.float32))
                 continue
             rng = np.random.default_rng([seed, i, k])
             pick = np.sort(rng.choice(n, size=per_feed, replace=False))
-            rows[name].append(np.asarray(view[np.unravel_index(pick, view.shape[:-1])], dtype=np.float32))
+            out[name] = (ndim, m, np.asarray(view[np.unravel_index(pick, view.shape[:-1])], dtype=np.float32))
+        return out
+
+    amax: dict[str, np.ndarray] = {}
+    ndim: dict[str, int] = {}
+    rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    # each feed's run (onnxruntime on one intra-op thread, without the GIL) and its statistics in a worker,
+    # side by side; what a feed gives depends on that feed alone, and is gathered here in the feeds' order
+    for got in blas.parallel_map(feed_stats, list(enumerate(feeds))):
+        for name, (dims, m, r) in got.items():
+            ndim[name] = dims
+            amax[name] = m if name not in amax else np.maximum(amax[name], m)
+            rows[name].append(r)
     return {
         n: TensorStats(axes[n], amax[n], np.concatenate(rows[n]) if rows[n] else np.zeros((0, amax[n].size)), ndim[n])
         for n in names

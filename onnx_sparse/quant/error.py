@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import onnx
@@ -118,7 +117,9 @@ class Int8Probe:
     It answers both questions asked of a candidate model: its outputs (:meth:`run`, the
     mixed-precision search; with optimizations off, exposing more tensors changes no value) and
     its layers' INT8 errors (:meth:`errors`), so a model is opened once for both. The session is
-    opened on first use.
+    opened on first use, with one intra-op thread: several feeds run side by side instead
+    (:meth:`run_many`, :meth:`errors`), which costs less CPU than splitting each run's small
+    operators over the cores, and a value does not depend on how many cores the machine has.
     """
 
     def __init__(self, model: onnx.ModelProto, what: str = "the INT8 error probe") -> None:
@@ -137,7 +138,7 @@ class Int8Probe:
             exposed = [x for t in sorted(self.pairs) for x in (t, self.pairs[t])]
             # no copy of the model; its large weights are read in place
             probe = runtime.with_outputs(self.model, exposed, runtime.model_bytes(self.model))
-            self._session = runtime.session(probe, what=self._what, optimize=False, spin=False)
+            self._session = runtime.session(probe, what=self._what, optimize=False, spin=False, threads=1)
         return self._session
 
     def errors_later(self, feeds: Iterable[dict[str, np.ndarray]]) -> None:
@@ -157,6 +158,15 @@ class Int8Probe:
         self._sums[id(feed)] = {t: _pair_sums(values[t], values[self.pairs[t]]) for t in self.pairs}
         return [values[n] for n in names]
 
+    def run_many(
+        self, names: Sequence[str], feeds: Sequence[dict[str, np.ndarray]], where: str
+    ) -> list[list[np.ndarray]]:
+        """:meth:`run` on each of ``feeds`` (in worker threads, side by side), in the order of ``feeds``."""
+        from onnx_sparse.core import blas
+
+        _ = self.session  # opened once, before the workers share it
+        return blas.parallel_map(lambda feed: self.run(names, feed, where), feeds)
+
     def errors(
         self,
         layers: Iterable[tuple[str, onnx.NodeProto, str]],
@@ -175,20 +185,22 @@ class Int8Probe:
         err = dict.fromkeys(tensors, 0.0)
         ref = dict.fromkeys(tensors, 0.0)
         from onnx_sparse import runtime
-        from onnx_sparse.calib.capture import prefetch
+        from onnx_sparse.core import blas
 
-        def values(feed: dict[str, np.ndarray]) -> dict[str, Any]:  # a feed run() took the sums of is not run again
+        def sums(feed: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
+            # a feed run() took the sums of is not run again
             if id(feed) in self._sums:
-                return {}
-            return dict(
+                return self._sums[id(feed)]
+            got = dict(
                 zip(outputs, runtime.run(self.session, outputs, feed, where="a calibration sample"), strict=True)
             )
+            return {t: _pair_sums(got[t], got[pairs[t]]) for t in tensors}
 
-        # the next feed's run (onnxruntime, without the GIL) overlaps this one's sums
-        chosen = list(feeds)[:max_feeds]
-        for feed, got in zip(chosen, prefetch((values(f) for f in chosen), ahead=1), strict=True):
+        # each feed's run and sums in a worker (side by side); the sums are added in the feeds' order
+        _ = self.session  # opened once, before the workers share it
+        for per_feed in blas.parallel_map(sums, list(feeds)[:max_feeds]):
             for t in tensors:
-                e, r = self._sums[id(feed)][t] if id(feed) in self._sums else _pair_sums(got[t], got[pairs[t]])
+                e, r = per_feed[t]
                 err[t] += e
                 ref[t] += r
         rel = {t: float(np.sqrt(err[t] / ref[t])) if ref[t] > 0 else 0.0 for t in tensors}

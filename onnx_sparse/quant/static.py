@@ -514,7 +514,8 @@ def finish(
     serialized = runtime.model_bytes(model)  # for the reference and for the statistics' session
 
     def fp32_reference(source: runtime.ModelBytes) -> list[list[np.ndarray]]:
-        session = runtime.session(source, what="the FP32 reference", spin=False)
+        # one intra-op thread, as every INT8 session: a value does not depend on the machine's cores
+        session = runtime.session(source, what="the FP32 reference", spin=False, threads=1)
         return [runtime.run(session, names, f, where="a held-out calibration sample") for f in held]
 
     # the mixed-precision search's reference depends on nothing below: made while the statistics are taken
@@ -576,7 +577,7 @@ def finish(
                 # their u8 x s8 products saturate 16-bit sums, which no GPU engine does, and the
                 # fidelity, and so which layers stay INT8, would follow the CPU)
                 candidate = build(key)
-                got = [candidate.run(names, f, where="a held-out calibration sample") for f in held]
+                got = candidate.run_many(names, held, where="a held-out calibration sample")
                 cache[key] = output_fidelity(expected, got)
                 if not best or cache[key] > cache[best[0]]:
                     best[:] = [key]
