@@ -202,7 +202,7 @@ def choose_scale(stats: TensorStats, weight: np.ndarray | None = None, ratios: S
     for r in ratios:
         s = top * r / _QMAX
         d = rounding_error(x, s, buffer)
-        err = float(np.einsum("ij,ij,j->", d, d, w)) if x.size else 0.0
+        err = float(np.sum(np.square(d, out=d).sum(axis=0) * w)) if x.size else 0.0
         if err < best_err * (1 - 1e-9):
             best, best_err = s, err
     return float(np.float32(best))
