@@ -266,6 +266,19 @@ def test_max_error_leaves_the_worst_layers_float() -> None:
         QuantizeOptions(max_error=0.0)
 
 
+def test_the_fallback_search_weighs_each_layer_by_its_parameters() -> None:
+    """The mixed-precision search is handed each layer's parameter count (readiness is a share of
+    parameters): its first step's bar is its share of the INT8 parameters times the loss."""
+    pruned = api.prune(onnx.load(case_path("mlp.onnx")))
+    params = {s.node: int(np.prod(s.shape)) for s in find_weight_sites(pruned, macs=False) if s.eligible}
+    result = quantize(pruned, _feeds(pruned, n=8), QuantizeOptions(target_cosine=1.0, holdout=0.5))
+    fb = result.fallback
+    assert fb is not None and fb.steps and fb.start < 1.0
+    first = fb.steps[0]
+    assert len(set(params.values())) > 1  # layers of different sizes: the bar tells them apart
+    assert first.needed == pytest.approx((1.0 - fb.start) * params[first.layer] / sum(params.values()), rel=1e-9)
+
+
 def test_the_recipe_carries_int8_from_cli_to_file_to_api(run_cli, tmp_path: Path) -> None:
     """``prune --int8 --save-recipe`` then ``--recipe`` reproduces the Q/DQ model byte for byte, the
     output says how it was made (INT8 included), and the Python API honours ``recipe.int8``."""

@@ -17,7 +17,8 @@ What a sparse INT8 kernel needs, and how each step keeps every pruned zero a zer
   float weight is rounded per output channel (clip search per channel).
 * **Mixed precision** (:mod:`onnx_sparse.quant.mixed`): with a fidelity target (``target_cosine``,
   against the FP32 model on held-out calibration feeds), the most harmful layers fall back to
-  float until it holds; each one that does is reported with what it cost.
+  float until it holds, each only if what it recovers is worth its parameters (readiness is a
+  share of parameters); each one that does is reported with what it cost.
 
 Layers that stay out of INT8 (and why) are reported: weights that are not stored in the
 main graph's initializers the node reads directly (Constant nodes become initializers; a
@@ -591,7 +592,8 @@ def finish(
             rest = [n for n in nodes if n not in float_layers]
             return sorted(rest, key=lambda n: (-(errs[n].worst if n in errs else 0.0), n))
 
-        fallback = fallback_search(ranking, fidelity, options.target_cosine)
+        sizes = {x.node: float(np.prod(inits[x.weight].dims)) for x in layers}  # readiness counts parameters
+        fallback = fallback_search(ranking, fidelity, options.target_cosine, sizes)
         for step in fallback.steps:
             if step.kept_float:
                 float_layers[step.layer] = (
