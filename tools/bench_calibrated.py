@@ -54,7 +54,7 @@ from onnx import TensorProto, helper, numpy_helper
 if __package__ in (None, ""):  # run as a script: make `tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.bench_common import REPO, fmt_bytes, loadavg, machine_info, run_measured  # noqa: E402
+from tools.bench_common import REPO, fmt_bytes, loadavg, machine_info, proc_status, run_measured  # noqa: E402
 
 WORKDIR = REPO / ".cache" / "bench" / "calibrated"
 METHODS = {
@@ -222,13 +222,9 @@ def _own_high_water() -> int:
     Linux carries the parent's resident set at the fork into the child's ``ru_maxrss`` across
     ``exec``, so a parent that built an inline model would lend its size to every run it starts."""
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
+        return proc_status("VmHWM").get("VmHWM", 0)
     except OSError:
-        pass
-    return 0
+        return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,6 +32,7 @@ __all__ = [
     "machine_info",
     "paired_summary",
     "print_table",
+    "proc_status",
     "reported_runtime",
     "run_json_child",
     "run_measured",
@@ -69,6 +70,19 @@ def venv_tool(name: str) -> str:
     """The console script ``name`` beside the running interpreter (the project's venv), else PATH."""
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else name
+
+
+def proc_status(*fields: str) -> dict[str, int]:
+    """This process's ``/proc/self/status`` fields (``VmHWM``, ``RssAnon``, ...) in bytes; a field
+    the kernel does not report is left out. Raises OSError where the file cannot be read."""
+    want = {f"{name}:": name for name in fields}
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key = line.split(maxsplit=1)[0] if line.strip() else ""
+            if key in want:
+                out[want[key]] = int(line.split()[1]) * 1024
+    return out
 
 
 def loadavg() -> tuple[float, float, float]:

@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run as a script: make `tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.bench_calibrated import METHODS, SHAPES, WORKDIR, _size, feeds, write_model  # noqa: E402
-from tools.bench_common import fmt_bytes  # noqa: E402
+from tools.bench_common import fmt_bytes, proc_status  # noqa: E402
 
 #: (module, qualified name) of the functions marked as phases.
 MARKED = (
@@ -69,12 +69,8 @@ def _high_water() -> int:
     """The peak resident set since the last call (``VmHWM``, then reset through
     ``/proc/self/clear_refs``): what the sampler cannot see, such as a spike inside one C call
     that holds the GIL (protobuf serializing a model) between two samples. 0 where unsupported."""
-    hwm = 0
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    hwm = int(line.split()[1]) * 1024
+        hwm = proc_status("VmHWM").get("VmHWM", 0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
@@ -84,14 +80,8 @@ def _high_water() -> int:
 
 def _rss() -> tuple[int, int]:
     """(anonymous, file-backed and shared) resident bytes of this process."""
-    anon = file = 0
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                anon = int(line.split()[1]) * 1024
-            elif line.startswith(("RssFile:", "RssShmem:")):
-                file += int(line.split()[1]) * 1024
-    return anon, file
+    got = proc_status("RssAnon", "RssFile", "RssShmem")
+    return got.get("RssAnon", 0), got.get("RssFile", 0) + got.get("RssShmem", 0)
 
 
 class Profile:
