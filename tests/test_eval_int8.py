@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from conftest import case_path
 
 from onnx_sparse import api
 from onnx_sparse.calib.data import random_feeds
 from onnx_sparse.quant import QuantizeOptions, quantize
-from tools import eval_int8
+from tools import eval_int8, realdata
 
 
 def test_verdict() -> None:
@@ -54,3 +55,29 @@ def test_readiness_counts_int8_layers_and_sees_moved_zeros() -> None:
     a[a == 0] = 1
     t.CopyFrom(onnx.numpy_helper.from_array(a.astype(np.int8), t.name))
     assert not eval_int8.readiness(moved, sparse)["zeros_kept"]
+
+
+def test_sign_test_counts_the_split_and_its_exact_p_value() -> None:
+    ours = np.array([1.0, 1, 1, 0, 0.5, 0.5])
+    theirs = np.array([0.0, 0, 0, 1, 0.5, 0.5])
+    got = eval_int8.sign_test(ours, theirs)
+    # 3 better, 1 worse, 2 ties dropped: P(X <= 1 | n=4) = 5/16, two-sided 10/16
+    assert (got["better"], got["worse"]) == (3, 1)
+    assert got["p"] == pytest.approx(10 / 16)
+    assert eval_int8.sign_test(ours, ours) == {"better": 0, "worse": 0, "p": 1.0}
+    lopsided = eval_int8.sign_test(np.ones(12), np.zeros(12))
+    assert lopsided["p"] == pytest.approx(2 / 2**12)
+
+
+def test_per_sample_scores_average_to_the_headline_metric() -> None:
+    rng = np.random.default_rng(0)
+    for name, shape in (("ppocr_cls", (4, 2)), ("magika", (3, 5))):
+        dense = [[rng.random(shape).astype(np.float32)] for _ in range(3)]
+        pruned = [[d[0] + rng.normal(0, 0.2, shape).astype(np.float32)] for d in dense]
+        scores = realdata.per_sample(name, dense, pruned)
+        assert scores.size == 3 * shape[0]
+        assert scores.mean() == pytest.approx(realdata.metric(name, dense, pruned)["metric"])
+    dense = [[rng.random((2, 1, 8, 8)).astype(np.float32)] for _ in range(2)]
+    pruned = [[d[0] * rng.uniform(0.8, 1.2, d[0].shape).astype(np.float32)] for d in dense]
+    scores = realdata.per_sample("ppocr_det", dense, pruned)
+    assert scores.size == 4 and scores.mean() == pytest.approx(realdata.metric("ppocr_det", dense, pruned)["metric"])

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import subprocess
 import sys
 import tempfile
@@ -240,14 +241,27 @@ def _field(
     return onnx.load(str(out))
 
 
-def _as_written(data: eval_real.ModelData, model: onnx.ModelProto) -> float:
+def _as_written(data: eval_real.ModelData, model: onnx.ModelProto) -> tuple[float, np.ndarray]:
     """The task metric with no graph optimizations: the Q/DQ run as written, no fused integer kernels
-    (whose u8 x s8 products saturate 16-bit sums on CPUs without VNNI; no GPU engine does)."""
+    (whose u8 x s8 products saturate 16-bit sums on CPUs without VNNI; no GPU engine does); and
+    each evaluation sample's score (:func:`tools.realdata.per_sample`)."""
     from onnx_sparse import runtime
 
     sess = runtime.session(model, optimize=False)
     outs = [sess.run(None, dict(f)) for f in data.evaluation]
-    return float(realdata.metric(data.name, data.dense_evaluation, outs)["metric"])
+    scores = realdata.per_sample(data.name, data.dense_evaluation, outs)
+    return float(realdata.metric(data.name, data.dense_evaluation, outs)["metric"]), scores
+
+
+def sign_test(ours: np.ndarray, theirs: np.ndarray) -> dict[str, Any]:
+    """Paired sign test of two models' per-sample scores on the same samples: how many samples each
+    does better on, and the exact two-sided binomial p-value of that split under "neither is better"
+    (ties dropped). A difference of a few samples in the headline metric is noise when p is large."""
+    better = int(np.sum(ours > theirs))
+    worse = int(np.sum(ours < theirs))
+    n, k = better + worse, min(better, worse)
+    p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+    return {"better": better, "worse": worse, "p": p}
 
 
 def evaluate(
@@ -301,10 +315,11 @@ def evaluate(
                 logger.warning("%s %s: %s", name, v, row["notes"][v])
                 continue
             row["seconds"][v] = time.perf_counter() - t0
+        scores: dict[str, np.ndarray] = {}
         for v, m in models.items():
             row["metrics"][v] = float(eval_real.judge(data, m)["metric"])
             if v != "sparse":  # onnxruntime's fused CPU kernels saturate without VNNI: also the Q/DQ as written
-                row["as_written"][v] = _as_written(data, m)
+                row["as_written"][v], scores[v] = _as_written(data, m)
             if save is not None:
                 save.mkdir(parents=True, exist_ok=True)
                 onnx.save(m, str(save / f"{name}.{v}.onnx"))
@@ -319,6 +334,9 @@ def evaluate(
             r = readiness(m, None if v in own or v.startswith("int8@") else sparse)
             row["ready"][v], row["zeros_kept"][v] = r["ready"], r["zeros_kept"]
         row["metric_name"] = eval_real.judge(data, sparse)["metric_name"]
+        # ours against each field tool on the same samples, Q/DQ as written on both sides
+        pairs = [("int8", k) for k in FIELD] + [("dense-int8", k) for k in DENSE_FIELD]
+        row["paired"] = {f"{a} vs {b}": sign_test(scores[a], scores[b]) for a, b in pairs if {a, b} <= set(scores)}
     if {"sparse", "int8"} <= set(row["metrics"]):
         row.update(verdict(row["metrics"], row["ready"]))
     return row
@@ -401,6 +419,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
     print(format_table(rows))
+    for r in rows:  # the paired sign tests: a few samples' difference is noise when p is large
+        for pair, t in r.get("paired", {}).items():
+            print(f"{r['model']}: {pair}: better on {t['better']}, worse on {t['worse']} samples, p = {t['p']:.3g}")
     return 0 if all(r.get("meets", False) for r in rows) else 1
 
 

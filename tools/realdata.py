@@ -1032,6 +1032,32 @@ def _edit_distance(a: Sequence[int], b: Sequence[int]) -> int:
     return prev[-1]
 
 
+def per_sample(name: str, dense: Sequence[Sequence[np.ndarray]], pruned: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+    """Each evaluation sample's own score behind :func:`metric`'s headline (higher is better): top-1
+    agreement 0/1 (magika, ppocr_cls), text-map IoU per image (ppocr_det), token agreement per line
+    (ppocr_rec), sentence cosine (minilm_l3). For paired tests of two models on the same samples."""
+    _check_name(name)
+    first_d = [np.asarray(o[0]) for o in dense]
+    first_p = [np.asarray(o[0]) for o in pruned]
+    if name in ("magika", "ppocr_cls"):
+        return np.concatenate([d.argmax(-1) == p.argmax(-1) for d, p in zip(first_d, first_p, strict=True)]).astype(
+            float
+        )
+    scores: list[float] = []
+    if name == "ppocr_det":
+        for d, p in zip(first_d, first_p, strict=True):
+            for a, b in zip(d > DET_THRESHOLD, p > DET_THRESHOLD, strict=True):
+                union = int(np.logical_or(a, b).sum())
+                scores.append(int(np.logical_and(a, b).sum()) / union if union else 1.0)
+    elif name == "ppocr_rec":
+        for d, p in zip(first_d, first_p, strict=True):
+            for a, b in zip(d.argmax(-1), p.argmax(-1), strict=True):
+                scores.append(float((a == b).mean()) if a.size else 1.0)
+    else:
+        return np.concatenate([_cosines(o_d[3], o_p[3]) for o_d, o_p in zip(dense, pruned, strict=True)])
+    return np.asarray(scores)
+
+
 def metric(name: str, dense: Sequence[Sequence[np.ndarray]], pruned: Sequence[Sequence[np.ndarray]]) -> dict[str, Any]:
     """The task metric of ``name`` between dense and pruned outputs (lists per feed, as :func:`run`).
 
