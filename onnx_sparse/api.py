@@ -277,11 +277,13 @@ def _prune_int8(
 ) -> tuple[PassResult, Any]:
     """``prune --int8``: the FP32 prune, then its INT8 Q/DQ model on the same calibration feeds.
 
-    The model is prepared for INT8 (:func:`onnx_sparse.quant.prepare`), the layers that will be INT8
-    are chosen first and the outlier rescaling of their tensors is chosen on the dense model; the
-    prune runs on the unscaled weights (its masks, dampings and refits are the FP32 prune's, which a
-    rescaling before the prune would change through the relative damping); the rescaling is applied
-    to the pruned model and :func:`onnx_sparse.quant.finish` writes the Q/DQ model (its weights
+    The model is prepared for INT8 (:func:`onnx_sparse.quant.prepare`) and the layers that will be INT8
+    are chosen first; the prune runs on the unscaled weights (its masks, dampings and refits are the
+    FP32 prune's, which a rescaling before the prune would change through the relative damping). The
+    outlier rescaling of their tensors is chosen on the pruned model and applied to it
+    (:func:`onnx_sparse.quant.smooth_pruned`, whose statistics ``finish`` reads), or, with
+    ``int8_joint`` or ``int8_fit_quantized`` (which need it during the prune), chosen on the dense
+    model and applied to the pruned one; then :func:`onnx_sparse.quant.finish` writes the Q/DQ model (its weights
     rounded per output channel, or the walk's integers as they are) and holds the fidelity target
     against the pruned FP32 model. With ``int8_joint`` the prune's SparseGPT walk rounds the layers'
     kept weights onto the INT8 grids they will have once rescaled, as it fixes them (pruning and
@@ -295,9 +297,11 @@ def _prune_int8(
         candidates,
         capture_rounding,
         finish,
+        held_feeds,
         input_rescaling,
         prepare,
         smooth_model,
+        smooth_pruned,
     )
 
     options = recipe.quantize_options()
@@ -307,7 +311,11 @@ def _prune_int8(
     choices: list[Any] = []
     fit, held = split_holdout(list(feeds), options.holdout)
     smoothed = prepared
-    if options.smooth:  # chosen on the dense model, applied after the prune (see below)
+    # Without the joint walk or the quantized fit, nothing in the prune depends on the rescaling: it is
+    # chosen on the pruned model, whose statistics finish then reads (one set of whole-model runs, not a
+    # dense set and a pruned one). The walk and the fit need it before the prune: chosen on the dense model.
+    late = options.smooth and not recipe.int8_joint and not recipe.int8_fit_quantized
+    if options.smooth and not late:  # chosen on the dense model, applied after the prune (see below)
         smoothed, choices = smooth_model(prepared, nodes, fit, held, options.seed)
     # the calibration's INT8 rounding (int8_fit_quantized): scales of the dense rescaled model
     rounding = capture_rounding(prepared, smoothed, nodes, choices, fit, options) if recipe.int8_fit_quantized else None
@@ -332,5 +340,12 @@ def _prune_int8(
     result = run_pipeline(pipeline, ModelFile(prepared), consume=True)  # prepared here, for this run
     if made:
         _stamp(result.model.model, recipe, calib)
+    if late:  # held: the feeds finish judges the fidelity on, so that these runs give its FP32 reference too
+        late_held = held_feeds(fixed, options) if options.target_cosine is not None else held
+        pruned, _, stats, reference = smooth_pruned(
+            finalize_inline(result.model.model), nodes, fit, late_held, options.seed
+        )
+        same = options.target_cosine is not None and len(reference) == len(late_held)
+        return result, finish(pruned, nodes, reasons, fixed, options, scales, stats, reference if same else None)
     pruned = apply_rescaling(finalize_inline(result.model.model), nodes, choices, scales)
     return result, finish(pruned, nodes, reasons, fixed, options, scales)

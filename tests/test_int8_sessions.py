@@ -125,3 +125,115 @@ def test_quantize_gives_the_same_model_and_report_with_one_or_two_workers(
         r = quantize(mlp, feeds, QuantizeOptions(target_cosine=1.0, holdout=0.5))
         out.append((r.model.model.SerializeToString(), [x.to_json() for x in r.layers], r.fallback))
     assert out[0] == out[1]
+
+
+def _smoothing_case() -> onnx.ModelProto:
+    """LayerNorm (an outlier channel in gamma) -> MatMul (INT8) and a residual Add; the MatMul's output
+    times outlier channels (a Mul, which cannot take 1/v) -> MatMul (INT8) and a float Neg: the
+    rescaling folds into the LayerNorm (a restore for the residual) and rescales the Mul's output by an
+    explicit Mul."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    c = 16
+    gamma = rng.uniform(0.5, 1.5, c)
+    gamma[3] = 60.0
+    s = rng.uniform(0.5, 1.5, c)
+    s[[5, 11]] = 80.0
+    inits = {
+        "gamma": gamma,
+        "beta": rng.normal(size=c) * 0.1,
+        "W1": rng.normal(size=(c, c)),
+        "s": s,
+        "W2": rng.normal(size=(c, 8)),
+    }
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["ln"], axis=-1, name="ln"),
+        helper.make_node("MatMul", ["ln", "W1"], ["h"], name="mm1"),
+        helper.make_node("Add", ["ln", "x"], ["res"], name="residual"),
+        helper.make_node("Mul", ["h", "s"], ["t"], name="outliers"),
+        helper.make_node("MatMul", ["t", "W2"], ["y"], name="mm2"),
+        helper.make_node("Neg", ["t"], ["z"], name="neg"),
+    ]
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [vi("x", TensorProto.FLOAT, [2, 5, c])],
+        [
+            vi("y", TensorProto.FLOAT, [2, 5, 8]),
+            vi("res", TensorProto.FLOAT, [2, 5, c]),
+            vi("z", TensorProto.FLOAT, [2, 5, c]),
+        ],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_smooth_pruned_statistics_are_the_rescaled_models() -> None:
+    """smooth_pruned's statistics of the rescaled copy (derived, not taken again) are what a fresh run of
+    that copy gives: amax and every row divided by v where it was rescaled (folded or an explicit Mul),
+    the same elsewhere; and the copy and choices are smooth_model's."""
+    from onnx_sparse.calib.data import split_holdout
+    from onnx_sparse.quant.static import smooth_model, smooth_pruned
+
+    model = prepare(_smoothing_case())
+    nodes = sorted(x.node for x in find_layers(model, ["mm1", "mm2"]))
+    fit, held = split_holdout(_feeds(model, 12), 0.25)
+    out, choices, stats, reference = smooth_pruned(model, nodes, fit, held)
+    ref, ref_choices = smooth_model(model, nodes, fit, held)
+    assert out.SerializeToString() == ref.SerializeToString()
+    assert [(c.tensor, c.how) for c in choices] == [(c.tensor, c.how) for c in ref_choices]
+    chosen = {c.tensor for c in choices if c.v is not None}
+    assert {"ln", "t"} <= chosen  # a fold and an explicit Mul: the derivation is tested on both
+    axes = _channel_axes(find_layers(out, nodes))
+    assert "t" in axes and any(t != "t" and t.startswith("t") for t in axes)  # the Mul's output, and its input
+    fresh = collect(out, fit, axes)
+    assert list(stats) == list(fresh) and set(fresh) == set(axes)
+    for name in fresh:
+        assert stats[name].axis == fresh[name].axis and stats[name].ndim == fresh[name].ndim
+        np.testing.assert_allclose(stats[name].amax, fresh[name].amax, rtol=1e-5)
+        assert stats[name].rows.shape == fresh[name].rows.shape  # every row of these small feeds
+        np.testing.assert_allclose(stats[name].rows, fresh[name].rows, rtol=1e-4, atol=1e-6 * fresh[name].absmax)
+    # the FP32 reference: the graph outputs on each held-out feed, in order (the rescaled copy's, to rounding)
+    session = runtime.session(runtime.model_bytes(out), what="the rescaled copy", threads=1)
+    names = [o.name for o in out.graph.output]
+    assert len(reference) == len(held) > 0
+    for got, feed in zip(reference, held, strict=True):
+        for a, b in zip(got, runtime.run(session, names, feed, where="a held-out feed"), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_prune_int8_takes_the_statistics_once(monkeypatch: pytest.MonkeyPatch, joint: bool) -> None:
+    """prune --int8 (no joint walk) chooses the rescaling on the pruned model and finish reads those
+    statistics and takes the held-out runs' outputs as its FP32 reference: one run per fitting and
+    held-out feed, not a dense set, then a pruned one and the reference; the joint walk needs the
+    rescaling before the prune (a dense set, then the pruned model's, and the reference)."""
+    from onnx_sparse.calib.data import split_holdout
+    from onnx_sparse.quant import calibrate
+    from onnx_sparse.recipe import Recipe
+
+    dense = onnx.load(case_path("mlp.onnx"))
+    feeds = _feeds(dense, 12)
+    fit, held = split_holdout(feeds, QuantizeOptions().holdout)
+    runs: list[int] = []
+    taken = calibrate._stats
+
+    def counted(session: Any, feeds: Any, *args: Any) -> Any:
+        runs.append(len(feeds))
+        return taken(session, feeds, *args)
+
+    opened: list[str] = []
+    session = runtime.session
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        opened.append(kwargs.get("what", ""))
+        return session(*args, **kwargs)
+
+    monkeypatch.setattr(calibrate, "_stats", counted)
+    monkeypatch.setattr(runtime, "session", recorded)
+    api.prune(dense, Recipe(int8=True, int8_joint=joint), calibration=feeds)
+    assert sum(runs) == (2 * len(fit) + len(held) if joint else len(fit) + len(held))
+    # the held-out runs of the statistics give the search its FP32 reference: no session of its own
+    assert ("the FP32 reference" in opened) == joint

@@ -19,8 +19,8 @@ def test_the_int8_phases_are_timed_and_add_up(monkeypatch: pytest.MonkeyPatch) -
     before = (quant.finish, error.Int8Probe.__dict__["errors"])
     got = profile_int8.profile(case_path("mlp.onnx"), feeds, "int8")
     rows = {r["phase"]: r for r in got["phases"]}
-    for phase in ("TOTAL", "prune (run_pipeline)", "smooth_model", "finish", "save_model",
-                  "finish: statistics (+ FP32 reference in background)", "finish: per-layer report"):  # fmt: skip
+    for phase in ("TOTAL", "prune (run_pipeline)", "smooth_pruned", "finish", "save_model",
+                  "smooth: statistics (pruned, fit + held-out, + FP32 reference)", "finish: per-layer report"):  # fmt: skip
         assert phase in rows and rows[phase]["n"] >= 1, phase
     assert all(r["incl"] >= r["excl"] - 1e-9 for r in rows.values())
     # every second is counted once: the exclusive times add up to the total

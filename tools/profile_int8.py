@@ -106,12 +106,21 @@ def _instrument(phases: Phases) -> None:
     from onnx_sparse.quant import error, static
 
     # _prune_int8 imports these from onnx_sparse.quant when it runs
-    for name in ("prepare", "candidates", "smooth_model", "capture_rounding", "apply_rescaling", "finish"):
+    for name in (
+        "prepare",
+        "candidates",
+        "smooth_model",
+        "smooth_pruned",
+        "capture_rounding",
+        "apply_rescaling",
+        "finish",
+    ):
         phases.wrap(quant, name, name)
     phases.wrap(api, "run_pipeline", "prune (run_pipeline)")
     phases.wrap(api, "save_model", "save_model")
     for name, label in (
         ("collect_split", "smooth: statistics (dense, fit + held-out)"),
+        ("collect_split_outputs", "smooth: statistics (pruned, fit + held-out, + FP32 reference)"),
         ("collect", "finish: statistics (+ FP32 reference in background)"),
         ("_activation_scales", "finish: activation scales"),
         ("quantize_weight", "finish: weights rounded"),

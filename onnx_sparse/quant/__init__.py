@@ -11,11 +11,13 @@ from onnx_sparse.quant.static import (
     candidates,
     capture_rounding,
     finish,
+    held_feeds,
     input_rescaling,
     prepare,
     quantize,
     quantize_file,
     smooth_model,
+    smooth_pruned,
 )
 
 __all__ = [
@@ -29,9 +31,11 @@ __all__ = [
     "candidates",
     "capture_rounding",
     "finish",
+    "held_feeds",
     "input_rescaling",
     "prepare",
     "quantize",
     "quantize_file",
     "smooth_model",
+    "smooth_pruned",
 ]

@@ -27,7 +27,16 @@ import onnx
 
 from onnx_sparse.quant.pooling import max_pooled
 
-__all__ = ["TensorStats", "collect", "collect_split", "choose_scale", "fake_quant", "CLIP_RATIOS", "ROWS_PER_TENSOR"]
+__all__ = [
+    "TensorStats",
+    "collect",
+    "collect_split",
+    "collect_split_outputs",
+    "choose_scale",
+    "fake_quant",
+    "CLIP_RATIOS",
+    "ROWS_PER_TENSOR",
+]
 
 #: Candidate clips of an activation, as shares of its largest ``|x|``.
 CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
@@ -106,6 +115,25 @@ def collect_split(
     serialized: Any = None,
 ) -> tuple[dict[str, TensorStats], dict[str, TensorStats]]:
     """:func:`collect` over ``fit`` and over ``held`` (one session, one run per feed)."""
+    fit_stats, held_stats, _ = collect_split_outputs(
+        model, fit, held, axes, (), rows_per_tensor, seed, threads, serialized
+    )
+    return fit_stats, held_stats
+
+
+def collect_split_outputs(
+    model: onnx.ModelProto,
+    fit: Sequence[Mapping[str, np.ndarray]],
+    held: Sequence[Mapping[str, np.ndarray]],
+    axes: Mapping[str, int],
+    outputs: Sequence[str],
+    rows_per_tensor: int = ROWS_PER_TENSOR,
+    seed: int = 0,
+    threads: int | None = None,
+    serialized: Any = None,
+) -> tuple[dict[str, TensorStats], dict[str, TensorStats], list[list[np.ndarray]]]:
+    """:func:`collect_split`, and the values of ``outputs`` (graph outputs) on each held-out feed it ran,
+    in the order of the feeds (the held-out feeds are read in full when there are at most ``MAX_FEEDS // 2``)."""
     from onnx_sparse import runtime
 
     head = runtime.model_bytes(model) if serialized is None else serialized  # large weights read in place
@@ -114,10 +142,9 @@ def collect_split(
     # one intra-op thread (feeds run side by side instead, see _stats), not spinning between runs
     session = runtime.session(probe, what="the INT8 calibration", threads=threads or 1, spin=False)
     fit, held = _spread(fit, MAX_FEEDS), _spread(held, MAX_FEEDS // 2)
-    return (
-        _stats(session, fit, axes, rows_per_tensor, seed, pooled),
-        _stats(session, held, axes, rows_per_tensor, seed + 1, pooled),
-    )
+    fit_stats, _ = _stats(session, fit, axes, rows_per_tensor, seed, pooled)
+    held_stats, values = _stats(session, held, axes, rows_per_tensor, seed + 1, pooled, outputs)
+    return fit_stats, held_stats, values
 
 
 def _spread(feeds: Sequence[Mapping[str, np.ndarray]], most: int) -> Sequence[Mapping[str, np.ndarray]]:
@@ -134,17 +161,24 @@ def _stats(
     rows_per_tensor: int,
     seed: int,
     pooled: set[str],
-) -> dict[str, TensorStats]:
+    outputs: Sequence[str] = (),
+) -> tuple[dict[str, TensorStats], list[list[np.ndarray]]]:
+    """The statistics of ``axes`` over ``feeds``, and each feed's values of ``outputs``."""
     from onnx_sparse import runtime
     from onnx_sparse.core import blas
 
     names = list(axes)
+    fetch = list(dict.fromkeys([*names, *outputs]))  # the tensors' indices k (the row samples' seeds) come first
     per_feed = max(1, -(-rows_per_tensor // max(1, len(feeds))))
 
-    def feed_stats(item: tuple[int, Mapping[str, np.ndarray]]) -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
+    def feed_stats(
+        item: tuple[int, Mapping[str, np.ndarray]],
+    ) -> tuple[dict[str, tuple[int, np.ndarray, np.ndarray]], list[np.ndarray]]:
         """One feed's run: per float tensor its rank, largest ``|x|`` per channel and sampled rows."""
         i, feed = item
-        values = runtime.run(session, names, feed, where=f"calibration sample {i}")
+        got = runtime.run(session, fetch, feed, where=f"calibration sample {i}")
+        values = got[: len(names)]
+        kept = [got[fetch.index(o)] for o in outputs]
         out = {}
         for k, (name, value) in enumerate(zip(names, values, strict=True)):
             a = np.asarray(value)
@@ -168,23 +202,26 @@ def _stats(
             rng = np.random.default_rng([seed, i, k])
             pick = np.sort(rng.choice(n, size=per_feed, replace=False))
             out[name] = (ndim, m, np.asarray(view[np.unravel_index(pick, view.shape[:-1])], dtype=np.float32))
-        return out
+        return out, kept
 
     amax: dict[str, np.ndarray] = {}
     ndim: dict[str, int] = {}
     rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
     # each feed's run (onnxruntime on one intra-op thread, without the GIL) and its statistics in a worker,
     # side by side; what a feed gives depends on that feed alone, and is gathered here in the feeds' order
-    for got in blas.parallel_map(feed_stats, list(enumerate(feeds))):
+    kept: list[list[np.ndarray]] = []
+    for got, values in blas.parallel_map(feed_stats, list(enumerate(feeds))):
+        kept.append(values)
         for name, (dims, m, r) in got.items():
             ndim[name] = dims
             amax[name] = m if name not in amax else np.maximum(amax[name], m)
             rows[name].append(r)
-    return {
+    stats = {
         n: TensorStats(axes[n], amax[n], np.concatenate(rows[n]) if rows[n] else np.zeros((0, amax[n].size)), ndim[n])
         for n in names
         if n in amax
     }
+    return stats, kept
 
 
 def choose_scale(stats: TensorStats, weight: np.ndarray | None = None, ratios: Sequence[float] = CLIP_RATIOS) -> float:

@@ -60,7 +60,7 @@ from onnx_sparse.quant.assemble import (
     quantize_weight,
     write_qdq,
 )
-from onnx_sparse.quant.calibrate import TensorStats, choose_scale, collect, collect_split
+from onnx_sparse.quant.calibrate import TensorStats, choose_scale, collect, collect_split, collect_split_outputs
 from onnx_sparse.quant.error import ERROR_FEEDS, Int8Probe, LayerError
 from onnx_sparse.quant.mixed import Fallback, fallback_search, output_fidelity
 from onnx_sparse.quant.smooth import Rescale, choose, fold_target, rescale
@@ -76,10 +76,12 @@ __all__ = [
     "prepare",
     "candidates",
     "smooth_model",
+    "smooth_pruned",
     "capture_rounding",
     "input_rescaling",
     "apply_rescaling",
     "finish",
+    "held_feeds",
     "DEFAULT_TARGET_COSINE",
 ]
 
@@ -397,14 +399,68 @@ def smooth_model(
 ) -> tuple[onnx.ModelProto, list[Rescale]]:
     """``model`` with the outlier rescaling of :mod:`onnx_sparse.quant.smooth` applied (a copy with the
     same float function), and the choice made for each quantized tensor."""
+    axes = _channel_axes(find_layers(model, nodes))
+    stats_fit, stats_held = collect_split(model, fit, held or fit, axes, seed=seed)
+    out, choices, _ = _smooth(model, nodes, stats_fit, stats_held)
+    return out, choices
+
+
+@blas.deterministic
+def smooth_pruned(
+    model: onnx.ModelProto,
+    nodes: Sequence[str],
+    fit: Sequence[dict[str, np.ndarray]],
+    held: Sequence[dict[str, np.ndarray]],
+    seed: int = 0,
+) -> tuple[onnx.ModelProto, list[Rescale], dict[str, TensorStats], list[list[np.ndarray]]]:
+    """:func:`smooth_model` on the model that will be quantized (``prune --int8`` without the joint walk:
+    the pruned model), the statistics :func:`finish` takes of the rescaled copy on ``fit``, and the
+    graph outputs of ``model`` on each of ``held`` (at most ``MAX_FEEDS // 2`` of them, all read), the
+    FP32 reference :func:`finish` compares the candidates with: one set of whole-model runs serves the
+    choice, the scales and the reference. The statistics are derived from the ones the choice was made
+    on instead of taken again: a tensor's values do not change but where it is rescaled (``x / v``: its
+    amax and rows divided by ``v``). A tensor :func:`finish` would sample afresh because a restoring
+    ``Mul`` now reads it keeps the rows it had (what a global max pool reads of it, where that is what
+    read it). The reference is the unscaled model's (the same float function, to rounding)."""
+    before = find_layers(model, nodes)
+    names = [o.name for o in model.graph.output]
+    stats_fit, stats_held, reference = collect_split_outputs(
+        model, fit, held or fit, _channel_axes(before), names if held else (), seed=seed
+    )
+    out, choices, folded = _smooth(model, nodes, stats_fit, stats_held)
+    after = {x.node: x for x in find_layers(out, nodes)}
+    v = {c.tensor: c.v for c in choices if c.v is not None}
+    stats: dict[str, TensorStats] = {}
+    for x in before:
+        y = after[x.node]
+        for src, dst in ((x.act, y.act), (x.output, y.output)):
+            st = stats_fit.get(src)
+            if st is None or dst in stats:
+                continue
+            # x / v where the INT8 layers read a rescaled copy (a new name) or the producer took 1/v (folded)
+            if src in v and (dst != src or src in folded):
+                vs = np.asarray(v[src], dtype=np.float64)
+                st = TensorStats(st.axis, st.amax / vs, st.rows / vs.astype(np.float32), st.ndim)
+            stats[dst] = st
+    return out, choices, stats, reference
+
+
+def _smooth(
+    model: onnx.ModelProto,
+    nodes: Sequence[str],
+    stats_fit: dict[str, TensorStats],
+    stats_held: dict[str, TensorStats],
+) -> tuple[onnx.ModelProto, list[Rescale], set[str]]:
+    """The rescaled copy of ``model``, the choices made on the statistics of the unscaled ``model``, and the
+    tensors whose producer took ``1/v`` (folded; the others were rescaled by an explicit ``Mul``)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     layers = find_layers(out, nodes)
     axes = _channel_axes(layers)
-    stats_fit, stats_held = collect_split(out, fit, held or fit, axes, seed=seed)
     readers = _readers(out, layers)
     producers = {x.output for x in layers}
     choices = []
+    folded: set[str] = set()
     for tensor in axes:
         if tensor not in stats_fit or tensor not in stats_held:
             continue
@@ -423,11 +479,13 @@ def smooth_model(
         ]
         c = choose(tensor, stats_fit[tensor], stats_held[tensor], weights, tensor in producers)
         if c.v is not None:
+            if fold_target(out, tensor, axes[tensor] == -1, index) is not None:
+                folded.add(tensor)
             how = rescale(out, tensor, axes[tensor], c.v, current, index)
             logger.info("INT8 rescale of %s: %s, %s (held-out error %.3g -> %.3g)", tensor, c.how, how,
                         c.error_before, c.error_after)  # fmt: skip
         choices.append(c)
-    return out, choices
+    return out, choices, folded
 
 
 def input_rescaling(
@@ -497,19 +555,24 @@ def finish(
     feeds: Sequence[dict[str, np.ndarray]],
     options: QuantizeOptions,
     scales: dict[str, np.ndarray] | None = None,
+    stats: dict[str, TensorStats] | None = None,
+    reference: Sequence[Sequence[np.ndarray]] | None = None,
 ) -> QuantizeResult:
     """Write the Q/DQ model of a prepared float ``model`` (pruned or not) and hold the fidelity target.
 
     Activation scales by clip search on the fitting feeds (:func:`~onnx_sparse.quant.calibrate.choose_scale`),
     weights with the joint walk's ``scales`` (weight initializer -> per output channel) where they
-    hold, else rounded here; then ``--int8-max-error`` and the mixed-precision search
-    (:mod:`onnx_sparse.quant.mixed`) on the held-out feeds against ``model`` itself, the FP32 reference.
+    hold, else rounded here (``stats``: the activations' statistics on the fitting feeds, when the caller
+    has them, e.g. :func:`smooth_pruned`'s; else taken here); then ``--int8-max-error``
+    and the mixed-precision search (:mod:`onnx_sparse.quant.mixed`) on the held-out feeds against the
+    FP32 reference: ``reference`` (the graph outputs on each of :func:`held_feeds` ``(feeds)``, e.g.
+    :func:`smooth_pruned`'s) or ``model`` itself run here.
     """
     from onnx_sparse import runtime
 
     scales = scales or {}
-    fit, held = split_holdout(list(feeds), options.holdout)
-    held = held[:: max(1, -(-len(held) // _FIDELITY_FEEDS))]  # evenly spread, at most _FIDELITY_FEEDS
+    fit, _ = split_holdout(list(feeds), options.holdout)
+    held = held_feeds(feeds, options)
     names = [o.name for o in model.graph.output]
 
     serialized = runtime.model_bytes(model)  # for the reference and for the statistics' session
@@ -520,12 +583,16 @@ def finish(
         return [runtime.run(session, names, f, where="a held-out calibration sample") for f in held]
 
     # the mixed-precision search's reference depends on nothing below: made while the statistics are taken
-    reference = None
-    if options.target_cosine is not None and held:
-        reference = blas.Background(fp32_reference, serialized)
+    background = None
+    if reference is not None:
+        if len(reference) != len(held):
+            raise OnnxSparseError(f"the FP32 reference has {len(reference)} feed(s), the held-out set {len(held)}")
+    elif options.target_cosine is not None and held:
+        background = blas.Background(fp32_reference, serialized)
     layers = find_layers(model, nodes)
     axes = _channel_axes(layers)
-    stats = collect(model, fit, axes, seed=options.seed, serialized=serialized)
+    if stats is None or any(t not in stats for t in axes):
+        stats = collect(model, fit, axes, seed=options.seed, serialized=serialized)
     del serialized
     act_scales = _activation_scales(model, layers, stats, options)
     for x in layers:
@@ -566,8 +633,10 @@ def finish(
         if len(float_layers) == len(nodes):
             raise OnnxSparseError("every layer is above the INT8 error limit", hint="raise --int8-max-error")
     fallback = None
+    if background is not None:
+        reference = background.result()
     if reference is not None and options.target_cosine is not None:
-        expected = reference.result()
+        expected = reference
         cache: dict[frozenset[str], float] = {}
         best: list[frozenset[str]] = []
 
@@ -616,6 +685,13 @@ def finish(
         replace(x, error=first_errors.get(x.node)) if x.error is None and x.node in first_errors else x for x in checked
     ]
     return QuantizeResult(result, checked, fallback)
+
+
+def held_feeds(feeds: Sequence[dict[str, np.ndarray]], options: QuantizeOptions) -> list[dict[str, np.ndarray]]:
+    """The held-out feeds :func:`finish` judges the fidelity target on: ``options.holdout``'s, evenly
+    spread, at most ``_FIDELITY_FEEDS``."""
+    _, held = split_holdout(list(feeds), options.holdout)
+    return held[:: max(1, -(-len(held) // _FIDELITY_FEEDS))]
 
 
 def _main_layers(model: onnx.ModelProto) -> list[tuple[str, onnx.NodeProto, str]]:
