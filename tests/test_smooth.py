@@ -143,3 +143,35 @@ def test_choice_smooths_an_outlier_channel_and_leaves_a_flat_tensor_alone() -> N
     smooth = choose("x", _stats(spiky[:256]), _stats(spiky[256:]), [(w, 1, 0)], producer_int8=False)
     assert smooth.v is not None and smooth.error_after < 0.5 * smooth.error_before
     assert smooth.v[3] == pytest.approx(smooth.v.max())
+
+
+def test_conv1d_tensors_get_a_v_shaped_for_their_rank() -> None:
+    """Rank-3 (N, C, T) Conv1d activations: the explicit Mul(1/v) on a Tanh output and the restoring
+    Mul(v) of a folded Conv1d output both broadcast over C, not over T (silero-vad's decoder: a
+    [C, 1, 1] v broadcast a [1, 128, 8] tensor to nonsense and onnxruntime refused it)."""
+    rng = np.random.default_rng(7)
+    c, t = 8, 5  # T != C and T != 1: a wrong broadcast fails or changes the output
+    inits = {
+        "W1": rng.normal(size=(c, 4, 3)),
+        "b1": rng.normal(size=c),
+        "W2": nm.prune_2_4(rng.normal(size=(4, c, 1)), 1),
+    }
+    nodes = [
+        helper.make_node("Tanh", ["x"], ["h"]),
+        helper.make_node("Conv", ["h", "W1", "b1"], ["c1"], name="conv1", pads=[1, 1]),
+        helper.make_node("Conv", ["c1", "W2"], ["y"], name="conv2"),
+        helper.make_node("Neg", ["h"], ["z"]),
+    ]
+    m = _model(nodes, [_vi("x", [1, 4, t])], [_vi("y", [1, 4, t]), _vi("z", [1, 4, t]), _vi("c1", [1, c, t])], inits)
+    feed = {"x": rng.normal(size=(1, 4, t)).astype(np.float32)}
+    after = onnx.ModelProto()
+    after.CopyFrom(m)
+    # a folded rescale of conv1's output, which is also a graph output: restored by Mul(v) of shape [C, 1]
+    assert "W1" in rescale(after, "c1", 1, _v(rng, c), find_layers(after, ["conv2"]), ndim=3)
+    # an explicit Mul(1/v) on the Tanh output conv1 reads: shape [4, 1]
+    assert rescale(after, "h", 1, _v(rng, 4), find_layers(after, ["conv1"]), ndim=3) == "explicit Mul"
+    muls = [n for n in after.graph.node if n.op_type == "Mul"]
+    assert any(n.name.startswith(SMOOTH_IN) for n in muls) and any(n.name.startswith(SMOOTH_OUT) for n in muls)
+    inits_after = {i.name: numpy_helper.to_array(i) for i in after.graph.initializer}
+    assert sorted(inits_after[n.input[1]].shape for n in muls) == [(4, 1), (c, 1)]
+    _same(m, after, feed)

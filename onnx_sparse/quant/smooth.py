@@ -63,6 +63,7 @@ class Rescale:
     how: str
     error_before: float
     error_after: float
+    ndim: int = 0  # the tensor's rank as the statistics saw it (0: not known)
 
 
 def _weight(inits: Mapping[str, TensorProto], name: str) -> np.ndarray:
@@ -153,10 +154,10 @@ def choose(
                 candidates.append((f"equalize at q{qt:g}", v))
     # every candidate's error is independent of the others': side by side (numpy releases the GIL)
     base, *errors = blas.parallel_map(error, [None, *(v for _, v in candidates)])
-    best = Rescale(tensor, None, "none", base, base)
+    best = Rescale(tensor, None, "none", base, base, fit.ndim)
     for (how, v), e in zip(candidates, errors, strict=True):
         if e < best.error_after and e <= MIN_GAIN * base:
-            best = Rescale(tensor, v.astype(np.float32).astype(np.float64), how, base, e)
+            best = Rescale(tensor, v.astype(np.float32).astype(np.float64), how, base, e, fit.ndim)
     return best
 
 
@@ -251,12 +252,15 @@ def rescale(
     v: np.ndarray,
     readers: Iterable[Int8Layer],
     index: tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]], dict[str, TensorProto]] | None = None,
+    ndim: int = 0,
 ) -> str:
     """Rescale ``tensor`` by ``1/v`` for the INT8 ``readers`` (in place on ``model``); returns how.
 
     Args:
         axis: The channel axis of ``tensor`` (-1 or 1).
         index: :func:`~onnx_sparse.quant.assemble.index_graph` of ``model`` as it is, when the caller has it.
+        ndim: The tensor's rank, which shapes the ``v`` of a ``Mul`` on it (channel axis 1 of a rank-3
+            Conv1d tensor is ``[C, 1]``, of a rank-4 one ``[C, 1, 1]``); 0 (not known): rank 4.
     """
     readers = list(readers)
     producers, consumers, inits = index = index_graph(model) if index is None else index
@@ -272,7 +276,8 @@ def rescale(
     fold = fold_target(model, tensor, axis_last, index)  # the names and links are still the index's
     # every name already in use, once (new names are added as they enter the graph below)
     used = _used_names(model)
-    rank = 4 if not axis_last else 1
+    # v's shape in a Mul on the tensor: [C] for the last axis; [C, 1, ...] for axis 1, one 1 per axis after it
+    v_axis, v_rank = (-1, 1) if axis_last else (0, max(1, ndim - 1) if ndim else 3)
     if fold is not None:
         for name, ax in fold:
             w = _weight(inits, name)
@@ -280,11 +285,7 @@ def rescale(
         if others or graph_out:  # restore v for every other consumer
             const = _fresh(used, f"{tensor}_v")
             used.add(const)
-            model.graph.initializer.append(
-                numpy_helper.from_array(
-                    _bcast(v, -1 if axis_last else 0, 1 if axis_last else 3).astype(np.float32), const
-                )
-            )
+            model.graph.initializer.append(numpy_helper.from_array(_bcast(v, v_axis, v_rank).astype(np.float32), const))
             if graph_out:  # the graph output keeps its name, on the restored value
                 src = _fresh(used, f"{tensor}_unrestored")
                 used.add(src)
@@ -309,8 +310,7 @@ def rescale(
     scaled = _fresh(used, f"{tensor}_smoothed")
     const = _fresh(used, f"{tensor}_inv_v")
     used.add(const)
-    shape_v = _bcast(1.0 / v, -1 if axis_last else 0, 1 if axis_last else 3)
-    del rank
+    shape_v = _bcast(1.0 / v, v_axis, v_rank)
     model.graph.initializer.append(numpy_helper.from_array(shape_v.astype(np.float32), const))
     mul = onnx.helper.make_node("Mul", [tensor, const], [scaled], name=_fresh(used, f"{SMOOTH_IN}{tensor}"))
     for n in consumers.get(tensor, []):

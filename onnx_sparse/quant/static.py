@@ -481,7 +481,7 @@ def _smooth(
         if c.v is not None:
             if fold_target(out, tensor, axes[tensor] == -1, index) is not None:
                 folded.add(tensor)
-            how = rescale(out, tensor, axes[tensor], c.v, current, index)
+            how = rescale(out, tensor, axes[tensor], c.v, current, index, c.ndim)
             logger.info("INT8 rescale of %s: %s, %s (held-out error %.3g -> %.3g)", tensor, c.how, how,
                         c.error_before, c.error_after)  # fmt: skip
         choices.append(c)
@@ -517,7 +517,7 @@ def apply_rescaling(
         for name, axis in fold:
             if name in scales and outs.get(name) == axis:
                 scales[name] = scales[name] / c.v
-        rescale(out, c.tensor, axes[c.tensor], c.v, readers, index)
+        rescale(out, c.tensor, axes[c.tensor], c.v, readers, index, c.ndim)
     return out
 
 
