@@ -1084,7 +1084,7 @@ def metric(name: str, dense: Sequence[Sequence[np.ndarray]], pruned: Sequence[Se
     first_d = [np.asarray(o[0]) for o in dense]
     first_p = [np.asarray(o[0]) for o in pruned]
     if name in ("magika", "ppocr_cls"):
-        agree = np.concatenate([d.argmax(-1) == p.argmax(-1) for d, p in zip(first_d, first_p, strict=True)])
+        agree = per_sample(name, dense, pruned) == 1.0
         confident = np.concatenate([d.max(-1) >= CONFIDENT for d in first_d])
         res.update(metric_name="top1_agreement", top1_agreement=float(agree.mean()), n=int(agree.size))
         res["top1_agreement_confident"] = float(agree[confident].mean()) if confident.any() else 1.0
@@ -1133,7 +1133,7 @@ def metric(name: str, dense: Sequence[Sequence[np.ndarray]], pruned: Sequence[Se
         )
         res["metric"] = res["token_agreement"]
     else:
-        cos = np.concatenate([_cosines(o_d[3], o_p[3]) for o_d, o_p in zip(dense, pruned, strict=True)])
+        cos = per_sample(name, dense, pruned)
         res.update(
             metric_name="sentence_cosine",
             sentence_cosine=float(cos.mean()),
