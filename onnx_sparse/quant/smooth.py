@@ -40,7 +40,7 @@ from onnx_sparse.core import blas
 from onnx_sparse.quant.assemble import SMOOTH_IN, SMOOTH_OUT, Int8Layer, index_graph, weight_axes
 from onnx_sparse.quant.calibrate import TensorStats, choose_scale, fake_quant
 
-__all__ = ["Rescale", "choose", "rescale", "fold_target", "ALPHAS", "EQUALIZE", "MIN_GAIN"]
+__all__ = ["Rescale", "amax_seen", "choose", "rescale", "fold_target", "ALPHAS", "EQUALIZE", "MIN_GAIN", "DEAD_SHARE"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,9 @@ logger = logging.getLogger(__name__)
 ALPHAS = (0.5, 0.9)
 #: Output equalisation levels tried, as quantiles of the per-channel maxima.
 EQUALIZE = (0.75, 0.5)
+#: A channel whose calibrated range is below this share of the tensor's median channel range counts as
+#: never seen active (:func:`amax_seen`).
+DEAD_SHARE = 0.01
 #: A rescaling is kept only if it leaves at most this share of the unscaled error.
 MIN_GAIN = 0.9
 _HOMOGENEOUS = ("Relu", "LeakyRelu")
@@ -89,6 +92,20 @@ def _bcast(v: np.ndarray, axis: int, rank: int) -> np.ndarray:
     shape = [1] * rank
     shape[axis] = v.size
     return v.reshape(shape)
+
+
+def amax_seen(amax: np.ndarray) -> np.ndarray:
+    """Per channel, the range a SmoothQuant ``v`` is computed from: the calibrated ``amax``, except that a
+    channel calibration never saw active (below :data:`DEAD_SHARE` of the median range of the channels
+    it did) counts as a median channel. SmoothQuant magnifies small channels (``v < 1``); from a range
+    of 0 it would magnify by up to 10^4, and the first input that wakes the channel saturates the
+    tensor's INT8 range (PP-OCRv4 det on a low-contrast photo: 2,500 times the range, the text map
+    lost)."""
+    live = amax[amax > 0]
+    if not live.size:
+        return np.maximum(amax, 1e-8)
+    med = float(np.median(live))
+    return np.where(amax < DEAD_SHARE * med, med, np.maximum(amax, 1e-8))
 
 
 def choose(
@@ -143,8 +160,9 @@ def choose(
     amax = np.maximum(fit.amax, 1e-8)
     if readers:
         wm = np.maximum(wmax, 1e-8)
+        seen = amax_seen(fit.amax)
         for a in ALPHAS:
-            v = amax**a / wm ** (1 - a)
+            v = seen**a / wm ** (1 - a)
             candidates.append((f"smooth alpha {a:g}", np.clip(v / np.exp(np.mean(np.log(v))), 1e-4, 1e4)))
     if producer_int8 or not readers:
         for qt in EQUALIZE:
