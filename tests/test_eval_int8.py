@@ -81,3 +81,10 @@ def test_per_sample_scores_average_to_the_headline_metric() -> None:
     pruned = [[d[0] * rng.uniform(0.8, 1.2, d[0].shape).astype(np.float32)] for d in dense]
     scores = realdata.per_sample("ppocr_det", dense, pruned)
     assert scores.size == 4 and scores.mean() == pytest.approx(realdata.metric("ppocr_det", dense, pruned)["metric"])
+
+
+def test_worst_samples_lists_the_lowest_scores_with_their_keys() -> None:
+    scores = np.array([0.9, 0.0, 1.0, 0.5, 0.0])
+    keys = ["a", "moon", "b", "c", "moon:crop"]
+    assert eval_int8.worst_samples(scores, keys, 3) == [("moon", 0.0), ("moon:crop", 0.0), ("c", 0.5)]
+    assert eval_int8.worst_samples(scores, keys, 0) == []

@@ -264,6 +264,14 @@ def sign_test(ours: np.ndarray, theirs: np.ndarray) -> dict[str, Any]:
     return {"better": better, "worse": worse, "p": p}
 
 
+def worst_samples(scores: np.ndarray, keys: Sequence[str], k: int) -> list[tuple[str, float]]:
+    """The ``k`` evaluation samples with the lowest scores, lowest first (ties: the list's order), with
+    their keys: whether a loss is spread or a few samples' (det's text-map IoU: a picture whose map is
+    lost outright weighs as much as 30 pictures that each lose 0.03)."""
+    order = np.argsort(scores, kind="stable")[:k]
+    return [(keys[i], float(scores[i])) for i in order]
+
+
 def evaluate(
     name: str,
     variants: Sequence[str],
@@ -272,6 +280,7 @@ def evaluate(
     save: Path | None = None,
     evaluation_size: int | None = None,
     target_cosines: Sequence[float] = (),
+    worst: int = 0,
 ) -> dict[str, Any]:
     from onnx_sparse import api
     from onnx_sparse.quant import quantize
@@ -337,6 +346,11 @@ def evaluate(
         # ours against each field tool on the same samples, Q/DQ as written on both sides
         pairs = [("int8", k) for k in FIELD] + [("dense-int8", k) for k in DENSE_FIELD]
         row["paired"] = {f"{a} vs {b}": sign_test(scores[a], scores[b]) for a, b in pairs if {a, b} <= set(scores)}
+        if worst:
+            n = evaluation_size or (eval_real.QUICK_EVAL[name] if quick else None)
+            keys = realdata.sample_keys(name, "evaluation", n)
+            mine = {"sparse": _as_written(data, sparse)[1], **scores}  # the FP32 prune's own worst too
+            row["worst"] = {v: worst_samples(s, keys, worst) for v, s in mine.items() if len(s) == len(keys)}
     if {"sparse", "int8"} <= set(row["metrics"]):
         row.update(verdict(row["metrics"], row["ready"]))
     return row
@@ -395,6 +409,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="T",
         help="also variant int8@T for each T: prune --int8 --int8-target-cosine T (the default prune --int8 is 0.99)",
     )
+    parser.add_argument(
+        "--worst", type=int, default=0, metavar="K", help="also list each variant's K lowest-scoring evaluation samples"
+    )
     parser.add_argument("--json", metavar="PATH", help="write every result as JSON (after each model)")
     parser.add_argument("--save", metavar="DIR", type=Path, help="keep every variant's model as DIR/MODEL.VARIANT.onnx")
     args = parser.parse_args(argv)
@@ -412,6 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.save,
                 args.evaluation_size,
                 args.int8_target_cosine,
+                args.worst,
             )
         )
         logger.info("%s", format_table(rows[-1:]))
@@ -422,6 +440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in rows:  # the paired sign tests: a few samples' difference is noise when p is large
         for pair, t in r.get("paired", {}).items():
             print(f"{r['model']}: {pair}: better on {t['better']}, worse on {t['worse']} samples, p = {t['p']:.3g}")
+        for v, low in r.get("worst", {}).items():
+            mean = r["as_written"].get(v, r["metrics"].get(v, float("nan")))
+            print(f"{r['model']}: {v} ({mean:.4f}): lowest " + ", ".join(f"{k} {x:.3f}" for k, x in low))
     return 0 if all(r.get("meets", False) for r in rows) else 1
 
 

@@ -97,6 +97,8 @@ __all__ = [
     "calibration",
     "evaluation",
     "samples",
+    "sample_keys",
+    "per_sample",
     "metric",
     "output_cosine",
     "pooled_output_cosine",
@@ -884,6 +886,18 @@ def samples(name: str, split: str, n: int | None = None) -> list[tuple[str, Any]
     return items
 
 
+def sample_keys(name: str, split: str, n: int | None = None) -> list[str]:
+    """The keys of :func:`samples` in the order :func:`per_sample` scores them (MiniLM's feeds sort the
+    sentences by length; every other model's keep the list's order)."""
+    keys = [k for k, _ in samples(name, split, n)]
+    return _by_length(keys) if name == "minilm_l3" else keys  # MiniLM's key is its sentence
+
+
+def _by_length(sentences: Sequence[str]) -> list[str]:
+    """Sentences of similar token counts side by side (MiniLM's feeds: little padding)."""
+    return sorted(sentences, key=lambda s: (len(_tokenizer().encode(s).ids), _bucket(s)))
+
+
 @functools.lru_cache(maxsize=1)
 def _tokenizer() -> Any:
     tokenizers = _require("tokenizers")
@@ -909,7 +923,7 @@ def _feeds(name: str, split: str, n: int | None) -> list[Feed]:
     items = [x for _, x in samples(name, split, n)]
     batch = _BATCH[name]
     if name == "minilm_l3":  # similar lengths in one feed: little padding
-        items = sorted(items, key=lambda s: (len(_tokenizer().encode(s).ids), _bucket(s)))
+        items = _by_length(items)
         return [_minilm_feed(items[i : i + batch]) for i in range(0, len(items), batch)]
     if name in ("ppocr_det", "ppocr_rec"):
         return [{"x": x} for x in items]
