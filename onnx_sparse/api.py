@@ -281,7 +281,7 @@ def _prune_int8(
     are chosen first; the prune runs on the unscaled weights (its masks, dampings and refits are the
     FP32 prune's, which a rescaling before the prune would change through the relative damping). The
     outlier rescaling of their tensors is chosen on the pruned model and applied to it
-    (:func:`onnx_sparse.quant.smooth_pruned`, whose statistics ``finish`` reads), or, with
+    (:func:`onnx_sparse.quant.smooth_finish`: one set of whole-model runs for the choice and ``finish``), or, with
     ``int8_joint`` or ``int8_fit_quantized`` (which need it during the prune), chosen on the dense
     model and applied to the pruned one; then :func:`onnx_sparse.quant.finish` writes the Q/DQ model (its weights
     rounded per output channel, or the walk's integers as they are) and holds the fidelity target
@@ -297,11 +297,10 @@ def _prune_int8(
         candidates,
         capture_rounding,
         finish,
-        held_feeds,
         input_rescaling,
         prepare,
+        smooth_finish,
         smooth_model,
-        smooth_pruned,
     )
 
     options = recipe.quantize_options()
@@ -340,12 +339,7 @@ def _prune_int8(
     result = run_pipeline(pipeline, ModelFile(prepared), consume=True)  # prepared here, for this run
     if made:
         _stamp(result.model.model, recipe, calib)
-    if late:  # held: the feeds finish judges the fidelity on, so that these runs give its FP32 reference too
-        late_held = held_feeds(fixed, options) if options.target_cosine is not None else held
-        pruned, _, stats, reference = smooth_pruned(
-            finalize_inline(result.model.model), nodes, fit, late_held, options.seed
-        )
-        same = options.target_cosine is not None and len(reference) == len(late_held)
-        return result, finish(pruned, nodes, reasons, fixed, options, scales, stats, reference if same else None)
+    if late:
+        return result, smooth_finish(finalize_inline(result.model.model), nodes, reasons, fixed, options, scales)
     pruned = apply_rescaling(finalize_inline(result.model.model), nodes, choices, scales)
     return result, finish(pruned, nodes, reasons, fixed, options, scales)

@@ -109,7 +109,8 @@ def test_int8_sessions_use_one_intra_op_thread(mlp: onnx.ModelProto, monkeypatch
         return opened(model, **kwargs)
 
     monkeypatch.setattr(runtime, "session", spy)
-    quantize(mlp, _feeds(mlp, 8), QuantizeOptions(target_cosine=1.0, holdout=0.5))
+    for smooth in (True, False):  # without the rescaling, finish opens the FP32 reference itself
+        quantize(mlp, _feeds(mlp, 8), QuantizeOptions(target_cosine=1.0, holdout=0.5, smooth=smooth))
     whats = {w for w, _ in seen}
     assert {"the INT8 calibration", "the FP32 reference", "the INT8 candidate"} <= whats
     assert all(t == 1 for _, t in seen), seen
@@ -170,17 +171,17 @@ def _smoothing_case() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def test_smooth_pruned_statistics_are_the_rescaled_models() -> None:
-    """smooth_pruned's statistics of the rescaled copy (derived, not taken again) are what a fresh run of
+def test_smooth_collect_statistics_are_the_rescaled_models() -> None:
+    """smooth_collect's statistics of the rescaled copy (derived, not taken again) are what a fresh run of
     that copy gives: amax and every row divided by v where it was rescaled (folded or an explicit Mul),
     the same elsewhere; and the copy and choices are smooth_model's."""
     from onnx_sparse.calib.data import split_holdout
-    from onnx_sparse.quant.static import smooth_model, smooth_pruned
+    from onnx_sparse.quant.static import smooth_collect, smooth_model
 
     model = prepare(_smoothing_case())
     nodes = sorted(x.node for x in find_layers(model, ["mm1", "mm2"]))
     fit, held = split_holdout(_feeds(model, 12), 0.25)
-    out, choices, stats, reference = smooth_pruned(model, nodes, fit, held)
+    out, choices, stats, reference = smooth_collect(model, nodes, fit, held)
     ref, ref_choices = smooth_model(model, nodes, fit, held)
     assert out.SerializeToString() == ref.SerializeToString()
     assert [(c.tensor, c.how) for c in choices] == [(c.tensor, c.how) for c in ref_choices]
@@ -237,3 +238,35 @@ def test_prune_int8_takes_the_statistics_once(monkeypatch: pytest.MonkeyPatch, j
     assert sum(runs) == (2 * len(fit) + len(held) if joint else len(fit) + len(held))
     # the held-out runs of the statistics give the search its FP32 reference: no session of its own
     assert ("the FP32 reference" in opened) == joint
+
+
+@pytest.mark.parametrize("smooth", [True, False])
+def test_quantize_takes_the_statistics_once(monkeypatch: pytest.MonkeyPatch, smooth: bool) -> None:
+    """quantize with the rescaling chooses it and takes finish's statistics and FP32 reference from one set
+    of runs (one per fitting and held-out feed), as prune --int8 does: no second set of statistics and
+    no reference session of its own; without the rescaling, finish takes them itself."""
+    from onnx_sparse.calib.data import split_holdout
+    from onnx_sparse.quant import calibrate
+
+    dense = onnx.load(case_path("mlp.onnx"))
+    feeds = _feeds(dense, 12)
+    fit, held = split_holdout(feeds, QuantizeOptions().holdout)
+    runs: list[int] = []
+    taken = calibrate._stats
+
+    def counted(session: Any, feeds: Any, *args: Any) -> Any:
+        runs.append(len(feeds))
+        return taken(session, feeds, *args)
+
+    opened: list[str] = []
+    session = runtime.session
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        opened.append(kwargs.get("what", ""))
+        return session(*args, **kwargs)
+
+    monkeypatch.setattr(calibrate, "_stats", counted)
+    monkeypatch.setattr(runtime, "session", recorded)
+    quantize(dense, feeds, QuantizeOptions(smooth=smooth))
+    assert sum(runs) == (len(fit) + len(held) if smooth else len(fit))
+    assert ("the FP32 reference" in opened) == (not smooth)

@@ -19,7 +19,7 @@ def test_the_int8_phases_are_timed_and_add_up(monkeypatch: pytest.MonkeyPatch) -
     before = (quant.finish, error.Int8Probe.__dict__["errors"])
     got = profile_int8.profile(case_path("mlp.onnx"), feeds, "int8")
     rows = {r["phase"]: r for r in got["phases"]}
-    for phase in ("TOTAL", "prune (run_pipeline)", "smooth_pruned", "finish", "save_model",
+    for phase in ("TOTAL", "prune (run_pipeline)", "smooth_collect", "finish", "save_model",
                   "smooth: statistics (pruned, fit + held-out, + FP32 reference)", "finish: per-layer report"):  # fmt: skip
         assert phase in rows and rows[phase]["n"] >= 1, phase
     assert all(r["incl"] >= r["excl"] - 1e-9 for r in rows.values())

@@ -188,7 +188,10 @@ def test_cli_prune_int8_failure_leaves_no_output(run_cli, tmp_path: Path, monkey
     def broken(*args, **kwargs):
         raise OnnxSparseError("quantizer broke")
 
+    from onnx_sparse.quant import static
+
     monkeypatch.setattr(quant, "finish", broken)
+    monkeypatch.setattr(static, "finish", broken)  # smooth_finish's
     out = tmp_path / "m.int8.onnx"
     rc, text = run_cli(["prune", case_path("mlp.onnx"), "-o", out, "--int8", "--input-shapes", "x:[2,64]",
                         "x3:[2,2,16]"])  # fmt: skip

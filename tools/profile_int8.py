@@ -110,12 +110,14 @@ def _instrument(phases: Phases) -> None:
         "prepare",
         "candidates",
         "smooth_model",
-        "smooth_pruned",
+        "smooth_finish",
         "capture_rounding",
         "apply_rescaling",
         "finish",
     ):
         phases.wrap(quant, name, name)
+    for name in ("smooth_collect", "finish"):  # smooth_finish calls these from its own module
+        phases.wrap(static, name, name)
     phases.wrap(api, "run_pipeline", "prune (run_pipeline)")
     phases.wrap(api, "save_model", "save_model")
     for name, label in (

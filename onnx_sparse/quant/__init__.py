@@ -16,8 +16,9 @@ from onnx_sparse.quant.static import (
     prepare,
     quantize,
     quantize_file,
+    smooth_collect,
+    smooth_finish,
     smooth_model,
-    smooth_pruned,
 )
 
 __all__ = [
@@ -37,5 +38,6 @@ __all__ = [
     "quantize",
     "quantize_file",
     "smooth_model",
-    "smooth_pruned",
+    "smooth_collect",
+    "smooth_finish",
 ]

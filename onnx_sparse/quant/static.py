@@ -76,7 +76,8 @@ __all__ = [
     "prepare",
     "candidates",
     "smooth_model",
-    "smooth_pruned",
+    "smooth_collect",
+    "smooth_finish",
     "capture_rounding",
     "input_rescaling",
     "apply_rescaling",
@@ -406,15 +407,15 @@ def smooth_model(
 
 
 @blas.deterministic
-def smooth_pruned(
+def smooth_collect(
     model: onnx.ModelProto,
     nodes: Sequence[str],
     fit: Sequence[dict[str, np.ndarray]],
     held: Sequence[dict[str, np.ndarray]],
     seed: int = 0,
 ) -> tuple[onnx.ModelProto, list[Rescale], dict[str, TensorStats], list[list[np.ndarray]]]:
-    """:func:`smooth_model` on the model that will be quantized (``prune --int8`` without the joint walk:
-    the pruned model), the statistics :func:`finish` takes of the rescaled copy on ``fit``, and the
+    """:func:`smooth_model` on the model that will be quantized (``quantize``'s model, or the pruned model of
+    ``prune --int8`` without the joint walk), the statistics :func:`finish` takes of the rescaled copy on ``fit``, and the
     graph outputs of ``model`` on each of ``held`` (at most ``MAX_FEEDS // 2`` of them, all read), the
     FP32 reference :func:`finish` compares the candidates with: one set of whole-model runs serves the
     choice, the scales and the reference. The statistics are derived from the ones the choice was made
@@ -530,7 +531,8 @@ def quantize(
     """Quantize ``mf`` to INT8 Q/DQ on the calibration ``feeds``; the input is not modified.
 
     Steps: :func:`prepare`; the outlier rescaling (``options.smooth``, :mod:`onnx_sparse.quant.smooth`)
-    chosen on held-out feeds; then :func:`finish` (weights rounded per output channel, zeros kept).
+    chosen on held-out feeds; then :func:`finish` (weights rounded per output channel, zeros kept): with
+    the rescaling, :func:`smooth_finish` (one set of whole-model runs for both).
 
     Raises:
         OnnxSparseError: no feeds, no layer to quantize, or a model onnxruntime cannot run.
@@ -540,11 +542,29 @@ def quantize(
         raise OnnxSparseError("quantization needs calibration data", hint="pass --load-inputs or --data-loader-script")
     model = prepare(mf)
     nodes, reasons = candidates(model, options)
-    fit, held = split_holdout(list(feeds), options.holdout)
-    if options.smooth:
-        model, _ = smooth_model(model, nodes, fit, held, options.seed)
     logger.info("quantizing %d layer(s) to INT8 Q/DQ on %d calibration sample(s)", len(nodes), len(feeds))
+    if options.smooth:
+        return smooth_finish(model, nodes, reasons, feeds, options)
     return finish(model, nodes, reasons, feeds, options)
+
+
+def smooth_finish(
+    model: onnx.ModelProto,
+    nodes: Sequence[str],
+    reasons: dict[str, str],
+    feeds: Sequence[dict[str, np.ndarray]],
+    options: QuantizeOptions,
+    scales: dict[str, np.ndarray] | None = None,
+) -> QuantizeResult:
+    """The outlier rescaling chosen on ``model``, the model that is quantized, then :func:`finish`, from one
+    set of whole-model runs (:func:`smooth_collect`): the choice is judged on the held-out feeds the
+    fidelity target is judged on (:func:`held_feeds`; all held-out feeds when there is no target), and
+    those runs' outputs are the target's FP32 reference."""
+    fit, held = split_holdout(list(feeds), options.holdout)
+    judged = held_feeds(feeds, options) if options.target_cosine is not None else held
+    out, _, stats, reference = smooth_collect(model, nodes, fit, judged, options.seed)
+    same = options.target_cosine is not None and len(reference) == len(judged)
+    return finish(out, nodes, reasons, feeds, options, scales, stats, reference if same else None)
 
 
 @blas.deterministic
@@ -563,10 +583,10 @@ def finish(
     Activation scales by clip search on the fitting feeds (:func:`~onnx_sparse.quant.calibrate.choose_scale`),
     weights with the joint walk's ``scales`` (weight initializer -> per output channel) where they
     hold, else rounded here (``stats``: the activations' statistics on the fitting feeds, when the caller
-    has them, e.g. :func:`smooth_pruned`'s; else taken here); then ``--int8-max-error``
+    has them, e.g. :func:`smooth_collect`'s; else taken here); then ``--int8-max-error``
     and the mixed-precision search (:mod:`onnx_sparse.quant.mixed`) on the held-out feeds against the
     FP32 reference: ``reference`` (the graph outputs on each of :func:`held_feeds` ``(feeds)``, e.g.
-    :func:`smooth_pruned`'s) or ``model`` itself run here.
+    :func:`smooth_collect`'s) or ``model`` itself run here.
     """
     from onnx_sparse import runtime
 
