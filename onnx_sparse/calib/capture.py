@@ -42,6 +42,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from onnx_sparse.calib.data import sample_number
 from onnx_sparse.calib.fakequant import FakeQuant
 from onnx_sparse.calib.spill import Spill
 from onnx_sparse.core.subnormal import count_subnormals, flush_subnormals
@@ -445,7 +446,7 @@ def run_model(
         sess = _session(model, threads, prepack=prepack)
     names = [o.name for o in sess.get_outputs()]
     for i, feed in enumerate(feeds):
-        yield dict(zip(names, _run(sess, names, feed, i), strict=True))
+        yield dict(zip(names, _run(sess, names, feed, sample_number(feed, i)), strict=True))
 
 
 @dataclass
@@ -757,7 +758,7 @@ class StagedRunner:
                 fd = {k: feed[k] for k in piece.inputs if k in self.graph_inputs}
                 fd.update({k: cast(np.ndarray, self.cache[k][i]) for k in piece.inputs if k not in self.graph_inputs})
                 t1 = time.perf_counter()
-                outs = _run(sess, piece.outputs, fd, i)
+                outs = _run(sess, piece.outputs, fd, sample_number(feed, i))
                 run_s += time.perf_counter() - t1
                 values = dict(zip(piece.outputs, outs, strict=True))
                 for name in piece.frontier:
@@ -972,7 +973,7 @@ def iter_body_values(
     names = [n for n, _ in outs]
     sess = model_session(mf, exposed, threads)
     for i, feed in enumerate(feeds):
-        values = _run(sess, names, feed, i)
+        values = _run(sess, names, feed, sample_number(feed, i))
         result: list[np.ndarray | None] = []
         for v, (_, loops) in zip(values, outs, strict=True):
             a = np.asarray(v)

@@ -33,6 +33,9 @@ from onnx_sparse.errors import OnnxSparseError
 
 __all__ = [
     "Feed",
+    "Sample",
+    "sample_number",
+    "require_finite",
     "InputSpec",
     "RANDOM_DATA_WARNING",
     "as_array",
@@ -293,6 +296,40 @@ def input_shapes_example(
     return " ".join(parts)
 
 
+class Sample(dict):  # type: ignore[type-arg]  # dict[str, np.ndarray], as Feed
+    """A validated feed (input name -> array) that remembers its position in the data the user gave
+    (``index``): a message about it names the sample the user knows, also where the feed is one of
+    a subset (the fitting or the held-out samples)."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, values: Mapping[str, np.ndarray], index: int) -> None:
+        super().__init__(values)
+        self.index = index
+
+
+def require_finite(extremes: Iterable[np.ndarray | float], tensor: str, sample: int) -> None:
+    """Refuse a calibration value that is inf or NaN, given its extremes (a tensor's largest and smallest
+    value, or its largest ``|x|`` per channel: any inf or NaN in the tensor reaches them). Every
+    statistic built on it (Gram matrices, means, activation ranges) would be NaN, and the weights,
+    biases and scales written from them with it.
+
+    Raises:
+        OnnxSparseError: naming the tensor and the calibration sample.
+    """
+    if not all(np.all(np.isfinite(e)) for e in extremes):
+        raise OnnxSparseError(
+            f"calibration sample {sample}: tensor {tensor!r} holds inf or NaN",
+            hint="calibration needs finite values: check that sample (an inf or NaN input) or the model's "
+            "arithmetic on it (an overflow)",
+        )
+
+
+def sample_number(feed: Mapping[str, Any], position: int) -> int:
+    """The user's number of ``feed`` (a :class:`Sample`), else its ``position`` in the list at hand."""
+    return int(getattr(feed, "index", position))
+
+
 def as_array(value: Any) -> np.ndarray:
     """The one normaliser of a feed value: a C-contiguous numpy array of the same shape.
 
@@ -366,7 +403,7 @@ def validate_feeds(
                             f"{what} {i}: input {name!r} has shape {arr.shape}, the model expects "
                             f"{_fmt_shape(spec.shape)} (axis {axis} must be {want})",
                         )
-        out.append(feed)
+        out.append(Sample(feed, i))
     if not out:
         raise OnnxSparseError(f"the set of {what}s is empty", hint="give at least one sample")
     return out

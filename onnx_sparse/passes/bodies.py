@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 
 from onnx_sparse.calib.capture import body_path, iter_body_values
+from onnx_sparse.calib.data import require_finite, sample_number
 from onnx_sparse.calib.stats import LayerStats
 from onnx_sparse.io import ModelFile
 from onnx_sparse.recipe import DATA_METHODS
@@ -97,6 +98,9 @@ def fit_bodies(
                 for m, x in enumerate(values):
                     if x is None or (d is not None and d[m] is None):
                         continue  # this sample does not take the member's branch
+                    for value in (x,) if d is None else (x, d[m]):
+                        if value.size:
+                            require_finite((value.max(), value.min()), targets[m][1], sample_number(feeds[i], i))
                     acc.update(m, i, x, None if d is None else d[m])
                     reached += 1
             if dense_values is not None:

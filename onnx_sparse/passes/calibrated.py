@@ -67,7 +67,7 @@ import numpy as np
 import onnx
 
 from onnx_sparse.calib.capture import StagedRunner, body_producers, prefetch, run_model, schedule
-from onnx_sparse.calib.data import validate_feeds
+from onnx_sparse.calib.data import require_finite, sample_number, validate_feeds
 from onnx_sparse.calib.fakequant import FakeQuant
 from onnx_sparse.calib.layers import LayerView, Unsupported, layer_view
 from onnx_sparse.calib.spill import Spill, trim_heap
@@ -583,10 +583,14 @@ class Calibrator:
                             continue  # no statistics, or the first group of its input gathers them
                         for m, s in enumerate(g.sites):
                             x = acts[s.activation]
+                            xd = dacts[s.activation] if dacts else None
+                            for value in (x, xd) if xd is not None and xd is not x else (x,):
+                                if value.size:
+                                    require_finite((value.max(), value.min()), s.activation, sample_number(feeds[i], i))
                             if fq is not None and fq.reads(s.node, s.activation):
                                 x = fq.apply(s.activation, x)  # the input as the INT8 layer will read it
                             try:
-                                acc.update(m, i, x, dacts[s.activation] if dacts else None, keep)
+                                acc.update(m, i, x, xd, keep)
                             except Unsupported as exc:
                                 for h in members:
                                     if accs[h.key] is acc:

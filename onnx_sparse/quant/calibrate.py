@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnx_sparse.calib.data import require_finite, sample_number
 from onnx_sparse.quant.pooling import max_pooled
 
 __all__ = [
@@ -176,7 +177,8 @@ def _stats(
     ) -> tuple[dict[str, tuple[int, np.ndarray, np.ndarray]], list[np.ndarray]]:
         """One feed's run: per float tensor its rank, largest ``|x|`` per channel and sampled rows."""
         i, feed = item
-        got = runtime.run(session, fetch, feed, where=f"calibration sample {i}")
+        number = sample_number(feed, i)
+        got = runtime.run(session, fetch, feed, where=f"calibration sample {number}")
         values = got[: len(names)]
         kept = [got[fetch.index(o)] for o in outputs]
         out = {}
@@ -191,6 +193,7 @@ def _stats(
             others = tuple(d for d in range(a.ndim) if d != axis)
             # max |x| as max(max x, -min x): the same values without an |a| copy of the whole tensor (+0.0: no -0)
             m = np.maximum(a.max(axis=others), -a.min(axis=others)).astype(np.float64) + 0.0
+            require_finite((m,), name, number)
             if name in pooled and axis == 1 and a.ndim >= 3:  # what the pool reads: each sample's channel maxima
                 out[name] = (ndim, m, np.asarray(a.max(axis=tuple(range(2, a.ndim))), dtype=np.float32))
                 continue

@@ -43,7 +43,7 @@ import numpy as np
 import onnx
 
 from onnx_sparse.calib.capture import inline_model
-from onnx_sparse.calib.data import split_holdout
+from onnx_sparse.calib.data import split_holdout, validate_feeds
 from onnx_sparse.calib.fakequant import FakeQuant, QuantPoint
 from onnx_sparse.core import blas
 from onnx_sparse.errors import OnnxSparseError
@@ -541,6 +541,7 @@ def quantize(
     if not feeds:
         raise OnnxSparseError("quantization needs calibration data", hint="pass --load-inputs or --data-loader-script")
     model = prepare(mf)
+    feeds = validate_feeds(model, feeds)  # each a Sample: messages name the user's sample
     nodes, reasons = candidates(model, options)
     logger.info("quantizing %d layer(s) to INT8 Q/DQ on %d calibration sample(s)", len(nodes), len(feeds))
     if options.smooth:
