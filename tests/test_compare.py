@@ -286,6 +286,38 @@ def test_default_top1_only_on_class_probabilities() -> None:
     assert logits_report.runtimes == {"dense": 0.01, "sparse": 0.01}
 
 
+def test_an_inf_or_nan_in_one_model_only_fails_the_output_in_any_iteration() -> None:
+    """A NaN the sparse model gives where the dense one is finite fails the output, whichever iteration
+    it is in (min/max over iterations skipped a NaN that was not the first: PASSED, cosine 1); the
+    same inf or a NaN in both models is agreement, and the figures are over the finite elements."""
+    from polygraphy.comparator import RunResults
+
+    from onnx_sparse.handoff.compare import compare_results
+
+    rng = np.random.default_rng(3)
+    ref = [rng.standard_normal((4, 8)).astype(np.float32) for _ in range(3)]
+    for k in range(3):
+        cand = [r.copy() for r in ref]
+        cand[k][1, 2] = np.nan
+        f = output_figures(ref, cand)
+        assert f["nonfinite"] == 1 and f["cosine"] == pytest.approx(1.0)
+        results = RunResults()
+        results.append(("dense", [{"y": r} for r in ref]))
+        results.append(("sparse", [{"y": c} for c in cand]))
+        report = compare_results(results)
+        assert not report.passed, k
+        assert any("inf or NaN in one model" in r for r in report.output("y").reasons)
+        assert report.to_json()["outputs"][0]["nonfinite"] == 1
+    masked = [r.copy() for r in ref]
+    masked[1][0, :3] = -np.inf  # e.g. masked logits: the same in both
+    masked[2][3, 3] = np.nan
+    cand = [m.copy() for m in masked]
+    cand[0][2, 2] += 0.01
+    f = output_figures(masked, cand)
+    assert f["nonfinite"] == 0 and 0.99 < f["cosine"] < 1.0 and np.isfinite(f["rel_l2"])
+    assert output_figures([np.array([np.inf, 1.0])], [np.array([-np.inf, 1.0])])["nonfinite"] == 1
+
+
 def _default_verdict(ref: np.ndarray, cand: np.ndarray) -> tuple[bool, tuple[str, ...]]:
     """compare's verdict on one output under the default criteria (no criterion given)."""
     from polygraphy.comparator import RunResults

@@ -88,10 +88,19 @@ def output_figures(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarr
         (highest), ``max_abs`` (highest), ``top1`` (share of positions whose argmax over the
         last axis agrees, pooled; None unless float, rank 1-3, last dim > 1), ``mismatches``
         (differing elements, exact kind only), ``probabilities`` (the dense rows are non-negative
-        and sum to 1, as a softmax's: the output is class probabilities) and ``shape_mismatch``.
+        and sum to 1, as a softmax's: the output is class probabilities), ``shape_mismatch`` and
+        ``nonfinite`` (float kind: elements that are inf or NaN in one model and not the same in the
+        other; the other figures are taken over the elements finite in both).
     """
     out: dict[str, Any] = dict(
-        kind="float", cosine=None, rel_l2=None, max_abs=None, top1=None, mismatches=None, probabilities=False
+        kind="float",
+        cosine=None,
+        rel_l2=None,
+        max_abs=None,
+        top1=None,
+        mismatches=None,
+        probabilities=False,
+        nonfinite=None,
     )
     out["shape_mismatch"] = any(np.shape(r) != np.shape(c) for r, c in zip(reference, candidate, strict=True))
     if not reference:
@@ -116,9 +125,18 @@ def output_figures(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarr
     cosines, rels, maxes = [], [], []
     agree = total = 0
     probabilities = True
+    nonfinite = 0
     for r, c in zip(reference, candidate, strict=True):
         a = np.asarray(r, dtype=np.float64).ravel()
         b = np.asarray(c, dtype=np.float64).ravel()
+        fa, fb = np.isfinite(a), np.isfinite(b)
+        if not (fa.all() and fb.all()):
+            # an inf or NaN both models give (the same inf, or NaN in both) is agreement and leaves the
+            # figures; one only one model gives, or a different one, is counted and fails the output
+            both = fa & fb
+            same = ~fa & ~fb & ((a == b) | (np.isnan(a) & np.isnan(b)))
+            nonfinite += int(np.count_nonzero(~both & ~same))
+            a, b = a[both], b[both]
         cosines.append(cosine(a, b))
         diff = b - a
         ref_norm = float(np.linalg.norm(a))
@@ -133,6 +151,7 @@ def output_figures(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarr
             agree += int(np.count_nonzero(ra == ca))
             total += int(ra.size)
             probabilities = probabilities and _is_probabilities(np.asarray(r))
+    out["nonfinite"] = nonfinite
     out["cosine"] = float(min(cosines))
     out["rel_l2"] = float(max(rels))
     out["max_abs"] = float(max(maxes))
@@ -224,6 +243,8 @@ class OutputFigures:
         passed: exactness, the model-level criteria and, when on, Polygraphy's verdict.
         reasons: why it failed, one line each.
         probabilities: the dense output is class probabilities (rows summing to 1).
+        nonfinite: float outputs: elements inf or NaN in one model and not (the same) in the other;
+            any fails the output (the figures are over the elements finite in both).
     """
 
     name: str
@@ -239,6 +260,7 @@ class OutputFigures:
     passed: bool
     reasons: tuple[str, ...] = ()
     probabilities: bool = False
+    nonfinite: int | None = None
 
 
 @dataclass(frozen=True)
@@ -623,6 +645,8 @@ def compare_results(
             reasons.append(f"shapes differ: {refs[0].shape} vs {cands[0].shape if cands else '?'}")
         if figs["kind"] == "exact" and figs["mismatches"]:
             reasons.append(f"{figs['mismatches']} elements differ (integer/bool outputs must match exactly)")
+        if figs["nonfinite"]:
+            reasons.append(f"{figs['nonfinite']} element(s) are inf or NaN in one model and not in the other")
         reasons += _criteria_reasons(name, figs, crit)
         outputs.append(
             OutputFigures(
@@ -639,6 +663,7 @@ def compare_results(
                 passed=not reasons,
                 reasons=tuple(reasons),
                 probabilities=figs["probabilities"],
+                nonfinite=figs["nonfinite"],
             )
         )
     runtimes = {}
