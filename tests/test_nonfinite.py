@@ -73,3 +73,43 @@ def test_nan_made_by_the_model_is_named_where_a_layer_reads_it() -> None:
     for t in result.model.model.graph.initializer:
         a = numpy_helper.to_array(t)
         assert a.dtype.kind != "f" or np.all(np.isfinite(a)), t.name
+
+
+def _with_a_nan_weight(tmp_path: Path) -> Path:
+    model = onnx.load(case_path("mlp.onnx"))
+    for i, t in enumerate(model.graph.initializer):
+        if t.name == "fc1.weight":
+            w = numpy_helper.to_array(t).copy()
+            w.flat[5] = np.nan
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(w, t.name))
+    path = tmp_path / "nan_weight.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["prune"], ["prune", "--method", "sparsegpt"], ["prune", "--int8"], ["prune", "--method", "magnitude", "--int8"],
+     ["quantize"]],
+)  # fmt: skip
+def test_a_weight_with_nan_is_named_before_calibration_uses_it(run_cli, tmp_path: Path, command: list[str]) -> None:
+    """A calibrated refit spreads a NaN weight along its row, and an INT8 scale from it is NaN: refused,
+    naming the weight (exit 2, not an internal error), nothing written."""
+    src = _with_a_nan_weight(tmp_path)
+    data = tmp_path / "calib.json"
+    save_json(_mlp_feeds(), str(data))
+    out = tmp_path / "out.onnx"
+    rc, text = run_cli([*command, src, "-o", out, "--load-inputs", data])
+    assert rc == 2, text
+    errors = error_lines(text)
+    assert len(errors) == 1 and "weight 'fc1.weight' holds 1 inf or NaN" in errors[0], errors
+    assert not out.exists()
+
+
+def test_magnitude_pruning_without_data_keeps_a_nan_weight_as_it_is(run_cli, tmp_path: Path) -> None:
+    src = _with_a_nan_weight(tmp_path)
+    out = tmp_path / "out.onnx"
+    rc, text = run_cli(["prune", src, "-o", out])
+    assert rc == 0, text
+    w = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}["fc1.weight"]
+    assert int(np.isnan(w).sum()) == 1

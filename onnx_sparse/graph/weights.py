@@ -27,6 +27,7 @@ from onnx_sparse.graph.locate import WeightSite
 from onnx_sparse.io import ModelFile
 
 __all__ = [
+    "require_finite_weight",
     "WeightStats",
     "zero_value",
     "read_weight",
@@ -127,3 +128,18 @@ def weight_stats(site: WeightSite, mf: ModelFile) -> WeightStats | None:
     violating = float(np.mean(counts > nm.KEEP)) if counts.size else 0.0
     zeros = 1.0 - float(counts.sum(dtype=np.int64)) / max(w.size, 1)
     return WeightStats(sparse_2of4=violating == 0.0, violating_fraction=violating, zero_fraction=zeros)
+
+
+def require_finite_weight(w: np.ndarray, name: str, why: str) -> None:
+    """Refuse a stored weight holding inf or NaN where ``why`` needs its values (a calibrated refit spreads
+    a NaN along the rows it corrects; an INT8 scale from it is NaN).
+
+    Raises:
+        OnnxSparseError: naming the weight.
+    """
+    if w.dtype.kind == "f" and w.size and not np.all(np.isfinite(w)):
+        bad = int(np.count_nonzero(~np.isfinite(w)))
+        raise OnnxSparseError(
+            f"weight {name!r} holds {bad} inf or NaN value(s): {why} needs finite weights",
+            hint="check the model's export: a weight with inf or NaN makes every output it reaches inf or NaN",
+        )

@@ -76,7 +76,7 @@ from onnx_sparse.core import blas, nm
 from onnx_sparse.core.hessian import PairedStats
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.graph.locate import WeightSite, find_weight_sites
-from onnx_sparse.graph.weights import read_weight, zero_value
+from onnx_sparse.graph.weights import read_weight, require_finite_weight, zero_value
 from onnx_sparse.io import ModelFile
 from onnx_sparse.passes.base import Pass, PassResult, copy_model_file
 from onnx_sparse.passes.bias_write import shift_bias
@@ -327,6 +327,8 @@ class Calibrator:
         site = grp.sites[0]
         view = grp.view
         stored = np.array(read_weight(site, mf, mmap=False))
+        if acc is not None:
+            require_finite_weight(stored, site.weight, f"pruning with calibration data ({self.method})")
         zero = zero_value(site)
         loss: float | None = None
         refit: float | None = None

@@ -50,7 +50,7 @@ from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.graph.locate import WeightSite, find_weight_sites
 from onnx_sparse.graph.names import display_name
 from onnx_sparse.graph.qdq import Int8IO
-from onnx_sparse.graph.weights import weight_stats
+from onnx_sparse.graph.weights import require_finite_weight, weight_stats
 from onnx_sparse.io import ModelFile, finalize_inline, load_model, save_model
 from onnx_sparse.quant.assemble import (
     Int8Layer,
@@ -561,6 +561,7 @@ def smooth_finish(
     set of whole-model runs (:func:`smooth_collect`): the choice is judged on the held-out feeds the
     fidelity target is judged on (:func:`held_feeds`; all held-out feeds when there is no target), and
     those runs' outputs are the target's FP32 reference."""
+    _require_finite_weights(model, nodes)
     fit, held = split_holdout(list(feeds), options.holdout)
     judged = held_feeds(feeds, options) if options.target_cosine is not None else held
     out, _, stats, reference = smooth_collect(model, nodes, fit, judged, options.seed)
@@ -591,6 +592,7 @@ def finish(
     """
     from onnx_sparse import runtime
 
+    _require_finite_weights(model, nodes)
     scales = scales or {}
     fit, _ = split_holdout(list(feeds), options.holdout)
     held = held_feeds(feeds, options)
@@ -706,6 +708,14 @@ def finish(
         replace(x, error=first_errors.get(x.node)) if x.error is None and x.node in first_errors else x for x in checked
     ]
     return QuantizeResult(result, checked, fallback)
+
+
+def _require_finite_weights(model: onnx.ModelProto, nodes: Sequence[str]) -> None:
+    """Before any run: a layer weight with inf or NaN is named (its NaN activations would be named
+    instead, or its INT8 scales written NaN)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for x in find_layers(model, nodes):
+        require_finite_weight(onnx.numpy_helper.to_array(inits[x.weight]), x.weight, "INT8 quantization")
 
 
 def held_feeds(feeds: Sequence[dict[str, np.ndarray]], options: QuantizeOptions) -> list[dict[str, np.ndarray]]:
