@@ -205,19 +205,10 @@ def test_smooth_collect_statistics_are_the_rescaled_models() -> None:
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
 
 
-@pytest.mark.parametrize("joint", [False, True])
-def test_prune_int8_takes_the_statistics_once(monkeypatch: pytest.MonkeyPatch, joint: bool) -> None:
-    """prune --int8 (no joint walk) chooses the rescaling on the pruned model and finish reads those
-    statistics and takes the held-out runs' outputs as its FP32 reference: one run per fitting and
-    held-out feed, not a dense set, then a pruned one and the reference; the joint walk needs the
-    rescaling before the prune (a dense set, then the pruned model's, and the reference)."""
-    from onnx_sparse.calib.data import split_holdout
+def _count_runs(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[str]]:
+    """Record, from now on, how many feeds each set of statistics runs and what each session is opened for."""
     from onnx_sparse.quant import calibrate
-    from onnx_sparse.recipe import Recipe
 
-    dense = onnx.load(case_path("mlp.onnx"))
-    feeds = _feeds(dense, 12)
-    fit, held = split_holdout(feeds, QuantizeOptions().holdout)
     runs: list[int] = []
     taken = calibrate._stats
 
@@ -234,6 +225,22 @@ def test_prune_int8_takes_the_statistics_once(monkeypatch: pytest.MonkeyPatch, j
 
     monkeypatch.setattr(calibrate, "_stats", counted)
     monkeypatch.setattr(runtime, "session", recorded)
+    return runs, opened
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_prune_int8_takes_the_statistics_once(monkeypatch: pytest.MonkeyPatch, joint: bool) -> None:
+    """prune --int8 (no joint walk) chooses the rescaling on the pruned model and finish reads those
+    statistics and takes the held-out runs' outputs as its FP32 reference: one run per fitting and
+    held-out feed, not a dense set, then a pruned one and the reference; the joint walk needs the
+    rescaling before the prune (a dense set, then the pruned model's, and the reference)."""
+    from onnx_sparse.calib.data import split_holdout
+    from onnx_sparse.recipe import Recipe
+
+    dense = onnx.load(case_path("mlp.onnx"))
+    feeds = _feeds(dense, 12)
+    fit, held = split_holdout(feeds, QuantizeOptions().holdout)
+    runs, opened = _count_runs(monkeypatch)
     api.prune(dense, Recipe(int8=True, int8_joint=joint), calibration=feeds)
     assert sum(runs) == (2 * len(fit) + len(held) if joint else len(fit) + len(held))
     # the held-out runs of the statistics give the search its FP32 reference: no session of its own
@@ -246,27 +253,11 @@ def test_quantize_takes_the_statistics_once(monkeypatch: pytest.MonkeyPatch, smo
     of runs (one per fitting and held-out feed), as prune --int8 does: no second set of statistics and
     no reference session of its own; without the rescaling, finish takes them itself."""
     from onnx_sparse.calib.data import split_holdout
-    from onnx_sparse.quant import calibrate
 
     dense = onnx.load(case_path("mlp.onnx"))
     feeds = _feeds(dense, 12)
     fit, held = split_holdout(feeds, QuantizeOptions().holdout)
-    runs: list[int] = []
-    taken = calibrate._stats
-
-    def counted(session: Any, feeds: Any, *args: Any) -> Any:
-        runs.append(len(feeds))
-        return taken(session, feeds, *args)
-
-    opened: list[str] = []
-    session = runtime.session
-
-    def recorded(*args: Any, **kwargs: Any) -> Any:
-        opened.append(kwargs.get("what", ""))
-        return session(*args, **kwargs)
-
-    monkeypatch.setattr(calibrate, "_stats", counted)
-    monkeypatch.setattr(runtime, "session", recorded)
+    runs, opened = _count_runs(monkeypatch)
     quantize(dense, feeds, QuantizeOptions(smooth=smooth))
     assert sum(runs) == (len(fit) + len(held) if smooth else len(fit))
     assert ("the FP32 reference" in opened) == (not smooth)
