@@ -308,21 +308,23 @@ class Sample(dict):  # type: ignore[type-arg]  # dict[str, np.ndarray], as Feed
         self.index = index
 
 
-def require_finite(extremes: Iterable[np.ndarray | float], tensor: str, sample: int) -> None:
-    """Refuse a calibration value that is inf or NaN, given its extremes (a tensor's largest and smallest
-    value, or its largest ``|x|`` per channel: any inf or NaN in the tensor reaches them). Every
-    statistic built on it (Gram matrices, means, activation ranges) would be NaN, and the weights,
-    biases and scales written from them with it.
+def require_finite(values: Iterable[np.ndarray], tensor: str, sample: int) -> None:
+    """Refuse calibration values holding inf or NaN: ``values`` are one sample's arrays of ``tensor`` (its
+    value in each model that computes it, or its largest ``|x|`` per channel). Checked through each
+    array's largest and smallest value, which any inf or NaN reaches, without a boolean copy. Every
+    statistic built on such a value (Gram matrices, means, activation ranges) would be NaN, and the
+    weights, biases and scales written from them with it.
 
     Raises:
         OnnxSparseError: naming the tensor and the calibration sample.
     """
-    if not all(np.all(np.isfinite(e)) for e in extremes):
-        raise OnnxSparseError(
-            f"calibration sample {sample}: tensor {tensor!r} holds inf or NaN",
-            hint="calibration needs finite values: check that sample (an inf or NaN input) or the model's "
-            "arithmetic on it (an overflow)",
-        )
+    for v in values:
+        if v.size and not (np.isfinite(v.max()) and np.isfinite(v.min())):
+            raise OnnxSparseError(
+                f"calibration sample {sample}: tensor {tensor!r} holds inf or NaN",
+                hint="calibration needs finite values: check that sample (an inf or NaN input) or the model's "
+                "arithmetic on it (an overflow)",
+            )
 
 
 def sample_number(feed: Mapping[str, Any], position: int) -> int:

@@ -98,9 +98,7 @@ def fit_bodies(
                 for m, x in enumerate(values):
                     if x is None or (d is not None and d[m] is None):
                         continue  # this sample does not take the member's branch
-                    for value in (x,) if d is None else (x, d[m]):
-                        if value.size:
-                            require_finite((value.max(), value.min()), targets[m][1], sample_number(feeds[i], i))
+                    require_finite((x,) if d is None else (x, d[m]), targets[m][1], sample_number(feeds[i], i))
                     acc.update(m, i, x, None if d is None else d[m])
                     reached += 1
             if dense_values is not None:

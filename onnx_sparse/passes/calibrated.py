@@ -586,9 +586,8 @@ class Calibrator:
                         for m, s in enumerate(g.sites):
                             x = acts[s.activation]
                             xd = dacts[s.activation] if dacts else None
-                            for value in (x, xd) if xd is not None and xd is not x else (x,):
-                                if value.size:
-                                    require_finite((value.max(), value.min()), s.activation, sample_number(feeds[i], i))
+                            both = (x, xd) if xd is not None and xd is not x else (x,)
+                            require_finite(both, s.activation, sample_number(feeds[i], i))
                             if fq is not None and fq.reads(s.node, s.activation):
                                 x = fq.apply(s.activation, x)  # the input as the INT8 layer will read it
                             try:
