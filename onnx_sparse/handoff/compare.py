@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from onnx_sparse.core.similarity import cosine
+from onnx_sparse.core.similarity import cosine, finite_pair, rel_l2
 from onnx_sparse.errors import OnnxSparseError, first_line
 from onnx_sparse.handoff.trt import capture_polygraphy_log
 
@@ -127,22 +127,13 @@ def output_figures(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarr
     probabilities = True
     nonfinite = 0
     for r, c in zip(reference, candidate, strict=True):
-        a = np.asarray(r, dtype=np.float64).ravel()
-        b = np.asarray(c, dtype=np.float64).ravel()
-        fa, fb = np.isfinite(a), np.isfinite(b)
-        if not (fa.all() and fb.all()):
-            # an inf or NaN both models give (the same inf, or NaN in both) is agreement and leaves the
-            # figures; one only one model gives, or a different one, is counted and fails the output
-            both = fa & fb
-            same = ~fa & ~fb & ((a == b) | (np.isnan(a) & np.isnan(b)))
-            nonfinite += int(np.count_nonzero(~both & ~same))
-            a, b = a[both], b[both]
+        # the figures over the elements finite in both; an inf or NaN in one model only is counted (and
+        # fails the output) instead of making the figures -1 / inf (core.similarity)
+        a, b, mismatched = finite_pair(r, c)
+        nonfinite += mismatched
         cosines.append(cosine(a, b))
-        diff = b - a
-        ref_norm = float(np.linalg.norm(a))
-        err = float(np.linalg.norm(diff))
-        rels.append(err / ref_norm if ref_norm else (0.0 if err == 0.0 else float("inf")))
-        maxes.append(float(np.max(np.abs(diff), initial=0.0)))
+        rels.append(rel_l2(a, b))
+        maxes.append(float(np.max(np.abs(b - a), initial=0.0)))
         shape = np.shape(r)
         # Class scores: [N, classes] or [N, T, classes]; feature maps (rank 4+) are not.
         if 1 <= len(shape) <= 3 and shape[-1] > 1:

@@ -47,7 +47,7 @@ import onnx
 from onnx_sparse.calib.capture import inline_model, run_model
 from onnx_sparse.calib.data import split_holdout
 from onnx_sparse.core import nm
-from onnx_sparse.core.similarity import cosine
+from onnx_sparse.core.similarity import cosine, rel_l2
 from onnx_sparse.errors import OnnxSparseError
 from onnx_sparse.graph.locate import WeightSite, find_weight_sites
 from onnx_sparse.graph.weights import read_weight, zero_value
@@ -107,14 +107,6 @@ class Fidelity:
         }
 
 
-def _rel(ref: np.ndarray, out: np.ndarray) -> float:
-    x = np.asarray(ref, dtype=np.float64).ravel()
-    y = np.asarray(out, dtype=np.float64).ravel()
-    n = float(np.linalg.norm(x))
-    d = float(np.linalg.norm(y - x))
-    return d / n if n else (0.0 if d == 0 else math.inf)
-
-
 def _is_float(v: Any) -> bool:
     return isinstance(v, np.ndarray) and (v.dtype.kind == "f" or v.dtype.name == "bfloat16")
 
@@ -123,7 +115,7 @@ def fidelity(dense: Sequence[Mapping[str, Any]], other: Sequence[Mapping[str, An
     """Per-output cosine and relative L2 of ``other`` against ``dense`` (float outputs only)."""
     names = [k for k, v in dense[0].items() if _is_float(v)] if dense else []
     cos = {k: float(np.mean([cosine(d[k], o[k]) for d, o in zip(dense, other, strict=True)])) for k in names}
-    rel = {k: float(np.mean([_rel(d[k], o[k]) for d, o in zip(dense, other, strict=True)])) for k in names}
+    rel = {k: float(np.mean([rel_l2(d[k], o[k]) for d, o in zip(dense, other, strict=True)])) for k in names}
     return Fidelity(cos, rel)
 
 
