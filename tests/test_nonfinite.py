@@ -113,3 +113,16 @@ def test_magnitude_pruning_without_data_keeps_a_nan_weight_as_it_is(run_cli, tmp
     assert rc == 0, text
     w = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}["fc1.weight"]
     assert int(np.isnan(w).sum()) == 1
+
+
+def test_require_finite_passes_large_finite_values_and_refuses_any_inf_or_nan() -> None:
+    """Values near the dtype's limit (whose sum would overflow) are finite and pass; one inf or NaN among
+    them, in any array of the sample, is refused."""
+    from onnx_sparse.calib.data import require_finite
+
+    require_finite((np.full(10, 3e38, np.float32), np.full(10, 60000, np.float16), np.zeros(0)), "t", 0)
+    for bad in (np.inf, -np.inf, np.nan):
+        a = np.full(10, 3e38, np.float32)
+        a[4] = bad
+        with pytest.raises(OnnxSparseError, match="calibration sample 7: tensor 't'"):
+            require_finite((np.ones(3, np.float32), a), "t", 7)
