@@ -126,3 +126,36 @@ def test_require_finite_passes_large_finite_values_and_refuses_any_inf_or_nan() 
         a[4] = bad
         with pytest.raises(OnnxSparseError, match="calibration sample 7: tensor 't'"):
             require_finite((np.ones(3, np.float32), a), "t", 7)
+
+
+def _two_branches() -> onnx.ModelProto:
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.normal(size=(64, 64)).astype(np.float32), n) for n in ("wa", "wb")]
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "wa"], ["ya"], name="mma"), helper.make_node("MatMul", ["b", "wb"], ["yb"], name="mmb")],
+        "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 64]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, ["M", 64])],
+        [helper.make_tensor_value_info("ya", TensorProto.FLOAT, ["N", 64]),
+         helper.make_tensor_value_info("yb", TensorProto.FLOAT, ["M", 64])],
+        inits,
+    )  # fmt: skip
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_layer_no_calibration_value_reaches_stays_float_and_none_at_all_is_refused() -> None:
+    """Samples that are empty where a layer reads it (an optional input with 0 rows) give it no scale to
+    choose: it stays float with that reason, instead of INT8 on a placeholder scale of 1.0 (which
+    passed, fidelity 1.0, on samples empty everywhere)."""
+    rng = np.random.default_rng(6)
+    model = _two_branches()
+    feeds = [{"a": rng.normal(size=(4, 64)).astype(np.float32), "b": np.zeros((0, 64), np.float32)} for _ in range(8)]
+    result = quantize(model, feeds)
+    by_node = {x.node: x for x in result.layers}
+    assert by_node["mma"].reason == "" and by_node["mma"].int8 is not None
+    assert "no calibration value reaches it" in by_node["mmb"].reason
+    inits = {t.name: numpy_helper.to_array(t) for t in result.model.model.graph.initializer}
+    assert "wb" in inits and inits["wb"].dtype == np.float32  # mmb's weight as it was
+    empty = [{"a": np.zeros((0, 64), np.float32), "b": np.zeros((0, 64), np.float32)} for _ in range(4)]
+    with pytest.raises(OnnxSparseError, match="no calibration sample gives the INT8 layers' inputs a value"):
+        quantize(model, empty)

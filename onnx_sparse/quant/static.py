@@ -617,6 +617,14 @@ def finish(
     if stats is None or any(t not in stats for t in axes):
         stats = collect(model, fit, axes, seed=options.seed, serialized=serialized)
     del serialized
+    # a layer whose input or output never had a value in calibration (empty in every sample) has no scale
+    # to choose: it stays float, rather than INT8 on a placeholder scale
+    unseen = {x.node for x in layers if x.act not in stats or x.output not in stats}
+    if unseen and len(unseen) == len(layers):
+        raise OnnxSparseError(
+            "no calibration sample gives the INT8 layers' inputs a value (they are empty in every sample)",
+            hint="give calibration samples with data where the layers read it",
+        )
     act_scales = _activation_scales(model, layers, stats, options)
     for x in layers:
         for t in (x.act, x.output):
@@ -645,7 +653,7 @@ def finish(
         return built[float_layers]
 
     q = build(frozenset()).model
-    float_layers: dict[str, str] = {}
+    float_layers = {n: "no calibration value reaches it (empty in every sample)" for n in sorted(unseen)}
     first_errors: dict[str, LayerError] = {}
     if options.max_error is not None:
         errs = first_errors = build(frozenset()).errors(_main_layers(q), feeds)
