@@ -592,7 +592,8 @@ def finish(
     """
     from onnx_sparse import runtime
 
-    _require_finite_weights(model, nodes)
+    if stats is None:  # a caller that hands statistics ran the model first, and checked before it did
+        _require_finite_weights(model, nodes)
     scales = scales or {}
     fit, _ = split_holdout(list(feeds), options.holdout)
     held = held_feeds(feeds, options)
